@@ -1,0 +1,5 @@
+import sys
+
+from pretrace.cli import main
+
+sys.exit(main())

@@ -1,0 +1,34 @@
+"""Typed settings that are at once the Python API, the CLI flags and the JSON recorded beside results.
+
+Each field carries its help text in `metadata["help"]`; `pretrace.cli.options` turns a dataclass into
+argparse flags, and `asdict` is what gets written to disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from pretrace.errors import PretraceError
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, flag: str | None = None, **kwargs):
+    """A dataclass field with CLI help; `flag` overrides the derived --flag-name."""
+    metadata = {"help": help, "choices": choices, "flag": flag}
+    if default is dataclasses.MISSING and "default_factory" not in kwargs:
+        return dataclasses.field(metadata=metadata, **kwargs)
+    if "default_factory" in kwargs:
+        return dataclasses.field(metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def validate_choices(config) -> None:
+    for field in dataclasses.fields(config):
+        choices = field.metadata.get("choices")
+        value = getattr(config, field.name)
+        if choices and value is not None and value not in choices:
+            raise PretraceError(f"{field.name}={value!r} is not one of {list(choices)}.")
+
+
+def to_dict(config) -> dict:
+    return {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in dataclasses.asdict(config).items()}
