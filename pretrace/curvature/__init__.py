@@ -1,0 +1,27 @@
+"""Curvature approximations (EK-FAC and relatives): fitting, storing, and applying their damped inverses."""
+
+from pretrace.curvature.factors import Factors, ModuleFactors
+from pretrace.curvature.fit import FitSettings, fit_factors
+from pretrace.curvature.operators import (
+    Chain,
+    Diagonal,
+    EKFAC,
+    Identity,
+    KFAC,
+    Preconditioner,
+    Scaled,
+)
+
+__all__ = [
+    "Chain",
+    "Diagonal",
+    "EKFAC",
+    "FitSettings",
+    "Factors",
+    "Identity",
+    "KFAC",
+    "ModuleFactors",
+    "Preconditioner",
+    "Scaled",
+    "fit_factors",
+]

@@ -1,0 +1,233 @@
+"""Fit EK-FAC factors by streaming documents twice.
+
+Pass 1 accumulates the Kronecker covariances A = E[a aᵀ] and G = E[g gᵀ] over predicting positions;
+their float64 eigendecompositions give the eigenbases Q_A, Q_G. Pass 2 accumulates the corrected
+eigenvalues Λ = mean over documents of (Q_Gᵀ ∇W Q_A)², ∇W being the gradient of a document's summed
+loss. Labels are sampled from the model (true Fisher) or taken from the data (empirical Fisher).
+Each pass checkpoints its running sums, so an interrupted fit resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from pretrace.config import option, to_dict, validate_choices
+from pretrace.curvature.factors import Factors, ModuleFactors
+from pretrace.data.batching import TokenBatch
+from pretrace.errors import PretraceError
+from pretrace.gradients.capture import capture
+from pretrace.gradients.task import LanguageModelingTask, Task
+from pretrace.modeling.loading import parse_dtype
+from pretrace.modeling.modules import TrackedModule
+from pretrace.storage import read_json, read_tensors, write_json, write_tensors
+
+
+@dataclass
+class FitSettings:
+    fisher: str = option("true", choices=("true", "empirical"), help="Labels for the curvature: sampled from the model's own predictions (true Fisher, a Gauss-Newton estimate) or the data's tokens (empirical Fisher).")
+    seed: int = option(0, help="Seed for sampled labels; the same seed gives the same factors.")
+    checkpoint_every: int = option(50, help="Save resumable running sums every this many batches.")
+    diagonal: bool = option(False, help="Also store the diagonal of the per-document Fisher (for --method diagonal).")
+    factor_dtype: str = option("float32", choices=("float32", "float64"), help="Precision of the stored factors (eigendecompositions always run in float64).")
+
+    def __post_init__(self):
+        validate_choices(self)
+        if self.checkpoint_every < 1:
+            raise PretraceError("--checkpoint-every must be at least 1.")
+
+
+BatchSource = Callable[[], Iterable[TokenBatch]]
+
+
+class _Checkpoint:
+    """Running sums of one pass, saved as safetensors + JSON so a killed fit resumes from its last save."""
+
+    def __init__(self, folder: Path | None, stage: str, signature: dict):
+        self.folder, self.stage, self.signature = folder, stage, signature
+
+    def _paths(self):
+        return self.folder / f"{self.stage}.safetensors", self.folder / f"{self.stage}.json"
+
+    def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        if self.folder is None:
+            return None
+        tensor_path, meta_path = self._paths()
+        if not (tensor_path.is_file() and meta_path.is_file()):
+            return None
+        meta = read_json(meta_path)
+        if meta.get("signature") != self.signature:
+            raise PretraceError(
+                f"{self.folder}: holds a checkpoint of a different fit (other model, data or settings); delete that folder to start over."
+            )
+        return read_tensors(tensor_path), meta
+
+    def save(self, sums: dict[str, torch.Tensor], counts: dict) -> None:
+        if self.folder is None:
+            return
+        tensor_path, meta_path = self._paths()
+        write_tensors(tensor_path, sums)
+        write_json(meta_path, {"signature": self.signature, **counts})
+
+
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    dtype = next(model.parameters()).dtype
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _run_pass(
+    model,
+    tracked: list[TrackedModule],
+    task: Task,
+    batches: BatchSource,
+    settings: FitSettings,
+    checkpoint: _Checkpoint,
+    init_sums: Callable[[], dict[str, torch.Tensor]],
+    accumulate: Callable[[dict, object, TokenBatch], None],
+    seed_offset: int,
+    total: int | None,
+    desc: str,
+    progress: bool,
+) -> tuple[dict[str, torch.Tensor], dict]:
+    restored = checkpoint.load()
+    if restored is not None:
+        sums, counts = restored
+        counts = {k: counts[k] for k in ("batches", "documents", "tokens")}
+    else:
+        sums, counts = init_sums(), {"batches": 0, "documents": 0, "tokens": 0}
+    device = next(model.parameters()).device
+    sample = settings.fisher == "true"
+    bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress, initial=counts["batches"])
+    for index, batch in enumerate(batches()):
+        if index < counts["batches"]:
+            continue
+        batch = batch.to(device)
+        generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + seed_offset + index)
+        captured = capture(model, tracked, lambda: task.document_loss(model, batch, generator=generator, sample=sample))
+        accumulate(sums, captured, batch)
+        counts["batches"] += 1
+        counts["documents"] += len(batch)
+        counts["tokens"] += int(batch.predict_mask.sum())
+        bar.update(1)
+        if counts["batches"] % settings.checkpoint_every == 0:
+            checkpoint.save(sums, counts)
+    bar.close()
+    if counts["documents"] == 0:
+        raise PretraceError("no documents to fit on.")
+    checkpoint.save(sums, counts)
+    return sums, counts
+
+
+def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 symmetric eigendecomposition (values ascending); the precision decides the small eigenvalues."""
+    sym = matrix.double()
+    sym = 0.5 * (sym + sym.transpose(-1, -2))
+    values, vectors = torch.linalg.eigh(sym)
+    return values, vectors
+
+
+def fit_factors(
+    model: torch.nn.Module,
+    tracked: list[TrackedModule],
+    batches: BatchSource,
+    settings: FitSettings | None = None,
+    task: Task | None = None,
+    num_batches: int | None = None,
+    checkpoint_dir: str | Path | None = None,
+    signature: dict | None = None,
+    progress: bool = True,
+) -> Factors:
+    """Stream `batches()` twice and return EK-FAC factors for `tracked` (metadata: counts and settings)."""
+    settings = settings or FitSettings()
+    task = task or LanguageModelingTask()
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    if folder is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+    signature = {"settings": to_dict(settings), "modules": [t.name for t in tracked], **(signature or {})}
+    signature = json.loads(json.dumps(signature, default=str))
+    compute = _compute_dtype(model)
+
+    def init_cov():
+        sums = {}
+        for t in tracked:
+            sums[f"{t.name}.A"] = torch.zeros(t.d_in_total, t.d_in_total, dtype=torch.float64)
+            sums[f"{t.name}.G"] = torch.zeros(t.n_blocks, t.block_size, t.block_size, dtype=torch.float64)
+        return sums
+
+    def add_cov(sums, captured, batch):
+        mask = batch.predict_mask
+        for t in tracked:
+            a = captured.activations[t.name][mask].to(compute)
+            g = captured.output_gradients[t.name][mask].to(compute).reshape(-1, t.n_blocks, t.block_size)
+            sums[f"{t.name}.A"] += (a.T @ a).double().cpu()
+            sums[f"{t.name}.G"] += torch.einsum("nki,nkj->kij", g, g).double().cpu()
+
+    cov_sums, cov_counts = _run_pass(
+        model, tracked, task, batches, settings, _Checkpoint(folder, "covariances", signature),
+        init_cov, add_cov, 0, num_batches, "covariances", progress,
+    )
+    if cov_counts["tokens"] == 0:
+        raise PretraceError("the fitting data has no predicted tokens; documents need at least two tokens.")
+    tokens = cov_counts["tokens"]
+    device = next(model.parameters()).device
+    eigen = {}
+    for t in tracked:
+        A = cov_sums[f"{t.name}.A"] / tokens
+        G = cov_sums[f"{t.name}.G"] / tokens
+        (la, qa), (lg, qg) = _eigh(A), _eigh(G)
+        eigen[t.name] = (A, G, la, qa, lg, qg)
+    rotations = {name: (e[3].to(device, compute), e[5].to(device, compute)) for name, e in eigen.items()}
+
+    def init_lambda():
+        sums = {}
+        for t in tracked:
+            sums[f"{t.name}.lambda"] = torch.zeros(t.n_blocks, t.block_size, t.d_in_total, dtype=torch.float64)
+            if settings.diagonal:
+                sums[f"{t.name}.diagonal"] = torch.zeros(t.d_out, t.d_in_total, dtype=torch.float64)
+        return sums
+
+    def add_lambda(sums, captured, batch):
+        for t in tracked:
+            qa, qg = rotations[t.name]
+            a = captured.activations[t.name].to(compute) @ qa
+            g = captured.output_gradients[t.name].to(compute)
+            g = g.reshape(*g.shape[:2], t.n_blocks, t.block_size)
+            g = torch.einsum("btka,kac->btkc", g, qg)
+            rotated = torch.einsum("btkc,bti->bkci", g, a)
+            sums[f"{t.name}.lambda"] += rotated.square().sum(0).double().cpu()
+            if settings.diagonal:
+                sums[f"{t.name}.diagonal"] += captured.example_gradients(t.name).to(compute).square().sum(0).double().cpu()
+
+    lam_sums, lam_counts = _run_pass(
+        model, tracked, task, batches, settings, _Checkpoint(folder, "lambda", signature),
+        init_lambda, add_lambda, 500_009, num_batches, "eigenvalue correction", progress,
+    )
+    if lam_counts["documents"] != cov_counts["documents"]:
+        raise PretraceError("the data changed between the two fitting passes; make sure the data source is deterministic.")
+    docs = lam_counts["documents"]
+    store = parse_dtype(settings.factor_dtype)
+    modules = {}
+    for t in tracked:
+        A, G, la, qa, lg, qg = eigen[t.name]
+        diagonal = lam_sums[f"{t.name}.diagonal"] / docs if settings.diagonal else None
+        modules[t.name] = ModuleFactors(
+            activation_covariance=A, gradient_covariance=G,
+            activation_eigenvectors=qa, gradient_eigenvectors=qg,
+            activation_eigenvalues=la, gradient_eigenvalues=lg,
+            lambda_=lam_sums[f"{t.name}.lambda"] / docs, diagonal=diagonal,
+        ).to(dtype=store)
+        if not torch.isfinite(modules[t.name].lambda_).all():
+            raise PretraceError(f"module {t.name}: eigenvalues are NaN or infinite; the model's gradients overflow (try --dtype float32).")
+    metadata = {
+        "settings": to_dict(settings),
+        "documents": docs,
+        "tokens": tokens,
+        "tokens_per_document": tokens / docs,
+        "attention_blocks": {t.name: list(t.block_names) for t in tracked},
+    }
+    return Factors(modules, metadata)

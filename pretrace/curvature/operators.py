@@ -1,0 +1,148 @@
+"""Preconditioners: symmetric linear operators on per-module gradients `[Q, d_out, d_in']`.
+
+A solver is an operator and operators compose, so single-stage influence is one operator and
+multi-stage influence is `Scaled(Chain(ft_inverse, pt_inverse), α)`. Every operator returns new
+tensors; factors (Λ in particular) are never modified by damping.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from pretrace.curvature.factors import Factors
+from pretrace.errors import PretraceError
+
+Gradients = dict[str, torch.Tensor]
+
+
+class Preconditioner:
+    """Maps gradients v to P v for a symmetric P (typically a damped inverse curvature)."""
+
+    def apply(self, grads: Gradients) -> Gradients:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        return {"type": type(self).__name__}
+
+
+class Identity(Preconditioner):
+    """P = I: influence becomes the plain gradient dot product."""
+
+    def apply(self, grads: Gradients) -> Gradients:
+        return dict(grads)
+
+
+class Scaled(Preconditioner):
+    def __init__(self, inner: Preconditioner, factor: float):
+        self.inner, self.factor = inner, float(factor)
+
+    def apply(self, grads: Gradients) -> Gradients:
+        return {name: g * self.factor for name, g in self.inner.apply(grads).items()}
+
+    def describe(self) -> dict:
+        return {"type": "Scaled", "factor": self.factor, "inner": self.inner.describe()}
+
+
+class Chain(Preconditioner):
+    """Apply operators in order: Chain([A, B]).apply(v) = B(A(v))."""
+
+    def __init__(self, operators: Sequence[Preconditioner]):
+        self.operators = list(operators)
+
+    def apply(self, grads: Gradients) -> Gradients:
+        for op in self.operators:
+            grads = op.apply(grads)
+        return grads
+
+    def describe(self) -> dict:
+        return {"type": "Chain", "operators": [op.describe() for op in self.operators]}
+
+
+class _Damped(Preconditioner):
+    """Module-wise inverse with damping λ: absolute if given, else `damping_factor` × the module's mean eigenvalue."""
+
+    def __init__(self, factors: Factors, damping: float | None = None, damping_factor: float = 0.1):
+        if damping is not None and damping < 0:
+            raise PretraceError(f"damping must be non-negative, got {damping}.")
+        if damping is None and damping_factor < 0:
+            raise PretraceError(f"damping factor must be non-negative, got {damping_factor}.")
+        self.factors, self.damping, self.damping_factor = factors, damping, damping_factor
+        self._cache: dict[tuple[str, torch.device, torch.dtype], tuple] = {}
+
+    def module_damping(self, name: str) -> float:
+        if self.damping is not None:
+            return float(self.damping)
+        return self.damping_factor * float(self.eigenvalues(name).double().mean())
+
+    def eigenvalues(self, name: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _module(self, name: str):
+        if name not in self.factors.modules:
+            raise PretraceError(f"the factors have no module {name!r}; fit them with the same module selection.")
+        return self.factors.modules[name]
+
+    def apply(self, grads: Gradients) -> Gradients:
+        return {name: self.apply_module(name, g) for name, g in grads.items()}
+
+    def describe(self) -> dict:
+        return {"type": type(self).__name__, "damping": self.damping, "damping_factor": None if self.damping is not None else self.damping_factor}
+
+
+class _EigenbasisInverse(_Damped):
+    """(Q_A ⊗ Q_G) diag(eigenvalues + λ)⁻¹ (Q_A ⊗ Q_G)ᵀ, block-diagonal over output-gradient blocks."""
+
+    def _prepared(self, name: str, device, dtype):
+        key = (name, device, dtype)
+        if key not in self._cache:
+            mf = self._module(name)
+            inverse = 1.0 / (self.eigenvalues(name).double() + self.module_damping(name))
+            self._cache[key] = (
+                mf.activation_eigenvectors.to(device, dtype),
+                mf.gradient_eigenvectors.to(device, dtype),
+                inverse.to(device, dtype),
+            )
+        return self._cache[key]
+
+    def apply_module(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        qa, qg, inverse = self._prepared(name, grad.device, grad.dtype)
+        n_blocks, block = qg.shape[0], qg.shape[1]
+        blocks = grad.reshape(grad.shape[0], n_blocks, block, grad.shape[-1])
+        rotated = torch.einsum("kac,qkai->qkci", qg, blocks) @ qa
+        rotated = rotated * inverse
+        back = torch.einsum("kac,qkci->qkai", qg, rotated @ qa.T)
+        return back.reshape(grad.shape)
+
+
+class EKFAC(_EigenbasisInverse):
+    """Eigenvalue-corrected K-FAC: eigenvalues Λ fitted from per-document gradients in the Kronecker eigenbasis."""
+
+    def eigenvalues(self, name: str) -> torch.Tensor:
+        return self._module(name).lambda_
+
+
+class KFAC(_EigenbasisInverse):
+    """Plain K-FAC: eigenvalues λ_G ⊗ λ_A scaled by tokens per document (tokens treated as independent)."""
+
+    def eigenvalues(self, name: str) -> torch.Tensor:
+        mf = self._module(name)
+        scale = float(self.factors.metadata.get("tokens_per_document", 1.0))
+        return scale * mf.gradient_eigenvalues.clamp(min=0)[:, :, None] * mf.activation_eigenvalues.clamp(min=0)[None, None, :]
+
+
+class Diagonal(_Damped):
+    """Diagonal of the per-document Fisher: needs factors fitted with --diagonal."""
+
+    def eigenvalues(self, name: str) -> torch.Tensor:
+        diagonal = self._module(name).diagonal
+        if diagonal is None:
+            raise PretraceError("these factors have no diagonal; re-fit with `pretrace fit --diagonal`.")
+        return diagonal
+
+    def apply_module(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        key = (name, grad.device, grad.dtype)
+        if key not in self._cache:
+            self._cache[key] = ((1.0 / (self.eigenvalues(name).double() + self.module_damping(name))).to(grad.device, grad.dtype),)
+        return grad * self._cache[key][0]

@@ -1,0 +1,155 @@
+"""Pairwise influence `[queries × documents]` as dot products of preconditioned query gradients with
+per-document gradients built from captured activations and output gradients.
+
+score(z, x) = ∇m(x)ᵀ P ∇ℓ(z): positive means up-weighting document z lowers the query's loss (z supports
+the completion). Query gradients are materialised once (`[Q, d_out, d_in']` per module); a document's
+gradient never has to be: the cheaper of "materialise per document" and "contract tokens directly"
+is chosen per module and batch, and the per-token route also yields each token's contribution.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from pretrace.curvature.operators import Preconditioner
+from pretrace.data.batching import TokenBatch
+from pretrace.gradients.capture import CapturedBatch, capture
+from pretrace.gradients.task import LanguageModelingTask, Task
+from pretrace.modeling.modules import TrackedModule
+
+
+@dataclass
+class ScoreResult:
+    scores: torch.Tensor  # [Q, N] float64
+    query_ids: list[str]
+    document_ids: list[str]
+    module_names: list[str]
+    per_module: torch.Tensor | None = None  # [M, Q, N]
+    per_token: list[torch.Tensor] | None = None  # per document [Q, T_doc]
+    document_token_ids: list[list[int]] | None = None
+    timings: dict = field(default_factory=dict)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
+    return torch.promote_types(next(model.parameters()).dtype, torch.float32)
+
+
+def query_gradients(
+    model: torch.nn.Module,
+    tracked: list[TrackedModule],
+    batches: Iterable[TokenBatch],
+    task: Task | None = None,
+    progress: bool = False,
+) -> tuple[list[str], dict[str, torch.Tensor]]:
+    """Gradients of each query's measurement: ids and per module `[Q, d_out, d_in']`."""
+    task = task or LanguageModelingTask()
+    device, dtype = _device(model), _compute_dtype(model)
+    ids: list[str] = []
+    parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in tracked}
+    for batch in tqdm(batches, desc="query gradients", unit="batch", disable=not progress):
+        batch = batch.to(device)
+        captured = capture(model, tracked, lambda: task.measurement(model, batch))
+        ids.extend(batch.ids)
+        for t in tracked:
+            parts[t.name].append(captured.example_gradients(t.name).to(dtype))
+    return ids, {name: torch.cat(chunks) for name, chunks in parts.items()}
+
+
+def _module_scores(weights: torch.Tensor, captured: CapturedBatch, name: str, per_token: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """[Q, B] scores of one module (and [Q, B, T] token contributions if asked)."""
+    g = captured.output_gradients[name].to(weights.dtype)
+    a = captured.activations[name].to(weights.dtype)
+    if per_token:
+        contributions = torch.einsum("qbti,bti->qbt", torch.einsum("bto,qoi->qbti", g, weights), a)
+        return contributions.sum(-1), contributions
+    q, (b, t) = weights.shape[0], g.shape[:2]
+    materialise = b * t * weights.shape[1] * weights.shape[2] + q * b * weights.shape[1] * weights.shape[2]
+    direct = q * b * t * weights.shape[1] * weights.shape[2]
+    if materialise <= direct:
+        return torch.einsum("qoi,boi->qb", weights, torch.einsum("bto,bti->boi", g, a)), None
+    return torch.einsum("qbti,bti->qb", torch.einsum("bto,qoi->qbti", g, weights), a), None
+
+
+def score_documents(
+    model: torch.nn.Module,
+    tracked: list[TrackedModule],
+    preconditioned: dict[str, torch.Tensor],
+    batches: Iterable[TokenBatch],
+    query_ids: list[str],
+    task: Task | None = None,
+    per_module: bool = False,
+    per_token: bool = False,
+    num_batches: int | None = None,
+    progress: bool = False,
+) -> ScoreResult:
+    """Scores of preconditioned query gradients against every document's loss gradient."""
+    task = task or LanguageModelingTask()
+    device, dtype = _device(model), _compute_dtype(model)
+    weights = {name: w.to(device, dtype) for name, w in preconditioned.items()}
+    names = [t.name for t in tracked if t.name in weights]
+    doc_ids: list[str] = []
+    totals, modules, tokens, token_ids = [], [], [], []
+    start = time.perf_counter()
+    for batch in tqdm(batches, total=num_batches, desc="scoring documents", unit="batch", disable=not progress):
+        batch = batch.to(device)
+        captured = capture(model, tracked, lambda: task.document_loss(model, batch))
+        doc_ids.extend(batch.ids)
+        batch_total = torch.zeros(len(query_ids), len(batch), dtype=torch.float64, device=device)
+        batch_modules, batch_tokens = [], 0
+        for name in names:
+            scores, contributions = _module_scores(weights[name], captured, name, per_token)
+            batch_total += scores.double()
+            if per_module:
+                batch_modules.append(scores.double().cpu())
+            if per_token:
+                batch_tokens = batch_tokens + contributions.double()
+        totals.append(batch_total.cpu())
+        if per_module:
+            modules.append(torch.stack(batch_modules))
+        if per_token:
+            keep = batch.attention_mask.bool().cpu()
+            for row in range(len(batch)):
+                tokens.append(batch_tokens[:, row].cpu()[:, keep[row]])
+                token_ids.append(batch.input_ids[row].cpu()[keep[row]].tolist())
+    return ScoreResult(
+        scores=torch.cat(totals, dim=1),
+        query_ids=list(query_ids),
+        document_ids=doc_ids,
+        module_names=names,
+        per_module=torch.cat(modules, dim=2) if per_module else None,
+        per_token=tokens if per_token else None,
+        document_token_ids=token_ids if per_token else None,
+        timings={"documents_seconds": time.perf_counter() - start},
+    )
+
+
+def self_influence(
+    model: torch.nn.Module,
+    tracked: list[TrackedModule],
+    preconditioner: Preconditioner,
+    batches: Iterable[TokenBatch],
+    task: Task | None = None,
+    progress: bool = False,
+) -> tuple[list[str], torch.Tensor]:
+    """∇ℓ(z)ᵀ P ∇ℓ(z) for every document: a measure of how unusual (or mislabeled) it is."""
+    task = task or LanguageModelingTask()
+    device, dtype = _device(model), _compute_dtype(model)
+    ids, values = [], []
+    for batch in tqdm(batches, desc="self-influence", unit="batch", disable=not progress):
+        batch = batch.to(device)
+        captured = capture(model, tracked, lambda: task.document_loss(model, batch))
+        grads = {t.name: captured.example_gradients(t.name).to(dtype) for t in tracked}
+        preconditioned = preconditioner.apply(grads)
+        total = sum((preconditioned[n] * grads[n]).flatten(1).sum(1).double() for n in grads)
+        ids.extend(batch.ids)
+        values.append(total.cpu())
+    return ids, torch.cat(values)

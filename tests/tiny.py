@@ -1,0 +1,72 @@
+"""Tiny randomly initialised causal LMs of every supported architecture, with a small trained tokenizer."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+WORDS = (
+    "the cat sat on the mat . a dog ran in the park . paris is the capital of france . "
+    "berlin is the capital of germany . the sun is hot and the moon is cold . "
+    "rome is in italy and madrid is in spain . birds can fly and fish can swim ."
+).split()
+
+SENTENCES = [
+    "the cat sat on the mat .",
+    "a dog ran in the park .",
+    "paris is the capital of france .",
+    "berlin is the capital of germany .",
+    "the sun is hot and the moon is cold .",
+    "rome is in italy and madrid is in spain .",
+    "birds can fly and fish can swim .",
+    "the dog sat in the sun .",
+]
+
+
+def train_tokenizer(vocab_size: int | None = None):
+    """A word-level tokenizer over the tiny vocabulary (~50 tokens): small enough for dense Hessians."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0, "<unk>": 1}
+    for word in WORDS + [w for s in SENTENCES for w in s.split()]:
+        vocab.setdefault(word, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>", unk_token="<unk>")
+
+
+def tiny_config(arch: str, vocab_size: int):
+    from transformers import BloomConfig, GPT2Config, GPTNeoXConfig, LlamaConfig
+
+    if arch == "gpt_neox":
+        return GPTNeoXConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                             intermediate_size=32, rotary_pct=0.5, max_position_embeddings=64, use_parallel_residual=True,
+                             attention_dropout=0.0, hidden_dropout=0.0)
+    if arch == "bloom":
+        return BloomConfig(vocab_size=vocab_size, hidden_size=16, n_layer=2, n_head=2, hidden_dropout=0.0, attention_dropout=0.0)
+    if arch == "gpt2":
+        return GPT2Config(vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, n_embd=16, n_layer=2, n_head=2, n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    if arch == "llama":
+        return LlamaConfig(vocab_size=vocab_size, hidden_size=16, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                           intermediate_size=32, max_position_embeddings=64, attention_bias=True)
+    raise ValueError(arch)
+
+
+def build_tiny_model(arch: str, tokenizer, seed: int = 0, dtype=torch.float64):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(arch, len(tokenizer))
+    config.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    return model
+
+
+def save_tiny_model(folder: Path, arch: str = "gpt_neox", seed: int = 0, dtype=torch.float64) -> Path:
+    tokenizer = train_tokenizer()
+    model = build_tiny_model(arch, tokenizer, seed=seed, dtype=dtype)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
