@@ -41,3 +41,40 @@ def dense_eigenbasis_matrix(qa, qg, eigenvalues, damping):
         kron = torch.kron(qg[k].double(), qa.double())
         blocks.append(kron @ torch.diag(eigenvalues[k].double().flatten() + damping) @ kron.T)
     return torch.block_diag(*blocks)
+
+
+def dense_gauss_newton(model, tracked, tokenizer, documents, max_length=64):
+    """Mean over documents of Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t over tracked parameters, built from
+    one gradient per (position, vocabulary entry): exact, and only feasible for tiny models."""
+    params = []
+    for t in tracked:
+        params.append(t.module.weight)
+        if t.has_bias:
+            params.append(t.module.bias)
+    total = 0
+    count = 0
+    for encoded in encode_documents(tokenizer, documents, max_length):
+        batch = collate([encoded], pad_id=0)
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[0]
+        positions = torch.nonzero(batch.predict_mask[0]).flatten()
+        probs = torch.softmax(logits.detach(), -1)
+        vocab = logits.shape[-1]
+        cotangents = torch.zeros(len(positions) * vocab, *logits.shape, dtype=logits.dtype)
+        for i, t in enumerate(positions):
+            eye = torch.eye(vocab, dtype=logits.dtype)
+            cotangents[i * vocab : (i + 1) * vocab, t] = probs[t].sqrt()[:, None] * (eye - probs[t][None, :])
+        grads = torch.autograd.grad(logits, params, cotangents, is_grads_batched=True)
+        rows = []
+        index = 0
+        for t in tracked:
+            w = grads[index].flatten(2) if not t.transposed else grads[index].transpose(1, 2)
+            index += 1
+            w = w.reshape(w.shape[0], t.d_out, t.d_in)
+            if t.has_bias:
+                w = torch.cat([w, grads[index][:, :, None]], dim=2)
+                index += 1
+            rows.append(w.flatten(1))
+        jac = torch.cat(rows, dim=1)
+        total = total + jac.T @ jac
+        count += 1
+    return total / count
