@@ -85,6 +85,7 @@ def atomic_directory(final: str | Path, overwrite: bool = False) -> Iterator[Pat
         raise PretraceError(f"{final}: exists and is not a folder; choose another --out.")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    tmp.chmod(0o755)
     try:
         yield tmp
     except BaseException:
@@ -104,3 +105,9 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_jsonl_rows(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file this library wrote."""
+    with Path(path).open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]

@@ -1,0 +1,35 @@
+"""`pretrace fit`: EK-FAC factors of a model on a corpus."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pretrace.cli.options import add_arguments, from_arguments
+from pretrace.config import option
+from pretrace.curvature.fit import FitSettings
+from pretrace.workflows.common import ModelOptions
+
+
+@dataclass
+class FitPaths:
+    model: str = option(help="Hugging Face model folder (config.json, weights, tokenizer).")
+    data: str = option(help="JSONL documents to fit the curvature on: {'text', optional 'id'}; queries' {'prompt','completion'} for a fine-tuning stage.")
+    out: str = option(help="Output factor folder (factors.safetensors + factors.json).")
+    overwrite: bool = option(False, help="Replace an existing --out folder.")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("fit", help="fit EK-FAC curvature factors", description=__doc__)
+    for cls in (FitPaths, ModelOptions, FitSettings):
+        add_arguments(parser, cls)
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from pretrace.workflows.fit import fit
+
+    paths = from_arguments(FitPaths, args)
+    factors = fit(paths.model, paths.data, paths.out, from_arguments(ModelOptions, args), from_arguments(FitSettings, args), overwrite=paths.overwrite)
+    meta = factors.metadata
+    print(f"factors for {len(factors.modules)} modules from {meta['documents']} documents ({meta['tokens']} tokens) -> {paths.out}")
+    return 0

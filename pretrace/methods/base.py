@@ -1,0 +1,37 @@
+"""The interface every attribution method follows (scikit-learn style: configure, fit, score)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pretrace.data.records import Query
+from pretrace.scores.pairwise import ScoreResult
+from pretrace.workflows.common import Stage
+
+
+@dataclass
+class ScoringContext:
+    """What a method may use: the stage queries are measured on, the stage documents are scored on
+    (the same stage for single-stage influence), the documents, the queries and optional curvature data."""
+
+    query_stage: Stage
+    document_stage: Stage
+    documents: Path
+    queries: list[Query]
+    extra: dict = field(default_factory=dict)
+
+
+class Attributor:
+    """Scores `[queries × documents]`; larger = the document supports the query's completion more."""
+
+    name = "base"
+
+    def fit(self, context: ScoringContext) -> None:
+        """One-off work independent of the queries (fitting curvature, indexing, training an ensemble)."""
+
+    def score(self, context: ScoringContext, per_module: bool = False, per_token: bool = False) -> ScoreResult:
+        raise NotImplementedError
+
+    def hyperparameters(self) -> dict:
+        return {}

@@ -1,0 +1,93 @@
+"""Influence as preconditioned gradient dot products: EK-FAC, K-FAC, diagonal, identity, multi-stage.
+
+All share one path: query gradients → preconditioner → streamed document gradients.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from pretrace.curvature import EKFAC, KFAC, Chain, Diagonal, Factors, Identity, Preconditioner, Scaled
+from pretrace.errors import PretraceError
+from pretrace.methods.base import Attributor, ScoringContext
+from pretrace.scores.pairwise import ScoreResult, query_gradients, score_documents
+
+CURVATURES = {"ekfac": EKFAC, "kfac": KFAC, "diagonal": Diagonal}
+
+
+class PreconditionedGradients(Attributor):
+    """score(z, x) = ∇m(x)ᵀ P ∇ℓ(z) with P built by `make_preconditioner(context)` during `fit`."""
+
+    def __init__(self, name: str, make_preconditioner: Callable[[ScoringContext], Preconditioner], hyperparameters: dict | None = None):
+        self.name, self._make, self._hyper = name, make_preconditioner, dict(hyperparameters or {})
+        self.preconditioner: Preconditioner | None = None
+
+    def fit(self, context: ScoringContext) -> None:
+        self.preconditioner = self._make(context)
+
+    def precondition_queries(self, context: ScoringContext) -> tuple[list[str], dict]:
+        if self.preconditioner is None:
+            raise RuntimeError("call fit() before score()")
+        stage = context.query_stage
+        ids, grads = query_gradients(stage.model, stage.tracked, stage.query_batches(context.queries))
+        return ids, self.preconditioner.apply(grads)
+
+    def score(self, context: ScoringContext, per_module: bool = False, per_token: bool = False) -> ScoreResult:
+        ids, weights = self.precondition_queries(context)
+        docs = context.document_stage
+        return score_documents(
+            docs.model, docs.tracked, weights, docs.document_batches(context.documents)(), ids,
+            per_module=per_module, per_token=per_token, num_batches=docs.document_batch_count(context.documents), progress=True,
+        )
+
+    def hyperparameters(self) -> dict:
+        described = self.preconditioner.describe() if self.preconditioner is not None else {}
+        return {**self._hyper, "preconditioner": described}
+
+
+def load_checked_factors(folder: str | Path, stage, where: str) -> Factors:
+    factors = Factors.load(folder)
+    factors.check_matches(stage.tracked, stage.fingerprint, where=f"{where} ({folder})")
+    return factors
+
+
+def curvature_inverse(kind: str, factors: Factors, damping: float | None, damping_factor: float) -> Preconditioner:
+    if kind not in CURVATURES:
+        raise PretraceError(f"unknown curvature {kind!r}; choose one of {sorted(CURVATURES)}.")
+    return CURVATURES[kind](factors, damping=damping, damping_factor=damping_factor)
+
+
+def single_stage(kind: str, factors_dir: str | Path | None, damping: float | None, damping_factor: float) -> PreconditionedGradients:
+    """(F̂ + λI)⁻¹ of the model the documents and queries share; `identity` needs no factors."""
+    if kind == "identity":
+        return PreconditionedGradients("identity", lambda context: Identity())
+
+    def make(context: ScoringContext) -> Preconditioner:
+        if factors_dir is None:
+            raise PretraceError(f"--method {kind} needs --factors (a folder made by `pretrace fit`).")
+        factors = load_checked_factors(factors_dir, context.document_stage, "factors")
+        return curvature_inverse(kind, factors, damping, damping_factor)
+
+    return PreconditionedGradients(kind, make, {"factors": str(factors_dir), "damping": damping, "damping_factor": damping_factor})
+
+
+def multi_stage(kind: str, pretrained_factors: str | Path, finetuned_factors: str | Path, alpha: float,
+                pretrained_damping: float | None, damping_factor: float, finetuned_damping: float | None) -> PreconditionedGradients:
+    """α (H_ft + αI)⁻¹ H_pt⁻¹, applied to each query once: w = α H_pt⁻¹ (H_ft + αI)⁻¹ ∇m(x, θ_ft)."""
+    if alpha is None or alpha <= 0:
+        raise PretraceError(f"multi-stage influence needs a positive --alpha (the fine-tuning proximity strength), got {alpha}.")
+
+    def make(context: ScoringContext) -> Preconditioner:
+        ft = load_checked_factors(finetuned_factors, context.query_stage, "fine-tuned factors")
+        pt = load_checked_factors(pretrained_factors, context.document_stage, "pre-trained factors")
+        ft_inverse = curvature_inverse(kind, ft, alpha if finetuned_damping is None else finetuned_damping, damping_factor)
+        pt_inverse = curvature_inverse(kind, pt, pretrained_damping, damping_factor)
+        return Scaled(Chain([ft_inverse, pt_inverse]), alpha)
+
+    return PreconditionedGradients(
+        f"multi-stage-{kind}", make,
+        {"alpha": alpha, "pretrained_factors": str(pretrained_factors), "finetuned_factors": str(finetuned_factors),
+         "pretrained_damping": pretrained_damping, "finetuned_damping": alpha if finetuned_damping is None else finetuned_damping,
+         "damping_factor": damping_factor},
+    )

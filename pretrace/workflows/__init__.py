@@ -1,0 +1,1 @@
+"""End-to-end steps behind each CLI command: load, check, compute, write atomically."""

@@ -1,0 +1,190 @@
+"""`pretrace score`: influence of training documents on queries, single- or multi-stage, any method."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pretrace.config import option, to_dict
+from pretrace.data.records import Document, iter_documents, read_queries
+from pretrace.errors import PretraceError
+from pretrace.methods.base import Attributor, ScoringContext
+from pretrace.methods.registry import METHODS, make_attributor
+from pretrace.modeling.loading import model_fingerprint
+from pretrace.scores.io import save_scores, top_indices
+from pretrace.scores.pairwise import ScoreResult
+from pretrace.storage import atomic_directory, read_json
+from pretrace.workflows.common import ModelOptions, Stage, load_stage
+
+FINETUNE_RECORD = "pretrace_finetune.json"
+
+
+@dataclass
+class ScoreSettings:
+    queries: str = option(help="JSONL queries: {'prompt', 'completion'} (the completion's loss is measured) or {'text'}.")
+    train: str = option(help="JSONL training documents to score: {'text', optional 'id'}.")
+    out: str = option(help="Output folder for scores.safetensors, scores.json and top_k.jsonl.")
+    model: str | None = option(None, help="Single-stage: the model folder queries and documents share.")
+    factors: str | None = option(None, help="Single-stage: factor folder of --model (from `pretrace fit`).")
+    pretrained: str | None = option(None, help="Multi-stage: the pre-trained model folder (document gradients).")
+    pretrained_factors: str | None = option(None, help="Multi-stage: factors of --pretrained fitted on pre-training text.")
+    finetuned: str | None = option(None, help="Multi-stage: the fine-tuned model folder (query gradients).")
+    finetuned_factors: str | None = option(None, help="Multi-stage: factors of --finetuned fitted on the fine-tuning prompt/completion data.")
+    alpha: float | None = option(None, help="Multi-stage: proximity strength α of fine-tuning (default: the value `pretrace finetune` recorded).")
+    method: str = option("ekfac", choices=tuple(METHODS), help="Attribution method.")
+    damping: float | None = option(None, help="Absolute damping λ (pre-trained stage in multi-stage); default: --damping-factor × mean eigenvalue, per module.")
+    damping_factor: float = option(0.1, help="Relative damping when --damping is not set.")
+    finetuned_damping: float | None = option(None, help="Multi-stage: damping of the fine-tuned curvature (default: α, as the method's formula has it).")
+    top_k: int = option(10, help="Documents kept per query in top_k.jsonl.")
+    explain: bool = option(True, help="Add per-token and per-module contributions of the top documents to top_k.jsonl.")
+    per_module: bool = option(False, help="Also store per-module scores for all documents ([modules, queries, documents]).")
+    force: bool = option(False, help="Score even if the fine-tuned model's recorded base is not --pretrained.")
+    overwrite: bool = option(False, help="Replace an existing --out folder.")
+
+    @property
+    def is_multi_stage(self) -> bool:
+        return self.pretrained is not None or self.finetuned is not None
+
+    def check(self) -> None:
+        if self.is_multi_stage:
+            if self.model is not None:
+                raise PretraceError("give either --model (single-stage) or --pretrained and --finetuned (multi-stage), not both.")
+            if self.pretrained is None or self.finetuned is None:
+                raise PretraceError("multi-stage scoring needs both --pretrained and --finetuned.")
+        elif self.model is None:
+            raise PretraceError("give --model (single-stage) or --pretrained and --finetuned (multi-stage).")
+        if self.top_k < 1:
+            raise PretraceError("--top-k must be at least 1.")
+
+
+def _matched(pretrained: Stage, finetuned: Stage) -> None:
+    """Keep modules present, with the same shape and blocks, in both models; warn about the rest."""
+    pt = {t.name: t for t in pretrained.tracked}
+    ft = {t.name: t for t in finetuned.tracked}
+    common = [n for n in ft if n in pt and (pt[n].d_out, pt[n].d_in_total, pt[n].block_names) == (ft[n].d_out, ft[n].d_in_total, ft[n].block_names)]
+    left_out = sorted(set(pt) ^ set(ft) | {n for n in set(pt) & set(ft) if n not in common})
+    if not common:
+        raise PretraceError("the pre-trained and fine-tuned models share no tracked module of the same name and shape; are they the same architecture?")
+    if left_out:
+        warnings.warn(f"modules not present with the same shape in both models are left out: {', '.join(left_out)}", stacklevel=2)
+    pretrained.tracked = [pt[n] for n in common]
+    finetuned.tracked = [ft[n] for n in common]
+
+
+def finetune_record(folder: str | Path) -> dict | None:
+    path = Path(folder) / FINETUNE_RECORD
+    return read_json(path) if path.is_file() else None
+
+
+def _check_pair(settings: ScoreSettings, pretrained: Stage, finetuned: Stage) -> float:
+    """Refuse a fine-tuned model whose recorded base is another model, or a different tokenizer; return α."""
+    if pretrained.tokenizer.get_vocab() != finetuned.tokenizer.get_vocab():
+        raise PretraceError("the pre-trained and fine-tuned tokenizers differ; both stages must tokenize documents the same way.")
+    record = finetune_record(settings.finetuned)
+    if record is not None and not settings.force:
+        base = record.get("pretrained_fingerprint")
+        if base is not None and base != model_fingerprint(pretrained.model):
+            raise PretraceError(
+                f"{settings.finetuned} records a different pre-trained model than {settings.pretrained} "
+                "(fingerprint mismatch); pass the model it was fine-tuned from, or --force."
+            )
+    alpha = settings.alpha if settings.alpha is not None else (record or {}).get("alpha")
+    if alpha is None:
+        raise PretraceError(f"no --alpha given and {settings.finetuned} has no {FINETUNE_RECORD}; pass the proximity strength used in fine-tuning.")
+    return float(alpha)
+
+
+def build_context(settings: ScoreSettings, options: ModelOptions) -> ScoringContext:
+    settings.check()
+    queries = read_queries(settings.queries)
+    if not Path(settings.train).is_file():
+        raise PretraceError(f"{settings.train}: no such file; pass a JSONL file of training documents.")
+    if not settings.is_multi_stage:
+        stage = load_stage(settings.model, options)
+        return ScoringContext(stage, stage, Path(settings.train), queries)
+    pretrained, finetuned = load_stage(settings.pretrained, options), load_stage(settings.finetuned, options)
+    _matched(pretrained, finetuned)
+    settings.alpha = _check_pair(settings, pretrained, finetuned)
+    return ScoringContext(finetuned, pretrained, Path(settings.train), queries)
+
+
+def _explanations(attributor: Attributor, context: ScoringContext, top: torch.Tensor, result: ScoreResult) -> dict[int, dict]:
+    """Per-token and per-module contributions of the union of top documents, rescored as a small subset."""
+    wanted = sorted(set(top.flatten().tolist()))
+    chosen = set(wanted)
+    subset = [doc for i, doc in enumerate(iter_documents(context.documents)) if i in chosen]
+    sub = ScoringContext(context.query_stage, context.document_stage, subset, context.queries, context.extra)
+    detail = attributor.score(sub, per_module=True, per_token=True)
+    tokenizer = context.document_stage.tokenizer
+    out = {}
+    for column, index in enumerate(wanted):
+        out[index] = {
+            "text": subset[column].text,
+            "tokens": tokenizer.convert_ids_to_tokens(detail.document_token_ids[column]),
+            "token_scores": detail.per_token[column],
+            "module_scores": {name: detail.per_module[m, :, column] for m, name in enumerate(detail.module_names)},
+        }
+    return out
+
+
+def _top_rows(context: ScoringContext, result: ScoreResult, top: torch.Tensor, details: dict[int, dict] | None) -> list[dict]:
+    texts = {}
+    if details is None:
+        wanted = set(top.flatten().tolist())
+        texts = {i: doc.text for i, doc in enumerate(iter_documents(context.documents)) if i in wanted}
+    rows = []
+    for q, query in enumerate(context.queries):
+        documents = []
+        for rank, index in enumerate(top[q].tolist(), start=1):
+            entry = {"id": result.document_ids[index], "index": index, "score": float(result.scores[q, index]), "rank": rank}
+            if details is None:
+                entry["text"] = texts[index]
+            else:
+                d = details[index]
+                entry.update(text=d["text"], tokens=d["tokens"], token_scores=d["token_scores"][q].tolist(),
+                             module_scores={name: float(v[q]) for name, v in d["module_scores"].items()})
+            documents.append(entry)
+        rows.append({"query_id": query.id, "prompt": query.prompt, "completion": query.completion, "documents": documents})
+    return rows
+
+
+def score(settings: ScoreSettings, options: ModelOptions | None = None, context: ScoringContext | None = None) -> ScoreResult:
+    """Compute and save scores; returns the in-memory result (scores float64 `[Q, N]`)."""
+    options = options or ModelOptions()
+    out = Path(settings.out)
+    if out.exists() and any(out.iterdir()) and not settings.overwrite:
+        raise PretraceError(f"{out}: already exists and is not empty; pass --overwrite or choose another --out.")
+    context = context or build_context(settings, options)
+    attributor = make_attributor(settings)
+    start = time.perf_counter()
+    attributor.fit(context)
+    fitted = time.perf_counter()
+    result = attributor.score(context, per_module=settings.per_module)
+    scored = time.perf_counter()
+    top = top_indices(result.scores, settings.top_k)
+    gradient_based = hasattr(attributor, "precondition_queries")
+    details = _explanations(attributor, context, top, result) if settings.explain and gradient_based else None
+    timings = {
+        "one_off_seconds": fitted - start,
+        "scoring_seconds": scored - fitted,
+        "per_query_seconds": (scored - fitted) / max(1, len(context.queries)),
+        "explanation_seconds": time.perf_counter() - scored,
+        **result.timings,
+    }
+    result.timings = timings
+    metadata = {
+        "method": settings.method,
+        "multi_stage": settings.is_multi_stage,
+        "settings": to_dict(settings),
+        "options": to_dict(options),
+        "hyperparameters": attributor.hyperparameters(),
+        "timings": timings,
+        "score_meaning": "score(z, x) = grad m(x)^T P grad loss(z); positive: up-weighting document z lowers the query's completion loss",
+    }
+    with atomic_directory(out, overwrite=True) as tmp:
+        save_scores(tmp, result, metadata, _top_rows(context, result, top, details))
+    return result
