@@ -4,7 +4,8 @@ Pass 1 accumulates the Kronecker covariances A = E[a aᵀ] and G = E[g gᵀ] ove
 their float64 eigendecompositions give the eigenbases Q_A, Q_G. Pass 2 accumulates the corrected
 eigenvalues Λ = mean over documents of (Q_Gᵀ ∇W Q_A)², ∇W being the gradient of a document's summed
 loss. Labels are sampled from the model (true Fisher) or taken from the data (empirical Fisher).
-Each pass checkpoints its running sums, so an interrupted fit resumes where it stopped.
+Each pass checkpoints its running sums, so an interrupted fit resumes where it stopped. Under torchrun
+each rank takes every world-th batch and checkpoints its own sums; they are summed over ranks after each pass.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
+from pretrace import distributed
 from pretrace.config import option, to_dict, validate_choices
 from pretrace.curvature.factors import Factors, ModuleFactors
 from pretrace.data.batching import TokenBatch
@@ -34,7 +36,7 @@ class FitSettings:
     seed: int = option(0, help="Seed for sampled labels; the same seed gives the same factors.")
     checkpoint_every: int = option(50, help="Save resumable running sums every this many batches.")
     diagonal: bool = option(False, help="Also store the diagonal of the per-document Fisher (for --method diagonal).")
-    factor_dtype: str = option("float32", choices=("float32", "float64"), help="Precision of the stored factors (eigendecompositions always run in float64).")
+    factor_dtype: str = option("float32", choices=("float32", "float64", "bfloat16", "float16"), help="Precision of the stored factors: bfloat16/float16 halve their disk and memory size (sums are accumulated and eigendecomposed in float64, and applied in the gradients' precision).")
 
     def __post_init__(self):
         validate_choices(self)
@@ -102,9 +104,9 @@ def _run_pass(
         sums, counts = init_sums(), {"batches": 0, "documents": 0, "tokens": 0}
     device = next(model.parameters()).device
     sample = settings.fisher == "true"
-    bar = tqdm(total=total, desc=desc, unit="batch", disable=not progress, initial=counts["batches"])
-    for index, batch in enumerate(batches()):
-        if index < counts["batches"]:
+    bar = tqdm(total=distributed.shard_size(total), desc=desc, unit="batch", disable=not (progress and distributed.is_main()), initial=counts["batches"])
+    for position, (index, batch) in enumerate(distributed.shard(enumerate(batches()))):
+        if position < counts["batches"]:
             continue
         batch = batch.to(device)
         generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + seed_offset + index)
@@ -117,9 +119,10 @@ def _run_pass(
         if counts["batches"] % settings.checkpoint_every == 0:
             checkpoint.save(sums, counts)
     bar.close()
+    checkpoint.save(sums, counts)
+    sums, counts = distributed.all_reduce_sums(sums), distributed.all_reduce_counts(counts)
     if counts["documents"] == 0:
         raise PretraceError("no documents to fit on.")
-    checkpoint.save(sums, counts)
     return sums, counts
 
 
@@ -168,7 +171,7 @@ def fit_factors(
             sums[f"{t.name}.G"] += torch.einsum("nki,nkj->kij", g, g).double().cpu()
 
     cov_sums, cov_counts = _run_pass(
-        model, tracked, task, batches, settings, _Checkpoint(folder, "covariances", signature),
+        model, tracked, task, batches, settings, _Checkpoint(folder, distributed.per_rank_name("covariances"), signature),
         init_cov, add_cov, 0, num_batches, "covariances", progress,
     )
     if cov_counts["tokens"] == 0:
@@ -204,7 +207,7 @@ def fit_factors(
                 sums[f"{t.name}.diagonal"] += captured.example_gradients(t.name).to(compute).square().sum(0).double().cpu()
 
     lam_sums, lam_counts = _run_pass(
-        model, tracked, task, batches, settings, _Checkpoint(folder, "lambda", signature),
+        model, tracked, task, batches, settings, _Checkpoint(folder, distributed.per_rank_name("lambda"), signature),
         init_lambda, add_lambda, 500_009, num_batches, "eigenvalue correction", progress,
     )
     if lam_counts["documents"] != cov_counts["documents"]:
@@ -222,7 +225,7 @@ def fit_factors(
             lambda_=lam_sums[f"{t.name}.lambda"] / docs, diagonal=diagonal,
         ).to(dtype=store)
         if not torch.isfinite(modules[t.name].lambda_).all():
-            raise PretraceError(f"module {t.name}: eigenvalues are NaN or infinite; the model's gradients overflow (try --dtype float32).")
+            raise PretraceError(f"module {t.name}: eigenvalues are NaN or infinite; the model's gradients overflow (try --dtype float32, or --factor-dtype float32 if it was float16).")
     metadata = {
         "settings": to_dict(settings),
         "documents": docs,

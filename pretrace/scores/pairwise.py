@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from pretrace import distributed
 from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
 from pretrace.gradients.capture import CapturedBatch, capture
@@ -96,13 +97,15 @@ def score_documents(
     device, dtype = _device(model), _compute_dtype(model)
     weights = {name: w.to(device, dtype) for name, w in preconditioned.items()}
     names = [t.name for t in tracked if t.name in weights]
-    doc_ids: list[str] = []
-    totals, modules, tokens, token_ids = [], [], [], []
+    totals = distributed.ScoreColumns("scores")
+    modules = distributed.ScoreColumns("per_module") if per_module else None
+    order, records = [], []
     start = time.perf_counter()
-    for batch in tqdm(batches, total=num_batches, desc="scoring documents", unit="batch", disable=not progress):
+    shards = distributed.shard(distributed.with_offsets(batches))
+    bar = tqdm(shards, total=distributed.shard_size(num_batches), desc="scoring documents", unit="batch", disable=not (progress and distributed.is_main()))
+    for offset, batch in bar:
         batch = batch.to(device)
         captured = capture(model, tracked, lambda: task.document_loss(model, batch))
-        doc_ids.extend(batch.ids)
         batch_total = torch.zeros(len(query_ids), len(batch), dtype=torch.float64, device=device)
         batch_modules, batch_tokens = [], 0
         for name in names:
@@ -112,22 +115,25 @@ def score_documents(
                 batch_modules.append(scores.double().cpu())
             if per_token:
                 batch_tokens = batch_tokens + contributions.double()
-        totals.append(batch_total.cpu())
+        totals.add(offset, batch_total.cpu())
         if per_module:
-            modules.append(torch.stack(batch_modules))
+            modules.add(offset, torch.stack(batch_modules))
+        token_rows = None
         if per_token:
             keep = batch.attention_mask.bool().cpu()
-            for row in range(len(batch)):
-                tokens.append(batch_tokens[:, row].cpu()[:, keep[row]])
-                token_ids.append(batch.input_ids[row].cpu()[keep[row]].tolist())
+            token_rows = [(batch_tokens[:, row].cpu()[:, keep[row]], batch.input_ids[row].cpu()[keep[row]].tolist()) for row in range(len(batch))]
+        order.append(offset)
+        records.append((batch.ids, token_rows))
+    records = distributed.gather_in_order(order, records)  # every rank's batches, in document order
+    rows = [row for _, token_rows in records for row in (token_rows or [])]
     return ScoreResult(
-        scores=torch.cat(totals, dim=1),
+        scores=totals.finish(),
         query_ids=list(query_ids),
-        document_ids=doc_ids,
+        document_ids=[doc_id for ids, _ in records for doc_id in ids],
         module_names=names,
-        per_module=torch.cat(modules, dim=2) if per_module else None,
-        per_token=tokens if per_token else None,
-        document_token_ids=token_ids if per_token else None,
+        per_module=modules.finish() if per_module else None,
+        per_token=[contributions for contributions, _ in rows] if per_token else None,
+        document_token_ids=[ids for _, ids in rows] if per_token else None,
         timings={"documents_seconds": time.perf_counter() - start},
     )
 
@@ -143,13 +149,14 @@ def self_influence(
     """∇ℓ(z)ᵀ P ∇ℓ(z) for every document: a measure of how unusual (or mislabeled) it is."""
     task = task or LanguageModelingTask()
     device, dtype = _device(model), _compute_dtype(model)
-    ids, values = [], []
-    for batch in tqdm(batches, desc="self-influence", unit="batch", disable=not progress):
+    order, records = [], []
+    for index, batch in tqdm(distributed.shard(enumerate(batches)), desc="self-influence", unit="batch", disable=not (progress and distributed.is_main())):
         batch = batch.to(device)
         captured = capture(model, tracked, lambda: task.document_loss(model, batch))
         grads = {t.name: captured.example_gradients(t.name).to(dtype) for t in tracked}
         preconditioned = preconditioner.apply(grads)
         total = sum((preconditioned[n] * grads[n]).flatten(1).sum(1).double() for n in grads)
-        ids.extend(batch.ids)
-        values.append(total.cpu())
-    return ids, torch.cat(values)
+        order.append(index)
+        records.append((batch.ids, total.cpu()))
+    records = distributed.gather_in_order(order, records)
+    return [i for ids, _ in records for i in ids], torch.cat([values for _, values in records])

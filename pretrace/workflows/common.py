@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from pretrace import distributed
 from pretrace.config import option, validate_choices
 from pretrace.data.batching import TokenBatch, encode_documents, encode_queries, iter_batches
 from pretrace.data.records import Document, count_records, iter_documents, iter_queries, read_queries
@@ -37,8 +38,8 @@ class ModelOptions:
             raise PretraceError("--batch-size must be at least 1.")
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "auto" or (self.device == "cuda" and torch.cuda.is_available()):
+            return distributed.local_device()  # under torchrun each process takes its own GPU, cuda:LOCAL_RANK
         try:
             return torch.device(self.device)
         except RuntimeError:

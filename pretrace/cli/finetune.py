@@ -1,0 +1,23 @@
+"""`pretrace finetune`: full-parameter fine-tuning with the proximity term α/2‖θ − θ_pt‖² that multi-stage influence assumes."""
+
+from __future__ import annotations
+
+from pretrace.cli.options import add_arguments, from_arguments
+from pretrace.training.finetune import FinetuneSettings
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("finetune", help="fine-tune a model on prompt/completion pairs with a proximity term", description=__doc__)
+    add_arguments(parser, FinetuneSettings)
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from pretrace.training.finetune import finetune, read_finetune_record
+
+    settings = from_arguments(FinetuneSettings, args)
+    finetune(settings)
+    record = read_finetune_record(settings.out)
+    print(f"fine-tuned on {record['examples']} examples for {record['steps']} steps (alpha={record['alpha']}, "
+          f"final loss {record['final_train_loss']:.4f}) -> {settings.out}")
+    return 0

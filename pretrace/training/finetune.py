@@ -1,0 +1,113 @@
+"""Full-parameter fine-tuning with a proximity term, the objective multi-stage influence assumes.
+
+The fine-tuned weights minimise (stochastically, one batch at a time)
+
+    J(θ) = (1/N) Σ_i ℓ_i(θ) + α/2 ‖θ − θ_pt‖²
+
+where ℓ_i is the *summed* cross-entropy of example i's completion tokens (of all its tokens when the
+record is a bare 'text'), N the number of examples, and θ_pt the starting (pre-trained) weights of
+every trainable parameter. This is the normalisation of `pretrace fit`'s curvature (the mean over
+sequences of the Hessian of each sequence's summed loss), so the recorded α enters the influence
+formula α (H_ft + αI)⁻¹ unchanged. Dropout is off by default: the derivation needs J's stationary point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from pretrace.config import option, to_dict
+from pretrace.data.batching import encode_queries
+from pretrace.data.records import Query, read_queries
+from pretrace.errors import PretraceError
+from pretrace.modeling.loading import DTYPES, load_model, load_tokenizer, model_fingerprint, pad_token_id
+from pretrace.storage import file_sha256, read_json
+from pretrace.training.loop import TrainHistory, TrainSettings, train
+from pretrace.training.output import refuse_existing, save_model_folder
+
+FINETUNE_RECORD = "pretrace_finetune.json"
+LOSS_NORMALISATION = "sequence"
+OBJECTIVE = "(1/N) sum_i sum_{t in completion_i} -log p(x_t | x_<t) + alpha/2 * ||theta - theta_pt||^2 over all trainable parameters"
+
+
+@dataclass
+class _FinetuneInputs:
+    """The required settings; a base class so that they come first in `--help`."""
+
+    model: str = option(help="Pre-trained Hugging Face model folder (config.json, weights, tokenizer).")
+    data: str = option(help="JSONL fine-tuning examples: {'prompt', 'completion'} (loss on the completion only) or {'text'}.")
+    out: str = option(help="Output folder for the fine-tuned model, its tokenizer and pretrace_finetune.json.")
+    alpha: float = option(help="Proximity strength α of the term α/2‖θ − θ_pt‖², on the scale of the mean over examples of each example's summed completion loss; `pretrace score` reads it back.")
+
+
+@dataclass
+class FinetuneSettings(TrainSettings, _FinetuneInputs):
+    lr: float = option(1e-4, help="Peak learning rate of AdamW.")
+    epochs: int = option(3, help="Passes over the fine-tuning data.")
+    batch_size: int = option(8, help="Examples per optimizer step.")
+    weight_decay: float = option(0.0, help="AdamW's decoupled weight decay (keep 0: it changes the stationary point the influence formula assumes).")
+    dtype: str = option("float32", choices=tuple(DTYPES), help="Precision of the weights during fine-tuning and on disk.")
+    dropout: bool = option(False, help="Keep the model's dropout on while fine-tuning (off by default: influence assumes the deterministic objective).")
+    overwrite: bool = option(False, help="Replace an existing non-empty --out folder.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.alpha < 0:
+            raise PretraceError(f"--alpha must be non-negative, got {self.alpha}.")
+        if self.dtype not in DTYPES:
+            raise PretraceError(f"unknown --dtype {self.dtype!r}; choose one of {sorted(DTYPES)}.")
+
+
+class ProximityPenalty:
+    """α/2 ‖θ − θ_pt‖² over the trainable parameters, θ_pt copied at construction on the model's device."""
+
+    def __init__(self, model: torch.nn.Module, alpha: float):
+        self.alpha = alpha
+        self.anchor = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+    def __call__(self, model: torch.nn.Module) -> torch.Tensor:
+        squared = [(p - self.anchor[name]).square().sum() for name, p in model.named_parameters() if name in self.anchor]
+        return 0.5 * self.alpha * torch.stack(squared).sum()
+
+
+def finetune_model(model: torch.nn.Module, tokenizer, queries: Sequence[Query], settings: TrainSettings, alpha: float,
+                   dropout: bool = False, progress: bool = True) -> TrainHistory:
+    """Fine-tune `model` in place (on its device) from its current weights, which are θ_pt."""
+    items = list(encode_queries(tokenizer, queries, settings.max_length))
+    regulariser = ProximityPenalty(model, alpha) if alpha > 0 else None
+    return train(model, items, settings, pad_token_id(tokenizer), normalisation=LOSS_NORMALISATION,
+                 regulariser=regulariser, dropout=dropout, progress=progress)
+
+
+def finetune(settings: FinetuneSettings, progress: bool = True) -> torch.nn.Module:
+    """Load `settings.model`, fine-tune it on `settings.data`, save model + tokenizer + record to `settings.out`."""
+    refuse_existing(settings.out, settings.overwrite)
+    tokenizer = load_tokenizer(settings.model)
+    model = load_model(settings.model, settings.dtype, settings.torch_device())
+    queries = read_queries(settings.data)
+    pretrained_fingerprint = model_fingerprint(model)
+    history = finetune_model(model, tokenizer, queries, settings, settings.alpha, settings.dropout, progress)
+    record = {
+        "alpha": settings.alpha,
+        "loss_normalisation": LOSS_NORMALISATION,
+        "objective": OBJECTIVE,
+        "pretrained_path": str(Path(settings.model).resolve()),
+        "pretrained_fingerprint": pretrained_fingerprint,
+        "data": str(Path(settings.data).resolve()),
+        "data_sha256": file_sha256(settings.data),
+        "examples": len(queries),
+        "steps": history.steps,
+        "final_train_loss": sum(history.losses[-50:]) / len(history.losses[-50:]),  # mean of the last ≤ 50 steps, without the proximity term
+        "settings": to_dict(settings),
+    }
+    save_model_folder(settings.out, model, tokenizer, FINETUNE_RECORD, record, settings.overwrite)
+    return model
+
+
+def read_finetune_record(folder: str | Path) -> dict | None:
+    """The record `finetune` wrote in `folder`, or None for a model fine-tuned elsewhere."""
+    path = Path(folder) / FINETUNE_RECORD
+    return read_json(path) if path.is_file() else None

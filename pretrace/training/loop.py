@@ -1,0 +1,180 @@
+"""One causal-LM training loop shared by pre-training, fine-tuning and retraining baselines.
+
+AdamW with a learning rate that rises linearly over the warm-up steps and then follows a cosine to 0,
+both counted in optimizer steps (not epochs), gradient-norm clipping, and seeded shuffling. The loss of
+a batch is one of two normalisations of the per-sequence summed cross-entropy ℓ_i of its target tokens:
+
+- "token":    Σ_i w_i ℓ_i / Σ_i n_i   (mean per target token; n_i counts sequence i's target tokens)
+- "sequence": Σ_i w_i ℓ_i / B         (mean per sequence, B sequences in the batch)
+
+w_i is an optional per-document weight (default 1; 0 removes a document, as retraining baselines need),
+and the denominators never depend on the weights. An optional `regulariser(model)` is added to every
+batch's loss, so its scale is that of the mean objective being minimised.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Mapping, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from pretrace.config import option
+from pretrace.data.batching import Encoded, TokenBatch, collate
+from pretrace.errors import PretraceError
+from pretrace.gradients.task import LanguageModelingTask
+
+NORMALISATIONS = ("token", "sequence")
+
+
+@dataclass
+class TrainSettings:
+    """Optimisation settings; `pretrace finetune` extends them with its paths and α."""
+
+    lr: float = option(1e-3, help="Peak learning rate of AdamW.")
+    epochs: int = option(1, help="Passes over the training data.")
+    batch_size: int = option(16, help="Sequences per optimizer step.")
+    max_length: int = option(512, help="Longer sequences are truncated (with a warning that counts them).")
+    warmup: float = option(0.05, help="Fraction of the optimizer steps over which the learning rate rises linearly to --lr; it then decays to 0 along a cosine, stepped every optimizer step.")
+    weight_decay: float = option(0.0, help="AdamW's decoupled weight decay, applied to every trainable parameter.")
+    grad_clip: float = option(1.0, help="Clip the gradient's global norm to this value (0: no clipping).")
+    seed: int = option(0, help="Seed for shuffling, dropout and initialisation; the same seed gives the same model.")
+    device: str = option("auto", help="'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available).")
+
+    def __post_init__(self):
+        checks = [
+            (self.lr > 0, f"--lr must be positive, got {self.lr}."),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}."),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}."),
+            (self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}."),
+            (0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}."),
+            (self.weight_decay >= 0, f"--weight-decay must be non-negative, got {self.weight_decay}."),
+            (self.grad_clip >= 0, f"--grad-clip must be non-negative (0 disables it), got {self.grad_clip}."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PretraceError(message)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            return torch.device(self.device)
+        except RuntimeError:
+            raise PretraceError(f"unknown --device {self.device!r}; use cpu, cuda, cuda:N or auto.") from None
+
+
+@dataclass
+class TrainHistory:
+    """Per optimizer step: the data loss (without the regulariser) and the learning rate it used."""
+
+    losses: list[float] = field(default_factory=list)
+    learning_rates: list[float] = field(default_factory=list)
+    validation_losses: list[float] = field(default_factory=list)  # one per epoch, when validation data is given
+
+    @property
+    def steps(self) -> int:
+        return len(self.losses)
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Multiplier of the peak rate at 0-based optimizer step `step`: linear warm-up, then cosine to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def sequence_losses(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
+    """[B] summed cross-entropy over each sequence's target tokens (the same loss influence scores use)."""
+    return LanguageModelingTask().document_loss(model, batch)
+
+
+def batch_loss(losses: torch.Tensor, batch: TokenBatch, normalisation: str, weights: Mapping[str, float] | None = None) -> torch.Tensor:
+    """Scalar training loss of a batch from its [B] summed losses (see the module docstring)."""
+    if weights is not None:
+        losses = losses * torch.tensor([float(weights.get(i, 1.0)) for i in batch.ids], dtype=losses.dtype, device=losses.device)
+    if normalisation == "token":
+        return losses.sum() / batch.target_mask.sum().clamp(min=1)
+    if normalisation == "sequence":
+        return losses.sum() / len(batch)
+    raise PretraceError(f"unknown loss normalisation {normalisation!r}; choose one of {list(NORMALISATIONS)}.")
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, items: Sequence[Encoded], batch_size: int, pad_id: int, normalisation: str = "token", progress: bool = False) -> float:
+    """Mean loss over all of `items` (per target token, or per sequence), with dropout off."""
+    if not items:
+        raise PretraceError("no evaluation data; pass at least one document.")
+    was_training, total, tokens = model.training, 0.0, 0
+    model.eval()
+    for start in tqdm(range(0, len(items), batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False):
+        batch = collate(items[start : start + batch_size], pad_id).to(_device(model))
+        total += float(sequence_losses(model, batch).sum())
+        tokens += int(batch.target_mask.sum())
+    model.train(was_training)
+    return total / (tokens if normalisation == "token" else len(items))
+
+
+def train(
+    model: torch.nn.Module,
+    items: Sequence[Encoded],
+    settings: TrainSettings,
+    pad_id: int,
+    *,
+    normalisation: str = "token",
+    weights: Mapping[str, float] | None = None,
+    regulariser: Callable[[torch.nn.Module], torch.Tensor] | None = None,
+    validation: Sequence[Encoded] | None = None,
+    dropout: bool = True,
+    progress: bool = True,
+) -> TrainHistory:
+    """Train `model` in place on `items` (on the model's device); returns the per-step history.
+
+    `weights` maps document ids to loss weights; `dropout=False` trains the deterministic model, whose
+    stationary point is what influence functions linearise around.
+    """
+    if not items:
+        raise PretraceError("no training data; pass at least one document.")
+    if normalisation not in NORMALISATIONS:
+        raise PretraceError(f"unknown loss normalisation {normalisation!r}; choose one of {list(NORMALISATIONS)}.")
+    torch.manual_seed(settings.seed)
+    shuffler = torch.Generator().manual_seed(settings.seed)
+    batches_per_epoch = math.ceil(len(items) / settings.batch_size)
+    total_steps = settings.epochs * batches_per_epoch
+    warmup_steps = round(settings.warmup * total_steps)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps))
+    history, device = TrainHistory(), _device(model)
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress)
+    for epoch in range(settings.epochs):
+        model.train(dropout)
+        order = torch.randperm(len(items), generator=shuffler).tolist()
+        for start in range(0, len(order), settings.batch_size):
+            batch = collate([items[i] for i in order[start : start + settings.batch_size]], pad_id).to(device)
+            data_loss = batch_loss(sequence_losses(model, batch), batch, normalisation, weights)
+            loss = data_loss if regulariser is None else data_loss + regulariser(model)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if settings.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
+            history.learning_rates.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.step()
+            history.losses.append(data_loss.item())
+            bar.update()
+            bar.set_postfix(loss=f"{history.losses[-1]:.4f}", lr=f"{history.learning_rates[-1]:.2e}")
+        if validation:
+            history.validation_losses.append(evaluate(model, validation, settings.batch_size, pad_id, normalisation))
+            if progress:
+                bar.write(f"epoch {epoch + 1}: validation loss {history.validation_losses[-1]:.4f}")
+    bar.close()
+    model.eval()
+    return history

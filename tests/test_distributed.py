@@ -1,0 +1,267 @@
+"""Two gloo processes on the CPU give the single-process factors and scores; a killed fit resumes.
+
+The torchrun tests drive the real CLI (`torchrun --nproc-per-node 2 -m pretrace fit|score`); the resume
+test spawns the ranks itself so that it can kill one of them part-way through the second pass. Also here:
+the other memory and placement settings (scores on disk, half-precision factors, device_map models).
+"""
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch.multiprocessing.spawn import ProcessException
+
+from pretrace import distributed
+from pretrace.curvature import EKFAC, FitSettings, Factors, fit_factors
+from pretrace.data.records import read_queries
+from pretrace.modeling.modules import select_modules
+from pretrace.scores.io import load_scores
+from pretrace.scores.pairwise import query_gradients, score_documents
+from pretrace.workflows.common import ModelOptions, Stage, load_stage
+from pretrace.workflows.fit import checkpoint_folder, fit
+from pretrace.workflows.score import ScoreSettings, score
+from tiny import WORDS, save_tiny_model
+
+BATCH_SIZE = 4
+DOCUMENTS = 35  # 9 batches: rank 0 gets 5, rank 1 gets 4, the last batch holds 3 documents
+COMMON = ["--batch-size", str(BATCH_SIZE), "--device", "cpu"]
+QUERIES = [
+    {"id": "q0", "prompt": "paris is the capital of", "completion": " france ."},
+    {"id": "q1", "prompt": "the cat sat", "completion": " on the mat ."},
+    {"id": "q2", "prompt": "birds can fly and", "completion": " fish can swim ."},
+]
+
+
+def _write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A float32 tiny model, documents, queries and the single-process factors and scores."""
+    root = tmp_path_factory.mktemp("distributed")
+    model = save_tiny_model(root / "model", dtype=torch.float32)
+    rng = random.Random(0)
+    docs = _write_jsonl(root / "docs.jsonl", (
+        {"id": f"d{i}", "text": " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 12)))} for i in range(DOCUMENTS)
+    ))
+    queries = _write_jsonl(root / "queries.jsonl", QUERIES)
+    options = ModelOptions(batch_size=BATCH_SIZE, device="cpu")
+    fit(model, docs, root / "factors", options, FitSettings(checkpoint_every=1), progress=False)
+    score(ScoreSettings(queries=str(queries), train=str(docs), out=str(root / "scores"), model=str(model),
+                        factors=str(root / "factors"), per_module=True), options)
+    return root
+
+
+def _max_relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / a.abs().max().clamp(min=1e-30))
+
+
+def _assert_same_factors(folder: Path, reference: Path) -> None:
+    mine, ref = Factors.load(folder), Factors.load(reference)
+    assert mine.metadata["documents"] == ref.metadata["documents"] == DOCUMENTS
+    assert mine.metadata["tokens"] == ref.metadata["tokens"]
+    assert mine.module_names() == ref.module_names()
+    for name in ref.modules:
+        for field in ("activation_covariance", "gradient_covariance", "activation_eigenvalues", "gradient_eigenvalues", "lambda_"):
+            difference = _max_relative_difference(getattr(ref.modules[name], field), getattr(mine.modules[name], field))
+            assert difference < 1e-5, (name, field, difference)
+
+
+def _torchrun(*arguments: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pretrace", *arguments]
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow  # the resume test below covers a 2-process fit through the same workflow
+def test_torchrun_fit_equals_single_process(workspace):
+    fitted = _torchrun("fit", "--model", "model", "--data", "docs.jsonl", "--out", "factors-2", *COMMON, cwd=workspace)
+    _assert_same_factors(workspace / "factors-2", workspace / "factors")
+    assert fitted.stdout.count("factors for") == 1  # only rank 0 prints
+    assert not checkpoint_folder(workspace / "factors-2").exists()
+
+
+def _top_documents(folder: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (folder / "top_k.jsonl").read_text().splitlines()]
+    return [document for row in rows for document in row["documents"]]
+
+
+def test_torchrun_score_equals_single_process(workspace):
+    """Scores streamed to disk by both ranks, and explanations gathered in RAM, match a single process."""
+    root = workspace
+    scored = _torchrun("score", "--model", "model", "--factors", "factors", "--queries", "queries.jsonl", "--train", "docs.jsonl",
+                       "--out", "scores-2", "--per-module", "--scores-on-disk", *COMMON, cwd=root)
+    assert scored.stdout.count("scores [") == 1  # only rank 0 prints
+    (ref_tensors, ref_meta), (tensors, meta) = load_scores(root / "scores"), load_scores(root / "scores-2")
+    assert meta["document_ids"] == ref_meta["document_ids"] == [f"d{i}" for i in range(DOCUMENTS)]
+    assert meta["query_ids"] == ref_meta["query_ids"]
+    for key in ("scores", "per_module"):
+        assert tensors[key].shape == ref_tensors[key].shape
+        assert _max_relative_difference(ref_tensors[key], tensors[key]) < 1e-5
+    top, ref_top = _top_documents(root / "scores-2"), _top_documents(root / "scores")
+    assert [d["id"] for d in top] == [d["id"] for d in ref_top]
+    for document, reference in zip(top, ref_top):  # explanations: the top documents rescored in RAM, sharded too
+        assert document["tokens"] == reference["tokens"]
+        for key in ("token_scores", "module_scores"):
+            torch.testing.assert_close(torch.tensor(_values(document[key])), torch.tensor(_values(reference[key])), rtol=1e-5, atol=1e-6)
+
+
+def _values(entry) -> list[float]:
+    return list(entry.values()) if isinstance(entry, dict) else entry
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _fit_rank(rank: int, world: int, port: int, root: str, out: str, kill_at: int | None) -> None:
+    """One rank of a fit; `kill_at`: rank 1 SIGKILLs itself when asked for its kill_at-th batch (both passes
+    counted), once rank 0 has checkpointed its second pass."""
+    import pretrace.curvature.fit as fitting
+
+    root = Path(root)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    source, pulled, captures = Stage.fitting_batches, [0], [0]
+
+    def fitting_batches(self, path):
+        batches = source(self, path)
+
+        def stream():
+            for batch in batches():
+                pulled[0] += 1
+                if rank == 1 and pulled[0] == kill_at:
+                    _wait_for(checkpoint_folder(root / out) / "lambda.rank0-of-2.json")
+                    os.kill(os.getpid(), signal.SIGKILL)
+                yield batch
+
+        return stream
+
+    capture = fitting.capture
+
+    def counting_capture(*args, **kwargs):
+        captures[0] += 1
+        return capture(*args, **kwargs)
+
+    Stage.fitting_batches, fitting.capture = fitting_batches, counting_capture
+    fit(root / "model", root / "docs.jsonl", root / out, ModelOptions(batch_size=BATCH_SIZE, device="cpu"), FitSettings(checkpoint_every=1), progress=False)
+    (root / f"{out}.captures.rank{rank}").write_text(str(captures[0]))
+
+
+def _wait_for(path: Path, seconds: float = 60) -> None:
+    stop = time.monotonic() + seconds
+    while not path.is_file() and time.monotonic() < stop:
+        time.sleep(0.05)
+
+
+def _spawn_fit(root: Path, out: str, kill_at: int | None = None, deadline: float = 120) -> bool:
+    """Run a 2-process fit; True if every rank succeeded. Fails the test if the ranks hang."""
+    context = mp.spawn(_fit_rank, args=(2, _free_port(), str(root), out, kill_at), nprocs=2, join=False)
+    stop = time.monotonic() + deadline
+    while time.monotonic() < stop:
+        try:
+            if context.join(timeout=1):
+                return True
+        except ProcessException:  # a rank was killed or raised; spawn has stopped the others
+            return False
+    for process in context.processes:
+        process.kill()
+    pytest.fail("the ranks hung after one of them was killed")
+
+
+def test_killed_rank_does_not_hang_and_fit_resumes_to_same_factors(workspace):
+    root, out = workspace, "factors-resumed"
+    batches = -(-DOCUMENTS // BATCH_SIZE)
+    # rank 1 dies as its second pass begins, so it resumes that pass from scratch while rank 0 restores its sums
+    assert not _spawn_fit(root, out, kill_at=batches + 1)
+    checkpoint = checkpoint_folder(root / out)
+    assert not (checkpoint / "lambda.rank1-of-2.json").exists()
+    done = {0: json.loads((checkpoint / "lambda.rank0-of-2.json").read_text())["batches"], 1: 0}
+    assert not (root / out).exists()
+
+    assert _spawn_fit(root, out)
+    _assert_same_factors(root / out, root / "factors")
+    local = {0: 5, 1: 4}  # batches of each rank in one pass; the first pass was complete on both ranks
+    for rank in (0, 1):
+        assert int((root / f"{out}.captures.rank{rank}").read_text()) == local[rank] - done[rank]
+    assert not checkpoint.exists()
+
+
+def test_scores_on_disk_equal_in_memory_scores(workspace, tmp_path):
+    root = workspace
+    settings = ScoreSettings(queries=str(root / "queries.jsonl"), train=str(root / "docs.jsonl"), out=str(tmp_path / "scores"),
+                             model=str(root / "model"), factors=str(root / "factors"), per_module=True, scores_on_disk=True, explain=False)
+    result = score(settings, ModelOptions(batch_size=BATCH_SIZE, device="cpu"))
+    reference, _ = load_scores(root / "scores")
+    assert result.scores.dtype == torch.float32 and result.scores.shape == (len(QUERIES), DOCUMENTS)
+    assert _max_relative_difference(reference["scores"], result.scores) < 1e-6
+    assert _max_relative_difference(reference["per_module"], result.per_module) < 1e-6
+    assert not (tmp_path / ".scores.scores").exists()
+
+
+def test_score_columns_on_disk_place_blocks_by_offset(tmp_path):
+    """Blocks written out of order and ragged come back in document order, [*lead, N]."""
+    full = torch.randn(2, 3, 11, dtype=torch.float64)
+    with distributed.scores_on_disk(tmp_path):
+        columns = distributed.ScoreColumns("blocks")
+    for start, stop in ((8, 11), (0, 4), (4, 8)):
+        columns.add(start, full[..., start:stop])
+    assembled = columns.finish()
+    torch.testing.assert_close(assembled, full.float())
+    assert sorted(p.suffix for p in tmp_path.iterdir()) == [".npy"]
+
+
+def test_device_map_auto_model_fits_and_scores_like_a_plain_one(workspace):
+    """Only the code path: on a CPU machine every block of the map is on the CPU; the hooks that move
+    tensors between devices are forced on so that they run as they would across GPUs."""
+    accelerate = pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    root = workspace
+    stage = load_stage(root / "model", ModelOptions(batch_size=BATCH_SIZE, device="cpu"))
+    mapped = AutoModelForCausalLM.from_pretrained(str(root / "model"), device_map="auto", dtype=torch.float32).eval()
+    blocks = [f"gpt_neox.{name}" for name, _ in mapped.gpt_neox.named_children()] + ["lm_head"]
+    mapped = accelerate.dispatch_model(mapped, {name: "cpu" for name in blocks}, force_hooks=True)
+    assert hasattr(mapped.gpt_neox.layers, "_hf_hook")
+    documents, queries = stage.document_batches(root / "docs.jsonl"), read_queries(root / "queries.jsonl")
+    results = []
+    for model in (stage.model, mapped):
+        tracked = select_modules(model)
+        factors = fit_factors(model, tracked, documents, progress=False)
+        ids, grads = query_gradients(model, tracked, stage.query_batches(queries))
+        results.append((factors, score_documents(model, tracked, EKFAC(factors).apply(grads), documents(), ids).scores))
+    (plain_factors, plain_scores), (mapped_factors, mapped_scores) = results
+    for name, module in plain_factors.modules.items():
+        torch.testing.assert_close(mapped_factors.modules[name].lambda_, module.lambda_)
+    torch.testing.assert_close(mapped_scores, plain_scores)
+
+
+def test_half_precision_factors_score_close_to_float32(workspace, tmp_path):
+    """Factors stored in bfloat16/float16 (accumulated and eigendecomposed in float64) barely move the scores."""
+    root = workspace
+    stage = load_stage(root / "model", ModelOptions(batch_size=BATCH_SIZE, device="cpu"))
+    documents = stage.document_batches(root / "docs.jsonl")
+    ids, grads = query_gradients(stage.model, stage.tracked, stage.query_batches(read_queries(root / "queries.jsonl")))
+    reference, _ = load_scores(root / "scores")
+    for dtype, tolerance in (("bfloat16", 1e-2), ("float16", 1e-3)):
+        fit_factors(stage.model, stage.tracked, documents, FitSettings(factor_dtype=dtype), progress=False).save(tmp_path / dtype)
+        factors = Factors.load(tmp_path / dtype)
+        assert {mf.lambda_.dtype for mf in factors.modules.values()} == {getattr(torch, dtype)}
+        scores = score_documents(stage.model, stage.tracked, EKFAC(factors).apply(grads), documents(), ids).scores
+        assert _max_relative_difference(reference["scores"], scores) < tolerance, dtype
