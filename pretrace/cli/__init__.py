@@ -8,7 +8,7 @@ import sys
 
 from pretrace.errors import PretraceError
 
-COMMANDS = ["fit", "score", "inspect"]
+COMMANDS = ["fit", "score", "inspect", "finetune"]
 
 
 def build_parser() -> argparse.ArgumentParser:

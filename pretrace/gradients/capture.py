@@ -78,6 +78,7 @@ def capture(
     finally:
         for handle in handles:
             handle.remove()
+    common = losses.device  # with device_map="auto", modules on other devices hand back their tensors here
     output_gradients = {}
     for t in tracked:
         if t.name not in inputs:
@@ -85,5 +86,5 @@ def capture(
         grad = dict(zip(names, grads)).get(t.name)
         if grad is None:
             grad = torch.zeros(*inputs[t.name].shape[:-1], t.d_out, dtype=inputs[t.name].dtype, device=inputs[t.name].device)
-        output_gradients[t.name] = grad.detach()
-    return CapturedBatch(inputs, output_gradients, losses.detach())
+        output_gradients[t.name] = grad.detach().to(common)
+    return CapturedBatch({name: x.to(common) for name, x in inputs.items()}, output_gradients, losses.detach())

@@ -19,10 +19,9 @@ from pretrace.methods.registry import METHODS, make_attributor
 from pretrace.modeling.loading import model_fingerprint
 from pretrace.scores.io import save_scores, top_indices
 from pretrace.scores.pairwise import ScoreResult
-from pretrace.storage import atomic_directory, read_json
+from pretrace.storage import atomic_directory
+from pretrace.training.finetune import FINETUNE_RECORD, read_finetune_record
 from pretrace.workflows.common import ModelOptions, Stage, load_stage
-
-FINETUNE_RECORD = "pretrace_finetune.json"
 
 
 @dataclass
@@ -97,16 +96,11 @@ def _matched(pretrained: Stage, finetuned: Stage) -> None:
     finetuned.tracked = [ft[n] for n in common]
 
 
-def finetune_record(folder: str | Path) -> dict | None:
-    path = Path(folder) / FINETUNE_RECORD
-    return read_json(path) if path.is_file() else None
-
-
 def _check_pair(settings: ScoreSettings, pretrained: Stage, finetuned: Stage) -> float:
     """Refuse a fine-tuned model whose recorded base is another model, or a different tokenizer; return α."""
     if pretrained.tokenizer.get_vocab() != finetuned.tokenizer.get_vocab():
         raise PretraceError("the pre-trained and fine-tuned tokenizers differ; both stages must tokenize documents the same way.")
-    record = finetune_record(settings.finetuned)
+    record = read_finetune_record(settings.finetuned)
     if record is not None and not settings.force:
         base = record.get("pretrained_fingerprint")
         if base is not None and base != model_fingerprint(pretrained.model):
