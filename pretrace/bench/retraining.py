@@ -3,9 +3,12 @@
 A small problem whose two stages can be solved to numerical convergence: only the tracked linear
 modules are trained (everything else frozen), pre-training minimises the mean document loss plus
 w/2‖θ‖² (so H_pt is well defined and EK-FAC's damping for it is exactly w), and fine-tuning minimises
-the mean completion loss plus α/2‖θ − θ_pt‖². Both are solved with full-batch L-BFGS in float64, warm
-started, so removing one pre-training document and re-solving both stages measures the true change
-of a query's loss that the influence formula predicts to first order: Δm ≈ score / N.
+the mean completion loss plus α/2‖θ − θ_pt‖² (so H_ft's damping is exactly α). With a few hundred
+parameters the exact Hessian is cheap, so both stages are solved by Newton's method in float64; a
+retrain after removing one document reuses the base solution's factorised Hessian (the chord method:
+the Hessian moves by O(1/N), so it still contracts fast), which makes one retrain a handful of gradient
+evaluations. Removing document i and re-solving both stages measures the true change of a query's loss
+that the influence formula predicts to first order: Δm ≈ score / N.
 """
 
 from __future__ import annotations
@@ -14,9 +17,11 @@ from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call
+from tqdm import tqdm
 
 from pretrace.data.batching import TokenBatch, collate, encode_documents, encode_queries
 from pretrace.data.records import Document, Query
+from pretrace.errors import PretraceError
 from pretrace.gradients.task import LanguageModelingTask
 from pretrace.modeling.modules import TrackedModule
 
@@ -68,39 +73,42 @@ class ProximalProblem:
     # -- objectives ----------------------------------------------------------------------------------
     def losses(self, theta: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
         """[B] summed target-token losses at parameters theta (other weights as in the model)."""
-        task = LanguageModelingTask()
         wrapper = _Functional(self.model, self._unflatten(theta))
-        return task.document_loss(wrapper, batch)
+        return LanguageModelingTask().document_loss(wrapper, batch)
 
-    def pretrain_objective(self, theta: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        return (weights * self.losses(theta, self.documents)).sum() / len(weights) + 0.5 * self.weight_decay * theta.square().sum()
+    def pretrain_objective(self, theta: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        losses = self.losses(theta, self.documents)
+        weights = torch.ones_like(losses) if weights is None else weights
+        return (weights * losses).sum() / len(losses) + 0.5 * self.weight_decay * theta.square().sum()
 
     def finetune_objective(self, theta: torch.Tensor, theta_pt: torch.Tensor) -> torch.Tensor:
         return self.losses(theta, self.pairs).mean() + 0.5 * self.alpha * (theta - theta_pt).square().sum()
 
+    def example_gradients(self, theta: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
+        """[B, P] gradient of each sequence's summed loss (autograd, independent of pretrace's capture)."""
+        theta = theta.detach()
+        return torch.stack([torch.func.grad(lambda th: self.losses(th, batch)[i])(theta) for i in range(len(batch))])
+
     # -- solving -------------------------------------------------------------------------------------
-    def solve_pretraining(self, start: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        weights = torch.ones(len(self.documents), dtype=start.dtype) if weights is None else weights
-        return minimise(lambda th: self.pretrain_objective(th, weights), start)
+    def solve_pretraining(self, start: torch.Tensor) -> torch.Tensor:
+        return newton_minimise(self.pretrain_objective, start)
 
     def solve_finetuning(self, start: torch.Tensor, theta_pt: torch.Tensor) -> torch.Tensor:
-        return minimise(lambda th: self.finetune_objective(th, theta_pt), start)
+        return newton_minimise(lambda th: self.finetune_objective(th, theta_pt), start)
 
-    def removal_effects(self, theta_pt: torch.Tensor, theta_ft: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    def removal_effects(self, theta_pt: torch.Tensor, theta_ft: torch.Tensor, indices: list[int], progress: bool = True) -> torch.Tensor:
         """[n_indices, Q]: change of each query's loss when document i is removed and both stages re-solved."""
         base = self.losses(theta_ft, self.queries).detach()
+        pt_factor = torch.linalg.cholesky(hessian(self.pretrain_objective, theta_pt))
+        ft_factor = torch.linalg.cholesky(hessian(lambda th: self.finetune_objective(th, theta_pt), theta_ft))
         effects = []
-        for i in indices:
+        for i in tqdm(indices, desc="retraining", unit="document", disable=not progress):
             weights = torch.ones(len(self.documents), dtype=theta_pt.dtype)
             weights[i] = 0.0
-            new_pt = self.solve_pretraining(theta_pt, weights)
-            new_ft = self.solve_finetuning(theta_ft + (new_pt - theta_pt), new_pt)
+            new_pt = chord_minimise(lambda th: self.pretrain_objective(th, weights), theta_pt, pt_factor)
+            new_ft = chord_minimise(lambda th: self.finetune_objective(th, new_pt), theta_ft + (new_pt - theta_pt), ft_factor)
             effects.append(self.losses(new_ft, self.queries).detach() - base)
         return torch.stack(effects)
-
-    # -- exact curvature -----------------------------------------------------------------------------
-    def hessian(self, objective, theta: torch.Tensor) -> torch.Tensor:
-        return torch.autograd.functional.hessian(objective, theta.detach())
 
 
 class _Functional(torch.nn.Module):
@@ -114,21 +122,53 @@ class _Functional(torch.nn.Module):
         return functional_call(self.inner, self.parameters_override, args, kwargs, strict=False)
 
 
-def minimise(objective, start: torch.Tensor, tolerance: float = 1e-10, max_rounds: int = 50) -> torch.Tensor:
-    """Full-batch L-BFGS with strong Wolfe line search until the gradient norm is below `tolerance`."""
-    theta = start.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=200, tolerance_grad=tolerance, tolerance_change=1e-16,
-                                  history_size=50, line_search_fn="strong_wolfe")
+def hessian(objective, theta: torch.Tensor) -> torch.Tensor:
+    """Dense exact Hessian [P, P] of a scalar objective (vectorised reverse-over-reverse autograd)."""
+    matrix = torch.autograd.functional.hessian(objective, theta.detach(), vectorize=True)
+    return 0.5 * (matrix + matrix.T)
 
-    def closure():
-        optimizer.zero_grad()
-        value = objective(theta)
-        value.backward()
-        return value
 
-    for _ in range(max_rounds):
-        optimizer.step(closure)
-        grad = torch.autograd.grad(objective(theta), theta)[0]
-        if grad.norm() < tolerance * 10:
-            break
-    return theta.detach()
+def _value_and_gradient(objective, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
+    theta = theta.detach().requires_grad_(True)
+    value = objective(theta)
+    return float(value), torch.autograd.grad(value, theta)[0]
+
+
+def newton_minimise(objective, start: torch.Tensor, tolerance: float = 1e-10, max_steps: int = 200) -> torch.Tensor:
+    """Levenberg-damped Newton with the exact Hessian until ‖∇‖ < tolerance (quadratic near the optimum).
+
+    Far from the optimum the Hessian of a network's loss can be indefinite: the damping μ grows until
+    H + μI is positive definite and the step lowers the objective, and shrinks again after each success.
+    """
+    theta = start.detach().clone()
+    value, grad = _value_and_gradient(objective, theta)
+    mu = 0.0
+    for _ in range(max_steps):
+        if grad.norm() < tolerance:
+            return theta
+        curvature = hessian(objective, theta)
+        eye = torch.eye(len(theta), dtype=theta.dtype)
+        while True:
+            factor, info = torch.linalg.cholesky_ex(curvature + mu * eye)
+            if info == 0:
+                candidate = theta - torch.cholesky_solve(grad.unsqueeze(1), factor).squeeze(1)
+                new_value, new_grad = _value_and_gradient(objective, candidate)
+                if new_value <= value:
+                    theta, value, grad = candidate, new_value, new_grad
+                    mu = mu / 10 if mu > 1e-12 else 0.0
+                    break
+            mu = max(10 * mu, 1e-6)
+            if mu > 1e12:
+                raise PretraceError("Newton's method cannot lower the objective; the problem is badly scaled (raise the weight decay).")
+    raise PretraceError(f"Newton's method did not reach gradient norm {tolerance:g} in {max_steps} steps (last {float(grad.norm()):.3g}).")
+
+
+def chord_minimise(objective, start: torch.Tensor, factor: torch.Tensor, tolerance: float = 1e-10, max_steps: int = 100) -> torch.Tensor:
+    """Newton steps with a fixed Cholesky factor of a nearby Hessian; falls back to full Newton if that stalls."""
+    theta = start.detach().clone()
+    for _ in range(max_steps):
+        _, grad = _value_and_gradient(objective, theta)
+        if grad.norm() < tolerance:
+            return theta
+        theta = theta - torch.cholesky_solve(grad.unsqueeze(1), factor).squeeze(1)
+    return newton_minimise(objective, theta, tolerance)

@@ -8,7 +8,7 @@ import sys
 
 from pretrace.errors import PretraceError
 
-COMMANDS = ["fit", "score", "inspect", "finetune"]
+COMMANDS = ["fit", "score", "inspect", "finetune", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

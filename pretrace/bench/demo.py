@@ -1,0 +1,157 @@
+"""`pretrace demo`: the whole multi-stage pipeline on a toy world that runs in minutes on a laptop CPU.
+
+1. Pre-train a tiny GPT-NeoX on Penn Treebank sentences into which sentences stating real facts
+   (country capitals, from `countryinfo`) have been mixed.
+2. Fine-tune it with the proximity term on question/answer pairs about *other* countries.
+3. Fit EK-FAC factors of both stages (pre-training text; fine-tuning pairs, completion tokens only).
+4. Trace held-out questions back to the pre-training sentences and report MRR and recall@10 of
+   multi-stage influence against gradient dot product and BM25.
+Every stage is cached in the output folder, so re-running continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from pretrace.bench.facts.metrics import mean_reciprocal_rank, mean_recall_at_k
+from pretrace.config import option
+from pretrace.data.records import read_documents, read_queries
+from pretrace.storage import read_json, write_json, write_jsonl
+
+QUESTION = "question : what is the capital of {country} ? answer :"
+STATEMENTS = ("{capital} is the capital of {country} .", "the capital city of {country} is {capital} .")
+
+
+@dataclass
+class DemoSettings:
+    out: str = option("runs/demo", help="Working folder; every stage is cached there.")
+    ptb_sentences: int = option(8000, help="Penn Treebank training sentences in the pre-training corpus.")
+    facts: int = option(60, help="Capital facts stated in the pre-training corpus.")
+    query_facts: int = option(20, help="Facts held out of fine-tuning and asked as queries.")
+    fact_repeats: int = option(4, help="Copies of each fact sentence in the pre-training corpus.")
+    candidates: int = option(500, help="Random pre-training sentences scored besides the fact sentences.")
+    epochs: int = option(3, help="Pre-training epochs.")
+    alpha: float = option(0.01, help="Proximity strength α of fine-tuning.")
+    seed: int = option(0, help="Seed for sampling, training and fitting.")
+
+
+def _words(name: str) -> str:
+    return " ".join(re.findall(r"[a-z]+", name.lower()))
+
+
+def capital_facts(count: int, seed: int) -> list[tuple[str, str]]:
+    """(country, capital) pairs with simple lower-case names, a seeded sample."""
+    from pretrace.bench.facts.bundled_facts import bundled_fact_source
+
+    pairs = sorted({(_words(t.subject), _words(t.object)) for t in bundled_fact_source().triples if t.relation == "P36"})
+    pairs = [(c, k) for c, k in pairs if c and k and c != k and len(c.split()) <= 2 and len(k.split()) <= 2]
+    random.Random(seed).shuffle(pairs)
+    return pairs[:count]
+
+
+def build_world(settings: DemoSettings, folder: Path) -> dict:
+    """Writes pretrain.jsonl, candidates.jsonl, finetune.jsonl, queries.jsonl and the fact → candidate map."""
+    manifest = folder / "world.json"
+    if manifest.is_file():
+        return read_json(manifest)
+    from pretrace.data.ptb import ptb_documents
+
+    rng = random.Random(settings.seed)
+    facts = capital_facts(settings.facts, settings.seed)
+    ptb = ptb_documents("train", limit=settings.ptb_sentences)
+    statements = [(i, s.format(country=c, capital=k)) for i, (c, k) in enumerate(facts) for s in STATEMENTS]
+    corpus = [d.text for d in ptb] + [text for _, text in statements] * settings.fact_repeats
+    rng.shuffle(corpus)
+    write_jsonl(folder / "pretrain.jsonl", ({"id": f"pt{i}", "text": t} for i, t in enumerate(corpus)))
+    fillers = rng.sample([d.text for d in ptb], settings.candidates)
+    candidates = [text for _, text in statements] + fillers
+    evidence = {}
+    for index, (fact, _) in enumerate(statements):
+        evidence.setdefault(fact, []).append(index)
+    write_jsonl(folder / "candidates.jsonl", ({"id": f"c{i}", "text": t} for i, t in enumerate(candidates)))
+    pairs = lambda items: ({"id": f"f{i}", "prompt": QUESTION.format(country=c), "completion": f" {k} ."} for i, (c, k) in items)
+    held_out = list(enumerate(facts))[: settings.query_facts]
+    tuned = list(enumerate(facts))[settings.query_facts :]
+    write_jsonl(folder / "finetune.jsonl", pairs(tuned))
+    write_jsonl(folder / "queries.jsonl", pairs(held_out))
+    world = {"facts": facts, "queries": [i for i, _ in held_out], "evidence": {str(i): evidence[i] for i, _ in held_out}}
+    write_json(manifest, world)
+    return world
+
+
+def pretrain_model(settings: DemoSettings, folder: Path) -> Path:
+    out = folder / "pretrained"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import GPTNeoXConfig
+
+    from pretrace.data.bpe import train_bpe
+    from pretrace.data.ptb import ptb_documents
+    from pretrace.training.loop import TrainSettings
+    from pretrace.training.pretrain import pretrain
+
+    documents = read_documents(folder / "pretrain.jsonl")
+    tokenizer = train_bpe((d.text for d in documents), vocab_size=2000)
+    config = GPTNeoXConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=256,
+                           rotary_pct=0.25, max_position_embeddings=128, attention_dropout=0.0, hidden_dropout=0.0)
+    train = TrainSettings(lr=3e-3, epochs=settings.epochs, batch_size=32, max_length=64, warmup=0.02, seed=settings.seed)
+    pretrain(config, tokenizer, documents, train, validation=ptb_documents("valid", limit=500), out=out)
+    return out
+
+
+def finetune_model(settings: DemoSettings, folder: Path, pretrained: Path) -> Path:
+    out = folder / "finetuned"
+    if (out / "config.json").is_file():
+        return out
+    from pretrace.training.finetune import FinetuneSettings, finetune
+
+    finetune(FinetuneSettings(model=str(pretrained), data=str(folder / "finetune.jsonl"), out=str(out), alpha=settings.alpha,
+                              lr=1e-3, epochs=30, batch_size=8, max_length=64, warmup=0.05, seed=settings.seed))
+    return out
+
+
+def run_demo(settings: DemoSettings) -> dict:
+    from pretrace.retrieval.bm25 import BM25Index
+    from pretrace.scores.io import load_scores
+    from pretrace.workflows.common import ModelOptions
+    from pretrace.workflows.fit import fit
+    from pretrace.workflows.score import ScoreSettings, score
+
+    folder = Path(settings.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(settings.seed)
+    world = build_world(settings, folder)
+    pretrained = pretrain_model(settings, folder)
+    finetuned = finetune_model(settings, folder, pretrained)
+    options = ModelOptions(max_length=64, batch_size=16)
+    sample = folder / "pretrain.jsonl"
+    for model, data, out in ((pretrained, sample, "factors_pretrained"), (finetuned, folder / "finetune.jsonl", "factors_finetuned")):
+        if not (folder / out / "factors.json").is_file():
+            fit(model, data, folder / out, options)
+    methods = {
+        "multi-stage EK-FAC": dict(method="ekfac"),
+        "gradient dot product": dict(method="identity"),
+    }
+    rankings = {}
+    for label, extra in methods.items():
+        out = folder / f"scores_{extra['method']}"
+        if not (out / "scores.json").is_file():
+            score(ScoreSettings(queries=str(folder / "queries.jsonl"), train=str(folder / "candidates.jsonl"), out=str(out),
+                                pretrained=str(pretrained), finetuned=str(finetuned),
+                                pretrained_factors=str(folder / "factors_pretrained"), finetuned_factors=str(folder / "factors_finetuned"),
+                                top_k=10, **extra), options)
+        tensors, _ = load_scores(out)
+        rankings[label] = torch.argsort(tensors["scores"], dim=1, descending=True, stable=True)[:, :100].tolist()
+    candidates = read_documents(folder / "candidates.jsonl")
+    queries = [q.prompt + q.completion for q in read_queries(folder / "queries.jsonl")]
+    bm25 = BM25Index.build([d.text for d in candidates], show_progress=False)
+    rankings["BM25 (question + answer)"] = bm25.search(queries, 100)[0].tolist()
+    correct = [world["evidence"][str(i)] for i in world["queries"]]
+    table = {label: {"mrr": mean_reciprocal_rank(r, correct), "recall@10": mean_recall_at_k(r, correct)} for label, r in rankings.items()}
+    write_json(folder / "results.json", table)
+    return table
