@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import importlib.util
 import json
 import os
@@ -90,6 +91,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._base = torch.cuda.memory_allocated(self.device)
             return self
+        _release_freed_memory()
         self._base, self._stop = self._rss(), threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -103,6 +105,14 @@ class PeakMemory:
         self._stop.set()
         self._thread.join()
         self.peak = max(self.peak, self._rss() - self._base)
+
+
+def _release_freed_memory() -> None:
+    """Hand memory freed by earlier phases back to the OS, so one phase's peak is not hidden by another's leftovers."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: peaks may then be underestimated
+        pass
 
 
 def _timed(device: torch.device, work: Callable[[], object]) -> tuple[object, float, int]:
@@ -197,11 +207,12 @@ def run_kronfluence(work: Workload, folder: str | Path) -> tuple[torch.Tensor, d
                                  dataloader_kwargs=loader, factor_args=factor_args, overwrite_output_dir=True)
 
     def score():
-        return analyzer.compute_pairwise_scores(
+        analyzer.compute_pairwise_scores(
             "scores", "ekfac", query_dataset=list(work.queries), train_dataset=list(work.documents),
             per_device_query_batch_size=work.batch_size, per_device_train_batch_size=work.batch_size,
             dataloader_kwargs=loader, score_args=score_args, overwrite_output_dir=True,
-        )["all_modules"]
+        )
+        return analyzer.load_pairwise_scores("scores")["all_modules"]
 
     _, fit_s, fit_mem = _timed(device, fit)
     scores, score_s, score_mem = _timed(device, score)

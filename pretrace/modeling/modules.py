@@ -166,11 +166,3 @@ def select_modules(
         raise PretraceError(f"no linear modules matched preset={preset!r} regex={regex!r} under {container_name!r}; loosen the selection.")
     return tracked
 
-
-def tracked_parameter_names(tracked: list[TrackedModule]) -> list[str]:
-    names = []
-    for t in tracked:
-        names.append(f"{t.name}.weight")
-        if t.has_bias:
-            names.append(f"{t.name}.bias")
-    return names

@@ -14,7 +14,7 @@ from pretrace.data.batching import TokenBatch, encode_documents, encode_queries,
 from pretrace.data.records import Document, count_records, iter_documents, iter_queries, read_queries
 from pretrace.errors import PretraceError
 from pretrace.modeling.loading import DTYPES, load_model, load_tokenizer, model_fingerprint, pad_token_id
-from pretrace.modeling.modules import ATTENTION_BLOCKS, PRESETS, TrackedModule, select_modules, tracked_parameter_names
+from pretrace.modeling.modules import ATTENTION_BLOCKS, PRESETS, TrackedModule, select_modules
 
 
 @dataclass
@@ -67,7 +67,7 @@ class Stage:
     @property
     def fingerprint(self) -> str:
         if not hasattr(self, "_fingerprint"):
-            self._fingerprint = model_fingerprint(self.model, tracked_parameter_names(self.tracked))
+            self._fingerprint = model_fingerprint(self.model)  # the whole model: factors of any module subset match it
         return self._fingerprint
 
     @property

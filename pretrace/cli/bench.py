@@ -1,0 +1,33 @@
+"""`pretrace bench`: reproducible benchmarks, one sub-command each (`quality-vs-cost`, ...)."""
+
+from __future__ import annotations
+
+from pretrace.cli.options import add_arguments, from_arguments
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("bench", help="run a benchmark of the attribution methods", description=__doc__)
+    benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    _register_quality_vs_cost(benchmarks)
+
+
+def _register_quality_vs_cost(benchmarks) -> None:
+    from pretrace.bench.quality_vs_cost import QualityVsCostSettings
+
+    parser = benchmarks.add_parser("quality-vs-cost", help="correlation with converged CG against per-query time, every method",
+                                   description="The paper's scalability study on a toy GPT-NeoX trained on Penn Treebank; every stage is cached in --out.")
+    add_arguments(parser, QualityVsCostSettings)
+    parser.set_defaults(handler=run_quality_vs_cost)
+
+
+def run_quality_vs_cost(args) -> int:
+    from pretrace.bench.quality_vs_cost import QualityVsCostSettings, run_quality_vs_cost as run_benchmark
+
+    settings = from_arguments(QualityVsCostSettings, args)
+    rows = run_benchmark(settings)
+    print(f"\n{'method':<26} {'pearson':>15} {'spearman':>15} {'one-off s':>10} {'per-query s':>12}")
+    for row in rows:
+        print(f"{row['alg']:<26} {row['pc']:>7.3f} ± {row['pc-std']:<5.3f} {row['sc']:>7.3f} ± {row['sc-std']:<5.3f} "
+              f"{row['overhead']:>10.2f} {row['job']:>12.4f}")
+    print(f"\nresults in {settings.out}/results.json and {settings.out}/results.png")
+    return 0

@@ -1,0 +1,48 @@
+"""The quality-versus-cost benchmark: per-query correlations against scipy, and the micro preset end to end."""
+
+import json
+
+import pytest
+import torch
+from scipy import stats
+
+from pretrace.bench.quality_vs_cost import QualityVsCostSettings, per_query_correlations, run_quality_vs_cost
+
+SEED_FIELDS = {"alg", "pc", "sc", "pc-std", "sc-std", "overhead", "job", "color", "marker"}
+
+
+def test_each_query_is_correlated_over_its_own_block_of_candidates():
+    generator = torch.Generator().manual_seed(0)
+    scores, truth = torch.randn(3, 12, generator=generator, dtype=torch.float64), torch.randn(3, 12, generator=generator, dtype=torch.float64)
+    truth[1, :4] = truth[1, 4:8] = 7.0  # ties, and values outside query 1's block that must not matter
+    pcs, scs = per_query_correlations(scores, truth, candidates=4)
+    for q in range(3):
+        block = slice(4 * q, 4 * q + 4)
+        expected_p = stats.pearsonr(scores[q, block].numpy(), truth[q, block].numpy())[0] if q != 1 else float("nan")
+        if q == 1:
+            assert pcs[q] != pcs[q]  # a constant ground truth has no correlation: nan, not a number that looks valid
+            continue
+        assert pcs[q] == pytest.approx(expected_p, abs=1e-12)
+        assert scs[q] == pytest.approx(stats.spearmanr(scores[q, block].numpy(), truth[q, block].numpy())[0], abs=1e-12)
+
+
+def test_micro_preset_runs_end_to_end_and_resumes(tmp_path, capsys):
+    settings = QualityVsCostSettings(preset="micro", out=str(tmp_path / "run"), device="cpu")
+    rows = run_quality_vs_cost(settings)
+    algs = [row["alg"] for row in rows]
+    for expected in ("ground-truth-all", "ekfac-all", "ekfac-mlp", "cg-all-iters=2", "lissa-mlp-iters=4", "arnoldi-all",
+                     "gdp-all", "cka-mlp", "trak-all", "cg-mlp"):
+        assert expected in algs
+    truth = rows[algs.index("ground-truth-all")]
+    assert truth["pc"] == pytest.approx(1.0) and truth["sc"] == pytest.approx(1.0)
+    written = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert [set(row) for row in written] == [SEED_FIELDS] * len(rows)
+    assert all(-1 <= row["sc"] <= 1 and row["job"] > 0 and row["overhead"] >= 0 for row in written)
+    assert (tmp_path / "run" / "results.png").stat().st_size > 0
+    summary = json.loads((tmp_path / "run" / "results_summary.json").read_text())
+    assert summary["validation_loss"] > 0 and all(summary["ground_truth"]["converged"])
+
+    stamp = (tmp_path / "run" / "scores" / "ekfac-all" / "scores.safetensors").stat().st_mtime_ns
+    again = run_quality_vs_cost(settings)
+    assert (tmp_path / "run" / "scores" / "ekfac-all" / "scores.safetensors").stat().st_mtime_ns == stamp  # cached, not recomputed
+    assert [row["sc"] for row in again] == [row["sc"] for row in rows]
