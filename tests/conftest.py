@@ -9,7 +9,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import pytest
 import torch
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(1)  # tiny models: threads only add overhead
 
 
 @pytest.fixture(scope="session")

@@ -46,3 +46,24 @@ def test_micro_preset_runs_end_to_end_and_resumes(tmp_path, capsys):
     again = run_quality_vs_cost(settings)
     assert (tmp_path / "run" / "scores" / "ekfac-all" / "scores.safetensors").stat().st_mtime_ns == stamp  # cached, not recomputed
     assert [row["sc"] for row in again] == [row["sc"] for row in rows]
+
+
+def test_cli_group_parses_the_quality_vs_cost_sub_command():
+    import argparse
+
+    from pretrace.cli import bench
+
+    parser = argparse.ArgumentParser()
+    bench.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", "quality-vs-cost", "--preset", "micro", "--out", "somewhere"])
+    assert (args.benchmark, args.preset, args.out, args.handler) == ("quality-vs-cost", "micro", "somewhere", bench.run_quality_vs_cost)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "quality-vs-cost", "--preset", "huge"])
+
+
+def test_a_folder_of_another_preset_is_refused(tmp_path):
+    from pretrace.errors import PretraceError
+
+    (tmp_path / "run.json").write_text(json.dumps({"preset": "cpu", "seed": 0}))
+    with pytest.raises(PretraceError, match="another --out"):
+        run_quality_vs_cost(QualityVsCostSettings(preset="micro", out=str(tmp_path)))

@@ -49,7 +49,7 @@ def _workload(bench, tokenizer, arch="gpt_neox", damping=1e-3):
                           tokenizer.pad_token_id, batch_size=4, damping=damping)
 
 
-@pytest.mark.parametrize("arch,damping", [("gpt_neox", 1e-3), ("llama", 1e-2)])
+@pytest.mark.parametrize("arch,damping", [("gpt_neox", 1e-3), pytest.param("llama", 1e-2, marks=pytest.mark.slow)])
 def test_scores_match_kronfluence(bench, tokenizer, tmp_path, arch, damping):
     work = _workload(bench, tokenizer, arch, damping)
     ours, _ = bench.run_pretrace(work)
@@ -58,13 +58,14 @@ def test_scores_match_kronfluence(bench, tokenizer, tmp_path, arch, damping):
     assert ours.shape == theirs.shape == (len(QUERIES), len(work.documents))
     assert agree["spearman"] >= 0.99
     assert agree["same_sign_fraction"] == 1.0  # same convention: positive = the document helps the query
-    torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=1e-9 * float(theirs.abs().max()))
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12 * float(theirs.abs().max()))  # measured: 5e-13, 2e-16
 
 
+@pytest.mark.slow
 def test_damping_is_absolute_in_both(bench, tokenizer, tmp_path):
     """A damping that dwarfs the curvature turns both into gradient dot products / λ: same scale, not just same ranks."""
     work = _workload(bench, tokenizer, damping=1e6)
     ours, _ = bench.run_pretrace(work)
     theirs, _ = bench.run_kronfluence(work, tmp_path)
-    torch.testing.assert_close(ours, theirs, rtol=1e-7, atol=0.0)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=0.0)
     assert float(ours.abs().max()) < 1e-3

@@ -24,6 +24,7 @@ import json
 import random
 import statistics
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -199,6 +200,7 @@ class MethodRun:
     family: str
     scope: str
     settings: dict
+    budgeted: bool = False  # an iteration budget below convergence: CG's "did not converge" warning is expected
 
 
 def method_runs(run: Run, halves: list[Path]) -> list[MethodRun]:
@@ -211,7 +213,7 @@ def method_runs(run: Run, halves: list[Path]) -> list[MethodRun]:
         if scope == "mlp":
             runs.append(MethodRun("cg-mlp", "cg", scope, {"method": "cg", "iterations": p.ground_truth_iterations, "tolerance": p.tolerance, **solver}))
         for budget in p.cg_iterations:
-            runs.append(MethodRun(f"cg-{scope}-iters={budget}", "cg", scope, {"method": "cg", "iterations": budget, "tolerance": 1e-12, **solver}))
+            runs.append(MethodRun(f"cg-{scope}-iters={budget}", "cg", scope, {"method": "cg", "iterations": budget, "tolerance": 1e-12, **solver}, budgeted=True))
         for depth in p.lissa_depths:
             runs.append(MethodRun(f"lissa-{scope}-iters={depth}", "lissa", scope, {"method": "lissa", "lissa_depth": depth, **solver}))
         runs.append(MethodRun(f"arnoldi-{scope}", "arnoldi", scope, {"method": "arnoldi", "arnoldi_rank": p.arnoldi_rank,
@@ -272,7 +274,10 @@ def stage_scores(run: Run, model: Path, method: MethodRun) -> Path:
     if not (out / "scores.json").is_file():
         settings = ScoreSettings(queries=str(run.folder / "queries.jsonl"), train=str(run.folder / "candidates.jsonl"), out=str(out),
                                  model=str(model), explain=False, overwrite=True, solver_seed=run.seed, **method.settings)
-        score(settings, model_options(run, method.scope))
+        with warnings.catch_warnings():
+            if method.budgeted:
+                warnings.filterwarnings("ignore", message="CG: ")
+            score(settings, model_options(run, method.scope))
     return out
 
 
@@ -311,7 +316,7 @@ def plot_results(rows: list[dict], path: Path) -> Path:
     figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for axis, key, label in ((axes[0], "pc", "Pearson"), (axes[1], "sc", "Spearman")):
         for row in rows:
-            filled = "-all" in row["alg"] or row["alg"].endswith("all")
+            filled = "-mlp" not in row["alg"]
             axis.errorbar(row["job"], row[key], yerr=row[f"{key}-std"], fmt=row["marker"], color=row["color"],
                           mfc=row["color"] if filled else "none", capsize=2, alpha=0.8)
             axis.annotate(row["alg"], (row["job"], row[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
@@ -326,6 +331,15 @@ def plot_results(rows: list[dict], path: Path) -> Path:
     return path
 
 
+def check_same_run(folder: Path, settings: QualityVsCostSettings) -> None:
+    """Cached stages are only valid for the preset and seed that made them: refuse to mix runs in one folder."""
+    folder.mkdir(parents=True, exist_ok=True)
+    identity, path = {"preset": settings.preset, "seed": settings.seed}, folder / "run.json"
+    if path.is_file() and read_json(path) != identity:
+        raise PretraceError(f"{folder} holds a run with {read_json(path)}, not {identity}; pass another --out (or delete that folder).")
+    write_json(path, identity)
+
+
 def run_quality_vs_cost(settings: QualityVsCostSettings) -> list[dict]:
     """Run (or resume) every stage; returns the rows written to `results.json`."""
     from pretrace.scores.io import load_scores
@@ -333,7 +347,7 @@ def run_quality_vs_cost(settings: QualityVsCostSettings) -> list[dict]:
     if settings.preset not in PRESETS:
         raise PretraceError(f"unknown --preset {settings.preset!r}; choose one of {sorted(PRESETS)}.")
     folder = Path(settings.out)
-    folder.mkdir(parents=True, exist_ok=True)
+    check_same_run(folder, settings)
     timings_path = folder / "timings.json"
     run = Run(folder, PRESETS[settings.preset], settings.seed, settings.device,
               json.loads(timings_path.read_text()) if timings_path.is_file() else {})

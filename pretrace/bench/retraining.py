@@ -129,8 +129,12 @@ def hessian(objective, theta: torch.Tensor) -> torch.Tensor:
 
 
 def _value_and_gradient(objective, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """Objective and gradient; an overflowing trial point (a too-long step) reads as +inf, never an error."""
     theta = theta.detach().requires_grad_(True)
-    value = objective(theta)
+    try:
+        value = objective(theta)
+    except PretraceError:
+        return float("inf"), torch.full_like(theta, float("inf"))
     return float(value), torch.autograd.grad(value, theta)[0]
 
 
@@ -140,7 +144,7 @@ def newton_minimise(objective, start: torch.Tensor, tolerance: float = 1e-10, ma
     Far from the optimum the Hessian of a network's loss can be indefinite: the damping μ grows until
     H + μI is positive definite and the step lowers the objective, and shrinks again after each success.
     """
-    theta = start.detach().clone()
+    theta = _quasi_newton(objective, start)
     value, grad = _value_and_gradient(objective, theta)
     mu = 0.0
     for _ in range(max_steps):
@@ -163,12 +167,32 @@ def newton_minimise(objective, start: torch.Tensor, tolerance: float = 1e-10, ma
     raise PretraceError(f"Newton's method did not reach gradient norm {tolerance:g} in {max_steps} steps (last {float(grad.norm()):.3g}).")
 
 
+def _quasi_newton(objective, start: torch.Tensor, tolerance: float = 1e-5) -> torch.Tensor:
+    """L-BFGS (cheap gradient steps) until Newton's quadratic convergence can take over."""
+    theta = start.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=2000, tolerance_grad=tolerance, tolerance_change=1e-14,
+                                  history_size=50, line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        value = objective(theta)
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    return theta.detach()
+
+
 def chord_minimise(objective, start: torch.Tensor, factor: torch.Tensor, tolerance: float = 1e-10, max_steps: int = 100) -> torch.Tensor:
-    """Newton steps with a fixed Cholesky factor of a nearby Hessian; falls back to full Newton if that stalls."""
+    """Newton steps with a fixed Cholesky factor of a nearby Hessian; full Newton if they stop contracting."""
     theta = start.detach().clone()
+    _, grad = _value_and_gradient(objective, start)
     for _ in range(max_steps):
-        _, grad = _value_and_gradient(objective, theta)
         if grad.norm() < tolerance:
             return theta
-        theta = theta - torch.cholesky_solve(grad.unsqueeze(1), factor).squeeze(1)
+        candidate = theta - torch.cholesky_solve(grad.unsqueeze(1), factor).squeeze(1)
+        _, new_grad = _value_and_gradient(objective, candidate)
+        if not new_grad.norm() < 0.9 * grad.norm():  # also catches NaN
+            break
+        theta, grad = candidate, new_grad
     return newton_minimise(objective, theta, tolerance)

@@ -8,7 +8,7 @@ import sys
 
 from pretrace.errors import PretraceError
 
-COMMANDS = ["fit", "score", "inspect", "finetune", "demo"]
+COMMANDS = ["fit", "score", "inspect", "finetune", "report", "demo"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterable
-
 import torch
 
 from pretrace.errors import PretraceError
@@ -63,8 +61,8 @@ def pad_token_id(tokenizer) -> int:
     return 0
 
 
-def model_fingerprint(model: torch.nn.Module, parameter_names: Iterable[str] | None = None) -> str:
-    """sha256 over the config and the named (default: all) weights: identifies the exact model factors belong to."""
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 over the config and all weights: identifies the exact model factors and fine-tunes belong to."""
     digest = hashlib.sha256()
     config = getattr(model, "config", None)
     if config is not None:
@@ -73,8 +71,7 @@ def model_fingerprint(model: torch.nn.Module, parameter_names: Iterable[str] | N
             cfg.pop(volatile, None)
         digest.update(json.dumps(cfg, sort_keys=True, default=str).encode())
     params = dict(model.named_parameters())
-    names = sorted(params) if parameter_names is None else sorted(parameter_names)
-    for name in names:
+    for name in sorted(params):
         tensor = params[name].detach().to("cpu", torch.float32).contiguous()
         digest.update(name.encode())
         digest.update(tensor.numpy().tobytes())

@@ -16,7 +16,6 @@ from pretrace.data.records import Document, iter_documents, read_queries
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.registry import METHODS, make_attributor
-from pretrace.modeling.loading import model_fingerprint
 from pretrace.scores.io import save_scores, top_indices
 from pretrace.scores.pairwise import ScoreResult
 from pretrace.storage import atomic_directory
@@ -103,7 +102,7 @@ def _check_pair(settings: ScoreSettings, pretrained: Stage, finetuned: Stage) ->
     record = read_finetune_record(settings.finetuned)
     if record is not None and not settings.force:
         base = record.get("pretrained_fingerprint")
-        if base is not None and base != model_fingerprint(pretrained.model):
+        if base is not None and base != pretrained.fingerprint:
             raise PretraceError(
                 f"{settings.finetuned} records a different pre-trained model than {settings.pretrained} "
                 "(fingerprint mismatch); pass the model it was fine-tuned from, or --force."
@@ -164,7 +163,7 @@ def _top_rows(context: ScoringContext, result: ScoreResult, top: torch.Tensor, d
                 entry.update(text=d["text"], tokens=d["tokens"], token_scores=d["token_scores"][q].tolist(),
                              module_scores={name: float(v[q]) for name, v in d["module_scores"].items()})
             documents.append(entry)
-        rows.append({"query_id": query.id, "prompt": query.prompt, "completion": query.completion, "documents": documents})
+        rows.append({"query_id": query.id, "prompt": query.prompt, "completion": query.completion or "", "documents": documents})
     return rows
 
 

@@ -1,0 +1,33 @@
+"""`pretrace report SCORES_DIR`: a self-contained HTML page and PNG plots of a score folder's top documents."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("report", help="HTML report and plots of a score folder", description=__doc__)
+    parser.add_argument("scores", help="A folder written by `pretrace score` (uses its top_k.jsonl and scores.json).")
+    parser.add_argument("--out", default=None, help="Folder for report.html and the PNG plots (default: the score folder).")
+    parser.add_argument("--title", default="pretrace: influential training documents", help="Page title.")
+    parser.add_argument("--max-documents", type=int, default=None, help="Show at most this many documents per query.")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from pretrace.report import plot_layer_influence, plot_score_distributions, write_report
+    from pretrace.scores.io import TOP_K_FILE, load_scores
+    from pretrace.storage import read_jsonl_rows
+
+    folder = Path(args.scores)
+    tensors, meta = load_scores(folder)
+    out = Path(args.out) if args.out else folder
+    out.mkdir(parents=True, exist_ok=True)
+    run_info = {"method": meta["method"], "multi_stage": meta.get("multi_stage"), "timings": meta.get("timings"), "settings": meta.get("settings")}
+    page = write_report(folder / TOP_K_FILE, out / "report.html", title=args.title, run_info=run_info, max_documents=args.max_documents)
+    plot_score_distributions(tensors["scores"], out / "score_distributions.png", query_ids=meta["query_ids"])
+    rows = read_jsonl_rows(folder / TOP_K_FILE)
+    if any("module_scores" in doc for row in rows for doc in row["documents"]):
+        plot_layer_influence(rows, out / "layer_influence.png")
+    print(f"report -> {page}")
+    return 0
