@@ -161,8 +161,8 @@ def _summed_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torc
     return (losses * batch["predict_mask"].flatten()).sum()
 
 
-def kronfluence_task(module_names: list[str]):
-    """A kronfluence Task with pretrace's losses: documents' and queries' summed target-token loss."""
+def kronfluence_task(module_names: list[str], covariance_mask: str = "predict_mask"):
+    """A kronfluence Task with pretrace's losses (summed target-token loss) and covariances over `covariance_mask` positions."""
     from kronfluence.task import Task
 
     class LanguageModelingTask(Task):
@@ -178,20 +178,23 @@ def kronfluence_task(module_names: list[str]):
             return list(module_names)
 
         def get_attention_mask(self, batch):
-            return batch["predict_mask"].to(next(iter(batch.values())).device)
+            return batch[covariance_mask]
 
     return LanguageModelingTask()
 
 
-def run_kronfluence(work: Workload, folder: str | Path) -> tuple[torch.Tensor, dict]:
-    """kronfluence's EK-FAC (empirical Fisher, absolute damping) on a copy of the model: scores and timings."""
+def run_kronfluence(work: Workload, folder: str | Path, covariance_mask: str = "predict_mask") -> tuple[torch.Tensor, dict]:
+    """kronfluence's EK-FAC (empirical Fisher, absolute damping) on a copy of the model: scores and timings.
+
+    `covariance_mask="attention_mask"` is kronfluence's usual choice for language models (A then also holds
+    each sequence's last input, which predicts nothing)."""
     from kronfluence.analyzer import Analyzer, prepare_model
     from kronfluence.arguments import FactorArguments, ScoreArguments
     from kronfluence.utils.dataset import DataLoaderKwargs
 
     device = _device(work.model)
     dtype = next(work.model.parameters()).dtype
-    task = kronfluence_task(work.module_names)
+    task = kronfluence_task(work.module_names, covariance_mask)
     model = prepare_model(copy.deepcopy(work.model), task)
     analyzer = Analyzer("vs_pretrace", model, task, cpu=device.type == "cpu", disable_tqdm=True, output_dir=str(folder))
     pad_id = work.pad_id

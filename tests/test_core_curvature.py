@@ -161,3 +161,12 @@ def test_factors_round_trip_and_refuse_mismatch(tmp_path, tokenizer, sentences):
     loaded.check_matches(tracked)
     with pytest.raises(PretraceError, match="shape"):
         loaded.check_matches(select_modules(model, attention_blocks="layer"))
+
+
+def test_sampled_labels_follow_the_model_distribution():
+    from pretrace.gradients.task import sample_labels
+
+    logits = torch.tensor([[0.0, 1.0, 2.0, -1.0]]).repeat(100_000, 1)
+    drawn = sample_labels(logits, torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(drawn, minlength=4) / len(drawn)
+    torch.testing.assert_close(frequencies, torch.softmax(logits[0], -1), atol=5e-3, rtol=0)

@@ -40,11 +40,12 @@ def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch
 
 
 def sample_labels(logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """Labels drawn from the model's own predictive distribution: the true-Fisher estimator."""
-    probs = torch.softmax(logits.detach().to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    flat = probs.reshape(-1, probs.shape[-1])
-    drawn = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
-    return drawn.reshape(probs.shape[:-1])
+    """Labels drawn from the model's own predictive distribution (the true-Fisher estimator), by the
+    Gumbel-max trick: exact softmax sampling in one vectorised pass (torch.multinomial is far slower on CPU)."""
+    scores = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
+    uniform = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=torch.finfo(scores.dtype).tiny)))
+    return (scores + gumbel).argmax(dim=-1)
 
 
 class Task:
