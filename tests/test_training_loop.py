@@ -16,15 +16,6 @@ from pretrace.training import PRETRAIN_RECORD, TrainSettings, batch_loss, evalua
 from tiny import SENTENCES, tiny_config
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models train several times faster on one thread (and far faster on a loaded machine)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def bpe():
     return train_bpe(SENTENCES * 4, 300)

@@ -36,6 +36,7 @@ class DemoSettings:
     fact_repeats: int = option(4, help="Copies of each fact sentence in the pre-training corpus.")
     candidates: int = option(500, help="Random pre-training sentences scored besides the fact sentences.")
     epochs: int = option(3, help="Pre-training epochs.")
+    fit_documents: int = option(2000, help="Pre-training documents (a random sample) the pre-trained curvature is fitted on.")
     alpha: float = option(0.01, help="Proximity strength α of fine-tuning.")
     seed: int = option(0, help="Seed for sampling, training and fitting.")
 
@@ -68,6 +69,7 @@ def build_world(settings: DemoSettings, folder: Path) -> dict:
     corpus = [d.text for d in ptb] + [text for _, text in statements] * settings.fact_repeats
     rng.shuffle(corpus)
     write_jsonl(folder / "pretrain.jsonl", ({"id": f"pt{i}", "text": t} for i, t in enumerate(corpus)))
+    write_jsonl(folder / "fit_sample.jsonl", ({"id": f"pt{i}", "text": t} for i, t in enumerate(corpus[: settings.fit_documents])))
     fillers = rng.sample([d.text for d in ptb], settings.candidates)
     candidates = [text for _, text in statements] + fillers
     evidence = {}
@@ -129,7 +131,7 @@ def run_demo(settings: DemoSettings) -> dict:
     pretrained = pretrain_model(settings, folder)
     finetuned = finetune_model(settings, folder, pretrained)
     options = ModelOptions(max_length=64, batch_size=16)
-    sample = folder / "pretrain.jsonl"
+    sample = folder / "fit_sample.jsonl"
     for model, data, out in ((pretrained, sample, "factors_pretrained"), (finetuned, folder / "finetune.jsonl", "factors_finetuned")):
         if not (folder / out / "factors.json").is_file():
             fit(model, data, folder / out, options)

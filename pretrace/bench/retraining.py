@@ -4,15 +4,15 @@ A small problem whose two stages can be solved to numerical convergence: only th
 modules are trained (everything else frozen), pre-training minimises the mean document loss plus
 w/2‖θ‖² (so H_pt is well defined and EK-FAC's damping for it is exactly w), and fine-tuning minimises
 the mean completion loss plus α/2‖θ − θ_pt‖² (so H_ft's damping is exactly α). With a few hundred
-parameters the exact Hessian is cheap, so both stages are solved by Newton's method in float64; a
-retrain after removing one document reuses the base solution's factorised Hessian (the chord method:
-the Hessian moves by O(1/N), so it still contracts fast), which makes one retrain a handful of gradient
-evaluations. Removing document i and re-solving both stages measures the true change of a query's loss
+parameters the exact Hessian is cheap, so both stages are solved by L-BFGS then Newton's method in
+float64; a retrain after removing one document starts from the base solution, where Newton converges in
+2-4 steps. Removing document i and re-solving both stages measures the true change of a query's loss
 that the influence formula predicts to first order: Δm ≈ score / N.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
@@ -91,22 +91,21 @@ class ProximalProblem:
 
     # -- solving -------------------------------------------------------------------------------------
     def solve_pretraining(self, start: torch.Tensor) -> torch.Tensor:
-        return newton_minimise(self.pretrain_objective, start)
+        return newton_minimise(self.pretrain_objective, quasi_newton(self.pretrain_objective, start))
 
     def solve_finetuning(self, start: torch.Tensor, theta_pt: torch.Tensor) -> torch.Tensor:
-        return newton_minimise(lambda th: self.finetune_objective(th, theta_pt), start)
+        objective = lambda th: self.finetune_objective(th, theta_pt)
+        return newton_minimise(objective, quasi_newton(objective, start))
 
     def removal_effects(self, theta_pt: torch.Tensor, theta_ft: torch.Tensor, indices: list[int], progress: bool = True) -> torch.Tensor:
         """[n_indices, Q]: change of each query's loss when document i is removed and both stages re-solved."""
         base = self.losses(theta_ft, self.queries).detach()
-        pt_factor = torch.linalg.cholesky(hessian(self.pretrain_objective, theta_pt))
-        ft_factor = torch.linalg.cholesky(hessian(lambda th: self.finetune_objective(th, theta_pt), theta_ft))
         effects = []
         for i in tqdm(indices, desc="retraining", unit="document", disable=not progress):
             weights = torch.ones(len(self.documents), dtype=theta_pt.dtype)
             weights[i] = 0.0
-            new_pt = chord_minimise(lambda th: self.pretrain_objective(th, weights), theta_pt, pt_factor)
-            new_ft = chord_minimise(lambda th: self.finetune_objective(th, new_pt), theta_ft + (new_pt - theta_pt), ft_factor)
+            new_pt = newton_minimise(lambda th: self.pretrain_objective(th, weights), theta_pt)
+            new_ft = newton_minimise(lambda th: self.finetune_objective(th, new_pt), theta_ft + (new_pt - theta_pt))
             effects.append(self.losses(new_ft, self.queries).detach() - base)
         return torch.stack(effects)
 
@@ -144,7 +143,7 @@ def newton_minimise(objective, start: torch.Tensor, tolerance: float = 1e-10, ma
     Far from the optimum the Hessian of a network's loss can be indefinite: the damping μ grows until
     H + μI is positive definite and the step lowers the objective, and shrinks again after each success.
     """
-    theta = _quasi_newton(objective, start)
+    theta = start.detach().clone()
     value, grad = _value_and_gradient(objective, theta)
     mu = 0.0
     for _ in range(max_steps):
@@ -167,7 +166,7 @@ def newton_minimise(objective, start: torch.Tensor, tolerance: float = 1e-10, ma
     raise PretraceError(f"Newton's method did not reach gradient norm {tolerance:g} in {max_steps} steps (last {float(grad.norm()):.3g}).")
 
 
-def _quasi_newton(objective, start: torch.Tensor, tolerance: float = 1e-5) -> torch.Tensor:
+def quasi_newton(objective, start: torch.Tensor, tolerance: float = 1e-5) -> torch.Tensor:
     """L-BFGS (cheap gradient steps) until Newton's quadratic convergence can take over."""
     theta = start.detach().clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=2000, tolerance_grad=tolerance, tolerance_change=1e-14,
@@ -183,16 +182,131 @@ def _quasi_newton(objective, start: torch.Tensor, tolerance: float = 1e-5) -> to
     return theta.detach()
 
 
-def chord_minimise(objective, start: torch.Tensor, factor: torch.Tensor, tolerance: float = 1e-10, max_steps: int = 100) -> torch.Tensor:
-    """Newton steps with a fixed Cholesky factor of a nearby Hessian; full Newton if they stop contracting."""
-    theta = start.detach().clone()
-    _, grad = _value_and_gradient(objective, start)
-    for _ in range(max_steps):
-        if grad.norm() < tolerance:
-            return theta
-        candidate = theta - torch.cholesky_solve(grad.unsqueeze(1), factor).squeeze(1)
-        _, new_grad = _value_and_gradient(objective, candidate)
-        if not new_grad.norm() < 0.9 * grad.norm():  # also catches NaN
-            break
-        theta, grad = candidate, new_grad
-    return newton_minimise(objective, theta, tolerance)
+# -- a synthetic two-stage problem and the comparison of influence variants against retraining --------
+
+_COUNTRIES = [("france", "paris"), ("germany", "berlin"), ("italy", "rome"), ("spain", "madrid"), ("japan", "tokyo"), ("egypt", "cairo"),
+              ("peru", "lima"), ("kenya", "nairobi"), ("chile", "santiago"), ("cuba", "havana"), ("india", "delhi"), ("china", "beijing")]
+_FILLERS = ["the cat sat on the mat", "a dog ran in the park", "birds can fly", "fish can swim", "the sun is hot", "the moon is cold"]
+
+
+@dataclass
+class RetrainingSettings:
+    documents: int = 60
+    hidden_size: int = 8
+    weight_decay: float = 1e-2
+    alpha: float = 1e-2
+    label_repeats: int = 16  # each document's labels are sampled this many times when fitting EK-FAC (true Fisher)
+    fisher: str = "true"
+    warmup_steps: int = 300
+    seed: int = 0
+
+
+def country_corpus(count: int, seed: int) -> tuple[list[Document], list[Query], list[Query]]:
+    """Facts about 12 capitals padded with filler sentences; fine-tune on 6 capitals, query the other 6."""
+    rng = random.Random(seed)
+    texts = []
+    for country, capital in _COUNTRIES:
+        texts += [f"{capital} is the capital of {country} .", f"the capital of {country} is {capital} .", f"{capital} is a city in {country} ."]
+    if count < len(texts):
+        raise PretraceError(f"the country corpus needs at least {len(texts)} documents, got {count}.")
+    texts += [rng.choice(_FILLERS) + " ." for _ in range(count - len(texts))]
+    documents = [Document(str(i), text) for i, text in enumerate(texts)]
+    ask = lambda prefix, pairs: [Query(f"{prefix}{i}", f"what is the capital of {c} ?", f" {cap} .") for i, (c, cap) in enumerate(pairs)]
+    return documents, ask("pair", _COUNTRIES[:6]), ask("query", _COUNTRIES[6:])
+
+
+def word_tokenizer(texts: list[str]):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<|endoftext|>": 0}
+    for text in texts:
+        for word in text.split():
+            vocab.setdefault(word, len(vocab))
+    inner = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<|endoftext|>"))
+    inner.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=inner, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+def build_problem(settings: RetrainingSettings):
+    """(problem, tokenizer, documents, pairs, queries): a 1-layer GPT-NeoX whose MLP is the trained part."""
+    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+
+    from pretrace.modeling.modules import select_modules
+
+    documents, pairs, queries = country_corpus(settings.documents, settings.seed)
+    tokenizer = word_tokenizer([d.text for d in documents] + [q.prompt + q.completion for q in pairs + queries])
+    torch.manual_seed(settings.seed)
+    h = settings.hidden_size
+    config = GPTNeoXConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=h, num_hidden_layers=1, num_attention_heads=2,
+                           intermediate_size=2 * h, rotary_pct=0.5, max_position_embeddings=32)
+    model = AutoModelForCausalLM.from_config(config).double().eval()
+    problem = ProximalProblem.build(model, select_modules(model, preset="mlp"), tokenizer, documents, pairs, queries,
+                                    settings.weight_decay, settings.alpha)
+    # The frozen rest of the network gets sensible weights from a short unregularised warm-up on the documents.
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(settings.warmup_steps):
+        optimizer.zero_grad()
+        LanguageModelingTask().document_loss(model, problem.documents).mean().backward()
+        optimizer.step()
+    return problem, tokenizer, documents, pairs, queries
+
+
+def compare_influences(settings: RetrainingSettings, progress: bool = True) -> dict:
+    """Retrain after removing each document; return the actual Δ query loss and each method's prediction [N, Q]."""
+    from pretrace.curvature import EKFAC, Chain, FitSettings, Identity, Scaled, fit_factors
+    from pretrace.data.batching import iter_batches
+    from pretrace.scores import query_gradients, score_documents
+
+    problem, tokenizer, documents, pairs, queries = build_problem(settings)
+    theta_pt = problem.solve_pretraining(problem.flat())
+    theta_ft = problem.solve_finetuning(theta_pt, theta_pt)
+    n, w, alpha = len(documents), settings.weight_decay, settings.alpha
+    actual = problem.removal_effects(theta_pt, theta_ft, list(range(n)), progress=progress)
+
+    h_pt = hessian(problem.pretrain_objective, theta_pt)
+    h_ft = hessian(lambda th: problem.losses(th, problem.pairs).mean(), theta_ft)
+    query_grads = problem.example_gradients(theta_ft, problem.queries)
+    doc_grads = problem.example_gradients(theta_pt, problem.documents)
+    eye = torch.eye(len(theta_pt), dtype=theta_pt.dtype)
+    scores = {"exact multi-stage": alpha * query_grads @ torch.linalg.solve(h_ft + alpha * eye, torch.linalg.solve(h_pt, doc_grads.T))}
+
+    model, tracked = problem.model, problem.tracked
+    fit = FitSettings(fisher=settings.fisher, seed=settings.seed, factor_dtype="float64")
+    repeats = settings.label_repeats if settings.fisher == "true" else 1
+    doc_batches = lambda: iter_batches(encode_documents(tokenizer, documents, 512), 64, 0)
+
+    def factors(theta, encode, records):
+        problem.load(theta)
+        return fit_factors(model, tracked, lambda: iter_batches(encode(tokenizer, records * repeats, 512), 64, 0), fit, progress=False)
+
+    def query_grads_at(theta):
+        problem.load(theta)
+        return query_gradients(model, tracked, iter_batches(encode_queries(tokenizer, queries, 512), 64, 0))
+
+    def score(preconditioner, query, theta_docs):
+        ids, grads = query
+        problem.load(theta_docs)
+        return score_documents(model, tracked, preconditioner.apply(grads), doc_batches(), ids).scores
+
+    pt_factors = factors(theta_pt, encode_documents, documents)
+    ft_factors = factors(theta_ft, encode_queries, pairs)
+    ft_doc_factors = factors(theta_ft, encode_documents, documents)
+    at_ft, at_pt = query_grads_at(theta_ft), query_grads_at(theta_pt)
+    scores["EK-FAC multi-stage"] = score(Scaled(Chain([EKFAC(ft_factors, damping=alpha), EKFAC(pt_factors, damping=w)]), alpha), at_ft, theta_pt)
+    scores["EK-FAC fine-tuned only"] = score(EKFAC(ft_doc_factors, damping=w), at_ft, theta_ft)
+    scores["EK-FAC pre-trained only"] = score(EKFAC(pt_factors, damping=w), at_pt, theta_pt)
+    scores["gradient dot product"] = score(Identity(), at_ft, theta_pt)
+    return {"actual": actual, "predicted": {name: s.T / n for name, s in scores.items()}}
+
+
+def correlations(actual: torch.Tensor, predicted: torch.Tensor) -> dict[str, float]:
+    """Pearson over all (document, query) pairs, and the mean over queries of per-query Pearson/Spearman."""
+    from pretrace.metrics import pearson, spearman
+
+    columns = range(actual.shape[1])
+    return {
+        "pearson_pooled": float(pearson(predicted.flatten(), actual.flatten())),
+        "pearson_per_query": sum(float(pearson(predicted[:, q], actual[:, q])) for q in columns) / actual.shape[1],
+        "spearman_per_query": sum(float(spearman(predicted[:, q], actual[:, q])) for q in columns) / actual.shape[1],
+    }

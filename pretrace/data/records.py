@@ -33,7 +33,8 @@ class Query:
         return self.prompt + (self.completion or "")
 
 
-def _iter_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
+def iter_json_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for every non-blank line of a JSONL file; bad lines are reported with their number."""
     path = Path(path)
     if not path.is_file():
         raise PretraceError(f"{path}: no such file; pass the path of a JSONL file (one JSON object per line).")
@@ -69,7 +70,7 @@ def _record_id(obj: dict, index: int) -> str:
 def iter_documents(path: str | Path) -> Iterator[Document]:
     """Stream documents; ids default to the 0-based record index."""
     seen_any = False
-    for index, (line_number, obj) in enumerate(_iter_objects(path)):
+    for index, (line_number, obj) in enumerate(iter_json_objects(path)):
         text = _string_field(path, line_number, obj, "text", required=True)
         if not text.strip():
             raise PretraceError(f"{path}:{line_number}: field 'text' is empty.")
@@ -82,7 +83,7 @@ def iter_documents(path: str | Path) -> Iterator[Document]:
 def iter_queries(path: str | Path) -> Iterator[Query]:
     """Stream queries: `prompt` + non-empty `completion`, or a bare `text` (whole-text loss)."""
     seen_any = False
-    for index, (line_number, obj) in enumerate(_iter_objects(path)):
+    for index, (line_number, obj) in enumerate(iter_json_objects(path)):
         prompt = _string_field(path, line_number, obj, "prompt", required=False)
         completion = _string_field(path, line_number, obj, "completion", required=False)
         text = _string_field(path, line_number, obj, "text", required=False)

@@ -17,11 +17,11 @@ Module names are grouped by layer: the first purely numeric component of the dot
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from pretrace.data.records import iter_json_objects
 from pretrace.errors import PretraceError
 
 LayerKey = int | str
@@ -30,27 +30,12 @@ LayerKey = int | str
 def load_results(source: str | Path | Iterable[Mapping]) -> list[dict]:
     """Validated rows from a `results.jsonl` path or from rows already in memory; documents sorted by rank."""
     if isinstance(source, (str, Path)):
-        rows, where = _read_jsonl(Path(source)), str(source)
+        rows, where = [row for _, row in iter_json_objects(source)], str(source)
     else:
         rows, where = [dict(row) for row in source], "results"
     if not rows:
         raise PretraceError(f"{where}: no queries; run the trace/score step first so it writes one row per query.")
     return [_checked_row(row, f"{where} row {index + 1}") for index, row in enumerate(rows)]
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise PretraceError(f"{path}: no such file; pass the results.jsonl written by the trace step.")
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise PretraceError(f"{path}:{line_number}: not valid JSON ({exc.msg}); regenerate the results file.") from None
-    return rows
 
 
 def _checked_row(row: Mapping, where: str) -> dict:

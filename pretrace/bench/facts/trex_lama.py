@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from pretrace.bench.facts.benchmark import FactBenchmark, Sentence, attach_evidence, fact_key
 from pretrace.bench.facts.templates import OBJECT_SLOT, SUBJECT_SLOT, QuestionTemplate, read_question_templates
+from pretrace.data.records import iter_json_objects
 from pretrace.errors import PretraceError
 
 ENTITY_PREFIX = "http://www.wikidata.org/entity/"
@@ -131,19 +132,6 @@ def trex_sentences(documents: Iterable[tuple[Path, int, dict]], required_facts: 
     return sentences
 
 
-def _read_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise PretraceError(f"{path}:{number}: not valid JSON ({exc.msg}).") from None
-        if not isinstance(row, dict):
-            raise PretraceError(f"{path}:{number}: expected a JSON object.")
-        yield number, row
-
-
 def read_lama_facts(folder: str | Path) -> list[LamaFact]:
     """Every fact of LAMA's T-REx part (`<folder>/P*.jsonl`, files in name order, lines in file order)."""
     folder = Path(folder)
@@ -152,7 +140,7 @@ def read_lama_facts(folder: str | Path) -> list[LamaFact]:
         raise PretraceError(f"{folder}: no P*.jsonl files; pass the TREx folder of the extracted LAMA data.zip.")
     facts = []
     for file in files:
-        for number, row in _read_jsonl(file):
+        for number, row in iter_json_objects(file):
             try:
                 facts.append(LamaFact(row["predicate_id"], row["sub_uri"], row["sub_label"], row["obj_uri"], row["obj_label"], row.get("uuid", "")))
             except KeyError as exc:
@@ -166,7 +154,7 @@ def read_lama_relations(path: str | Path) -> dict[str, LamaRelation]:
     if not path.is_file():
         raise PretraceError(f"{path}: no such file; pass LAMA's relations.jsonl.")
     relations = {}
-    for number, row in _read_jsonl(path):
+    for number, row in iter_json_objects(path):
         try:
             relation = LamaRelation(row["relation"], row["template"], row.get("label", ""), row.get("description", ""), row.get("type", ""))
         except KeyError as exc:
