@@ -178,13 +178,14 @@ def fit_factors(
         raise PretraceError("the fitting data has no predicted tokens; documents need at least two tokens.")
     tokens = cov_counts["tokens"]
     device = next(model.parameters()).device
-    eigen = {}
-    for t in tracked:
-        A = cov_sums[f"{t.name}.A"] / tokens
-        G = cov_sums[f"{t.name}.G"] / tokens
+    store = parse_dtype(settings.factor_dtype)
+    eigen, rotations = {}, {}
+    for t in tracked:  # module by module, releasing the float64 sums: peak memory stays near one copy of the factors
+        A = cov_sums.pop(f"{t.name}.A") / tokens
+        G = cov_sums.pop(f"{t.name}.G") / tokens
         (la, qa), (lg, qg) = _eigh(A), _eigh(G)
-        eigen[t.name] = (A, G, la, qa, lg, qg)
-    rotations = {name: (e[3].to(device, compute), e[5].to(device, compute)) for name, e in eigen.items()}
+        rotations[t.name] = (qa.to(device, compute), qg.to(device, compute))
+        eigen[t.name] = tuple(x.to(store) for x in (A, G, la, qa, lg, qg))
 
     def init_lambda():
         sums = {}
@@ -213,7 +214,6 @@ def fit_factors(
     if lam_counts["documents"] != cov_counts["documents"]:
         raise PretraceError("the data changed between the two fitting passes; make sure the data source is deterministic.")
     docs = lam_counts["documents"]
-    store = parse_dtype(settings.factor_dtype)
     modules = {}
     for t in tracked:
         A, G, la, qa, lg, qg = eigen[t.name]
