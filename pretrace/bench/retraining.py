@@ -134,10 +134,10 @@ def _value_and_gradient(objective, theta: torch.Tensor) -> tuple[float, torch.Te
         value = objective(theta)
     except PretraceError:
         return float("inf"), torch.full_like(theta, float("inf"))
-    return float(value), torch.autograd.grad(value, theta)[0]
+    return float(value.detach()), torch.autograd.grad(value, theta)[0]
 
 
-def newton_minimise(objective, start: torch.Tensor, tolerance: float = 1e-10, max_steps: int = 200) -> torch.Tensor:
+def newton_minimise(objective, start: torch.Tensor, tolerance: float = 1e-9, max_steps: int = 200) -> torch.Tensor:
     """Levenberg-damped Newton with the exact Hessian until ‖∇‖ < tolerance (quadratic near the optimum).
 
     Far from the optimum the Hessian of a network's loss can be indefinite: the damping μ grows until
@@ -156,7 +156,7 @@ def newton_minimise(objective, start: torch.Tensor, tolerance: float = 1e-10, ma
             if info == 0:
                 candidate = theta - torch.cholesky_solve(grad.unsqueeze(1), factor).squeeze(1)
                 new_value, new_grad = _value_and_gradient(objective, candidate)
-                if new_value <= value:
+                if new_value <= value or new_grad.norm() < grad.norm():  # values stop resolving near the optimum
                     theta, value, grad = candidate, new_value, new_grad
                     mu = mu / 10 if mu > 1e-12 else 0.0
                     break
@@ -297,7 +297,7 @@ def compare_influences(settings: RetrainingSettings, progress: bool = True) -> d
     scores["EK-FAC fine-tuned only"] = score(EKFAC(ft_doc_factors, damping=w), at_ft, theta_ft)
     scores["EK-FAC pre-trained only"] = score(EKFAC(pt_factors, damping=w), at_pt, theta_pt)
     scores["gradient dot product"] = score(Identity(), at_ft, theta_pt)
-    return {"actual": actual, "predicted": {name: s.T / n for name, s in scores.items()}}
+    return {"actual": actual, "predicted": {name: s.detach().T / n for name, s in scores.items()}}
 
 
 def correlations(actual: torch.Tensor, predicted: torch.Tensor) -> dict[str, float]:
