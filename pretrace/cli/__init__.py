@@ -8,7 +8,7 @@ import sys
 
 from pretrace.errors import PretraceError
 
-COMMANDS = ["fit", "score", "inspect", "finetune", "report", "demo"]
+COMMANDS = ["fit", "score", "inspect", "finetune", "report", "demo", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
