@@ -109,3 +109,20 @@ def test_nan_factors_are_refused(workspace, tmp_path, capsys):
     code = main(["score", "--model", str(workspace / "model"), "--factors", str(tmp_path / "f"), "--queries", str(workspace / "q.jsonl"),
                  "--train", str(workspace / "docs.jsonl"), "--out", str(tmp_path / "s")])
     assert code == 2 and "NaN" in capsys.readouterr().err
+
+
+def test_self_influence_is_the_preconditioned_squared_norm(workspace, tmp_path):
+    from safetensors.torch import load_file
+
+    from dense import autograd_document_gradients
+    from pretrace.data import Document
+    from pretrace.modeling.loading import load_model, load_tokenizer
+    from pretrace.modeling.modules import select_modules
+
+    assert _score(workspace, tmp_path / "s", "--method", "identity", "--self-influence") == 0
+    values = load_file(str(tmp_path / "s" / "scores.safetensors"))["self_influence"]
+    model = load_model(workspace / "model")
+    grads = autograd_document_gradients(model, select_modules(model), load_tokenizer(workspace / "model"),
+                                        [Document(str(i), s) for i, s in enumerate(SENTENCES)])
+    torch.testing.assert_close(values, grads.square().sum(1), rtol=1e-4, atol=1e-6)
+    assert _score(workspace, tmp_path / "s2", "--method", "bm25", "--self-influence") == 2

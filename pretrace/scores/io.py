@@ -27,6 +27,8 @@ def save_scores(folder: Path, result: ScoreResult, metadata: dict, top_k_rows: l
     tensors = {"scores": result.scores.float()}
     if result.per_module is not None:
         tensors["per_module"] = result.per_module.float()
+    if result.self_influence is not None:
+        tensors["self_influence"] = result.self_influence.float()
     write_tensors(folder / SCORES_FILE, tensors)
     write_json(folder / METADATA_FILE, {
         **metadata,

@@ -33,6 +33,7 @@ class ScoreResult:
     per_module: torch.Tensor | None = None  # [M, Q, N]
     per_token: list[torch.Tensor] | None = None  # per document [Q, T_doc]
     document_token_ids: list[list[int]] | None = None
+    self_influence: torch.Tensor | None = None  # [N]
     timings: dict = field(default_factory=dict)
 
 

@@ -17,7 +17,7 @@ from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.registry import METHODS, make_attributor
 from pretrace.scores.io import save_scores, top_indices
-from pretrace.scores.pairwise import ScoreResult
+from pretrace.scores.pairwise import ScoreResult, self_influence
 from pretrace.storage import atomic_directory
 from pretrace.training.finetune import FINETUNE_RECORD, read_finetune_record
 from pretrace.workflows.common import ModelOptions, Stage, load_stage
@@ -64,6 +64,8 @@ class ScoreSettings:
     arnoldi_iterations: int = option(100, help="--method arnoldi: Arnoldi steps (Krylov basis size, at least --arnoldi-rank).")
     exact_max_parameters: int = option(20_000, help="--method exact: refuse to build the dense curvature over more tracked parameters than this.")
     solver_seed: int = option(0, help="--method cg/lissa/arnoldi: seed of the trace probes behind --damping-factor, the Arnoldi start vector and LiSSA's minibatch order.")
+
+    self_influence: bool = option(False, help="Also store each document's self-influence ∇ℓ(z)ᵀ P ∇ℓ(z) as `self_influence` [N] in scores.safetensors (single-stage gradient methods; large values flag unusual documents).")
 
     @property
     def is_multi_stage(self) -> bool:
@@ -178,15 +180,20 @@ def score(settings: ScoreSettings, options: ModelOptions | None = None, context:
         raise PretraceError(f"{out}: already exists and is not empty; pass --overwrite or choose another --out.")
     context = context or build_context(settings, options)
     attributor = make_attributor(settings)
+    gradient_based = hasattr(attributor, "precondition_queries")
+    if settings.self_influence and (settings.is_multi_stage or not gradient_based):
+        raise PretraceError("--self-influence needs a single-stage gradient method (ekfac, kfac, diagonal, identity, exact, cg, lissa, arnoldi).")
     start = time.perf_counter()
     attributor.fit(context)
     fitted = time.perf_counter()
     spill = out.parent / f".{out.name}.scores" if settings.scores_on_disk else None
     with distributed.scores_on_disk(spill):
         result = attributor.score(context, per_module=settings.per_module)
+    if settings.self_influence:
+        docs = context.document_stage
+        _, result.self_influence = self_influence(docs.model, docs.tracked, attributor.preconditioner, docs.document_batches(context.documents)(), progress=True)
     scored = time.perf_counter()
     top = top_indices(result.scores, settings.top_k)
-    gradient_based = hasattr(attributor, "precondition_queries")
     details = _explanations(attributor, context, top, result) if settings.explain and gradient_based else None
     timings = {
         "one_off_seconds": fitted - start,
