@@ -27,7 +27,7 @@ from pretrace.curvature import Identity
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
 from pretrace.gradients import CapturedBatch, LanguageModelingTask, capture
-from pretrace.gradients.task import _accepts_position_ids
+from pretrace.gradients.task import model_inputs
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.gradient import PreconditionedGradients
 from pretrace.scores.pairwise import ScoreResult, query_gradients
@@ -147,10 +147,7 @@ def pooled_hidden_states(stage: Stage, batches: Iterable[TokenBatch], layer: int
     with torch.no_grad():
         for batch in tqdm(batches, total=total, desc=desc, unit="batch"):
             batch = batch.to(device)
-            kwargs = {}
-            if _accepts_position_ids(body):  # left padding needs explicit positions
-                kwargs["position_ids"] = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-            hidden = body(input_ids=batch.input_ids, attention_mask=batch.attention_mask, output_hidden_states=True, **kwargs).hidden_states
+            hidden = body(**model_inputs(body, batch), output_hidden_states=True).hidden_states
             if not -len(hidden) <= layer < len(hidden):
                 raise PretraceError(f"--representation-layer {layer} is out of range: the model has hidden states 0..{len(hidden) - 1} "
                                     f"(0 = embeddings, {len(hidden) - 1} or -1 = last layer).")

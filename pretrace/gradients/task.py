@@ -10,23 +10,24 @@ from __future__ import annotations
 import inspect
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
 
 
-def _accepts_position_ids(model: nn.Module) -> bool:
-    return "position_ids" in inspect.signature(model.forward).parameters
+def model_inputs(model: nn.Module, batch: TokenBatch) -> dict:
+    """Forward arguments with explicit positions, so left- and right-padded batches give the same result
+    (BLOOM's ALiBi takes no position ids: it derives positions from the attention mask itself)."""
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    if "position_ids" in inspect.signature(model.forward).parameters:
+        inputs["position_ids"] = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    return inputs
 
 
 def token_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
-    """[B, T, V] logits; explicit positions make left- and right-padded batches give the same result."""
-    kwargs = {}
-    if _accepts_position_ids(model):  # BLOOM (ALiBi) derives positions from the attention mask itself
-        kwargs["position_ids"] = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, **kwargs).logits
+    """[B, T, V] logits at every position."""
+    return model(**model_inputs(model, batch)).logits
 
 
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
