@@ -119,7 +119,7 @@ def finetune_model(settings: DemoSettings, folder: Path, pretrained: Path) -> Pa
 
 def run_demo(settings: DemoSettings) -> dict:
     from pretrace.retrieval.bm25 import BM25Index
-    from pretrace.scores.io import load_scores
+    from pretrace.scores.io import load_scores, top_indices
     from pretrace.workflows.common import ModelOptions
     from pretrace.workflows.fit import fit
     from pretrace.workflows.score import ScoreSettings, score
@@ -148,7 +148,7 @@ def run_demo(settings: DemoSettings) -> dict:
                                 pretrained_factors=str(folder / "factors_pretrained"), finetuned_factors=str(folder / "factors_finetuned"),
                                 top_k=10, **extra), options)
         tensors, _ = load_scores(out)
-        rankings[label] = torch.argsort(tensors["scores"], dim=1, descending=True, stable=True)[:, :100].tolist()
+        rankings[label] = top_indices(tensors["scores"], 100).tolist()
     candidates = read_documents(folder / "candidates.jsonl")
     queries = [q.prompt + q.completion for q in read_queries(folder / "queries.jsonl")]
     bm25 = BM25Index.build([d.text for d in candidates], show_progress=False)
