@@ -4,8 +4,12 @@ Work is split by *batch*: batch i (in the data's order) goes to rank i % world. 
 and batches the whole stream, so batches (their documents, padding and sampled-label seeds) are exactly
 those of a single-process run, and results differ from it only in the order float64 sums are added.
 Fitting all-reduces its running sums at the end of each pass; scoring gathers every rank's score
-columns back into document order. A single process (no WORLD_SIZE > 1) never touches torch.distributed:
-sharding, reductions and gathers are then the identity.
+columns back into document order. Scoring may instead split the *queries* (`split_by("queries")`:
+query q goes to rank q % world, which scores it against every document), and module-wise
+preconditioners may be applied on the CPU or only on the rank owning each module (`PlacedPreconditioner`).
+Fine-tuning splits every batch's sequences and all-reduces gradients (`all_reduce_gradients`).
+A single process (no WORLD_SIZE > 1) never touches torch.distributed: sharding, reductions and gathers
+are then the identity.
 
 Only rank 0 writes folders and shows output: `initialize` silences stdout and warnings on other ranks.
 A rank that fails exits non-zero, and torchrun then stops the others instead of leaving them waiting.
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
 
 T = TypeVar("T")
@@ -135,6 +140,21 @@ def all_reduce_sums(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {name: reduced[name] for name in tensors}
 
 
+def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Sum each parameter's `.grad` over ranks in place, as DDP does (but summed, not averaged: each rank's
+    loss is already divided by the global batch's denominator). A rank with no gradient contributes zeros."""
+    if not is_active():
+        return
+    device = _collective_device()
+    for parameter in parameters:
+        if parameter.grad is None:
+            parameter.grad = torch.zeros_like(parameter)
+        buffer = parameter.grad if parameter.grad.device == device else parameter.grad.to(device)
+        dist.all_reduce(buffer)
+        if buffer is not parameter.grad:
+            parameter.grad.copy_(buffer)
+
+
 def all_reduce_counts(counts: dict[str, int]) -> dict[str, int]:
     """Sum integer counters over ranks."""
     if not is_active():
@@ -172,6 +192,130 @@ def with_offsets(batches: Iterable) -> Iterator[tuple[int, object]]:
         offset += len(batch)
 
 
+SPLITS = ("documents", "queries")
+_split = "documents"
+
+
+@contextmanager
+def split_by(kind: str) -> Iterator[None]:
+    """Inside, scoring splits `kind` over ranks: "documents" (each rank scores every query against its
+    batches of documents) or "queries" (each rank scores its queries against every document: for many
+    queries whose preconditioned gradients do not fit one device)."""
+    global _split
+    if kind not in SPLITS:
+        raise PretraceError(f"cannot split scoring by {kind!r}; choose one of {list(SPLITS)}.")
+    previous, _split = _split, kind
+    try:
+        yield
+    finally:
+        _split = previous
+
+
+def splitting_queries() -> bool:
+    return _split == "queries" and world_size() > 1
+
+
+def shard_documents(items: Iterable[T]) -> Iterator[T]:
+    """This rank's document batches: all of them when queries are split instead."""
+    return iter(items) if splitting_queries() else shard(items)
+
+
+def document_shard_size(total: int | None) -> int | None:
+    return total if splitting_queries() else shard_size(total)
+
+
+def shard_queries(batches: Iterable[TokenBatch]) -> Iterator[TokenBatch]:
+    """When queries are split, each batch cut down to this rank's queries (the q-th query of the stream
+    belongs to rank q % world); batches left empty are skipped. Otherwise the batches unchanged."""
+    if not splitting_queries():
+        yield from batches
+        return
+    first = 0
+    for batch in batches:
+        rows = [row for row in range(len(batch)) if (first + row) % world_size() == rank()]
+        first += len(batch)
+        if rows:
+            yield TokenBatch([batch.ids[row] for row in rows], batch.input_ids[rows], batch.attention_mask[rows], batch.target_mask[rows])
+
+
+def _query_order(sizes: list[int]) -> list[int]:
+    """Where query q sits in the ranks' rows concatenated in rank order (rank r holds queries r, r + world, ...)."""
+    offsets = list(itertools.accumulate([0, *sizes[:-1]]))
+    return [offsets[q % len(sizes)] + q // len(sizes) for q in range(sum(sizes))]
+
+
+def gather_queries(values: torch.Tensor | list, dim: int = 0) -> torch.Tensor | list:
+    """When queries are split: every rank's `values` (indexed by its queries along `dim`) merged back into
+    query order, on every rank. Otherwise `values` unchanged."""
+    if not splitting_queries():
+        return values
+    parts = _all_gather(values.cpu() if isinstance(values, torch.Tensor) else list(values))
+    if isinstance(values, torch.Tensor):
+        order = torch.tensor(_query_order([part.shape[dim] for part in parts]))
+        return torch.cat(parts, dim=dim).index_select(dim, order)
+    merged = list(itertools.chain.from_iterable(parts))
+    return [merged[i] for i in _query_order([len(part) for part in parts])]
+
+
+def owner(position: int) -> int:
+    """The rank owning the `position`-th module when work is divided by module."""
+    return position % world_size()
+
+
+def broadcast(tensors: list[torch.Tensor], source: int) -> list[torch.Tensor]:
+    """`source`'s tensors on every rank (others pass buffers of the same shapes and dtypes)."""
+    if not is_active():
+        return tensors
+    device, out = _collective_device(), []
+    for tensor in tensors:
+        buffer = tensor.to(device, memory_format=torch.contiguous_format, copy=True)  # eigh's vectors come column-major
+        dist.broadcast(buffer, src=source)
+        out.append(buffer.to(tensor.device))
+    return out
+
+
+class PlacedPreconditioner:
+    """A module-wise preconditioner (EK-FAC, K-FAC, diagonal, identity and their chains) applied where its
+    factors are kept: on `device` (the CPU, say, while the model runs on a GPU) instead of the gradients'
+    device, and with `by_module` only on the rank that owns each module, which broadcasts the result, so a
+    rank only ever moves its own modules' factors to its device. Collective when `by_module`: every rank
+    must apply it to the same modules with the same shapes."""
+
+    def __init__(self, inner, device: torch.device | str | None = None, by_module: bool = False):
+        if not _module_wise(inner):
+            raise PretraceError(
+                f"{type(inner).__name__} couples modules, so its factors cannot be placed or sharded by module; "
+                "--factors-device cpu and --shard-factors work with ekfac, kfac, diagonal and identity (single- or multi-stage)."
+            )
+        self.inner, self.device, self.by_module = inner, None if device is None else torch.device(device), by_module
+
+    def apply(self, grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = {}
+        for position, name in enumerate(sorted(grads)):
+            grad = grads[name]
+            source = owner(position) if self.by_module else rank()
+            if source == rank():
+                out[name] = self.inner.apply({name: grad.to(self.device or grad.device)})[name].to(grad.device)
+            else:
+                out[name] = torch.empty_like(grad)
+            if self.by_module:
+                out[name] = broadcast([out[name]], source)[0]
+        return {name: out[name] for name in grads}
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "factors_device": None if self.device is None else str(self.device), "factors_sharded_by_module": self.by_module}
+
+
+def _module_wise(preconditioner) -> bool:
+    from pretrace.curvature.operators import EKFAC, KFAC, Chain, Diagonal, Identity, Scaled
+
+    if isinstance(preconditioner, (EKFAC, KFAC, Diagonal, Identity)):
+        return True
+    if isinstance(preconditioner, Scaled):
+        return _module_wise(preconditioner.inner)
+    return isinstance(preconditioner, Chain) and all(_module_wise(op) for op in preconditioner.operators)
+
+
 _spill_folder: Path | None = None
 _spill_names = itertools.count()
 
@@ -190,11 +334,13 @@ def scores_on_disk(folder: str | Path | None) -> Iterator[None]:
 
 
 class ScoreColumns:
-    """Score blocks `[*lead, B]` placed at document offsets by any rank, assembled into `[*lead, N]`.
+    """Score blocks `[*lead, B]` (queries last in `lead`) placed at document offsets by any rank, assembled into `[*lead, N]`.
 
     In RAM (the default) each rank keeps its float64 blocks and `finish` gathers them in document order.
     Under `scores_on_disk` each block goes straight to its place in a document-major float32 file shared by
-    the ranks; `finish` transposes it chunk by chunk into `<name>.npy` and returns a memory-mapped tensor."""
+    the ranks; `finish` transposes it chunk by chunk into `<name>.npy` and returns a memory-mapped tensor.
+    When queries are split, each rank holds every document for its queries (its own file on disk) and
+    `finish` merges the ranks' query rows back into query order."""
 
     def __init__(self, name: str):
         self.offsets: list[int] = []
@@ -205,7 +351,11 @@ class ScoreColumns:
         if self.folder is not None:
             self.path = self.folder / f"{name}-{next(_spill_names)}"
             self.folder.mkdir(parents=True, exist_ok=True)
-            self.handle = os.open(self.path.with_suffix(".columns"), os.O_CREAT | os.O_WRONLY, 0o644)
+            self.handle = os.open(self._columns_file(rank()), os.O_CREAT | os.O_WRONLY, 0o644)
+
+    def _columns_file(self, of_rank: int) -> Path:
+        """The document-major file a rank writes: one shared by all ranks, or one each when queries are split."""
+        return self.path.with_suffix(f".rank{of_rank}.columns" if splitting_queries() else ".columns")
 
     def add(self, offset: int, block: torch.Tensor) -> None:
         self.lead, self.end = tuple(block.shape[:-1]), max(self.end, offset + block.shape[-1])
@@ -219,25 +369,38 @@ class ScoreColumns:
     def finish(self) -> torch.Tensor:
         """The `[*lead, N]` tensor, on every rank (collective when distributed)."""
         if self.folder is None:
+            if splitting_queries():  # every document is local: order them, then merge the ranks' queries
+                return gather_queries(torch.cat(self.blocks, dim=-1), dim=-2)
             return torch.cat(gather_in_order(self.offsets, self.blocks), dim=-1)
         os.close(self.handle)
         shapes = _all_gather((self.lead, self.end))
-        lead = next(shape for shape, _ in shapes if shape is not None)
         total = max(end for _, end in shapes)
+        if splitting_queries():
+            sources = [(self._columns_file(r), lead) for r, (lead, _) in enumerate(shapes)]
+        else:
+            sources = [(self._columns_file(0), next(lead for lead, _ in shapes if lead is not None))]
         target = self.path.with_suffix(".npy")
         if is_main():
-            _transpose_to_npy(self.path.with_suffix(".columns"), target, lead, total)
+            _transpose_to_npy(sources, target, total)
         barrier()
         return torch.from_numpy(np.load(target, mmap_mode="c"))
 
 
-def _transpose_to_npy(source: Path, target: Path, lead: tuple[int, ...], total: int, chunk_bytes: int = 1 << 26) -> None:
-    """Document-major float32 rows `[N, *lead]` -> `[*lead, N]` .npy, about `chunk_bytes` at a time."""
-    rows = np.memmap(source, dtype=np.float32, mode="r", shape=(total, *lead))
+def _transpose_to_npy(sources: list[tuple[Path, tuple[int, ...]]], target: Path, total: int, chunk_bytes: int = 1 << 26) -> None:
+    """Document-major float32 rows `[N, *lead]` -> `[*lead, N]` .npy, about `chunk_bytes` at a time. Several
+    sources hold the ranks' query rows (the last axis of `lead`), merged back into query order."""
+    sizes = [lead[-1] for _, lead in sources]
+    lead = (*sources[0][1][:-1], sum(sizes))
+    order = _query_order(sizes)
+    parts = [np.memmap(path, dtype=np.float32, mode="r", shape=(total, *shape)) if size else None
+             for (path, shape), size in zip(sources, sizes)]
     out = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=(*lead, total))
-    step = max(1, chunk_bytes // max(1, rows[0].nbytes))
+    step = max(1, chunk_bytes // max(1, 4 * int(np.prod(lead))))
     for begin in range(0, total, step):
-        out[..., begin:begin + step] = np.moveaxis(np.asarray(rows[begin:begin + step]), 0, -1)
+        blocks = [np.zeros((min(step, total - begin), *shape), np.float32) if part is None else np.asarray(part[begin:begin + step])
+                  for part, (_, shape) in zip(parts, sources)]
+        out[..., begin:begin + step] = np.moveaxis(np.concatenate(blocks, axis=-1)[..., order], 0, -1)
     out.flush()
-    del rows, out
-    source.unlink()
+    del parts, out
+    for path, _ in sources:
+        path.unlink(missing_ok=True)

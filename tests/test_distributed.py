@@ -1,11 +1,13 @@
-"""Two gloo processes on the CPU give the single-process factors and scores; a killed fit resumes.
+"""Two gloo processes on the CPU give the single-process factors, scores and fine-tuned model; a killed fit resumes.
 
-The torchrun tests drive the real CLI (`torchrun --nproc-per-node 2 -m pretrace fit|score`); the resume
-test spawns the ranks itself so that it can kill one of them part-way through the second pass. Also here:
-the other memory and placement settings (scores on disk, half-precision factors, device_map models).
+The torchrun tests drive the real CLI (`torchrun --nproc-per-node 2 -m pretrace fit|score|finetune`); the
+resume test spawns the ranks itself so that it can kill one of them part-way through the second pass. Also
+here: the other memory and placement settings (scores on disk, queries split over ranks, factors applied
+on the CPU or sharded by module, half-precision factors, device_map models).
 """
 
 import json
+import math
 import os
 import random
 import signal
@@ -15,17 +17,22 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
 from pretrace import distributed
-from pretrace.curvature import EKFAC, FitSettings, Factors, fit_factors
+from pretrace.curvature import EKFAC, KFAC, Chain, FitSettings, Factors, Preconditioner, Scaled, fit_factors
+from pretrace.data.batching import collate, encode_queries
 from pretrace.data.records import read_queries
+from pretrace.errors import PretraceError
+from pretrace.modeling.loading import load_model, load_tokenizer
 from pretrace.modeling.modules import select_modules
 from pretrace.scores.io import load_scores
 from pretrace.scores.pairwise import query_gradients, score_documents
+from pretrace.training import FinetuneSettings, finetune, read_finetune_record, sequence_losses
 from pretrace.workflows.common import ModelOptions, Stage, load_stage
 from pretrace.workflows.fit import checkpoint_folder, fit
 from pretrace.workflows.score import ScoreSettings, score
@@ -100,24 +107,111 @@ def _top_documents(folder: Path) -> list[dict]:
     return [document for row in rows for document in row["documents"]]
 
 
-def test_torchrun_score_equals_single_process(workspace):
-    """Scores streamed to disk by both ranks, and explanations gathered in RAM, match a single process."""
-    root = workspace
-    scored = _torchrun("score", "--model", "model", "--factors", "factors", "--queries", "queries.jsonl", "--train", "docs.jsonl",
-                       "--out", "scores-2", "--per-module", "--scores-on-disk", *COMMON, cwd=root)
-    assert scored.stdout.count("scores [") == 1  # only rank 0 prints
-    (ref_tensors, ref_meta), (tensors, meta) = load_scores(root / "scores"), load_scores(root / "scores-2")
+def _assert_same_scores(folder: Path, reference: Path, explained: bool = True) -> None:
+    (ref_tensors, ref_meta), (tensors, meta) = load_scores(reference), load_scores(folder)
     assert meta["document_ids"] == ref_meta["document_ids"] == [f"d{i}" for i in range(DOCUMENTS)]
-    assert meta["query_ids"] == ref_meta["query_ids"]
+    assert meta["query_ids"] == ref_meta["query_ids"] == [q["id"] for q in QUERIES]
     for key in ("scores", "per_module"):
         assert tensors[key].shape == ref_tensors[key].shape
-        assert _max_relative_difference(ref_tensors[key], tensors[key]) < 1e-5
-    top, ref_top = _top_documents(root / "scores-2"), _top_documents(root / "scores")
+        assert _max_relative_difference(ref_tensors[key], tensors[key]) < 1e-5, key
+    top, ref_top = _top_documents(folder), _top_documents(reference)
     assert [d["id"] for d in top] == [d["id"] for d in ref_top]
-    for document, reference in zip(top, ref_top):  # explanations: the top documents rescored in RAM, sharded too
-        assert document["tokens"] == reference["tokens"]
+    for document, reference_document in zip(top, ref_top):  # explanations: the top documents rescored in RAM, sharded too
+        assert document["tokens"] == reference_document["tokens"]
         for key in ("token_scores", "module_scores"):
-            torch.testing.assert_close(torch.tensor(_values(document[key])), torch.tensor(_values(reference[key])), rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(torch.tensor(_values(document[key])), torch.tensor(_values(reference_document[key])), rtol=1e-5, atol=1e-6)
+
+
+def test_torchrun_score_equals_single_process(workspace):
+    """Scores streamed to disk by both ranks, and explanations gathered in RAM, match a single process; each
+    rank applies only its own modules' factors (kept on the CPU) and broadcasts the preconditioned gradients."""
+    root = workspace
+    scored = _torchrun("score", "--model", "model", "--factors", "factors", "--queries", "queries.jsonl", "--train", "docs.jsonl",
+                       "--out", "scores-2", "--per-module", "--scores-on-disk", "--shard-factors", "--factors-device", "cpu", *COMMON, cwd=root)
+    assert scored.stdout.count("scores [") == 1  # only rank 0 prints
+    _assert_same_scores(root / "scores-2", root / "scores")
+    placement = load_scores(root / "scores-2")[1]["hyperparameters"]["preconditioner"]
+    assert placement["factors_sharded_by_module"] and placement["factors_device"] == "cpu"
+
+
+def test_torchrun_score_split_by_queries_equals_single_process(workspace):
+    """Rank 0 scores q0 and q2, rank 1 q1, each against every document: scores streamed to per-rank files and
+    explanations (per-token contributions) gathered in RAM come back in query order."""
+    _torchrun("score", "--model", "model", "--factors", "factors", "--queries", "queries.jsonl", "--train", "docs.jsonl",
+              "--out", "scores-queries", "--shard", "queries", "--per-module", "--scores-on-disk", *COMMON, cwd=workspace)
+    _assert_same_scores(workspace / "scores-queries", workspace / "scores")
+    assert not (workspace / ".scores-queries.scores").exists()
+
+
+FINETUNE_PAIRS = [{"id": f"f{i}", "prompt": f"{a} is the capital of", "completion": f" {b} ."} for i, (a, b) in enumerate(
+    [("paris", "france"), ("berlin", "germany"), ("rome", "italy"), ("madrid", "spain"), ("cat", "mat"),
+     ("bird", "fish"), ("the", "sat"), ("fly", "swim"), ("on", "and")])]  # 9 pairs, batches of 4: rank 1 gets none of the last
+
+
+def test_torchrun_finetune_equals_single_process(tmp_path):
+    """Each rank takes half of every batch of 4 and the gradients are all-reduced: the same model as one process."""
+    model = save_tiny_model(tmp_path / "model", dtype=torch.float64)
+    data = _write_jsonl(tmp_path / "pairs.jsonl", FINETUNE_PAIRS)
+    common = ["--alpha", "0.5", "--lr", "0.01", "--epochs", "2", "--batch-size", "4", "--dtype", "float64", "--device", "cpu"]
+    done = _torchrun("finetune", "--model", "model", "--data", "pairs.jsonl", "--out", "tuned-2", *common, cwd=tmp_path)
+    assert done.stdout.count("fine-tuned on") == 1  # only rank 0 prints
+    finetune(FinetuneSettings(model=str(model), data=str(data), out=str(tmp_path / "tuned"), alpha=0.5, lr=0.01, epochs=2,
+                              batch_size=4, dtype="float64", device="cpu"), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "pairs.jsonl", "tuned", "tuned-2"]  # no temporary folder left
+    mine, ref = read_finetune_record(tmp_path / "tuned-2"), read_finetune_record(tmp_path / "tuned")
+    assert mine["steps"] == ref["steps"] == 6
+    assert math.isclose(mine["final_train_loss"], ref["final_train_loss"], rel_tol=1e-9)
+    start, tuned, reference = (load_model(tmp_path / name, "float64", "cpu") for name in ("model", "tuned-2", "tuned"))
+    moved = max(float((p - q).detach().abs().max()) for p, q in zip(reference.parameters(), start.parameters()))
+    assert moved > 1e-3  # fine-tuning did change the weights
+    for (name, p), q in zip(reference.named_parameters(), tuned.parameters()):
+        if not name.endswith("query_key_value.bias"):  # key biases get 0 gradient plus rounding noise, which Adam turns into steps
+            assert _max_relative_difference(p.detach(), q.detach()) < 1e-6, name
+    batch = collate(list(encode_queries(load_tokenizer(model), read_queries(data), 64)), 0)
+    with torch.no_grad():
+        torch.testing.assert_close(sequence_losses(tuned, batch), sequence_losses(reference, batch), rtol=1e-8, atol=0)
+
+
+def test_query_order_interleaves_rank_rows(tmp_path):
+    """Rank r holds queries r, r + world, ...: their rows, concatenated in rank order, are put back in query order."""
+    assert distributed._query_order([3, 2]) == [0, 3, 1, 4, 2]
+    assert distributed._query_order([1, 0]) == [0]
+    rows = [np.arange(6, dtype=np.float32).reshape(2, 3) + 10 * r for r in range(2)]  # [N=2, Q_r=3]
+    sources = []
+    for r, part in enumerate(rows):
+        path = tmp_path / f"rank{r}.columns"
+        path.write_bytes(part.tobytes())
+        sources.append((path, (3,)))
+    distributed._transpose_to_npy(sources, tmp_path / "merged.npy", total=2, chunk_bytes=8)
+    merged = np.load(tmp_path / "merged.npy")
+    queries = np.concatenate(rows, axis=1)[:, distributed._query_order([3, 3])]
+    np.testing.assert_array_equal(merged, queries.T)
+    assert not any(path.exists() for path, _ in sources)
+
+
+class _Coupled(Preconditioner):
+    def apply(self, grads):
+        return grads
+
+
+def test_placed_preconditioner_on_cpu_matches_and_refuses_coupled_modules(workspace):
+    factors = Factors.load(workspace / "factors")
+    grads = {name: torch.randn(2, mf.n_blocks * mf.lambda_.shape[1], mf.lambda_.shape[2]) for name, mf in factors.modules.items()}
+    inner = Scaled(Chain([EKFAC(factors), KFAC(factors)]), 0.5)
+    placed = distributed.PlacedPreconditioner(inner, "cpu", by_module=True)  # one process: it owns every module
+    for name, value in placed.apply(grads).items():
+        torch.testing.assert_close(value, inner.apply(grads)[name])
+    with pytest.raises(PretraceError, match="couples modules"):
+        distributed.PlacedPreconditioner(Chain([EKFAC(factors), _Coupled()]))
+
+
+def test_split_settings_refused_where_they_cannot_work(workspace, tmp_path):
+    root = workspace
+    base = dict(queries=str(root / "queries.jsonl"), train=str(root / "docs.jsonl"), out=str(tmp_path / "s"), model=str(root / "model"))
+    with pytest.raises(PretraceError, match="--shard-factors"):
+        score(ScoreSettings(**base, factors=str(root / "factors"), shard="queries", shard_factors=True))
+    with pytest.raises(PretraceError, match="gradient methods"):
+        score(ScoreSettings(**base, method="bm25", shard="queries"), ModelOptions(batch_size=BATCH_SIZE, device="cpu"))
 
 
 def _values(entry) -> list[float]:

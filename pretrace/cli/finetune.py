@@ -1,4 +1,7 @@
-"""`pretrace finetune`: full-parameter fine-tuning with the proximity term α/2‖θ − θ_pt‖² that multi-stage influence assumes."""
+"""`pretrace finetune`: full-parameter fine-tuning with the proximity term α/2‖θ − θ_pt‖² that multi-stage influence assumes.
+
+Runs unchanged under `torchrun --nproc-per-node N -m pretrace finetune ...`: --batch-size stays the global
+batch, each process takes its share of every batch and the gradients are summed over processes."""
 
 from __future__ import annotations
 

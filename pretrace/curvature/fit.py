@@ -5,7 +5,9 @@ their float64 eigendecompositions give the eigenbases Q_A, Q_G. Pass 2 accumulat
 eigenvalues Λ = mean over documents of (Q_Gᵀ ∇W Q_A)², ∇W being the gradient of a document's summed
 loss. Labels are sampled from the model (true Fisher) or taken from the data (empirical Fisher).
 Each pass checkpoints its running sums, so an interrupted fit resumes where it stopped. Under torchrun
-each rank takes every world-th batch and checkpoints its own sums; they are summed over ranks after each pass.
+each rank takes every world-th batch and checkpoints its own sums; they are summed over ranks after each pass,
+and each rank eigendecomposes only the modules it owns (every world-th) and broadcasts their eigenbases.
+Stored factors stay on the CPU; only the two eigenbases go to the model's device for the second pass.
 """
 
 from __future__ import annotations
@@ -134,6 +136,15 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return values, vectors
 
 
+def _owned_eigh(A: torch.Tensor, G: torch.Tensor, owner: int) -> tuple[torch.Tensor, ...]:
+    """Eigendecompositions of A and G computed by the `owner` rank and broadcast to the others."""
+    if distributed.rank() == owner:
+        (la, qa), (lg, qg) = _eigh(A), _eigh(G)
+    else:
+        la, qa, lg, qg = (torch.empty(shape, dtype=torch.float64) for shape in (A.shape[:-1], A.shape, G.shape[:-1], G.shape))
+    return tuple(distributed.broadcast([la, qa, lg, qg], owner))
+
+
 def fit_factors(
     model: torch.nn.Module,
     tracked: list[TrackedModule],
@@ -180,10 +191,10 @@ def fit_factors(
     device = next(model.parameters()).device
     store = parse_dtype(settings.factor_dtype)
     eigen, rotations = {}, {}
-    for t in tracked:  # module by module, releasing the float64 sums: peak memory stays near one copy of the factors
+    for position, t in enumerate(tracked):  # module by module, releasing the float64 sums: peak memory stays near one copy of the factors
         A = cov_sums.pop(f"{t.name}.A") / tokens
         G = cov_sums.pop(f"{t.name}.G") / tokens
-        (la, qa), (lg, qg) = _eigh(A), _eigh(G)
+        la, qa, lg, qg = _owned_eigh(A, G, distributed.owner(position))
         rotations[t.name] = (qa.to(device, compute), qg.to(device, compute))
         eigen[t.name] = tuple(x.to(store) for x in (A, G, la, qa, lg, qg))
 

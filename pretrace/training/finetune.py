@@ -9,6 +9,9 @@ record is a bare 'text'), N the number of examples, and θ_pt the starting (pre-
 every trainable parameter. This is the normalisation of `pretrace fit`'s curvature (the mean over
 sequences of the Hessian of each sequence's summed loss), so the recorded α enters the influence
 formula α (H_ft + αI)⁻¹ unchanged. Dropout is off by default: the derivation needs J's stationary point.
+
+Under `torchrun --nproc-per-node N -m pretrace finetune ...` every rank takes its share of each batch and
+the gradients are all-reduced (see `training.loop`); rank 0 alone writes the model folder.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from pretrace import distributed
 from pretrace.config import option, to_dict
 from pretrace.data.batching import encode_queries
 from pretrace.data.records import Query, read_queries
@@ -84,6 +88,7 @@ def finetune_model(model: torch.nn.Module, tokenizer, queries: Sequence[Query], 
 
 def finetune(settings: FinetuneSettings, progress: bool = True) -> torch.nn.Module:
     """Load `settings.model`, fine-tune it on `settings.data`, save model + tokenizer + record to `settings.out`."""
+    distributed.initialize()
     refuse_existing(settings.out, settings.overwrite)
     tokenizer = load_tokenizer(settings.model)
     model = load_model(settings.model, settings.dtype, settings.torch_device())
@@ -103,7 +108,9 @@ def finetune(settings: FinetuneSettings, progress: bool = True) -> torch.nn.Modu
         "final_train_loss": sum(history.losses[-50:]) / len(history.losses[-50:]),  # mean of the last ≤ 50 steps, without the proximity term
         "settings": to_dict(settings),
     }
-    save_model_folder(settings.out, model, tokenizer, FINETUNE_RECORD, record, settings.overwrite)
+    if distributed.is_main():
+        save_model_folder(settings.out, model, tokenizer, FINETUNE_RECORD, record, settings.overwrite)
+    distributed.barrier()  # the folder is complete before any rank returns
     return model
 
 

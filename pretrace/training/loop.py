@@ -10,6 +10,12 @@ a batch is one of two normalisations of the per-sequence summed cross-entropy â„
 w_i is an optional per-document weight (default 1; 0 removes a document, as retraining baselines need),
 and the denominators never depend on the weights. An optional `regulariser(model)` is added to every
 batch's loss, so its scale is that of the mean objective being minimised.
+
+Under torchrun each rank takes every world-th sequence of each (global) batch, divides its summed losses
+by the *global* batch's denominator and back-propagates; the ranks' gradients are then summed (an
+all-reduce, as DDP does), the regulariser's gradient is added once, and every rank takes the same
+optimizer step. With the same global batch size this is the single-process run up to the order float
+sums are added (dropout aside: each rank draws its own masks).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from pretrace import distributed
 from pretrace.config import option
 from pretrace.data.batching import Encoded, TokenBatch, collate
 from pretrace.errors import PretraceError
@@ -58,8 +65,8 @@ class TrainSettings:
                 raise PretraceError(message)
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "auto" or (self.device == "cuda" and torch.cuda.is_available()):
+            return distributed.local_device()  # under torchrun each process takes its own GPU, cuda:LOCAL_RANK
         try:
             return torch.device(self.device)
         except RuntimeError:
@@ -92,10 +99,15 @@ def sequence_losses(model: torch.nn.Module, batch: TokenBatch) -> torch.Tensor:
     return LanguageModelingTask().document_loss(model, batch)
 
 
-def batch_loss(losses: torch.Tensor, batch: TokenBatch, normalisation: str, weights: Mapping[str, float] | None = None) -> torch.Tensor:
-    """Scalar training loss of a batch from its [B] summed losses (see the module docstring)."""
+def batch_loss(losses: torch.Tensor, batch: TokenBatch, normalisation: str, weights: Mapping[str, float] | None = None,
+               denominator: int | None = None) -> torch.Tensor:
+    """Scalar training loss of a batch from its [B] summed losses (see the module docstring).
+
+    `denominator` (from `loss_denominator`) replaces the batch's own when `batch` is one rank's share of a batch."""
     if weights is not None:
         losses = losses * torch.tensor([float(weights.get(i, 1.0)) for i in batch.ids], dtype=losses.dtype, device=losses.device)
+    if denominator is not None:
+        return losses.sum() / denominator
     if normalisation == "token":
         return losses.sum() / batch.target_mask.sum().clamp(min=1)
     if normalisation == "sequence":
@@ -103,8 +115,27 @@ def batch_loss(losses: torch.Tensor, batch: TokenBatch, normalisation: str, weig
     raise PretraceError(f"unknown loss normalisation {normalisation!r}; choose one of {list(NORMALISATIONS)}.")
 
 
+def loss_denominator(items: Sequence[Encoded], normalisation: str) -> int:
+    """What a batch of `items` divides its summed losses by: their target tokens, or their number."""
+    if normalisation == "token":
+        return max(1, sum(sum(item.target_mask) for item in items))
+    return len(items)
+
+
 def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def _data_loss(model: torch.nn.Module, mine: Sequence[Encoded], denominator: int, normalisation: str,
+               weights: Mapping[str, float] | None, pad_id: int, device: torch.device) -> float:
+    """Back-propagate this rank's share of a batch's loss; return the whole batch's loss (summed over ranks)."""
+    loss = torch.zeros((), dtype=torch.float64)
+    if mine:  # a short last batch can leave a rank without sequences
+        batch = collate(mine, pad_id).to(device)
+        share = batch_loss(sequence_losses(model, batch), batch, normalisation, weights, denominator)
+        share.backward()
+        loss = share.detach().double().cpu()
+    return float(distributed.all_reduce_sums({"loss": loss})["loss"])
 
 
 @torch.no_grad()
@@ -112,14 +143,15 @@ def evaluate(model: torch.nn.Module, items: Sequence[Encoded], batch_size: int, 
     """Mean loss over all of `items` (per target token, or per sequence), with dropout off."""
     if not items:
         raise PretraceError("no evaluation data; pass at least one document.")
-    was_training, total, tokens = model.training, 0.0, 0
+    was_training, total = model.training, torch.zeros((), dtype=torch.float64)
     model.eval()
-    for start in tqdm(range(0, len(items), batch_size), desc="evaluate", unit="batch", disable=not progress, leave=False):
+    starts = distributed.shard(range(0, len(items), batch_size))  # each rank its share of the batches
+    for start in tqdm(starts, desc="evaluate", unit="batch", disable=not (progress and distributed.is_main()), leave=False):
         batch = collate(items[start : start + batch_size], pad_id).to(_device(model))
-        total += float(sequence_losses(model, batch).sum())
-        tokens += int(batch.target_mask.sum())
+        total += sequence_losses(model, batch).sum().double().cpu()
     model.train(was_training)
-    return total / (tokens if normalisation == "token" else len(items))
+    total = float(distributed.all_reduce_sums({"loss": total})["loss"])
+    return total / loss_denominator(items, normalisation)
 
 
 def train(
@@ -153,22 +185,24 @@ def train(
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps))
     history, device = TrainHistory(), _device(model)
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress)
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not (progress and distributed.is_main()))
     for epoch in range(settings.epochs):
         model.train(dropout)
         order = torch.randperm(len(items), generator=shuffler).tolist()
         for start in range(0, len(order), settings.batch_size):
-            batch = collate([items[i] for i in order[start : start + settings.batch_size]], pad_id).to(device)
-            data_loss = batch_loss(sequence_losses(model, batch), batch, normalisation, weights)
-            loss = data_loss if regulariser is None else data_loss + regulariser(model)
+            chosen = [items[i] for i in order[start : start + settings.batch_size]]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            data_loss = _data_loss(model, list(distributed.shard(chosen)), loss_denominator(chosen, normalisation),
+                                   normalisation, weights, pad_id, device)
+            distributed.all_reduce_gradients(trainable)
+            if regulariser is not None:
+                regulariser(model).backward()  # after the all-reduce: identical on every rank, added once
             if settings.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip)
             history.learning_rates.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
             schedule.step()
-            history.losses.append(data_loss.item())
+            history.losses.append(data_loss)
             bar.update()
             bar.set_postfix(loss=f"{history.losses[-1]:.4f}", lr=f"{history.learning_rates[-1]:.2e}")
         if validation:
