@@ -11,7 +11,8 @@ scale of EK-FAC's per-document Fisher), either
 Products never build J: J v comes from the double-backward trick (the gradient of the linear map
 u ↦ Jᵀu with respect to u), Jᵀ w from an ordinary backward pass, Hessian products from double backward.
 Several vectors share one forward pass (`is_grads_batched`). Solvers see vectors as flat `[Q, P]` rows
-(modules in tracked order, each `[d_out, d_in']` row-major, bias column last), so the conversion between
+(entries in tracked order, each `[d_out, d_in']` row-major: a module's bias column last, a parameter of the
+all-parameters scope as its own tensor flattened), so the conversion between
 the dict of module gradients and the model's weight and bias tensors lives here, once.
 """
 
@@ -27,7 +28,7 @@ from pretrace.curvature.operators import Gradients, Preconditioner
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
 from pretrace.gradients.task import summed_cross_entropy, token_logits
-from pretrace.modeling.modules import TrackedModule
+from pretrace.modeling.modules import Tracked
 
 CURVATURES = ("ggn", "hessian")
 LOGIT_ELEMENTS_PER_PASS = 2**25  # vectors sharing a forward pass are limited by their [Q, B, T, V] logit tangents
@@ -35,20 +36,16 @@ TRACE_PROBES = 64  # Hutchinson probes for the relative damping: a few per cent 
 
 
 class ParameterLayout:
-    """Maps between module-gradient dicts `{name: [Q, d_out, d_in']}`, flat `[Q, P]` rows and the model's
-    own parameter tensors (weight, then bias, per tracked module; Conv1D weights transposed)."""
+    """Maps between gradient dicts `{name: [Q, d_out, d_in']}`, flat `[Q, P]` rows and the model's own
+    parameter tensors (each tracked entry's `parameters()`: weight then bias of a linear module, Conv1D
+    weights transposed; or a whole parameter of the all-parameters scope, a tied one once)."""
 
-    def __init__(self, tracked: Sequence[TrackedModule]):
+    def __init__(self, tracked: Sequence[Tracked]):
         self.tracked = list(tracked)
         self.num_parameters = sum(t.num_parameters for t in self.tracked)
 
     def parameters(self) -> list[torch.nn.Parameter]:
-        params = []
-        for t in self.tracked:
-            params.append(t.module.weight)
-            if t.has_bias:
-                params.append(t.module.bias)
-        return params
+        return [p for t in self.tracked for p in t.parameters()]
 
     def flatten(self, grads: Gradients) -> torch.Tensor:
         missing = [t.name for t in self.tracked if t.name not in grads]
@@ -56,7 +53,7 @@ class ParameterLayout:
             raise PretraceError(f"gradients are missing tracked modules {missing}; score with the module selection the solver was fitted on.")
         return torch.cat([grads[t.name].flatten(1) for t in self.tracked], dim=1)
 
-    def _modules(self, flat: torch.Tensor) -> Iterator[tuple[TrackedModule, torch.Tensor]]:
+    def _modules(self, flat: torch.Tensor) -> Iterator[tuple[Tracked, torch.Tensor]]:
         offset = 0
         for t in self.tracked:
             yield t, flat[:, offset : offset + t.num_parameters].reshape(-1, t.d_out, t.d_in_total)
@@ -67,24 +64,14 @@ class ParameterLayout:
 
     def to_parameters(self, flat: torch.Tensor) -> list[torch.Tensor]:
         """`[Q, *p.shape]` for every parameter p of `parameters()`."""
-        out = []
-        for t, block in self._modules(flat):
-            weight = block[:, :, : t.d_in]
-            out.append((weight.transpose(1, 2) if t.transposed else weight).contiguous())
-            if t.has_bias:
-                out.append(block[:, :, t.d_in].contiguous())
-        return out
+        return [tensor for t, block in self._modules(flat) for tensor in t.to_parameters(block)]
 
     def from_parameters(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         rows, index = [], 0
         for t in self.tracked:
-            weight = tensors[index]
-            index += 1
-            block = weight.transpose(1, 2) if t.transposed else weight
-            if t.has_bias:
-                block = torch.cat([block, tensors[index][:, :, None]], dim=2)
-                index += 1
-            rows.append(block.flatten(1))
+            count = len(t.parameters())
+            rows.append(t.from_parameters(tensors[index : index + count]).flatten(1))
+            index += count
         return torch.cat(rows, dim=1)
 
 
@@ -108,7 +95,7 @@ class CurvatureProducts:
     """v ↦ C v for flat vectors `[Q, P]` over the tracked parameters, C averaged over the documents of the
     given batches (by default all fitting batches)."""
 
-    def __init__(self, model: torch.nn.Module, tracked: Sequence[TrackedModule], batches: Sequence[TokenBatch], kind: str = "ggn"):
+    def __init__(self, model: torch.nn.Module, tracked: Sequence[Tracked], batches: Sequence[TokenBatch], kind: str = "ggn"):
         if kind not in CURVATURES:
             raise PretraceError(f"unknown --curvature {kind!r}; choose one of {list(CURVATURES)}.")
         if not batches:

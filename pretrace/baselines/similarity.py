@@ -5,7 +5,7 @@ Queries are measured on the query stage and documents on the document stage, so 
 query's gradient (or hidden state) comes from the fine-tuned model and a document's from the pre-trained
 one, as the paper's baselines do. Gradients come only from the shared provider (`capture`,
 `query_gradients`): the summed cross-entropy of a document's tokens or of a query's completion, over the
-tracked modules (all linear modules or MLP only, by --preset).
+tracked modules (all linear modules, MLP only, or every parameter: by --preset).
 
 CKA: the paper's script scores a pair with the linear CKA of the two flattened gradients taken as 1×P
 representations, uncentred: ‖x yᵀ‖²_F / (‖x xᵀ‖_F ‖y yᵀ‖_F). For single rows x xᵀ = ‖x‖², so this is

@@ -1,6 +1,7 @@
 """TRAK (Park et al., 2023): randomly projected per-example gradients, one kernel per model, an ensemble average.
 
-What is computed, for each ensemble model θ_m (the paper trains M models on random halves of the data):
+What is computed, for each ensemble model θ_m (the paper trains M models on random halves of the data:
+`--trak-ensemble M` trains them inside `fit`, see `trak_ensemble`; `--trak-models` takes given folders):
 
     φ_m(z)      = P_mᵀ ∇θ ℓ(z; θ_m) ∈ R^k   ℓ: summed cross-entropy of a document's tokens (of a query:
                                            its completion tokens), θ: the tracked modules' weights
@@ -29,12 +30,14 @@ float32 precision.
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from pretrace.baselines.similarity import check_details, compute_dtype, document_captures, require_fitted
+from pretrace.baselines.trak_ensemble import EnsembleSettings, Member, train_ensemble
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.scores.pairwise import ScoreResult, query_gradients
@@ -158,19 +161,25 @@ def _signature(stage: Stage) -> list[tuple]:
 
 
 class TRAK(Attributor):
-    """TRAK over an ensemble of model folders, or over the scoring context's own model(s) when none is given.
+    """TRAK over an ensemble of model folders, one trained in `fit` (`ensemble`), or over the scoring context's
+    own model(s) when neither is given.
 
-    Without `model_paths` the one member is the context: single-stage, the model itself; multi-stage,
-    queries on the fine-tuned model and documents (and the kernel) on the pre-trained one. Ensemble
-    members are single-stage and all stay loaded between `fit` and `score`.
+    Without members the one member is the context: single-stage, the model itself; multi-stage, queries on
+    the fine-tuned model and documents (and the kernel) on the pre-trained one. Ensemble members are
+    single-stage and all stay loaded between `fit` and `score`.
     """
 
     name = "trak"
 
     def __init__(self, model_paths: list[str] | None = None, projection_dim: int = 2048, projection: str = "rademacher",
-                 seed: int = 0, damping: float | None = None, damping_factor: float = 0.1):
+                 seed: int = 0, damping: float | None = None, damping_factor: float = 0.1, ensemble: EnsembleSettings | None = None):
         check_projection(projection_dim, projection)
+        if ensemble is not None and model_paths:
+            raise PretraceError("give either --trak-models (trained ensemble folders) or --trak-ensemble N (train them now), not both.")
         self.model_paths = list(model_paths or [])
+        self.ensemble = ensemble
+        self.trained: list[Member] = []
+        self.training_seconds = 0.0
         self.projection_dim, self.projection, self.seed = projection_dim, projection, seed
         self.damping, self.damping_factor = damping, damping_factor
         self.fitted: list[FittedModel] = []
@@ -194,7 +203,14 @@ class TRAK(Attributor):
         return members
 
     def fit(self, context: ScoringContext) -> None:
-        """Featurize the documents and invert each member's kernel: TRAK's one-off cost."""
+        """Train the ensemble if asked, featurize the documents and invert each member's kernel: TRAK's one-off cost."""
+        if self.ensemble is not None:
+            if context.query_stage is not context.document_stage:
+                raise PretraceError("--trak-ensemble trains single-stage members; score with --model, not --pretrained/--finetuned.")
+            started = time.perf_counter()
+            self.trained = train_ensemble(self.ensemble, context.document_stage)
+            self.training_seconds = time.perf_counter() - started
+            self.model_paths = [str(member.path) for member in self.trained]
         self.fitted = []
         for index, (queries, documents) in enumerate(self.members(context)):
             projector = GradientProjector(self.projection_dim, self.projection, self.seed, member=index)
@@ -217,11 +233,18 @@ class TRAK(Attributor):
         check_details(self.name, per_module, per_token, module_scores=False)
         ids, scores = self.member_scores(context)
         names = [t.name for t in context.document_stage.tracked]
-        return ScoreResult(scores=torch.stack(scores).mean(0), query_ids=ids, document_ids=list(self.document_ids), module_names=names)
+        timings = {"ensemble_training_seconds": self.training_seconds} if self.ensemble is not None else {}
+        return ScoreResult(scores=torch.stack(scores).mean(0), query_ids=ids, document_ids=list(self.document_ids), module_names=names, timings=timings)
 
     def hyperparameters(self) -> dict:
+        ensemble = None
+        if self.ensemble is not None:
+            ensemble = {**asdict(self.ensemble), "training_seconds": self.training_seconds,
+                        "trained": [{"path": str(m.path), "documents": m.documents, "trained_now": m.trained_now,
+                                     "train_seconds": m.train_seconds} for m in self.trained]}
         return {
             "models": [str(Path(p)) for p in self.model_paths] or ["(the scored model)"],
+            "ensemble": ensemble,
             "projection_dim": self.projection_dim, "projection": self.projection, "projection_seed": self.seed,
             "projection_scale": "1/sqrt(projection_dim)",
             "projection_device": sorted({str(next(m.document_stage.model.parameters()).device.type) for m in self.fitted}),
@@ -231,6 +254,16 @@ class TRAK(Attributor):
         }
 
 
+def ensemble_settings(settings) -> EnsembleSettings | None:
+    """The ensemble to train from the score settings, or None (--trak-ensemble 0)."""
+    if not settings.trak_ensemble:
+        return None
+    folder = settings.trak_ensemble_dir or str(Path(settings.out).with_name(Path(settings.out).name + ".trak-ensemble"))
+    return EnsembleSettings(settings.trak_ensemble, folder, settings.trak_train_data or settings.train, settings.trak_subset_fraction,
+                            settings.trak_epochs, settings.trak_lr, settings.trak_batch_size, settings.trak_seed, settings.trak_init)
+
+
 def build_trak(settings) -> TRAK:
     paths = [p.strip() for p in (settings.trak_models or "").split(",") if p.strip()]
-    return TRAK(paths, settings.projection_dim, settings.projection, settings.projection_seed, settings.damping, settings.damping_factor)
+    return TRAK(paths, settings.projection_dim, settings.projection, settings.projection_seed, settings.damping, settings.damping_factor,
+                ensemble=ensemble_settings(settings))

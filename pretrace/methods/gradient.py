@@ -11,6 +11,7 @@ from typing import Callable
 from pretrace.curvature import EKFAC, KFAC, Chain, Diagonal, Factors, Identity, Preconditioner, Scaled
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
+from pretrace.modeling.modules import ALL_PARAMETERS, only_linear_modules, require_linear_modules
 from pretrace.scores.pairwise import ScoreResult, query_gradients, score_documents
 
 CURVATURES = {"ekfac": EKFAC, "kfac": KFAC, "diagonal": Diagonal}
@@ -34,8 +35,11 @@ class PreconditionedGradients(Attributor):
         return ids, self.preconditioner.apply(grads)
 
     def score(self, context: ScoringContext, per_module: bool = False, per_token: bool = False) -> ScoreResult:
-        ids, weights = self.precondition_queries(context)
         docs = context.document_stage
+        if per_token and not only_linear_modules(docs.tracked):
+            raise PretraceError(f"--method {self.name}: per-token contributions exist for linear modules only, not for the other "
+                                f"parameters --preset {ALL_PARAMETERS} tracks; score without them (--no-explain) or use --preset all.")
+        ids, weights = self.precondition_queries(context)
         return score_documents(
             docs.model, docs.tracked, weights, docs.document_batches(context.documents)(), ids,
             per_module=per_module, per_token=per_token, num_batches=docs.document_batch_count(context.documents), progress=True,
@@ -64,6 +68,7 @@ def single_stage(kind: str, factors_dir: str | Path | None, damping: float | Non
         return PreconditionedGradients("identity", lambda context: Identity())
 
     def make(context: ScoringContext) -> Preconditioner:
+        require_linear_modules(context.document_stage.tracked, f"--method {kind}")
         if factors_dir is None:
             raise PretraceError(f"--method {kind} needs --factors (a folder made by `pretrace fit`).")
         factors = load_checked_factors(factors_dir, context.document_stage, "factors")
@@ -79,6 +84,7 @@ def multi_stage(kind: str, pretrained_factors: str | Path, finetuned_factors: st
         raise PretraceError(f"multi-stage influence needs a positive --alpha (the fine-tuning proximity strength), got {alpha}.")
 
     def make(context: ScoringContext) -> Preconditioner:
+        require_linear_modules(context.document_stage.tracked, f"--method {kind}")
         ft = load_checked_factors(finetuned_factors, context.query_stage, "fine-tuned factors")
         pt = load_checked_factors(pretrained_factors, context.document_stage, "pre-trained factors")
         ft_inverse = curvature_inverse(kind, ft, alpha if finetuned_damping is None else finetuned_damping, damping_factor)

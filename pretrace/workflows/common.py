@@ -21,7 +21,7 @@ from pretrace.modeling.modules import ATTENTION_BLOCKS, PRESETS, TrackedModule, 
 class ModelOptions:
     """How a model is loaded, which of its modules are tracked, and how text becomes batches."""
 
-    preset: str = option("all", choices=PRESETS, help="Tracked linear modules inside the transformer blocks: all, mlp or attention (embeddings and LM head are never tracked).")
+    preset: str = option("all", choices=PRESETS, help="What gradients are taken over: the linear modules inside the transformer blocks (all, mlp or attention), or all-parameters: every parameter (embeddings, norms, LM head, biases; a tied weight once), for the methods without Kronecker factors (identity, gradient-dot, gradient-cosine, cka, trak, exact, cg, lissa, arnoldi); per-example embedding gradients cost vocabulary x hidden numbers each.")
     modules: str | None = option(None, help="Regular expression on module names, applied after --preset (e.g. 'layers\\.(10|11)\\.').")
     attention_blocks: str = option("layer", choices=ATTENTION_BLOCKS, help="Output-gradient blocks of fused QKV projections: one per module ('layer') or one per head and q/k/v ('head').")
     dtype: str = option("float32", choices=tuple(DTYPES), help="Model precision.")

@@ -9,6 +9,7 @@ from pretrace import distributed
 from pretrace.config import to_dict
 from pretrace.curvature import FitSettings, Factors, fit_factors
 from pretrace.errors import PretraceError
+from pretrace.modeling.modules import require_linear_modules
 from pretrace.storage import atomic_directory, file_sha256
 from pretrace.workflows.common import ModelOptions, load_stage
 
@@ -26,6 +27,7 @@ def fit(model: str | Path, data: str | Path, out: str | Path, options: ModelOpti
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise PretraceError(f"{out}: already exists and is not empty; pass --overwrite or choose another --out.")
     stage = load_stage(model, options)
+    require_linear_modules(stage.tracked, "pretrace fit")
     data_hash = file_sha256(data) if Path(data).is_file() else None
     if data_hash is None:
         raise PretraceError(f"{data}: no such file; pass a JSONL file with one {{\"text\": ...}} object per line.")

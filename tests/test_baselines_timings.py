@@ -1,0 +1,51 @@
+"""Every registered method through `pretrace score`: the score folder's JSON splits its time into the one-off
+cost (fitting, indexing, training an ensemble) and the per-query cost, and records its hyper-parameters."""
+
+import json
+
+import pytest
+
+from pretrace.curvature import FitSettings
+from pretrace.methods.registry import METHODS
+from pretrace.scores.io import load_scores
+from pretrace.workflows.common import ModelOptions
+from pretrace.workflows.fit import fit
+from pretrace.workflows.score import ScoreSettings, score
+from test_baselines_similarity import QUERIES, query_record
+from tiny import save_tiny_model
+
+SETTINGS = {  # small enough for a second each on the tiny model's last MLP
+    "trak": {"projection_dim": 8},
+    "cg": {"iterations": 50, "tolerance": 0.05},
+    "lissa": {"lissa_depth": 3, "damping": 1.0},
+    "arnoldi": {"arnoldi_rank": 2, "arnoldi_iterations": 4},
+}
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, sentences):
+    root = tmp_path_factory.mktemp("timings")
+    model = str(save_tiny_model(root / "model"))
+    train = _write_jsonl(root / "train.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(sentences)])
+    queries = _write_jsonl(root / "queries.jsonl", [query_record(q) for q in QUERIES])
+    options = ModelOptions(device="cpu", dtype="float64", batch_size=4, modules=r"layers\.1\.mlp")
+    fit(model, train, root / "factors", options, FitSettings(diagonal=True), progress=False)
+    return root, model, train, queries, options
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_reports_its_time_split(workspace, method):
+    root, model, train, queries, options = workspace
+    out = root / method
+    factors = {"factors": str(root / "factors")} if method in ("ekfac", "kfac", "diagonal") else {}
+    score(ScoreSettings(queries=queries, train=train, out=str(out), model=model, method=method, top_k=2, **factors, **SETTINGS.get(method, {})), options)
+    _, metadata = load_scores(out)
+    timings = metadata["timings"]
+    assert timings["one_off_seconds"] >= 0 and timings["per_query_seconds"] > 0
+    assert timings["scoring_seconds"] == pytest.approx(timings["per_query_seconds"] * len(QUERIES))
+    assert metadata["method"] == method and isinstance(metadata["hyperparameters"], dict)
