@@ -1,7 +1,7 @@
 """Multi-stage influence against the ground truth of retraining both stages without each document.
 
     python benchmarks/multistage_retraining.py [--documents 60] [--hidden-size 8] [--weight-decay 1e-2]
-        [--alpha 1e-2] [--fisher true|empirical] [--label-repeats 16] [--seeds 0 1]
+        [--alpha 1e-1] [--finetuning broad|capitals] [--fisher true|empirical] [--label-repeats 16] [--seeds 0 1]
         [--out benchmarks/results/multistage_retraining.json]
 
 A 1-layer GPT-NeoX whose MLP is pre-trained on capital-city facts (+ filler sentences) and proximally
@@ -30,6 +30,8 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
     parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
     parser.add_argument("--alpha", type=float, default=defaults.alpha)
+    parser.add_argument("--finetuning", choices=("broad", "capitals"), default=defaults.finetuning,
+                        help="fine-tuning set: capital questions mixed with other completions (broad) or capital questions only")
     parser.add_argument("--fisher", choices=("true", "empirical"), default=defaults.fisher)
     parser.add_argument("--label-repeats", type=int, default=defaults.label_repeats)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -41,7 +43,7 @@ def main() -> None:
     runs = []
     for seed in args.seeds:
         settings = RetrainingSettings(documents=args.documents, hidden_size=args.hidden_size, weight_decay=args.weight_decay,
-                                      alpha=args.alpha, label_repeats=args.label_repeats, fisher=args.fisher, seed=seed)
+                                      alpha=args.alpha, finetuning=args.finetuning, label_repeats=args.label_repeats, fisher=args.fisher, seed=seed)
         start = time.perf_counter()
         result = compare_influences(settings)
         seconds = time.perf_counter() - start

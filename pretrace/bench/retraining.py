@@ -194,15 +194,20 @@ class RetrainingSettings:
     documents: int = 60
     hidden_size: int = 8
     weight_decay: float = 1e-2
-    alpha: float = 1e-2
+    alpha: float = 1e-1
+    # "broad": the fine-tuning set mixes capital questions with sentence completions and city → country pairs, as
+    # an instruction-tuning set mixes tasks; "capitals": six capital questions only, whose nearly rank-deficient
+    # H_ft makes α(H_ft + αI)⁻¹ a projector that EK-FAC's Kronecker eigenbasis cannot place (see the benchmark).
+    finetuning: str = "broad"
     label_repeats: int = 16  # each document's labels are sampled this many times when fitting EK-FAC (true Fisher)
     fisher: str = "true"
     warmup_steps: int = 300
     seed: int = 0
 
 
-def country_corpus(count: int, seed: int) -> tuple[list[Document], list[Query], list[Query]]:
-    """Facts about 12 capitals padded with filler sentences; fine-tune on 6 capitals, query the other 6."""
+def country_corpus(count: int, seed: int, finetuning: str = "broad") -> tuple[list[Document], list[Query], list[Query]]:
+    """Facts about 12 capitals padded with filler sentences; fine-tune on 6 capitals (and, if broad, other
+    completions), query the other 6 capitals."""
     rng = random.Random(seed)
     texts = []
     for country, capital in _COUNTRIES:
@@ -212,7 +217,15 @@ def country_corpus(count: int, seed: int) -> tuple[list[Document], list[Query], 
     texts += [rng.choice(_FILLERS) + " ." for _ in range(count - len(texts))]
     documents = [Document(str(i), text) for i, text in enumerate(texts)]
     ask = lambda prefix, pairs: [Query(f"{prefix}{i}", f"what is the capital of {c} ?", f" {cap} .") for i, (c, cap) in enumerate(pairs)]
-    return documents, ask("pair", _COUNTRIES[:6]), ask("query", _COUNTRIES[6:])
+    pairs = ask("pair", _COUNTRIES[:6])
+    if finetuning == "broad":
+        for i, filler in enumerate(_FILLERS):
+            words = filler.split()
+            pairs.append(Query(f"complete{i}", " ".join(words[:2]), " " + " ".join(words[2:]) + " ."))
+        pairs += [Query(f"city{i}", f"{capital} is a city in", f" {country} .") for i, (country, capital) in enumerate(_COUNTRIES[:6])]
+    elif finetuning != "capitals":
+        raise PretraceError(f"finetuning must be 'broad' or 'capitals', got {finetuning!r}.")
+    return documents, pairs, ask("query", _COUNTRIES[6:])
 
 
 def word_tokenizer(texts: list[str]):
@@ -234,7 +247,7 @@ def build_problem(settings: RetrainingSettings):
 
     from pretrace.modeling.modules import select_modules
 
-    documents, pairs, queries = country_corpus(settings.documents, settings.seed)
+    documents, pairs, queries = country_corpus(settings.documents, settings.seed, settings.finetuning)
     tokenizer = word_tokenizer([d.text for d in documents] + [q.prompt + q.completion for q in pairs + queries])
     torch.manual_seed(settings.seed)
     h = settings.hidden_size
