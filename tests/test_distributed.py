@@ -346,6 +346,19 @@ def test_device_map_auto_model_fits_and_scores_like_a_plain_one(workspace):
     torch.testing.assert_close(mapped_scores, plain_scores)
 
 
+def test_device_map_option_reaches_from_pretrained(workspace, monkeypatch):
+    pytest.importorskip("accelerate")
+    from transformers import AutoModelForCausalLM
+
+    root, seen = workspace, []
+    original = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: seen.append(k.get("device_map")) or original(*a, **k))
+    plain = load_stage(root / "model", ModelOptions(batch_size=BATCH_SIZE, device="cpu"))
+    mapped = load_stage(root / "model", ModelOptions(batch_size=BATCH_SIZE, device_map="auto"))
+    assert seen == [None, "auto"]
+    assert mapped.fingerprint == plain.fingerprint
+
+
 def test_half_precision_factors_score_close_to_float32(workspace, tmp_path):
     """Factors stored in bfloat16/float16 (accumulated and eigendecomposed in float64) barely move the scores."""
     root = workspace

@@ -41,17 +41,20 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu"):
-    """Load in eval mode (dropout off): influence is defined for the deterministic model."""
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu", device_map: str | None = None):
+    """Load in eval mode (dropout off): influence is defined for the deterministic model.
+
+    With `device_map` (e.g. "auto", needs `accelerate`) the layers are spread over the available devices
+    instead of moved to `device`, for models that do not fit one."""
     from transformers import AutoModelForCausalLM
 
     path = check_model_dir(path)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **({"device_map": device_map} if device_map else {}))
     except Exception as exc:
         raise PretraceError(f"{path}: could not load the model ({exc.__class__.__name__}: {exc}).") from None
-    return model.to(device).eval()
+    return (model if device_map else model.to(device)).eval()
 
 
 def pad_token_id(tokenizer) -> int:

@@ -26,6 +26,7 @@ class ModelOptions:
     attention_blocks: str = option("layer", choices=ATTENTION_BLOCKS, help="Output-gradient blocks of fused QKV projections: one per module ('layer') or one per head and q/k/v ('head').")
     dtype: str = option("float32", choices=tuple(DTYPES), help="Model precision.")
     device: str = option("auto", help="'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available).")
+    device_map: str | None = option(None, help="Spread a model too large for one device over all of them (Hugging Face device_map, e.g. 'auto'; needs accelerate); --device is then ignored. Not with torchrun.")
     max_length: int = option(512, help="Longer sequences are truncated (with a warning that counts them).")
     batch_size: int = option(8, help="Sequences per forward/backward pass.")
     padding_side: str = option("right", choices=("right", "left"), help="Padding side of batches (scores do not depend on it).")
@@ -36,6 +37,8 @@ class ModelOptions:
             raise PretraceError("--max-length must be at least 2.")
         if self.batch_size < 1:
             raise PretraceError("--batch-size must be at least 1.")
+        if self.device_map is not None and distributed.requested_world_size() > 1:
+            raise PretraceError("--device-map spreads one model over the devices of one process; under torchrun use one device per process instead.")
 
     def torch_device(self) -> torch.device:
         if self.device == "auto" or (self.device == "cuda" and torch.cuda.is_available()):
@@ -105,7 +108,7 @@ def jsonl_format(path: str | Path) -> str:
 def load_stage(path: str | Path, options: ModelOptions, modules: list[str] | None = None) -> Stage:
     """Load model and tokenizer; track `modules` by name if given, else by the options' selection."""
     device = options.torch_device()
-    model = load_model(path, options.dtype, device)
+    model = load_model(path, options.dtype, device, options.device_map)
     tokenizer = load_tokenizer(path)
     tracked = select_modules(model, options.preset, options.modules, options.attention_blocks)
     if modules is not None:
