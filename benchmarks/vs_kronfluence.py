@@ -1,6 +1,6 @@
 """pretrace against kronfluence on the same model, data and settings: do the scores agree, and how fast is each?
 
-    python benchmarks/vs_kronfluence.py [--size tiny|smollm] [--documents N] [--queries Q] [--repeats 3] [--out PATH]
+    python benchmarks/vs_kronfluence.py [--size tiny|smollm] [--documents N] [--queries Q] [--repeats 3] [--query-rank R] [--out PATH]
 
 Both libraries fit EK-FAC on the empirical Fisher of the same documents (summed next-token loss per
 document, the same tracked linear modules, lm_head and embeddings excluded) and score Q queries (summed
@@ -42,7 +42,8 @@ from pretrace.data import Document, Query
 from pretrace.data.batching import Encoded, TokenBatch, collate, encode_documents, encode_queries
 from pretrace.metrics import spearman
 from pretrace.modeling.modules import select_modules
-from pretrace.scores import query_gradients, score_documents
+from pretrace.scores import score_documents
+from pretrace.scores.queries import precondition_queries
 
 MIN_SPEARMAN = 0.99
 RESULTS = Path(__file__).resolve().parent / "results" / "vs_kronfluence.json"
@@ -130,8 +131,10 @@ def _device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def run_pretrace(work: Workload) -> tuple[torch.Tensor, dict]:
-    """EK-FAC on the empirical Fisher, then [Q, N] scores; times and peak memory of both phases."""
+def run_pretrace(work: Workload, query_rank: int | None = None) -> tuple[torch.Tensor, dict]:
+    """EK-FAC on the empirical Fisher, then [Q, N] scores; times and peak memory of both phases. With
+    `query_rank`, the same factors also score with rank-truncated query weights (`low_rank_*` measures:
+    time, memory, the weights' relative Frobenius error, and Spearman and relative error against full rank)."""
     model, device = work.model, _device(work.model)
     names = set(work.module_names)
     tracked = [t for t in select_modules(model) if t.name in names]
@@ -140,13 +143,18 @@ def run_pretrace(work: Workload) -> tuple[torch.Tensor, dict]:
     doc_batches, query_batches = work.batches(work.documents), work.batches(work.queries)
     factors, fit_s, fit_mem = _timed(device, lambda: fit_factors(model, tracked, lambda: doc_batches, settings, progress=False))
 
-    def score():
-        ids, grads = query_gradients(model, tracked, query_batches)
-        preconditioned = EKFAC(factors, damping=work.damping).apply(grads)
-        return score_documents(model, tracked, preconditioned, doc_batches, ids).scores
+    def score(rank):
+        queries = precondition_queries(model, tracked, query_batches, EKFAC(factors, damping=work.damping), query_rank=rank)
+        scores = score_documents(model, tracked, queries.weights, doc_batches, queries.ids, num_batches=len(doc_batches)).scores
+        return scores.double().cpu(), queries.relative_error
 
-    scores, score_s, score_mem = _timed(device, score)
-    return scores.double().cpu(), {"fit_seconds": fit_s, "score_seconds": score_s, "fit_peak_bytes": fit_mem, "score_peak_bytes": score_mem}
+    (scores, _), score_s, score_mem = _timed(device, lambda: score(None))
+    measures = {"fit_seconds": fit_s, "score_seconds": score_s, "fit_peak_bytes": fit_mem, "score_peak_bytes": score_mem}
+    if query_rank is not None:
+        (low, error), low_s, low_mem = _timed(device, lambda: score(query_rank))
+        measures.update(low_rank_score_seconds=low_s, low_rank_score_peak_bytes=low_mem, low_rank_query_relative_error=float(error.mean()),
+                        low_rank_spearman_vs_full_rank=spearman(low, scores), low_rank_relative_score_error=float((low - scores).norm() / scores.norm()))
+    return scores, measures
 
 
 def _kronfluence_batch(batch: TokenBatch) -> dict[str, torch.Tensor]:
@@ -306,6 +314,14 @@ def smollm_workload(documents: int, queries: int, batch_size: int, damping: floa
                     pad_token_id(tokenizer), batch_size, damping)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            return next(line.split(":", 1)[1].strip() for line in handle if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def _table(rows: list[tuple[str, ...]]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths))) for row in rows]
@@ -334,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each library; the fastest time is reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--query-rank", type=int, help="also score with each preconditioned query gradient truncated to this rank per module, and report its error")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="JSON file of results, one entry per --size (others are kept)")
     args = parser.parse_args(argv)
     if not kronfluence_available():
         print("kronfluence is not installed: pip install --no-deps kronfluence==1.0.1 einops einconv opt-einsum", file=sys.stderr)
@@ -346,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
     work = build(args.documents or defaults[0], args.queries or defaults[1], args.batch_size, args.damping)
     work.model.to(args.device)
     floor = best_of(args.repeats, lambda: (None, run_floor(work)))[1]
-    ours, pretrace = best_of(args.repeats, lambda: run_pretrace(work))
+    ours, pretrace = best_of(args.repeats, lambda: run_pretrace(work, args.query_rank))
     with tempfile.TemporaryDirectory() as folder:
         theirs, kronfluence = best_of(args.repeats, lambda: run_kronfluence(work, folder))
     agree = agreement(ours, theirs)
@@ -355,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"the libraries disagree (Spearman {agree['spearman']:.4f} < {MIN_SPEARMAN}); not reporting speed.", file=sys.stderr)
         return 1
     print(report(pretrace, kronfluence, floor))
-    result = {
+    result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpu": _cpu_name(), "logical_cpus": os.cpu_count(),
         "size": args.size, "documents": len(work.documents), "queries": len(work.queries), "batch_size": args.batch_size,
         "damping": args.damping, "repeats": args.repeats, "device": args.device, "threads": args.threads, "dtype": str(next(work.model.parameters()).dtype),
         "tokens": sum(len(e.input_ids) for e in work.documents), "modules": work.module_names,
@@ -364,8 +381,14 @@ def main(argv: list[str] | None = None) -> int:
         "ratios": {f"{phase}_{kind}": pretrace[f"{phase}_seconds"] / (kronfluence[f"{phase}_seconds"] if kind == "vs_kronfluence" else floor["seconds"])
                    for phase in ("fit", "score") for kind in ("vs_kronfluence", "vs_floor")},
     }
+    if args.query_rank is not None:
+        result["query_rank"] = args.query_rank
+        print(f"rank-{args.query_rank} queries: " + ", ".join(f"{k} {v:.4g}" for k, v in pretrace.items() if k.startswith("low_rank")))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    previous = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results = {key: value for key, value in previous.items() if key in ("tiny", "smollm")}  # a pre-size-keyed file is replaced
+    results[args.size] = result
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {args.out}")
     return 0
 

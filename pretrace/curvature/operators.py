@@ -102,18 +102,51 @@ class _EigenbasisInverse(_Damped):
             self._cache[key] = (
                 mf.activation_eigenvectors.to(device, dtype),
                 mf.gradient_eigenvectors.to(device, dtype),
-                inverse.to(device, dtype),
+                inverse.reshape(-1, inverse.shape[-1]).to(device, dtype),  # [d_out, d_in']
             )
         return self._cache[key]
 
     def apply_module(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         qa, qg, inverse = self._prepared(name, grad.device, grad.dtype)
-        n_blocks, block = qg.shape[0], qg.shape[1]
-        blocks = grad.reshape(grad.shape[0], n_blocks, block, grad.shape[-1])
-        rotated = torch.einsum("kac,qkai->qkci", qg, blocks) @ qa
-        rotated = rotated * inverse
-        back = torch.einsum("kac,qkci->qkai", qg, rotated @ qa.T)
-        return back.reshape(grad.shape)
+        return from_eigenbasis(to_eigenbasis(grad, qa, qg) * inverse, qa, qg)
+
+    def eigenbasis(self, name: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q_A `[d_in', d_in']`, Q_G `[blocks, block, block]`): a module's Kronecker eigenbases."""
+        qa, qg, _ = self._prepared(name, device, dtype)
+        return qa, qg
+
+    def apply_factored_in_eigenbasis(self, name: str, output_gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """`[Q, d_out, d_in']`: P v in the eigenbasis, for v = Σ_t g_t a_tᵀ given as `[Q, T, d_out]`, `[Q, T, d_in']`.
+
+        Rotating the T factors costs T (d_out·block + d_in'²) instead of d_out·d_in' (block + d_in') for the
+        dense gradient: far less when a sequence is shorter than the module is wide (the cheaper is taken)."""
+        qa, qg, inverse = self._prepared(name, activations.device, activations.dtype)
+        (t, d_out), d_in, block = output_gradients.shape[1:], qa.shape[0], qg.shape[1]
+        if t * (d_out * block + d_in * d_in) <= d_out * d_in * (block + d_in):
+            g, a = rotate_factors(output_gradients, activations, qa, qg)
+            rotated = torch.einsum("qto,qti->qoi", g, a)
+        else:
+            rotated = to_eigenbasis(torch.einsum("qto,qti->qoi", output_gradients, activations), qa, qg)
+        return rotated * inverse
+
+
+def to_eigenbasis(grad: torch.Tensor, qa: torch.Tensor, qg: torch.Tensor) -> torch.Tensor:
+    """(Q_G ⊗ Q_A)ᵀ v for `[Q, d_out, d_in']` gradients, Q_G block-diagonal `[blocks, block, block]`."""
+    blocks = grad.reshape(grad.shape[0], qg.shape[0], qg.shape[1], grad.shape[-1])
+    return (torch.einsum("kac,qkai->qkci", qg, blocks) @ qa).reshape(grad.shape)
+
+
+def from_eigenbasis(rotated: torch.Tensor, qa: torch.Tensor, qg: torch.Tensor) -> torch.Tensor:
+    """(Q_G ⊗ Q_A) v: the inverse of `to_eigenbasis`."""
+    blocks = (rotated @ qa.T).reshape(rotated.shape[0], qg.shape[0], qg.shape[1], rotated.shape[-1])
+    return torch.einsum("kac,qkci->qkai", qg, blocks).reshape(rotated.shape)
+
+
+def rotate_factors(output_gradients: torch.Tensor, activations: torch.Tensor, qa: torch.Tensor, qg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token factors `[..., d_out]`, `[..., d_in']` in the eigenbasis: Σ_t g'_t a'_tᵀ = to_eigenbasis(Σ_t g_t a_tᵀ)."""
+    blocks = output_gradients.reshape(*output_gradients.shape[:-1], qg.shape[0], qg.shape[1])
+    g = torch.einsum("...ka,kac->...kc", blocks, qg).reshape(output_gradients.shape)
+    return g, activations @ qa
 
 
 class EKFAC(_EigenbasisInverse):

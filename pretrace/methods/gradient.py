@@ -12,7 +12,8 @@ from pretrace.curvature import EKFAC, KFAC, Chain, Diagonal, Factors, Identity, 
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.modeling.modules import ALL_PARAMETERS, only_linear_modules, require_linear_modules
-from pretrace.scores.pairwise import ScoreResult, query_gradients, score_documents
+from pretrace.scores.pairwise import ScoreResult, score_documents
+from pretrace.scores.queries import precondition_queries
 
 CURVATURES = {"ekfac": EKFAC, "kfac": KFAC, "diagonal": Diagonal}
 
@@ -20,19 +21,26 @@ CURVATURES = {"ekfac": EKFAC, "kfac": KFAC, "diagonal": Diagonal}
 class PreconditionedGradients(Attributor):
     """score(z, x) = ∇m(x)ᵀ P ∇ℓ(z) with P built by `make_preconditioner(context)` during `fit`."""
 
-    def __init__(self, name: str, make_preconditioner: Callable[[ScoringContext], Preconditioner], hyperparameters: dict | None = None):
+    def __init__(self, name: str, make_preconditioner: Callable[[ScoringContext], Preconditioner], hyperparameters: dict | None = None,
+                 query_rank: int | None = None):
         self.name, self._make, self._hyper = name, make_preconditioner, dict(hyperparameters or {})
+        self.query_rank = query_rank  # truncate preconditioned query gradients to this rank per module (None: exact)
+        self.query_rank_error: list[float] | None = None  # per query: relative Frobenius error of the truncation
         self.preconditioner: Preconditioner | None = None
 
     def fit(self, context: ScoringContext) -> None:
         self.preconditioner = self._make(context)
 
     def precondition_queries(self, context: ScoringContext) -> tuple[list[str], dict]:
+        """P ∇m(x) once per query, in the form cheapest to score with (EK-FAC/K-FAC: kept in their eigenbasis)."""
         if self.preconditioner is None:
             raise RuntimeError("call fit() before score()")
         stage = context.query_stage
-        ids, grads = query_gradients(stage.model, stage.tracked, stage.query_batches(context.queries))
-        return ids, self.preconditioner.apply(grads)
+        queries = precondition_queries(stage.model, stage.tracked, stage.query_batches(context.queries), self.preconditioner,
+                                       query_rank=self.query_rank, progress=True)
+        if queries.relative_error is not None:
+            self.query_rank_error = queries.relative_error.tolist()
+        return queries.ids, queries.weights
 
     def score(self, context: ScoringContext, per_module: bool = False, per_token: bool = False) -> ScoreResult:
         docs = context.document_stage
@@ -47,7 +55,8 @@ class PreconditionedGradients(Attributor):
 
     def hyperparameters(self) -> dict:
         described = self.preconditioner.describe() if self.preconditioner is not None else {}
-        return {**self._hyper, "preconditioner": described}
+        rank = {} if self.query_rank is None else {"query_rank": self.query_rank, "query_rank_relative_error": self.query_rank_error}
+        return {**self._hyper, **rank, "preconditioner": described}
 
 
 def load_checked_factors(folder: str | Path, stage, where: str) -> Factors:

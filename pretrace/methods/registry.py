@@ -7,7 +7,7 @@ from typing import Callable
 
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor
-from pretrace.methods.gradient import multi_stage, single_stage
+from pretrace.methods.gradient import PreconditionedGradients, multi_stage, single_stage
 
 
 def _curvature(kind: str) -> Callable:
@@ -52,4 +52,7 @@ METHODS: dict[str, tuple[str, Callable]] = {
 def make_attributor(settings) -> Attributor:
     if settings.method not in METHODS:
         raise PretraceError(f"unknown --method {settings.method!r}; choose one of {sorted(METHODS)}.")
-    return METHODS[settings.method][1](settings)
+    attributor = METHODS[settings.method][1](settings)
+    if isinstance(attributor, PreconditionedGradients):
+        attributor.query_rank = getattr(settings, "query_rank", None)
+    return attributor

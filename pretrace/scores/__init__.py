@@ -1,5 +1,23 @@
-"""Influence scores: precondition each query once, then stream documents through gradient dot products."""
+"""Influence scores: precondition each query once, then stream documents (or a stored index) through gradient dot products."""
 
+from pretrace.scores.index import IndexSettings, build_index, score_index, score_queries
 from pretrace.scores.pairwise import ScoreResult, query_gradients, score_documents, self_influence
+from pretrace.scores.queries import PreconditionedQueries, precondition_queries
+from pretrace.scores.weights import DenseWeights, EigenbasisWeights, LowRankWeights, ModuleWeights
 
-__all__ = ["ScoreResult", "query_gradients", "score_documents", "self_influence"]
+__all__ = [
+    "DenseWeights",
+    "EigenbasisWeights",
+    "IndexSettings",
+    "LowRankWeights",
+    "ModuleWeights",
+    "PreconditionedQueries",
+    "ScoreResult",
+    "build_index",
+    "precondition_queries",
+    "query_gradients",
+    "score_documents",
+    "score_index",
+    "score_queries",
+    "self_influence",
+]

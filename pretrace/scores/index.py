@@ -1,0 +1,256 @@
+"""A gradient index: document gradients computed once, so each new query costs one backward pass plus
+a matrix product over the index.
+
+A folder holds `index.json` (settings, the model's fingerprint, the documents' hash, module shapes,
+document ids) and `shard-NNNNN.safetensors` files of consecutive document batches, each written
+atomically: an interrupted build resumes after its last complete shard. Per module and document it stores
+- `exact`: the gradient `[d_out, d_in']` (scores equal the streaming path's to float rounding);
+- `factored`: the document's token factors (output gradients `[T, d_out]`, inputs `[T, d_in']`), also
+  exact, smaller than `exact` while documents are shorter than d_out·d_in' / (d_out + d_in');
+- `projected`: the sketch Π_out ∇W Π_inᵀ `[k, k]` with scaled random orthonormal Π (E[ΠᵀΠ] = I), so
+  ⟨Π_out W Π_inᵀ, Π_out ∇W Π_inᵀ⟩ is an unbiased estimate of the score; exact once k ≥ both sides. The
+  error is relative to ‖W‖‖∇W‖, not to the score: with many modules and small k it can swamp the ranking.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+from tqdm.auto import tqdm
+
+from pretrace.config import option, to_dict, validate_choices
+from pretrace.curvature.operators import Preconditioner
+from pretrace.data.batching import TokenBatch
+from pretrace.errors import PretraceError
+from pretrace.gradients.capture import CapturedBatch, capture
+from pretrace.gradients.task import LanguageModelingTask, Task
+from pretrace.modeling.modules import TrackedModule
+from pretrace.scores.pairwise import ScoreResult
+from pretrace.scores.queries import precondition_queries
+from pretrace.scores.weights import DenseWeights, ModuleWeights, as_module_weights
+from pretrace.storage import read_json, read_tensors, write_json, write_tensors
+
+INDEX_FILE = "index.json"
+FORMAT_VERSION = 1
+STORAGES = ("exact", "factored", "projected")
+
+
+@dataclass
+class IndexSettings:
+    storage: str = option("exact", choices=STORAGES, help="How each document's module gradients are kept: 'exact' (the [d_out, d_in'] gradient), 'factored' (its per-token factors: exact, smaller for short documents) or 'projected' (a k x k random sketch: approximate scores, k² numbers per module).")
+    projection_dim: int = option(32, help="--storage projected: k, the dimension both sides of each module's gradient are projected to.")
+    projection_seed: int = option(0, help="--storage projected: seed of the projection matrices.")
+    batches_per_shard: int = option(16, help="Document batches per shard file; an interrupted build resumes after its last complete shard.")
+
+    def __post_init__(self):
+        validate_choices(self)
+        if self.projection_dim < 1 or self.batches_per_shard < 1:
+            raise PretraceError("--projection-dim and --batches-per-shard must be at least 1.")
+
+
+def projections(shapes: dict[str, tuple[int, int]], dim: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per module of shape (d_out, d_in'): (Π_out `[k_out, d_out]`, Π_in `[k_in, d_in']`), k_side = min(k, d_side),
+    regenerated from the seed and the module's name (never stored).
+
+    Each Π is √(d/k) times k random orthonormal rows (a Haar-random subspace), so E[ΠᵀΠ] = I, the sketched
+    product is unbiased, and a side with k ≥ d is rotated exactly instead of approximated."""
+    out = {}
+    for name, sides in shapes.items():
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+        pair = []
+        for d in sides:
+            k = min(dim, d)
+            gaussian = torch.randn(d, k, generator=generator, dtype=torch.float64)
+            q, r = torch.linalg.qr(gaussian)
+            pair.append((q * torch.sign(torch.diagonal(r))).T * (d / k) ** 0.5)  # sign fix: Haar-distributed
+        out[name] = tuple(pair)
+    return out
+
+
+def _shard_path(folder: Path, index: int) -> Path:
+    return folder / f"shard-{index:05d}.safetensors"
+
+
+def _batch_entries(captured: CapturedBatch, batch: TokenBatch, tracked, settings: IndexSettings, sketches: dict) -> dict[str, torch.Tensor]:
+    """What one batch adds to a shard, per module (and, for factored storage, each token's document row)."""
+    entries = {}
+    if settings.storage == "factored":
+        keep = batch.attention_mask.bool()
+        entries["document_of_token"] = torch.arange(len(batch), device=keep.device)[:, None].expand_as(keep)[keep]
+    for t in tracked:
+        g, a = captured.output_gradients[t.name], captured.activations[t.name]
+        if settings.storage == "exact":
+            entries[t.name] = captured.example_gradients(t.name)
+        elif settings.storage == "factored":
+            entries[f"{t.name}.output_gradients"], entries[f"{t.name}.activations"] = g[keep], a[keep]
+        else:
+            p_out, p_in = (p.to(g.device, g.dtype) for p in sketches[t.name])
+            entries[t.name] = torch.einsum("btk,btl->bkl", g @ p_out.T, a @ p_in.T)
+    return entries
+
+
+def _merge(parts: list[dict[str, torch.Tensor]], sizes: list[int]) -> dict[str, torch.Tensor]:
+    """Concatenate batches' entries; token rows point at documents numbered within the shard."""
+    merged = {key: torch.cat([p[key] for p in parts]) for key in parts[0] if key != "document_of_token"}
+    if "document_of_token" in parts[0]:
+        offsets = torch.tensor([0] + sizes[:-1]).cumsum(0).tolist()
+        merged["document_of_token"] = torch.cat([p["document_of_token"] + offset for p, offset in zip(parts, offsets)])
+    return merged
+
+
+def _chunks(batches: Iterable[TokenBatch], size: int) -> Iterator[list[TokenBatch]]:
+    chunk = []
+    for batch in batches:
+        chunk.append(batch)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def build_index(
+    model: torch.nn.Module,
+    tracked: list[TrackedModule],
+    batches: Iterable[TokenBatch],
+    folder: str | Path,
+    settings: IndexSettings | None = None,
+    signature: dict | None = None,
+    task: Task | None = None,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Write (or resume) the index of every document's loss gradient; returns its metadata.
+
+    `signature` (model fingerprint, documents' hash, ...) must equal the one a partial index was started
+    with, so a resumed build never mixes two corpora."""
+    settings, task, folder = settings or IndexSettings(), task or LanguageModelingTask(), Path(folder)
+    parameter = next(model.parameters())
+    dtype = torch.promote_types(parameter.dtype, torch.float32)
+    signature = {"settings": to_dict(settings), "modules": {t.name: [t.d_out, t.d_in_total] for t in tracked}, **(signature or {})}
+    if (folder / INDEX_FILE).is_file():
+        meta = read_json(folder / INDEX_FILE)
+        if meta.get("signature") != signature:
+            raise PretraceError(f"{folder}: holds an index of other documents, model or settings; choose another folder or delete it.")
+        if meta.get("complete"):
+            return meta
+    write_json(folder / INDEX_FILE, {"format_version": FORMAT_VERSION, "signature": signature, "complete": False})
+    sketches = projections(signature["modules"], settings.projection_dim, settings.projection_seed) if settings.storage == "projected" else {}
+    total = None if num_batches is None else -(-num_batches // settings.batches_per_shard)
+    shards, ids = [], []
+    for number, chunk in enumerate(tqdm(_chunks(batches, settings.batches_per_shard), total=total, desc="indexing documents", unit="shard", disable=not progress)):
+        path, chunk_ids = _shard_path(folder, number), [i for batch in chunk for i in batch.ids]
+        if not path.is_file():  # shards already written by an interrupted build are kept
+            parts = []
+            for batch in chunk:
+                batch = batch.to(parameter.device)
+                captured = capture(model, tracked, lambda: task.document_loss(model, batch))
+                parts.append({k: v.to(dtype) if v.is_floating_point() else v for k, v in _batch_entries(captured, batch, tracked, settings, sketches).items()})
+            write_tensors(path, _merge(parts, [len(b) for b in chunk]), metadata={"documents": str(len(chunk_ids))})
+        shards.append({"file": path.name, "documents": len(chunk_ids)})
+        ids.extend(chunk_ids)
+    if not ids:
+        raise PretraceError("no documents to index.")
+    meta = {"format_version": FORMAT_VERSION, "signature": signature, "complete": True, "storage": settings.storage,
+            "projection_dim": settings.projection_dim, "projection_seed": settings.projection_seed,
+            "modules": signature["modules"], "shards": shards, "document_ids": ids}
+    write_json(folder / INDEX_FILE, meta)
+    return meta
+
+
+def read_index(folder: str | Path) -> dict:
+    """The metadata of a complete index (refuses a partial one)."""
+    folder = Path(folder)
+    if not (folder / INDEX_FILE).is_file():
+        raise PretraceError(f"{folder}: not a gradient index (no {INDEX_FILE}); build one with `pretrace index`.")
+    meta = read_json(folder / INDEX_FILE)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PretraceError(f"{folder}: index format {meta.get('format_version')!r} is not {FORMAT_VERSION}; rebuild it with `pretrace index`.")
+    if not meta.get("complete"):
+        raise PretraceError(f"{folder}: the index is incomplete; rerun the same `pretrace index` command to finish it.")
+    return meta
+
+
+def _shard_scores(shard: dict[str, torch.Tensor], name: str, weights: torch.Tensor, storage: str, documents: int) -> torch.Tensor:
+    """[Q, documents] scores of one module against one shard; `weights` as stored (dense or sketched)."""
+    if storage != "factored":
+        stored = shard[name].to(weights.dtype)
+        return weights.reshape(len(weights), -1) @ stored.reshape(len(stored), -1).T
+    padded = CapturedBatch({name: _padded(shard[f"{name}.activations"], shard["document_of_token"], documents).to(weights.dtype)},
+                           {name: _padded(shard[f"{name}.output_gradients"], shard["document_of_token"], documents).to(weights.dtype)}, None)
+    return DenseWeights(weights).scores(padded, name, per_token=False)[0]  # the cheaper of materialising and contracting tokens
+
+
+def _padded(rows: torch.Tensor, document_of_token: torch.Tensor, documents: int) -> torch.Tensor:
+    """`[documents, longest, d]` from token rows `[n, d]` grouped by document (in order), zero-padded."""
+    counts = torch.bincount(document_of_token, minlength=documents)
+    starts = torch.cumsum(counts, 0) - counts
+    position = torch.arange(len(rows)) - starts[document_of_token]
+    out = rows.new_zeros(documents, int(counts.max()), rows.shape[-1])
+    out[document_of_token, position] = rows
+    return out
+
+
+def score_index(
+    folder: str | Path,
+    weights: dict[str, torch.Tensor | ModuleWeights],
+    query_ids: list[str],
+    expected: dict | None = None,
+    per_module: bool = False,
+    progress: bool = False,
+) -> ScoreResult:
+    """`[Q, N]` scores of preconditioned query weights against every indexed document.
+
+    `expected` holds signature entries (model fingerprint, documents' hash, ...) the index must have."""
+    folder, start = Path(folder), time.perf_counter()
+    meta = read_index(folder)
+    for key, value in (expected or {}).items():
+        if meta["signature"].get(key) != value:
+            raise PretraceError(f"{folder}: the index was built with another {key.replace('_', ' ')}; rebuild it with `pretrace index` for these documents and this model.")
+    names = list(meta["modules"])
+    missing = [n for n in names if n not in weights]
+    if missing:
+        raise PretraceError(f"{folder}: indexes modules the queries lack ({', '.join(missing[:3])}...); use the same --preset/--modules as `pretrace index`.")
+    storage = meta["storage"]
+    sketches = projections(meta["modules"], meta["projection_dim"], meta["projection_seed"]) if storage == "projected" else {}
+    stored = {}
+    for name in names:
+        dense = as_module_weights(weights[name]).settle(None).dense().double()
+        if storage == "projected":
+            p_out, p_in = sketches[name]
+            dense = p_out @ dense @ p_in.T
+        stored[name] = dense
+    columns, module_columns = [], []
+    for entry in tqdm(meta["shards"], desc="scoring the index", unit="shard", disable=not progress):
+        shard = read_tensors(folder / entry["file"])
+        per = torch.stack([_shard_scores(shard, name, stored[name], storage, entry["documents"]) for name in names])
+        columns.append(per.sum(0))
+        module_columns.append(per)
+    return ScoreResult(
+        scores=torch.cat(columns, dim=1), query_ids=list(query_ids), document_ids=list(meta["document_ids"]), module_names=names,
+        per_module=torch.cat(module_columns, dim=2) if per_module else None, timings={"documents_seconds": time.perf_counter() - start},
+    )
+
+
+
+def score_queries(
+    folder: str | Path,
+    model: torch.nn.Module,
+    tracked: list[TrackedModule],
+    query_batches: Iterable[TokenBatch],
+    preconditioner: Preconditioner,
+    expected: dict | None = None,
+    query_rank: int | None = None,
+    per_module: bool = False,
+) -> ScoreResult:
+    """New queries against an index: one backward pass per query, preconditioning, one product per shard."""
+    queries = precondition_queries(model, tracked, query_batches, preconditioner, query_rank=query_rank, progress=True)
+    result = score_index(folder, queries.weights, queries.ids, expected, per_module, progress=True)
+    if queries.relative_error is not None:
+        result.timings["query_low_rank_relative_error"] = queries.relative_error.tolist()
+    return result

@@ -1,0 +1,104 @@
+"""Precondition every query once, straight from its captured token factors.
+
+With an EK-FAC/K-FAC inverse, a query's gradient Σ_t g_t a_tᵀ enters the eigenbasis through its T
+token factors (never as a dense matrix), is divided by the damped eigenvalues there, and stays there:
+`score_documents` later rotates it back only if that is cheaper than rotating the documents' tokens.
+Optionally each query's weights are truncated to rank r (`query_rank`), with the error reported.
+Any other preconditioner gets the dense query gradients (`query_gradients`) and `apply`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from pretrace import distributed
+from pretrace.curvature.operators import Preconditioner
+from pretrace.data.batching import TokenBatch
+from pretrace.errors import PretraceError
+from pretrace.gradients.capture import capture
+from pretrace.gradients.task import LanguageModelingTask, Task
+from pretrace.modeling.modules import TrackedModule
+from pretrace.scores.pairwise import query_gradients
+from pretrace.scores.weights import DenseWeights, EigenbasisWeights, LowRankWeights, ModuleWeights
+
+
+@dataclass
+class PreconditionedQueries:
+    ids: list[str]
+    weights: dict[str, ModuleWeights]  # what `score_documents` takes
+    low_rank_error: dict[str, torch.Tensor] | None = None  # per module [Q]: ‖W - W_r‖_F / ‖W‖_F
+    relative_error: torch.Tensor | None = None  # [Q]: the same over all modules together
+
+
+def _in_eigenbasis(preconditioner: Preconditioner) -> bool:
+    return hasattr(preconditioner, "apply_factored_in_eigenbasis")
+
+
+def _eigenbasis_weights(model, tracked, batches, preconditioner, task, rank, progress) -> tuple[list[str], dict[str, list]]:
+    """Per module, per query batch: eigenbasis weights (rank-truncated right away when `rank` is set, so
+    full-rank weights of all queries never coexist), with their errors and squared norms."""
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, torch.promote_types(parameter.dtype, torch.float32)
+    ids: list[str] = []
+    parts: dict[str, list] = {t.name: [] for t in tracked}
+    for batch in tqdm(distributed.shard_queries(batches), desc="query gradients", unit="batch", disable=not progress):
+        batch = batch.to(device)
+        captured = capture(model, tracked, lambda: task.measurement(model, batch))
+        ids.extend(batch.ids)
+        for t in tracked:
+            g, a = captured.output_gradients[t.name].to(dtype), captured.activations[t.name].to(dtype)
+            parts[t.name].append(_compressed(DenseWeights(preconditioner.apply_factored_in_eigenbasis(t.name, g, a)), rank))
+    if not ids:  # a rank may hold no query
+        parts = {t.name: [_compressed(DenseWeights(torch.zeros(0, t.d_out, t.d_in_total, device=device, dtype=dtype)), None)] for t in tracked}
+    return ids, parts
+
+
+def _compressed(weights: DenseWeights, rank: int | None) -> tuple[ModuleWeights, torch.Tensor | None, torch.Tensor | None]:
+    """(weights, relative error [Q], squared norms [Q]) truncated to `rank` (the eigenbasis is orthogonal:
+    truncating there is truncating in the parameter basis); unchanged, without errors, when None."""
+    if rank is None:
+        return weights, None, None
+    low_rank, error = LowRankWeights.truncate(weights.weights, rank)
+    return low_rank, error, weights.weights.double().square().flatten(1).sum(1)
+
+
+def _joined(pieces: list[ModuleWeights]) -> ModuleWeights:
+    """One module's weights from its per-batch pieces (all dense or all low-rank)."""
+    if isinstance(pieces[0], LowRankWeights):
+        return LowRankWeights(torch.cat([p.left for p in pieces]), torch.cat([p.right for p in pieces]))
+    return DenseWeights(torch.cat([p.weights for p in pieces]))
+
+
+def precondition_queries(
+    model: torch.nn.Module,
+    tracked: list[TrackedModule],
+    batches: Iterable[TokenBatch],
+    preconditioner: Preconditioner,
+    query_rank: int | None = None,
+    task: Task | None = None,
+    progress: bool = False,
+) -> PreconditionedQueries:
+    """Each query's preconditioned gradient P ∇m(x) per module, in the form cheapest to score with."""
+    if query_rank is not None and query_rank < 1:
+        raise PretraceError(f"--query-rank must be at least 1 (or unset for full rank), got {query_rank}.")
+    task = task or LanguageModelingTask()
+    if _in_eigenbasis(preconditioner):
+        parameter = next(model.parameters())
+        device, dtype = parameter.device, torch.promote_types(parameter.dtype, torch.float32)
+        ids, parts = _eigenbasis_weights(model, tracked, batches, preconditioner, task, query_rank, progress)
+        weights = {name: EigenbasisWeights(_joined([w for w, _, _ in pieces]), *preconditioner.eigenbasis(name, device, dtype)) for name, pieces in parts.items()}
+    else:
+        ids, grads = query_gradients(model, tracked, batches, task, progress)
+        parts = {name: [_compressed(DenseWeights(w), query_rank)] for name, w in preconditioner.apply(grads).items()}
+        weights = {name: pieces[0][0] for name, pieces in parts.items()}
+    if query_rank is None:
+        return PreconditionedQueries(ids, weights)
+    errors = {name: torch.cat([e for _, e, _ in pieces]) for name, pieces in parts.items()}
+    norms = {name: torch.cat([n for _, _, n in pieces]) for name, pieces in parts.items()}
+    residual = sum(errors[name].square() * norms[name] for name in errors)
+    relative = (residual / sum(norms.values()).clamp(min=torch.finfo(torch.float64).tiny)).sqrt()
+    return PreconditionedQueries(ids, weights, errors, relative)
