@@ -8,7 +8,7 @@ import sys
 
 from pretrace.errors import PretraceError
 
-COMMANDS = ["fit", "score", "inspect", "finetune", "report", "demo", "bench"]
+COMMANDS = ["fit", "score", "index", "inspect", "finetune", "trace", "report", "demo", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -195,8 +195,10 @@ def fit_factors(
         A = cov_sums.pop(f"{t.name}.A") / tokens
         G = cov_sums.pop(f"{t.name}.G") / tokens
         la, qa, lg, qg = _owned_eigh(A, G, distributed.owner(position))
-        rotations[t.name] = (qa.to(device, compute), qg.to(device, compute))
         eigen[t.name] = tuple(x.to(store) for x in (A, G, la, qa, lg, qg))
+        del A, G, la, qa, lg, qg
+        # `.to` returns the stored tensor itself when device and precision already match (CPU, float32): one copy, not two.
+        rotations[t.name] = tuple(x.to(device, compute) for x in (eigen[t.name][3], eigen[t.name][5]))
 
     def init_lambda():
         sums = {}

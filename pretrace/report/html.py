@@ -6,6 +6,7 @@ untrusted (it comes from a pre-training corpus), so every piece of text passes t
 
 from __future__ import annotations
 
+import codecs
 import html
 import json
 import math
@@ -125,6 +126,27 @@ def display_token(token: str) -> str:
     return token.translate(_BPE_MARKERS)
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet (also Llama 3's, SmolLM's): printable Latin-1 bytes stand for themselves,
+    the other bytes for the code points 256, 257, ... in byte order (space -> 'Ġ', 0xA0 -> 'ł')."""
+    visible = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    hidden = [byte for byte in range(256) if byte not in visible]
+    return {**{chr(byte): byte for byte in visible}, **{chr(256 + n): byte for n, byte in enumerate(hidden)}}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+
+
+def display_tokens(tokens: list[str]) -> list[str]:
+    """Each token's text. Byte-level BPE pieces are decoded as UTF-8 across token boundaries, so a character split
+    over two tokens (é, non-breaking space) shows once, on the token that completes it; other vocabularies
+    (SentencePiece '▁', word-level) go through `display_token` one piece at a time."""
+    if not all(char in _BYTE_LEVEL for token in tokens for char in token):
+        return [display_token(token) for token in tokens]
+    utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    return [utf8.decode(bytes(_BYTE_LEVEL[char] for char in token)) for token in tokens]
+
+
 def _flatten(info: Mapping, prefix: str = "") -> list[tuple[str, object]]:
     items = []
     for key, value in info.items():
@@ -222,10 +244,10 @@ def _document_text(doc: dict) -> str:
     scores = [float(value) for value in doc["token_scores"]]
     scale = finite_scale(scores)
     spans = []
-    for token, value in zip(tokens, scores):
+    for text, value in zip(display_tokens(tokens), scores):
         shade = shade_class(value, scale)
         css_class = f' class="{shade}"' if shade else ""
-        spans.append(f'<span{css_class} title="{format_score(value)}">{_esc(display_token(token))}</span>')
+        spans.append(f'<span{css_class} title="{format_score(value)}">{_esc(text)}</span>')
     return "".join(spans)
 
 

@@ -1,0 +1,35 @@
+"""`pretrace trace`: retrieve candidates from a corpus, score them with multi-stage influence, and report the
+pre-training documents most responsible for a fine-tuned model's answers (results.jsonl, report.html, plots)."""
+
+from __future__ import annotations
+
+from pretrace.cli.options import add_arguments, from_arguments
+from pretrace.workflows.common import ModelOptions
+from pretrace.workflows.trace import TraceSettings
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "trace", help="case study: the corpus documents behind a fine-tuned model's answers, as an HTML report",
+        description=__doc__,
+        epilog="Without --pretrained-factors / --finetuned-factors both are fitted and cached under --out. "
+               "Rerunning with the same --out reuses every finished stage.",
+    )
+    for cls in (TraceSettings, ModelOptions):
+        add_arguments(parser, cls)
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from pretrace.workflows.trace import trace
+
+    settings = from_arguments(TraceSettings, args)
+    summary = trace(settings, from_arguments(ModelOptions, args))
+    timings = ", ".join(f"{name.removesuffix('_seconds')} {seconds:.0f}s" for name, seconds in summary["timings"].items()
+                        if not name.endswith("_cpu_seconds"))
+    print(f"{summary['queries']} queries, {summary['distinct_candidates']} distinct candidates scored ({timings})")
+    if summary["retrieval_recall"] is not None:
+        print(f"evidence recall: {summary['retrieval_recall']:.3f} within the candidates, "
+              f"{summary['evidence_in_top_k']:.3f} within the top {settings.top_k}")
+    print(f"report -> {settings.out}/report.html")
+    return 0

