@@ -6,9 +6,10 @@ import pytest
 import torch
 from scipy import stats
 
-from pretrace.bench.quality_vs_cost import QualityVsCostSettings, per_query_correlations, run_quality_vs_cost
+from pretrace.bench.quality_vs_cost import QualityVsCostSettings, damping_alignment, per_query_correlations, run_quality_vs_cost
 
 SEED_FIELDS = {"alg", "pc", "sc", "pc-std", "sc-std", "overhead", "job", "color", "marker"}
+LDS_FIELDS = {"lds", "lds-std"}
 
 
 def test_each_query_is_correlated_over_its_own_block_of_candidates():
@@ -26,21 +27,40 @@ def test_each_query_is_correlated_over_its_own_block_of_candidates():
         assert scs[q] == pytest.approx(stats.spearmanr(scores[q, block].numpy(), truth[q, block].numpy())[0], abs=1e-12)
 
 
+def test_damping_alignment_is_the_best_rescaled_energy_error_up_to_a_constant():
+    generator = torch.Generator().manual_seed(0)
+    root = torch.randn(6, 6, generator=generator, dtype=torch.float64)
+    curvature = root @ root.T + 0.1 * torch.eye(6, dtype=torch.float64)
+    v = torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    exact = torch.linalg.solve(curvature, v.T).T
+    x = exact + 0.3 * torch.randn(3, 6, generator=generator, dtype=torch.float64)
+    alignment = damping_alignment(x, x @ curvature, v)
+    for i in range(3):
+        scales = torch.linspace(-3, 3, 60001, dtype=torch.float64)
+        errors = [(c * x[i] - exact[i]) @ curvature @ (c * x[i] - exact[i]) for c in scales]
+        best = min(errors)  # brute force over the rescaling c
+        assert float(v[i] @ exact[i] - alignment[i] * (v[i] @ v[i])) == pytest.approx(float(best), rel=1e-6, abs=1e-9)
+    assert damping_alignment(2.5 * exact, 2.5 * v, v) == pytest.approx((v * exact).sum(1) / v.square().sum(1))  # the exact solution is best
+
+
 def test_micro_preset_runs_end_to_end_and_resumes(tmp_path, capsys):
     settings = QualityVsCostSettings(preset="micro", out=str(tmp_path / "run"), device="cpu")
     rows = run_quality_vs_cost(settings)
     algs = [row["alg"] for row in rows]
-    for expected in ("ground-truth-all", "ekfac-all", "ekfac-mlp", "cg-all-iters=2", "lissa-mlp-iters=4", "arnoldi-all",
+    for expected in ("ground-truth-all", "ekfac-all", "ekfac-mlp", "ekfac-all-default-damping", "cg-all-iters=2", "lissa-mlp-iters=4", "arnoldi-all",
                      "gdp-all", "cka-mlp", "trak-all", "cg-mlp"):
         assert expected in algs
     truth = rows[algs.index("ground-truth-all")]
     assert truth["pc"] == pytest.approx(1.0) and truth["sc"] == pytest.approx(1.0)
     written = json.loads((tmp_path / "run" / "results.json").read_text())
-    assert [set(row) for row in written] == [SEED_FIELDS] * len(rows)
-    assert all(-1 <= row["sc"] <= 1 and row["job"] > 0 and row["overhead"] >= 0 for row in written)
+    assert [set(row) for row in written] == [SEED_FIELDS | LDS_FIELDS] * len(rows)
+    assert all(-1 <= row["sc"] <= 1 and -1 <= row["lds"] <= 1 and row["job"] > 0 and row["overhead"] >= 0 for row in written)
+    assert "WARNING" in capsys.readouterr().out  # micro retrains fewer than 50 LDS subsets and says so
     assert (tmp_path / "run" / "results.png").stat().st_size > 0
     summary = json.loads((tmp_path / "run" / "results_summary.json").read_text())
     assert summary["validation_loss"] > 0 and all(summary["ground_truth"]["converged"])
+    assert summary["lds"]["subsets"] == len(list((tmp_path / "run" / "lds").glob("subset-*.json"))) == 4
+    assert summary["ekfac"]["damping"]["all"]["chosen"] in summary["ekfac"]["damping"]["all"]["grid"]
 
     stamp = (tmp_path / "run" / "scores" / "ekfac-all" / "scores.safetensors").stat().st_mtime_ns
     again = run_quality_vs_cost(settings)
@@ -64,6 +84,6 @@ def test_cli_group_parses_the_quality_vs_cost_sub_command():
 def test_a_folder_of_another_preset_is_refused(tmp_path):
     from pretrace.errors import PretraceError
 
-    (tmp_path / "run.json").write_text(json.dumps({"preset": "cpu", "seed": 0}))
+    (tmp_path / "run.json").write_text(json.dumps({"preset": "micro", "seed": 0, "sizes": {"hidden_size": 1}}))
     with pytest.raises(PretraceError, match="another --out"):
         run_quality_vs_cost(QualityVsCostSettings(preset="micro", out=str(tmp_path)))

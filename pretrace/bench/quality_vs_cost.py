@@ -5,17 +5,31 @@ Stages, each cached in the output folder (a finished stage is skipped, so a kill
 1. `model/`: a toy GPT-NeoX pre-trained on Penn Treebank (learning rate stepped every optimizer step),
    its validation loss recorded in `model/pretrace_pretrain.json`.
 2. `problem.json` + `queries.jsonl`, `candidates.jsonl`, `fit.jsonl`: query sentences from PTB test, for
-   each its own candidate sentences from the training documents (all candidates are pooled into one file
-   and every query is correlated over its own block only), and the fixed curvature-fitting set.
+   each its own candidate sentences from the training documents (all candidates are pooled into one file,
+   every method scores every query against the whole pool, and each query is correlated with the ground
+   truth over its own block only), and the fixed curvature-fitting set (training sentences).
 3. `scores/ground-truth-all/`: conjugate gradient on damped Gauss-Newton products over all tracked
    parameters and the fitting set, run to the preset's tolerance (its `last_solve` says how far it got).
-4. `scores/<alg>/`: every method for scopes all and mlp (EK-FAC factors in `factors-<scope>/`; TRAK's
-   ensemble in `halves/`, models trained on random halves of the training documents).
-5. `results.json`: per-query Pearson/Spearman, mean ± std over queries, against the ground truth, one-off
-   and per-query seconds, with the fields of the seed's `scalability_results.json`; `results.png`.
+4. `factors-<scope>/` (EK-FAC fitted on the fitting set with several sampled labels per token, the true
+   Fisher, so its Monte-Carlo estimate approaches the Gauss-Newton matrix the ground truth inverts),
+   `damping-<scope>.json` (EK-FAC's damping, chosen on held-out PTB validation sentences, never on the
+   queries: see `select_damping`), and `scores/<alg>/` for every method and scope (TRAK's ensemble in
+   `halves/`, models trained on random halves of the training documents).
+5. `lds/subset-<k>.json`: the linear datamodeling score's retrained models (`pretrace.bench.lds`): the
+   model retrained, with the main model's recipe and seed, on random halves of the candidate pool (the
+   training documents outside the pool are always kept); each query's measured loss.
+6. `results.json`: per-query Pearson/Spearman against the ground truth and LDS, mean ± std over queries,
+   one-off and per-query seconds, with the fields of the seed's `scalability_results.json` plus `lds` and
+   `lds-std`; `results_summary.json` (per-query values, protocol, validation loss); `results.png`.
+
+LDS design: a subset's predicted effect sums a method's scores over *all* its varying documents, so the
+subsets are drawn from the candidate pool, the documents every method scores. The `cpu` and `micro`
+presets make the pool the whole training set (10 blocks of candidates partition it), so the LDS is the
+standard one over random halves of the training data at no extra scoring cost; with a pool smaller than
+the training set (`paper`) the rest is always trained on, which keeps the prediction exact but the
+measured effects small.
 
 Correlations keep their sign (the published results stored absolute values to hide a sign bug in CG).
-The linear datamodeling score (a second ground truth) is not implemented yet.
 """
 
 from __future__ import annotations
@@ -25,11 +39,12 @@ import random
 import statistics
 import time
 import warnings
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 
+from pretrace.bench.lds import linear_datamodeling_scores
 from pretrace.config import option
 from pretrace.errors import PretraceError
 from pretrace.metrics import pearson, spearman
@@ -67,17 +82,23 @@ class Preset:
     arnoldi_iterations: int
     trak_models: int
     projection_dim: int
+    lds_subsets: int
     score_batch_size: int = 16
     validation_sentences: int = 1000
+    label_samples: int = 8  # sampled labels per fitting token for EK-FAC's true Fisher
+    damping_grid: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # EK-FAC damping candidates, × the ground truth's
+    damping_sentences: int = 16  # held-out validation sentences the EK-FAC damping is chosen on
 
 
 PRESETS = {
     "paper": Preset(256, 2, 2, 1024, None, 512, None, 3, 1e-3, 32, 10, 500, 32, 1e-4, 1e-6, 2000,
-                    (50, 500, 1000), (500, 2000, 5000, 10000), 20, 200, 10, 4096),
-    "cpu": Preset(64, 2, 2, 256, 2000, 48, 8000, 2, 3e-3, 32, 10, 150, 32, 1e-2, 1e-3, 500,
-                  (5, 20, 100), (50, 200), 20, 60, 4, 1024),
+                    (50, 500, 1000), (500, 2000, 5000, 10000), 20, 200, 10, 4096, 50),
+    # the candidate pool (10 x 400) is the whole training set, so the LDS subsets are halves of it
+    "cpu": Preset(64, 2, 2, 256, 2000, 48, 4000, 2, 3e-3, 32, 10, 400, 32, 1e-2, 1e-3, 500,
+                  (5, 20, 100), (50, 200), 20, 60, 4, 1024, 50),
     "micro": Preset(32, 1, 2, 64, 320, 24, 200, 1, 3e-3, 16, 2, 8, 8, 1e-2, 1e-3, 200,
-                    (2,), (4,), 3, 6, 2, 32, score_batch_size=8, validation_sentences=50),
+                    (2,), (4,), 3, 6, 2, 32, 4, score_batch_size=8, validation_sentences=50, label_samples=2,
+                    damping_sentences=4),
 }
 
 
@@ -174,18 +195,17 @@ def stage_problem(run: Run) -> dict:
 
     p, rng = run.preset, random.Random(run.seed)
     train = training_documents(p)
-    needed = p.queries * p.candidates + p.fit_documents
-    if needed > len(train):
-        raise PretraceError(f"the preset needs {needed} training sentences but has {len(train)}; raise train_sentences.")
+    if p.queries * p.candidates > len(train):
+        raise PretraceError(f"the preset needs {p.queries * p.candidates} training sentences but has {len(train)}; raise train_sentences.")
     queries = rng.sample(ptb_documents("test"), p.queries)
-    picked = rng.sample(train, needed)
-    candidates, fitting = picked[: p.queries * p.candidates], picked[p.queries * p.candidates :]
+    candidates = rng.sample(train, p.queries * p.candidates)
+    fitting = rng.sample(train, p.fit_documents)
     write_jsonl(run.folder / "queries.jsonl", ({"id": q.id, "text": q.text} for q in queries))
     write_jsonl(run.folder / "candidates.jsonl", ({"id": d.id, "text": d.text} for d in candidates))
     write_jsonl(run.folder / "fit.jsonl", ({"id": d.id, "text": d.text} for d in fitting))
     problem = {"queries": [q.id for q in queries], "candidates_per_query": p.candidates,
                "candidate_blocks": "query q is correlated over candidates [q*C, (q+1)*C) of candidates.jsonl",
-               "fit_documents": len(fitting)}
+               "pool_documents": len(candidates), "training_documents": len(train), "fit_documents": len(fitting)}
     write_json(manifest, problem)
     return problem
 
@@ -203,13 +223,16 @@ class MethodRun:
     budgeted: bool = False  # an iteration budget below convergence: CG's "did not converge" warning is expected
 
 
-def method_runs(run: Run, halves: list[Path]) -> list[MethodRun]:
+def method_runs(run: Run, halves: list[Path], ekfac_damping: dict[str, float]) -> list[MethodRun]:
+    """Every row; `ekfac_damping[scope]` is EK-FAC's held-out choice (a second row keeps the library's default)."""
     p = run.preset
     solver = {"damping": p.damping, "fit_data": str(run.folder / "fit.jsonl")}
     runs = [MethodRun("ground-truth-all", "ground-truth", "all",
                       {"method": "cg", "iterations": p.ground_truth_iterations, "tolerance": p.tolerance, **solver})]
     for scope in SCOPES:
-        runs.append(MethodRun(f"ekfac-{scope}", "ekfac", scope, {"method": "ekfac", "factors": str(run.folder / f"factors-{scope}")}))
+        factors = str(run.folder / f"factors-{scope}")
+        runs.append(MethodRun(f"ekfac-{scope}", "ekfac", scope, {"method": "ekfac", "factors": factors, "damping": ekfac_damping[scope]}))
+        runs.append(MethodRun(f"ekfac-{scope}-default-damping", "ekfac", scope, {"method": "ekfac", "factors": factors}))
         if scope == "mlp":
             runs.append(MethodRun("cg-mlp", "cg", scope, {"method": "cg", "iterations": p.ground_truth_iterations, "tolerance": p.tolerance, **solver}))
         for budget in p.cg_iterations:
@@ -231,21 +254,76 @@ def model_options(run: Run, scope: str):
     return ModelOptions(preset=scope, max_length=run.preset.max_length, batch_size=run.preset.score_batch_size, device=run.device)
 
 
+def label_sampled_fitting_set(run: Run) -> Path:
+    """The fitting set repeated `label_samples` times: each copy draws its own labels from the model, so
+    EK-FAC's true-Fisher estimate averages several samples per token over the ground truth's own data."""
+    from pretrace.data.records import read_documents
+
+    path = run.folder / "fit-label-samples.jsonl"
+    if not path.is_file():
+        documents = read_documents(run.folder / "fit.jsonl")
+        write_jsonl(path, ({"id": f"{d.id}#sample-{k}", "text": d.text} for k in range(run.preset.label_samples) for d in documents))
+    return path
+
+
 def stage_factors(run: Run, model: Path) -> dict[str, float]:
     """EK-FAC factors per scope on the fitting set; returns their fitting seconds (EK-FAC's one-off cost)."""
     from pretrace.curvature import FitSettings
     from pretrace.workflows.fit import fit
 
+    data = label_sampled_fitting_set(run)
     seconds = {}
     for scope in SCOPES:
         out = run.folder / f"factors-{scope}"
         key = f"ekfac factors {scope}"
         if not (out / "factors.json").is_file():
             started = time.perf_counter()
-            fit(model, run.folder / "fit.jsonl", out, model_options(run, scope), FitSettings(seed=run.seed), overwrite=True)
+            fit(model, data, out, model_options(run, scope), FitSettings(fisher="true", seed=run.seed), overwrite=True)
             run.record_time(key, time.perf_counter() - started)
         seconds[scope] = run.timings.get(key, 0.0)
     return seconds
+
+
+def damping_alignment(solutions: torch.Tensor, curvature_products: torch.Tensor, gradients: torch.Tensor) -> torch.Tensor:
+    """Per vector v with approximate solution x of A x = v (A = C + λI), (xᵀv)² / (xᵀAx · vᵀv).
+
+    The best rescaling c·x of x has energy-norm error ‖c x − A⁻¹v‖²_A = vᵀA⁻¹v − (xᵀv)²/(xᵀAx), so a larger
+    value is a smaller error up to a per-vector constant; it is scale-free, like the rank correlations
+    scored, and needs one curvature product instead of the exact solve.
+    """
+    return (solutions * gradients).sum(1).square() / ((solutions * curvature_products).sum(1) * gradients.square().sum(1))
+
+
+def select_damping(run: Run, model: Path, scope: str) -> dict:
+    """EK-FAC's damping for `scope`: the grid value (× the ground truth's λ) whose EK-FAC solutions of the
+    ground truth's damped system align best with the exact ones (`damping_alignment`) on gradients of
+    held-out PTB validation sentences. Neither the queries nor their ground-truth scores are looked at."""
+    path = run.folder / f"damping-{scope}.json"
+    if path.is_file():
+        return read_json(path)
+    from pretrace.baselines.curvature_products import CurvatureProducts
+    from pretrace.curvature import EKFAC, Factors
+    from pretrace.data.ptb import ptb_documents
+    from pretrace.data.records import Query
+    from pretrace.scores.pairwise import query_gradients
+    from pretrace.workflows.common import load_stage
+
+    p, started = run.preset, time.perf_counter()
+    stage = load_stage(model, model_options(run, scope))
+    held_out = random.Random(f"{run.seed}/damping").sample(ptb_documents("valid"), p.damping_sentences)
+    _, grads = query_gradients(stage.model, stage.tracked, stage.query_batches([Query(d.id, d.text) for d in held_out]))
+    products = CurvatureProducts(stage.model, stage.tracked, list(stage.fitting_batches(run.folder / "fit.jsonl")()))
+    vectors = products.layout.flatten(grads).to(products.dtype)
+    factors, grid, alignments = Factors.load(run.folder / f"factors-{scope}"), [p.damping * m for m in p.damping_grid], []
+    for damping in grid:
+        solutions = products.layout.flatten(EKFAC(factors, damping=damping).apply(grads)).to(products.dtype)
+        alignments.append(float(damping_alignment(solutions, products(solutions) + p.damping * solutions, vectors).mean()))
+    chosen = grid[max(range(len(grid)), key=alignments.__getitem__)]
+    record = {"scope": scope, "chosen": chosen, "grid": grid, "mean_alignment": alignments, "held_out_sentences": [d.id for d in held_out],
+              "criterion": "mean over held-out gradients v of (xᵀv)²/(xᵀAx·vᵀv), x = EK-FAC solution, A = GGN(fit.jsonl) + ground-truth damping"}
+    write_json(path, record)
+    run.record_time(f"ekfac damping {scope}", time.perf_counter() - started)
+    return record
 
 
 def stage_halves(run: Run) -> list[Path]:
@@ -281,7 +359,45 @@ def stage_scores(run: Run, model: Path, method: MethodRun) -> Path:
     return out
 
 
-# -- stage 5: correlations and the table -----------------------------------------------------------
+# -- stage 5: the linear datamodeling score's retrained models --------------------------------------
+
+@torch.no_grad()
+def query_losses(model: torch.nn.Module, tokenizer, queries, max_length: int) -> list[float]:
+    """Each query's summed loss over its target tokens: the measurement the influence scores differentiate."""
+    from pretrace.data.batching import collate, encode_queries
+    from pretrace.gradients.task import LanguageModelingTask
+    from pretrace.modeling.loading import pad_token_id
+
+    batch = collate(list(encode_queries(tokenizer, queries, max_length)), pad_token_id(tokenizer)).to(next(model.parameters()).device)
+    return LanguageModelingTask().measurement(model, batch).tolist()
+
+
+def stage_lds(run: Run, model: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """`([K, N] subset masks over the candidate pool, [K, Q] query losses)` of the LDS's retrained models."""
+    from pretrace.bench.lds import measure_subsets, subset_masks
+    from pretrace.data.records import read_documents, read_queries
+    from pretrace.modeling.loading import load_tokenizer
+    from pretrace.training.pretrain import pretrain
+
+    p = run.preset
+    run.stage(f"5. LDS: retrain on {p.lds_subsets} random halves of the candidate pool")
+    pool = read_documents(run.folder / "candidates.jsonl")
+    pooled = {d.id for d in pool}
+    always = [d for d in training_documents(p) if d.id not in pooled]
+    tokenizer, queries = load_tokenizer(model), read_queries(run.folder / "queries.jsonl")
+    masks = subset_masks(len(pool), p.lds_subsets, run.seed)
+
+    def retrain_and_measure(members: list[int]) -> list[float]:
+        started = time.perf_counter()
+        trained = pretrain(model_config(p), tokenizer, always + [pool[i] for i in members], train_settings(run), progress=False)
+        losses = query_losses(trained, tokenizer, queries, p.max_length)
+        run.record_time("lds retraining", run.timings.get("lds retraining", 0.0) + time.perf_counter() - started)
+        return losses
+
+    return masks, measure_subsets(run.folder / "lds", masks, retrain_and_measure, identity={"preset": asdict(p), "seed": run.seed})
+
+
+# -- stage 6: correlations and the table -----------------------------------------------------------
 
 def per_query_correlations(scores: torch.Tensor, truth: torch.Tensor, candidates: int) -> tuple[list[float], list[float]]:
     """Pearson and Spearman of each query's row with the ground truth over its own block of candidates."""
@@ -297,13 +413,14 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), (statistics.pstdev(values) if len(values) > 1 else 0.0)
 
 
-def result_row(method: MethodRun, scores: torch.Tensor, truth: torch.Tensor, candidates: int, timings: dict, extra_one_off: float) -> dict:
+def result_row(method: MethodRun, scores: torch.Tensor, truth: torch.Tensor, candidates: int, timings: dict, extra_one_off: float,
+               lds: list[float]) -> dict:
     pcs, scs = per_query_correlations(scores, truth, candidates)
-    (pc, pc_std), (sc, sc_std) = _mean_std(pcs), _mean_std(scs)
+    (pc, pc_std), (sc, sc_std), (lds_mean, lds_std) = _mean_std(pcs), _mean_std(scs), _mean_std(lds)
     color, marker = STYLES[method.family]
-    return {"alg": method.alg, "pc": pc, "sc": sc, "pc-std": pc_std, "sc-std": sc_std,
+    return {"alg": method.alg, "pc": pc, "sc": sc, "pc-std": pc_std, "sc-std": sc_std, "lds": lds_mean, "lds-std": lds_std,
             "overhead": round(timings["one_off_seconds"] + extra_one_off, 3), "job": round(timings["per_query_seconds"], 4),
-            "color": color, "marker": marker, "per_query_pearson": pcs, "per_query_spearman": scs}
+            "color": color, "marker": marker, "per_query_pearson": pcs, "per_query_spearman": scs, "per_query_lds": lds}
 
 
 def plot_results(rows: list[dict], path: Path) -> Path:
@@ -313,8 +430,10 @@ def plot_results(rows: list[dict], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for axis, key, label in ((axes[0], "pc", "Pearson"), (axes[1], "sc", "Spearman")):
+    figure, axes = plt.subplots(1, 3, figsize=(18, 5), sharey=True)
+    panels = (("pc", "Pearson correlation with converged CG"), ("sc", "Spearman correlation with converged CG"),
+              ("lds", "linear datamodeling score (Spearman)"))
+    for axis, (key, label) in zip(axes, panels):
         for row in rows:
             filled = "-mlp" not in row["alg"]
             axis.errorbar(row["job"], row[key], yerr=row[f"{key}-std"], fmt=row["marker"], color=row["color"],
@@ -322,7 +441,7 @@ def plot_results(rows: list[dict], path: Path) -> Path:
             axis.annotate(row["alg"], (row["job"], row[key]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         axis.set_xscale("log")
         axis.set_xlabel("per-query time (s, log scale)")
-        axis.set_ylabel(f"{label} correlation with converged CG")
+        axis.set_ylabel(label)
         axis.grid(alpha=0.3)
     figure.suptitle("Quality versus cost (filled: all parameters, hollow: MLP only)")
     figure.tight_layout()
@@ -332,9 +451,10 @@ def plot_results(rows: list[dict], path: Path) -> Path:
 
 
 def check_same_run(folder: Path, settings: QualityVsCostSettings) -> None:
-    """Cached stages are only valid for the preset and seed that made them: refuse to mix runs in one folder."""
+    """Cached stages are only valid for the preset (with its sizes) and seed that made them: refuse to mix runs in one folder."""
     folder.mkdir(parents=True, exist_ok=True)
-    identity, path = {"preset": settings.preset, "seed": settings.seed}, folder / "run.json"
+    identity = {"preset": settings.preset, "seed": settings.seed, "sizes": json.loads(json.dumps(asdict(PRESETS[settings.preset])))}
+    path = folder / "run.json"
     if path.is_file() and read_json(path) != identity:
         raise PretraceError(f"{folder} holds a run with {read_json(path)}, not {identity}; pass another --out (or delete that folder).")
     write_json(path, identity)
@@ -354,29 +474,50 @@ def run_quality_vs_cost(settings: QualityVsCostSettings) -> list[dict]:
     torch.manual_seed(settings.seed)
     model = stage_model(run)
     problem = stage_problem(run)
-    run.stage("3-4. EK-FAC factors")
+    run.stage("4. EK-FAC factors and their held-out damping")
     factor_seconds = stage_factors(run, model)
+    dampings = {scope: select_damping(run, model, scope) for scope in SCOPES}
     halves = stage_halves(run)
     trak_training = sum(run.timings.get(f"train {h.name}", 0.0) for h in halves)
-    methods = method_runs(run, halves)
-    rows, truth = [], None
+    methods = method_runs(run, halves, {scope: record["chosen"] for scope, record in dampings.items()})
+    scored = []
     for index, method in enumerate(methods, start=1):
         run.stage(f"3-4. [{index}/{len(methods)}] {method.alg}")
         started = time.perf_counter()
         tensors, metadata = load_scores(stage_scores(run, model, method))
         run.timings.setdefault(f"score {method.alg}", round(time.perf_counter() - started, 2))
-        scores = tensors["scores"].double()
-        truth = scores if truth is None else truth
-        extra = factor_seconds[method.scope] if method.family == "ekfac" else trak_training if method.family == "trak" else 0.0
-        rows.append(result_row(method, scores, truth, problem["candidates_per_query"], metadata["timings"], extra))
-    run.stage("5-6. results.json and results.png")
+        scored.append((method, tensors["scores"].double(), metadata["timings"]))
+    masks, losses = stage_lds(run, model)
+    run.stage("6. results.json and results.png")
+    truth, rows = scored[0][1], []
+    for method, scores, timings in scored:
+        extra = one_off_extra(run, method, factor_seconds, trak_training)
+        rows.append(result_row(method, scores, truth, problem["candidates_per_query"], timings, extra, linear_datamodeling_scores(scores, masks, losses)))
     write_json(folder / "timings.json", run.timings)
     summary = {"preset": settings.preset, "validation_loss": validation_loss(model), "candidates_per_query": problem["candidates_per_query"],
-               "queries": len(problem["queries"]), "ground_truth": ground_truth_description(run, folder), "rows": rows}
+               "queries": len(problem["queries"]), "ground_truth": ground_truth_description(run, folder),
+               "ekfac": {"fit": f"true Fisher on fit.jsonl, {run.preset.label_samples} sampled labels per token", "damping": dampings},
+               "lds": lds_description(run, problem, losses), "timings": run.timings, "rows": rows}
     write_json(folder / "results_summary.json", summary)
     write_json(folder / "results.json", [{k: v for k, v in row.items() if not k.startswith("per_query")} for row in rows])
     plot_results(rows, folder / "results.png")
     return rows
+
+
+def one_off_extra(run: Run, method: MethodRun, factor_seconds: dict[str, float], trak_training: float) -> float:
+    """One-off seconds spent outside `score`: EK-FAC's factors (and its damping choice), TRAK's ensemble training."""
+    if method.family == "ekfac":
+        chosen = run.timings.get(f"ekfac damping {method.scope}", 0.0) if "damping" in method.settings else 0.0
+        return factor_seconds[method.scope] + chosen
+    return trak_training if method.family == "trak" else 0.0
+
+
+def lds_description(run: Run, problem: dict, losses: torch.Tensor) -> dict:
+    return {"subsets": int(losses.shape[0]), "fraction": 0.5, "pool_documents": problem["pool_documents"],
+            "training_documents": problem["training_documents"],
+            "retraining": "from scratch with the main model's recipe and seed on (training documents outside the pool) + (the subset)",
+            "prediction": "sum of a method's scores over the subset; LDS = per-query Spearman with the measured loss decrease",
+            "query_loss_std_over_subsets": losses.std(0).tolist()}
 
 
 def ground_truth_description(run: Run, folder: Path) -> dict:

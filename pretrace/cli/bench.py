@@ -1,6 +1,8 @@
-"""`pretrace bench`: reproducible benchmarks, one sub-command each (`quality-vs-cost`, ...)."""
+"""`pretrace bench`: reproducible benchmarks, one sub-command each (`quality-vs-cost`, `fact-tracing`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pretrace.cli.options import add_arguments, from_arguments
 
@@ -9,6 +11,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="run a benchmark of the attribution methods", description=__doc__)
     benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _register_quality_vs_cost(benchmarks)
+    _register_fact_tracing(benchmarks)
 
 
 def _register_quality_vs_cost(benchmarks) -> None:
@@ -30,4 +33,24 @@ def run_quality_vs_cost(args) -> int:
         print(f"{row['alg']:<26} {row['pc']:>7.3f} ± {row['pc-std']:<5.3f} {row['sc']:>7.3f} ± {row['sc-std']:<5.3f} "
               f"{row['overhead']:>10.2f} {row['job']:>12.4f}")
     print(f"\nresults in {settings.out}/results.json and {settings.out}/results.png")
+    return 0
+
+
+def _register_fact_tracing(benchmarks) -> None:
+    from pretrace.bench.facts.run import FactTracingSettings
+
+    parser = benchmarks.add_parser("fact-tracing", help="multi-stage fact tracing on a real LLM: MRR and recall@10 of every method",
+                                   description="The paper's T-REx/LAMA experiment (bundled offline instance by default); every stage is cached in --out.")
+    add_arguments(parser, FactTracingSettings)
+    parser.set_defaults(handler=run_fact_tracing)
+
+
+def run_fact_tracing(args) -> int:
+    from pretrace.bench.facts.run import FactTracingSettings, run_fact_tracing as run_benchmark
+
+    settings = from_arguments(FactTracingSettings, args)
+    run_benchmark(settings)
+    print()
+    print((Path(settings.out) / "results.md").read_text(encoding="utf-8"))
+    print(f"results in {settings.out}/results.json and {settings.out}/results.md")
     return 0

@@ -147,7 +147,7 @@ def build_context(settings: ScoreSettings, options: ModelOptions) -> ScoringCont
     return ScoringContext(finetuned, pretrained, Path(settings.train), queries)
 
 
-def _explanations(attributor: Attributor, context: ScoringContext, top: torch.Tensor, result: ScoreResult) -> dict[int, dict]:
+def explain_top(attributor: Attributor, context: ScoringContext, top: torch.Tensor) -> dict[int, dict]:
     """Per-token and per-module contributions of the union of top documents, rescored as a small subset."""
     wanted = sorted(set(top.flatten().tolist()))
     chosen = set(wanted)
@@ -231,7 +231,7 @@ def score(settings: ScoreSettings, options: ModelOptions | None = None, context:
     if settings.explain and gradient_based and not explain:
         warnings.warn("top_k.jsonl has no per-token explanations: they exist for linear modules only, not for every parameter of --preset all-parameters.", stacklevel=2)
     with distributed.split_by(settings.shard):
-        details = _explanations(attributor, context, top, result) if explain else None
+        details = explain_top(attributor, context, top) if explain else None
     timings = {
         "one_off_seconds": fitted - start,
         "scoring_seconds": scored - fitted,

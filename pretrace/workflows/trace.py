@@ -34,7 +34,7 @@ from pretrace.storage import file_sha256, read_json, read_jsonl_rows, write_json
 from pretrace.training.finetune import read_finetune_record
 from pretrace.workflows.common import ModelOptions
 from pretrace.workflows.fit import fit
-from pretrace.workflows.score import ScoreSettings, _explanations, build_context, score
+from pretrace.workflows.score import ScoreSettings, build_context, explain_top, score
 
 RETRIEVERS = ("embedding", "bm25", "none")
 RESULTS_FILE = "results.jsonl"
@@ -385,7 +385,7 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
         top = rank_candidates(scores, candidates, union, settings.top_k)
         attributor = make_attributor(score_settings)
         attributor.fit(context)
-        details = _explanations(attributor, context, top, None)
+        details = explain_top(attributor, context, top)
         rows = _result_rows(queries, documents, union, candidates, retrieval_scores, scores, top, details, relevant,
                             settings.retriever != "none")
         write_jsonl(results_file, rows)
