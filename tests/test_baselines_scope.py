@@ -21,22 +21,17 @@ from pretrace.workflows.fit import fit
 from pretrace.workflows.score import ScoreSettings, score
 from test_baselines_similarity import autograd_query_gradients
 from test_baselines_trak import full_matrix
-from tiny import save_tiny_model, train_tokenizer
+from tiny import save_tiny_model, train_tokenizer, write_jsonl
 
 QUERIES = [Query("q0", "paris is the capital of", " france ."), Query("q1", "the cat sat", " on the mat .")]
 SOLVER_SCOPE = r"wte|ln_f|h\.1\.mlp\.c_proj"  # GPT-2: the tied embedding / LM head, a norm and a Conv1D with bias
 
 
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, sentences):
     root = tmp_path_factory.mktemp("scope")
-    queries = _write_jsonl(root / "queries.jsonl", [{"id": q.id, "prompt": q.prompt, "completion": q.completion} for q in QUERIES])
-    train = _write_jsonl(root / "train.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(sentences)])
+    queries = write_jsonl(root / "queries.jsonl", [{"id": q.id, "prompt": q.prompt, "completion": q.completion} for q in QUERIES])
+    train = write_jsonl(root / "train.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(sentences)])
     return root, queries, train, [Document(f"d{i}", s) for i, s in enumerate(sentences)]
 
 

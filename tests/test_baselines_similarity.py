@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from dense import autograd_document_gradients, flatten
+from dense import autograd_document_gradients
 from pretrace.baselines.similarity import GradientCosine, RepresentationSimilarity, build_gradient_dot
 from pretrace.data import Document, Query
 from pretrace.data.batching import collate, encode_queries

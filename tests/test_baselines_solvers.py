@@ -1,6 +1,5 @@
 """Curvature-vector products and the exact / CG / LiSSA / Arnoldi inverses against dense matrices."""
 
-import json
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ from pretrace.modeling.modules import select_modules
 from pretrace.scores.io import load_scores
 from pretrace.workflows.common import ModelOptions
 from pretrace.workflows.score import ScoreSettings, score
-from tiny import build_tiny_model, save_tiny_model
+from tiny import build_tiny_model, save_tiny_model, write_jsonl
 
 LAYER_ONE = r"\.1\."  # the second block's modules: a few thousand parameters, cross-module terms included
 
@@ -200,19 +199,14 @@ def test_solver_settings_are_checked(setup):
             make()
 
 
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, sentences):
     root = tmp_path_factory.mktemp("solvers")
     model = save_tiny_model(root / "model")
-    queries = _write_jsonl(root / "queries.jsonl", [{"id": "q0", "prompt": "paris is the capital of", "completion": " france ."},
+    queries = write_jsonl(root / "queries.jsonl", [{"id": "q0", "prompt": "paris is the capital of", "completion": " france ."},
                                                      {"id": "q1", "prompt": "the cat sat", "completion": " on the mat ."}])
-    train = _write_jsonl(root / "train.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(sentences)])
-    pairs = _write_jsonl(root / "pairs.jsonl", [{"prompt": "birds can", "completion": " fly ."}, {"prompt": "rome is in", "completion": " italy ."}])
+    train = write_jsonl(root / "train.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(sentences)])
+    pairs = write_jsonl(root / "pairs.jsonl", [{"prompt": "birds can", "completion": " fly ."}, {"prompt": "rome is in", "completion": " italy ."}])
     return root, str(model), queries, train, pairs
 
 

@@ -1,7 +1,6 @@
 """Every registered method through `pretrace score`: the score folder's JSON splits its time into the one-off
 cost (fitting, indexing, training an ensemble) and the per-query cost, and records its hyper-parameters."""
 
-import json
 
 import pytest
 
@@ -12,7 +11,7 @@ from pretrace.workflows.common import ModelOptions
 from pretrace.workflows.fit import fit
 from pretrace.workflows.score import ScoreSettings, score
 from test_baselines_similarity import QUERIES, query_record
-from tiny import save_tiny_model
+from tiny import save_tiny_model, write_jsonl
 
 SETTINGS = {  # small enough for a second each on the tiny model's last MLP
     "trak": {"projection_dim": 8},
@@ -22,17 +21,12 @@ SETTINGS = {  # small enough for a second each on the tiny model's last MLP
 }
 
 
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory, sentences):
     root = tmp_path_factory.mktemp("timings")
     model = str(save_tiny_model(root / "model"))
-    train = _write_jsonl(root / "train.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(sentences)])
-    queries = _write_jsonl(root / "queries.jsonl", [query_record(q) for q in QUERIES])
+    train = write_jsonl(root / "train.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(sentences)])
+    queries = write_jsonl(root / "queries.jsonl", [query_record(q) for q in QUERIES])
     options = ModelOptions(device="cpu", dtype="float64", batch_size=4, modules=r"layers\.1\.mlp")
     fit(model, train, root / "factors", options, FitSettings(diagonal=True), progress=False)
     return root, model, train, queries, options

@@ -1,7 +1,6 @@
 """TRAK's ensemble trained inside `score` (--trak-ensemble): distinct members on seeded subsets, trained once and
 reused from their folder, the same scores as --trak-models on those folders, and the training in the one-off cost."""
 
-import json
 
 import pytest
 import torch
@@ -14,14 +13,9 @@ from pretrace.scores.io import load_scores
 from pretrace.workflows.common import ModelOptions, load_stage
 from pretrace.workflows.score import ScoreSettings, score
 from test_baselines_similarity import QUERIES, query_record, random_documents
-from tiny import save_tiny_model
+from tiny import save_tiny_model, write_jsonl
 
 TRAINING = {"trak_epochs": 2, "trak_batch_size": 4, "trak_lr": 1e-2, "projection_dim": 8}
-
-
-def _write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return str(path)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +23,7 @@ def workspace(tmp_path_factory, sentences):
     root = tmp_path_factory.mktemp("trak-ensemble")
     model = save_tiny_model(root / "model")
     documents = [{"id": f"s{i}", "text": s} for i, s in enumerate(sentences)] + [{"id": d.id, "text": d.text} for d in random_documents(8, seed=5)]
-    return root, str(model), _write_jsonl(root / "queries.jsonl", [query_record(q) for q in QUERIES]), _write_jsonl(root / "train.jsonl", documents)
+    return root, str(model), write_jsonl(root / "queries.jsonl", [query_record(q) for q in QUERIES]), write_jsonl(root / "train.jsonl", documents)
 
 
 def _score(workspace, name, **settings):

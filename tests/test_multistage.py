@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dense import autograd_document_gradients, dense_eigenbasis_matrix, flatten
+from dense import autograd_document_gradients, dense_eigenbasis_matrix
 from pretrace.curvature import Factors
 from pretrace.data import Document, Query
 from pretrace.data.batching import collate, encode_queries
@@ -34,7 +34,7 @@ def stages(tmp_path_factory):
     pretrained = save_tiny_model(root / "pt", "gpt_neox", dtype=torch.float64)
     docs = _write(root / "docs.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(SENTENCES)])
     pairs = _write(root / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
-    queries = _write(root / "queries.jsonl", [{"id": f"q{i}", "prompt": p, "completion": c} for i, (p, c) in enumerate(QUERIES)])
+    _write(root / "queries.jsonl", [{"id": f"q{i}", "prompt": p, "completion": c} for i, (p, c) in enumerate(QUERIES)])
     finetuned = root / "ft"
     finetune(FinetuneSettings(model=str(pretrained), data=str(pairs), out=str(finetuned), alpha=0.05, lr=1e-2, epochs=5,
                               batch_size=2, dtype="float64", device="cpu", seed=0), progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -70,3 +71,9 @@ def save_tiny_model(folder: Path, arch: str = "gpt_neox", seed: int = 0, dtype=t
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def write_jsonl(path: Path, rows) -> str:
+    """Write records as JSONL and return the path as a string (what settings take)."""
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)

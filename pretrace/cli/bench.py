@@ -23,14 +23,19 @@ def _register_quality_vs_cost(benchmarks) -> None:
     parser.set_defaults(handler=run_quality_vs_cost)
 
 
+def _mean_std(mean: float | None, std: float | None) -> str:
+    return f"{'—':>15}" if mean is None else f"{mean:>7.3f} ± {std or 0.0:<5.3f}"
+
+
 def run_quality_vs_cost(args) -> int:
     from pretrace.bench.quality_vs_cost import QualityVsCostSettings, run_quality_vs_cost as run_benchmark
 
     settings = from_arguments(QualityVsCostSettings, args)
     rows = run_benchmark(settings)
-    print(f"\n{'method':<26} {'pearson':>15} {'spearman':>15} {'one-off s':>10} {'per-query s':>12}")
+    print(f"\n{'method':<26} {'pearson':>15} {'spearman':>15} {'LDS':>15} {'one-off s':>10} {'per-query s':>12}")
     for row in rows:
         print(f"{row['alg']:<26} {row['pc']:>7.3f} ± {row['pc-std']:<5.3f} {row['sc']:>7.3f} ± {row['sc-std']:<5.3f} "
+              f"{_mean_std(row.get('lds'), row.get('lds-std'))} "
               f"{row['overhead']:>10.2f} {row['job']:>12.4f}")
     print(f"\nresults in {settings.out}/results.json and {settings.out}/results.png")
     return 0

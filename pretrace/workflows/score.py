@@ -12,7 +12,7 @@ import torch
 
 from pretrace import distributed
 from pretrace.config import option, to_dict
-from pretrace.data.records import Document, iter_documents, read_queries
+from pretrace.data.records import iter_documents, read_queries
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.registry import METHODS, make_attributor
