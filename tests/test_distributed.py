@@ -118,8 +118,8 @@ def _assert_same_scores(folder: Path, reference: Path, explained: bool = True) -
     assert [d["id"] for d in top] == [d["id"] for d in ref_top]
     for document, reference_document in zip(top, ref_top):  # explanations: the top documents rescored in RAM, sharded too
         assert document["tokens"] == reference_document["tokens"]
-        for key in ("token_scores", "module_scores"):
-            torch.testing.assert_close(torch.tensor(_values(document[key])), torch.tensor(_values(reference_document[key])), rtol=1e-5, atol=1e-6)
+        for key in ("token_scores", "module_scores"):  # float32 through different routes (--shard-factors takes the dense one)
+            assert _max_relative_difference(torch.tensor(_values(reference_document[key])), torch.tensor(_values(document[key]))) < 1e-5, key
 
 
 def test_torchrun_score_equals_single_process(workspace):
