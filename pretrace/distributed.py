@@ -281,8 +281,10 @@ class PlacedPreconditioner:
     rank only ever moves its own modules' factors to its device. Collective when `by_module`: every rank
     must apply it to the same modules with the same shapes."""
 
+    module_wise = True  # it only wraps module-wise operators
+
     def __init__(self, inner, device: torch.device | str | None = None, by_module: bool = False):
-        if not _module_wise(inner):
+        if not inner.module_wise:
             raise PretraceError(
                 f"{type(inner).__name__} couples modules, so its factors cannot be placed or sharded by module; "
                 "--factors-device cpu and --shard-factors work with ekfac, kfac, diagonal and identity (single- or multi-stage)."
@@ -304,16 +306,6 @@ class PlacedPreconditioner:
 
     def describe(self) -> dict:
         return {**self.inner.describe(), "factors_device": None if self.device is None else str(self.device), "factors_sharded_by_module": self.by_module}
-
-
-def _module_wise(preconditioner) -> bool:
-    from pretrace.curvature.operators import EKFAC, KFAC, Chain, Diagonal, Identity, Scaled
-
-    if isinstance(preconditioner, (EKFAC, KFAC, Diagonal, Identity)):
-        return True
-    if isinstance(preconditioner, Scaled):
-        return _module_wise(preconditioner.inner)
-    return isinstance(preconditioner, Chain) and all(_module_wise(op) for op in preconditioner.operators)
 
 
 _spill_folder: Path | None = None

@@ -20,6 +20,10 @@ Gradients = dict[str, torch.Tensor]
 class Preconditioner:
     """Maps gradients v to P v for a symmetric P (typically a damped inverse curvature)."""
 
+    # True when P is block-diagonal over modules, so each module can be mapped on its own (and composed
+    # operators can stream module by module instead of holding every intermediate gradient at once).
+    module_wise: bool = False
+
     def apply(self, grads: Gradients) -> Gradients:
         raise NotImplementedError
 
@@ -30,6 +34,8 @@ class Preconditioner:
 class Identity(Preconditioner):
     """P = I: influence becomes the plain gradient dot product."""
 
+    module_wise = True
+
     def apply(self, grads: Gradients) -> Gradients:
         return dict(grads)
 
@@ -38,8 +44,15 @@ class Scaled(Preconditioner):
     def __init__(self, inner: Preconditioner, factor: float):
         self.inner, self.factor = inner, float(factor)
 
+    @property
+    def module_wise(self) -> bool:
+        return self.inner.module_wise
+
     def apply(self, grads: Gradients) -> Gradients:
-        return {name: g * self.factor for name, g in self.inner.apply(grads).items()}
+        out = self.inner.apply(grads)
+        for name, g in out.items():  # replaced one by one: one module's extra copy at a time, never the inner input's
+            out[name] = g * self.factor
+        return out
 
     def describe(self) -> dict:
         return {"type": "Scaled", "factor": self.factor, "inner": self.inner.describe()}
@@ -51,7 +64,16 @@ class Chain(Preconditioner):
     def __init__(self, operators: Sequence[Preconditioner]):
         self.operators = list(operators)
 
+    @property
+    def module_wise(self) -> bool:
+        return all(op.module_wise for op in self.operators)
+
     def apply(self, grads: Gradients) -> Gradients:
+        if self.module_wise:  # each module through every operator in turn: no full intermediate copies
+            return {name: self._apply_all({name: g})[name] for name, g in grads.items()}
+        return self._apply_all(grads)
+
+    def _apply_all(self, grads: Gradients) -> Gradients:
         for op in self.operators:
             grads = op.apply(grads)
         return grads
@@ -62,6 +84,8 @@ class Chain(Preconditioner):
 
 class _Damped(Preconditioner):
     """Module-wise inverse with damping λ: absolute if given, else `damping_factor` × the module's mean eigenvalue."""
+
+    module_wise = True
 
     def __init__(self, factors: Factors, damping: float | None = None, damping_factor: float = 0.1):
         if damping is not None and damping < 0:

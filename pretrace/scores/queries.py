@@ -93,7 +93,7 @@ def precondition_queries(
         weights = {name: EigenbasisWeights(_joined([w for w, _, _ in pieces]), *preconditioner.eigenbasis(name, device, dtype)) for name, pieces in parts.items()}
     else:
         ids, grads = query_gradients(model, tracked, batches, task, progress)
-        parts = {name: [_compressed(DenseWeights(w), query_rank)] for name, w in preconditioner.apply(grads).items()}
+        parts = {name: [_compressed(DenseWeights(w), query_rank)] for name, w in _apply_releasing(preconditioner, grads)}
         weights = {name: pieces[0][0] for name, pieces in parts.items()}
     if query_rank is None:
         return PreconditionedQueries(ids, weights)
@@ -102,3 +102,13 @@ def precondition_queries(
     residual = sum(errors[name].square() * norms[name] for name in errors)
     relative = (residual / sum(norms.values()).clamp(min=torch.finfo(torch.float64).tiny)).sqrt()
     return PreconditionedQueries(ids, weights, errors, relative)
+
+
+def _apply_releasing(preconditioner: Preconditioner, grads: dict[str, torch.Tensor]):
+    """(name, P v) pairs; a module-wise P takes the gradients out of `grads` one module at a time, so raw and
+    preconditioned gradients never coexist in full (multi-stage chains hold no full intermediates either)."""
+    if not preconditioner.module_wise:
+        yield from preconditioner.apply(grads).items()
+        return
+    for name in list(grads):
+        yield name, preconditioner.apply({name: grads.pop(name)})[name]
