@@ -114,6 +114,7 @@ def _run_pass(
         generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + seed_offset + index)
         captured = capture(model, tracked, lambda: task.document_loss(model, batch, generator=generator, sample=sample))
         accumulate(sums, captured, batch)
+        del captured  # before the next batch is captured: never two batches' activations at once
         counts["batches"] += 1
         counts["documents"] += len(batch)
         counts["tokens"] += int(batch.predict_mask.sum())

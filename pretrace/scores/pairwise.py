@@ -112,6 +112,7 @@ def score_documents(
                 batch_modules.append(scores.double().cpu())
             if per_token:
                 batch_tokens = batch_tokens + contributions.double()
+        del captured  # before the next batch is captured: never two batches' activations at once
         totals.add(offset, batch_total.cpu())
         if per_module:
             modules.add(offset, torch.stack(batch_modules))
