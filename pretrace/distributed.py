@@ -74,6 +74,17 @@ def local_device() -> torch.device:
     return torch.device("cuda", _env_int("LOCAL_RANK", 0) % torch.cuda.device_count())
 
 
+def resolve_device(name: str) -> torch.device:
+    """A --device value as a torch device: 'auto' (and 'cuda' when available) take this process's own GPU,
+    cuda:LOCAL_RANK under torchrun, or the CPU."""
+    if name == "auto" or (name == "cuda" and torch.cuda.is_available()):
+        return local_device()
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise PretraceError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or auto.") from None
+
+
 def initialize() -> None:
     """Join the process group described by torchrun's environment (idempotent; nothing when WORLD_SIZE <= 1).
 

@@ -38,12 +38,16 @@ def load_results(source: str | Path | Iterable[Mapping]) -> list[dict]:
     return [_checked_row(row, f"{where} row {index + 1}") for index, row in enumerate(rows)]
 
 
+def _require_fields(record: object, keys: tuple[str, ...], where: str, hint: str = "") -> None:
+    if not isinstance(record, Mapping):
+        raise PretraceError(f"{where}: expected a JSON object, got {type(record).__name__}.")
+    for key in keys:
+        if key not in record:
+            raise PretraceError(f"{where}: missing field '{key}' (found: {sorted(record)}){hint}.")
+
+
 def _checked_row(row: Mapping, where: str) -> dict:
-    if not isinstance(row, Mapping):
-        raise PretraceError(f"{where}: expected a JSON object, got {type(row).__name__}.")
-    for key in ("query_id", "prompt", "completion", "documents"):
-        if key not in row:
-            raise PretraceError(f"{where}: missing field '{key}' (found: {sorted(row)}); see pretrace.report.results for the schema.")
+    _require_fields(row, ("query_id", "prompt", "completion", "documents"), where, "; see pretrace.report.results for the schema")
     if not isinstance(row["documents"], list):
         raise PretraceError(f"{where}: 'documents' must be a list, got {type(row['documents']).__name__}.")
     where = f"{where} (query {row['query_id']!r})"
@@ -52,11 +56,7 @@ def _checked_row(row: Mapping, where: str) -> dict:
 
 
 def _checked_document(doc: Mapping, where: str) -> dict:
-    if not isinstance(doc, Mapping):
-        raise PretraceError(f"{where}: expected a JSON object, got {type(doc).__name__}.")
-    for key in ("id", "text", "score", "rank"):
-        if key not in doc:
-            raise PretraceError(f"{where}: missing field '{key}' (found: {sorted(doc)}).")
+    _require_fields(doc, ("id", "text", "score", "rank"), where)
     tokens, token_scores = doc.get("tokens"), doc.get("token_scores")
     if (tokens is None) != (token_scores is None):
         raise PretraceError(f"{where}: 'tokens' and 'token_scores' must be given together or not at all.")

@@ -65,12 +65,7 @@ class TrainSettings:
                 raise PretraceError(message)
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto" or (self.device == "cuda" and torch.cuda.is_available()):
-            return distributed.local_device()  # under torchrun each process takes its own GPU, cuda:LOCAL_RANK
-        try:
-            return torch.device(self.device)
-        except RuntimeError:
-            raise PretraceError(f"unknown --device {self.device!r}; use cpu, cuda, cuda:N or auto.") from None
+        return distributed.resolve_device(self.device)
 
 
 @dataclass

@@ -41,12 +41,7 @@ class ModelOptions:
             raise PretraceError("--device-map spreads one model over the devices of one process; under torchrun use one device per process instead.")
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto" or (self.device == "cuda" and torch.cuda.is_available()):
-            return distributed.local_device()  # under torchrun each process takes its own GPU, cuda:LOCAL_RANK
-        try:
-            return torch.device(self.device)
-        except RuntimeError:
-            raise PretraceError(f"unknown --device {self.device!r}; use cpu, cuda, cuda:N or auto.") from None
+        return distributed.resolve_device(self.device)
 
 
 DocumentSource = str | Path | list[Document]
