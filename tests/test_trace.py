@@ -167,6 +167,13 @@ def test_bad_inputs_are_refused(world, tmp_path):
     queries = _write(tmp_path / "q.jsonl", [{"prompt": "the cat", "completion": " sat", "evidence_ids": ["nope"]}])
     with pytest.raises(PretraceError, match="not document ids"):
         trace(_settings(world, tmp_path / "bad", queries=str(queries), retriever="bm25"), OPTIONS, progress=False)
+    malformed = tmp_path / "malformed.jsonl"
+    malformed.write_text('{"prompt": "the cat"\n')
+    with pytest.raises(PretraceError, match="not valid JSON"):
+        trace(_settings(world, tmp_path / "malformed-out", queries=str(malformed), retriever="bm25"), OPTIONS, progress=False)
+    with pytest.raises(PretraceError, match="no such folder"):
+        trace(_settings(world, tmp_path / "no-model-out", pretrained=str(tmp_path / "missing-model"), retriever="bm25"), OPTIONS, progress=False)
+    assert not (tmp_path / "malformed-out").exists() and not (tmp_path / "no-model-out").exists()  # refused before writing
     no_data = _settings(world, tmp_path / "nodata", finetune_data=str(tmp_path / "missing.jsonl"), retriever="bm25")
     with pytest.raises(PretraceError, match="--finetuned-factors"):
         trace(no_data, OPTIONS, progress=False)

@@ -27,7 +27,7 @@ from pretrace.curvature.factors import METADATA_FILE as FACTORS_METADATA
 from pretrace.data.records import Document, Query, iter_documents, iter_json_objects
 from pretrace.errors import PretraceError
 from pretrace.methods.registry import make_attributor
-from pretrace.modeling.loading import load_model, load_tokenizer
+from pretrace.modeling.loading import check_model_dir, load_model, load_tokenizer
 from pretrace.retrieval import make_retriever, retrieval_recall
 from pretrace.scores.io import load_scores, top_indices
 from pretrace.storage import file_sha256, read_json, read_jsonl_rows, write_json, write_jsonl
@@ -311,6 +311,10 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
     """Run every stage (reusing finished ones) and write results.jsonl, report.html and the plots; returns the summary."""
     options = options or ModelOptions()
     out = Path(settings.out)
+    source = read_trace_queries(settings.queries)  # bad inputs are refused before anything is written
+    documents = read_corpus(settings.corpus)
+    for folder in (settings.pretrained, settings.finetuned):
+        check_model_dir(folder)
     out.mkdir(parents=True, exist_ok=True)
     stages = _Stages(out)
     timings: dict[str, float] = {}
@@ -324,7 +328,6 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
         timings[name.replace("_seconds", "_cpu_seconds")] = round(now[1] - clock[1], 3)
         clock = now
 
-    source = read_trace_queries(settings.queries)
     queries_file = out / "queries.jsonl"
     signature = {"queries": file_sha256(settings.queries), "finetuned": folder_stamp(settings.finetuned),
                  "max_new_tokens": settings.max_new_tokens}
@@ -336,7 +339,6 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
         stages.record("queries", signature)
     lap("completions_seconds")
 
-    documents = read_corpus(settings.corpus)
     candidates_file = out / "candidates.json"
     signature = {"corpus": file_sha256(settings.corpus), "queries": file_sha256(queries_file), "retriever": settings.retriever,
                  "candidates": settings.candidates, "embedding_model": settings.embedding_model}
