@@ -1,13 +1,17 @@
 """Ground truth for multi-stage influence by actually retraining both stages.
 
-A small problem whose two stages can be solved to numerical convergence: only the tracked linear
-modules are trained (everything else frozen), pre-training minimises the mean document loss plus
-w/2‖θ‖² (so H_pt is well defined and EK-FAC's damping for it is exactly w), and fine-tuning minimises
-the mean completion loss plus α/2‖θ − θ_pt‖² (so H_ft's damping is exactly α). With a few hundred
-parameters the exact Hessian is cheap, so both stages are solved by L-BFGS then Newton's method in
-float64; a retrain after removing one document starts from the base solution, where Newton converges in
-2-4 steps. Removing document i and re-solving both stages measures the true change of a query's loss
-that the influence formula predicts to first order: Δm ≈ score / N.
+The trained part is the LM head of a small GPT-NeoX whose transformer (warmed up on the documents, then
+frozen) supplies fixed features: each stage is then a softmax regression, strictly convex, so its optimum
+is unique and Newton's method with the exact Hessian reaches it to ‖∇‖ < 1e-9 in a few steps, and
+removing one document moves the optimum little enough that first-order influence is accurate. It is
+also a setting EK-FAC is built for: the head is one linear layer with many predicted tokens per
+document, and for it the true Fisher equals the Gauss-Newton matrix equals the Hessian, so EK-FAC's only
+approximation is its Kronecker eigenbasis.
+
+Pre-training minimises the mean document loss plus w/2‖θ‖² (H_pt's damping is exactly w); fine-tuning
+minimises the mean completion loss plus α/2‖θ − θ_pt‖² (H_ft's damping is exactly α). Removing document
+i and re-solving both stages measures the change of a query's loss that multi-stage influence predicts
+to first order: Δm ≈ score / N.
 """
 
 from __future__ import annotations
@@ -16,109 +20,120 @@ import random
 from dataclasses import dataclass
 
 import torch
-from torch.func import functional_call
 from tqdm import tqdm
 
 from pretrace.data.batching import TokenBatch, collate, encode_documents, encode_queries
 from pretrace.data.records import Document, Query
 from pretrace.errors import PretraceError
-from pretrace.gradients.task import LanguageModelingTask
-from pretrace.modeling.modules import TrackedModule
+from pretrace.gradients.task import LanguageModelingTask, model_inputs
 
 
 @dataclass
-class ProximalProblem:
+class SequenceFeatures:
+    """The frozen network's features at every predicting position of a set of sequences."""
+
+    inputs: torch.Tensor  # [T, d_in] the LM head's input
+    targets: torch.Tensor  # [T] the token predicted
+    sequence: torch.Tensor  # [T] which sequence the position belongs to
+    count: int  # number of sequences
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, batch: TokenBatch) -> "SequenceFeatures":
+        with torch.no_grad():
+            hidden = model.base_model(**model_inputs(model, batch)).last_hidden_state
+        mask = batch.predict_mask
+        rows = torch.arange(len(batch)).unsqueeze(1).expand_as(mask)
+        return cls(hidden[mask], batch.next_tokens[mask], rows[mask], len(batch))
+
+
+@dataclass
+class HeadProblem:
+    """Both training stages of the LM head θ (flattened `[vocabulary, d_in]` weight) on fixed features."""
+
     model: torch.nn.Module
-    tracked: list[TrackedModule]
-    documents: TokenBatch
-    pairs: TokenBatch
-    queries: TokenBatch
+    documents: SequenceFeatures
+    pairs: SequenceFeatures
+    queries: SequenceFeatures
     weight_decay: float
     alpha: float
 
-    @classmethod
-    def build(cls, model, tracked, tokenizer, documents: list[Document], pairs: list[Query], queries: list[Query], weight_decay: float, alpha: float, pad_id: int = 0):
-        batch = lambda items: collate(list(items), pad_id)
-        return cls(model, tracked, batch(encode_documents(tokenizer, documents, 512)), batch(encode_queries(tokenizer, pairs, 512)),
-                   batch(encode_queries(tokenizer, queries, 512)), weight_decay, alpha)
-
-    # -- parameters as one flat vector -------------------------------------------------------------
-    def parameter_names(self) -> list[str]:
-        names = []
-        for t in self.tracked:
-            names.append(f"{t.name}.weight")
-            if t.has_bias:
-                names.append(f"{t.name}.bias")
-        return names
+    @property
+    def head(self) -> torch.nn.Linear:
+        return self.model.get_output_embeddings()
 
     def flat(self) -> torch.Tensor:
-        params = dict(self.model.named_parameters())
-        return torch.cat([params[n].detach().flatten() for n in self.parameter_names()])
-
-    def _unflatten(self, theta: torch.Tensor) -> dict[str, torch.Tensor]:
-        params = dict(self.model.named_parameters())
-        out, offset = {}, 0
-        for name in self.parameter_names():
-            n = params[name].numel()
-            out[name] = theta[offset : offset + n].view_as(params[name])
-            offset += n
-        return out
+        return self.head.weight.detach().flatten().clone()
 
     def load(self, theta: torch.Tensor) -> None:
-        params = dict(self.model.named_parameters())
         with torch.no_grad():
-            for name, value in self._unflatten(theta).items():
-                params[name].copy_(value)
+            self.head.weight.copy_(theta.view_as(self.head.weight))
 
-    # -- objectives ----------------------------------------------------------------------------------
-    def losses(self, theta: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-        """[B] summed target-token losses at parameters theta (other weights as in the model)."""
-        wrapper = _Functional(self.model, self._unflatten(theta))
-        return LanguageModelingTask().document_loss(wrapper, batch)
+    def _probabilities(self, theta: torch.Tensor, part: SequenceFeatures) -> torch.Tensor:
+        return torch.softmax(part.inputs @ theta.view_as(self.head.weight).T, dim=-1)
+
+    # -- losses and their derivatives, in closed form -------------------------------------------------
+    def losses(self, theta: torch.Tensor, part: SequenceFeatures) -> torch.Tensor:
+        """[count] summed target-token cross-entropy of each sequence."""
+        logits = part.inputs @ theta.view_as(self.head.weight).T
+        tokens = torch.logsumexp(logits, -1) - logits.gather(1, part.targets.unsqueeze(1)).squeeze(1)
+        return torch.zeros(part.count, dtype=theta.dtype).index_add(0, part.sequence, tokens)
+
+    def example_gradients(self, theta: torch.Tensor, part: SequenceFeatures) -> torch.Tensor:
+        """[count, P]: each sequence's loss gradient Σ_t (p_t − e_{y_t}) ⊗ a_t."""
+        residual = self._probabilities(theta, part) - torch.nn.functional.one_hot(part.targets, self.head.weight.shape[0]).to(theta.dtype)
+        per_token = (residual.unsqueeze(2) * part.inputs.unsqueeze(1)).flatten(1)
+        return torch.zeros(part.count, per_token.shape[1], dtype=theta.dtype).index_add(0, part.sequence, per_token)
+
+    def curvature(self, theta: torch.Tensor, part: SequenceFeatures, weights: torch.Tensor) -> torch.Tensor:
+        """[P, P] Hessian of Σ_i weights_i · loss_i: Σ_t w_t (diag p_t − p_t p_tᵀ) ⊗ a_t a_tᵀ (exact: the head is linear)."""
+        probs, inputs = self._probabilities(theta, part), part.inputs
+        weighted = probs * weights[part.sequence].unsqueeze(1)
+        outer = lambda p: (p.unsqueeze(2) * inputs.unsqueeze(1)).flatten(1)
+        vocabulary, width = probs.shape[1], inputs.shape[1]
+        matrix = -(outer(weighted).T @ outer(probs)).view(vocabulary, width, vocabulary, width)
+        diagonal = torch.einsum("tv,ti,tj->vij", weighted, inputs, inputs)
+        index = torch.arange(vocabulary)
+        matrix[index, :, index, :] += diagonal
+        return matrix.reshape(vocabulary * width, vocabulary * width)
+
+    # -- the two stages --------------------------------------------------------------------------------
+    def _weights(self, weights: torch.Tensor | None, dtype) -> torch.Tensor:
+        return torch.ones(self.documents.count, dtype=dtype) if weights is None else weights
 
     def pretrain_objective(self, theta: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        losses = self.losses(theta, self.documents)
-        weights = torch.ones_like(losses) if weights is None else weights
-        return (weights * losses).sum() / len(losses) + 0.5 * self.weight_decay * theta.square().sum()
+        weights = self._weights(weights, theta.dtype)
+        return (weights * self.losses(theta, self.documents)).sum() / self.documents.count + 0.5 * self.weight_decay * theta.square().sum()
+
+    def pretrain_hessian(self, theta: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        weights = self._weights(weights, theta.dtype)
+        return self.curvature(theta, self.documents, weights) / self.documents.count + self.weight_decay * torch.eye(len(theta), dtype=theta.dtype)
+
+    def finetune_loss_hessian(self, theta: torch.Tensor) -> torch.Tensor:
+        """H_ft: the Hessian of the mean completion loss alone (the proximal term is α I)."""
+        return self.curvature(theta, self.pairs, torch.ones(self.pairs.count, dtype=theta.dtype)) / self.pairs.count
 
     def finetune_objective(self, theta: torch.Tensor, theta_pt: torch.Tensor) -> torch.Tensor:
         return self.losses(theta, self.pairs).mean() + 0.5 * self.alpha * (theta - theta_pt).square().sum()
 
-    def example_gradients(self, theta: torch.Tensor, batch: TokenBatch) -> torch.Tensor:
-        """[B, P] gradient of each sequence's summed loss (autograd, independent of pretrace's capture)."""
-        theta = theta.detach()
-        return torch.stack([torch.func.grad(lambda th: self.losses(th, batch)[i])(theta) for i in range(len(batch))])
-
-    # -- solving -------------------------------------------------------------------------------------
-    def solve_pretraining(self, start: torch.Tensor) -> torch.Tensor:
-        return newton_minimise(self.pretrain_objective, quasi_newton(self.pretrain_objective, start))
+    def solve_pretraining(self, start: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        return newton_minimise(lambda th: self.pretrain_objective(th, weights), start, lambda th: self.pretrain_hessian(th, weights))
 
     def solve_finetuning(self, start: torch.Tensor, theta_pt: torch.Tensor) -> torch.Tensor:
-        objective = lambda th: self.finetune_objective(th, theta_pt)
-        return newton_minimise(objective, quasi_newton(objective, start))
+        eye = torch.eye(len(start), dtype=start.dtype)
+        return newton_minimise(lambda th: self.finetune_objective(th, theta_pt), start, lambda th: self.finetune_loss_hessian(th) + self.alpha * eye)
 
-    def removal_effects(self, theta_pt: torch.Tensor, theta_ft: torch.Tensor, indices: list[int], progress: bool = True) -> torch.Tensor:
-        """[n_indices, Q]: change of each query's loss when document i is removed and both stages re-solved."""
-        base = self.losses(theta_ft, self.queries).detach()
+    def removal_effects(self, theta_pt: torch.Tensor, theta_ft: torch.Tensor, progress: bool = True) -> torch.Tensor:
+        """[N, Q]: change of each query's loss when document i is removed and both stages re-solved
+        (warm-started at the base solutions, where Newton converges in a few steps)."""
+        base = self.losses(theta_ft, self.queries)
         effects = []
-        for i in tqdm(indices, desc="retraining", unit="document", disable=not progress):
-            weights = torch.ones(len(self.documents), dtype=theta_pt.dtype)
+        for i in tqdm(range(self.documents.count), desc="retraining", unit="document", disable=not progress):
+            weights = torch.ones(self.documents.count, dtype=theta_pt.dtype)
             weights[i] = 0.0
-            new_pt = newton_minimise(lambda th: self.pretrain_objective(th, weights), theta_pt)
-            new_ft = newton_minimise(lambda th: self.finetune_objective(th, new_pt), theta_ft + (new_pt - theta_pt))
-            effects.append(self.losses(new_ft, self.queries).detach() - base)
+            new_pt = self.solve_pretraining(theta_pt, weights)
+            new_ft = self.solve_finetuning(theta_ft + (new_pt - theta_pt), new_pt)
+            effects.append(self.losses(new_ft, self.queries) - base)
         return torch.stack(effects)
-
-
-class _Functional(torch.nn.Module):
-    """Calls the model with some parameters replaced (differentiably) by given tensors."""
-
-    def __init__(self, model: torch.nn.Module, parameters: dict[str, torch.Tensor]):
-        super().__init__()
-        self.inner, self.parameters_override = model, parameters
-
-    def forward(self, *args, **kwargs):
-        return functional_call(self.inner, self.parameters_override, args, kwargs, strict=False)
 
 
 def hessian(objective, theta: torch.Tensor) -> torch.Tensor:
@@ -137,22 +152,23 @@ def _value_and_gradient(objective, theta: torch.Tensor) -> tuple[float, torch.Te
     return float(value.detach()), torch.autograd.grad(value, theta)[0]
 
 
-def newton_minimise(objective, start: torch.Tensor, tolerance: float = 1e-9, max_steps: int = 200) -> torch.Tensor:
-    """Levenberg-damped Newton with the exact Hessian until ‖∇‖ < tolerance (quadratic near the optimum).
+def newton_minimise(objective, start: torch.Tensor, curvature=None, tolerance: float = 1e-9, max_steps: int = 200) -> torch.Tensor:
+    """Levenberg-damped Newton with the exact Hessian (`curvature(θ)`, autograd if not given) until ‖∇‖ < tolerance.
 
-    Far from the optimum the Hessian of a network's loss can be indefinite: the damping μ grows until
-    H + μI is positive definite and the step lowers the objective, and shrinks again after each success.
+    Where the Hessian is indefinite or the full step overshoots, the damping μ grows until H + μI is
+    positive definite and the step lowers the objective, and shrinks again after each success.
     """
+    curvature = curvature or (lambda th: hessian(objective, th))
     theta = start.detach().clone()
     value, grad = _value_and_gradient(objective, theta)
     mu = 0.0
+    eye = torch.eye(len(theta), dtype=theta.dtype)
     for _ in range(max_steps):
         if grad.norm() < tolerance:
             return theta
-        curvature = hessian(objective, theta)
-        eye = torch.eye(len(theta), dtype=theta.dtype)
+        matrix = curvature(theta)
         while True:
-            factor, info = torch.linalg.cholesky_ex(curvature + mu * eye)
+            factor, info = torch.linalg.cholesky_ex(matrix + mu * eye)
             if info == 0:
                 candidate = theta - torch.cholesky_solve(grad.unsqueeze(1), factor).squeeze(1)
                 new_value, new_grad = _value_and_gradient(objective, candidate)
@@ -166,66 +182,77 @@ def newton_minimise(objective, start: torch.Tensor, tolerance: float = 1e-9, max
     raise PretraceError(f"Newton's method did not reach gradient norm {tolerance:g} in {max_steps} steps (last {float(grad.norm()):.3g}).")
 
 
-def quasi_newton(objective, start: torch.Tensor, tolerance: float = 1e-5) -> torch.Tensor:
-    """L-BFGS (cheap gradient steps) until Newton's quadratic convergence can take over."""
-    theta = start.detach().clone().requires_grad_(True)
-    optimizer = torch.optim.LBFGS([theta], lr=1.0, max_iter=2000, tolerance_grad=tolerance, tolerance_change=1e-14,
-                                  history_size=50, line_search_fn="strong_wolfe")
-
-    def closure():
-        optimizer.zero_grad()
-        value = objective(theta)
-        value.backward()
-        return value
-
-    optimizer.step(closure)
-    return theta.detach()
-
-
 # -- a synthetic two-stage problem and the comparison of influence variants against retraining --------
-
-_COUNTRIES = [("france", "paris"), ("germany", "berlin"), ("italy", "rome"), ("spain", "madrid"), ("japan", "tokyo"), ("egypt", "cairo"),
-              ("peru", "lima"), ("kenya", "nairobi"), ("chile", "santiago"), ("cuba", "havana"), ("india", "delhi"), ("china", "beijing")]
-_FILLERS = ["the cat sat on the mat", "a dog ran in the park", "birds can fly", "fish can swim", "the sun is hot", "the moon is cold"]
 
 
 @dataclass
 class RetrainingSettings:
-    documents: int = 60
-    hidden_size: int = 8
+    documents: int = 50
+    document_length: int = 24
+    vocabulary: int = 24
+    topics: int = 4  # each document is a random walk on one of these random transition matrices
+    concentration: float = 0.3  # Dirichlet concentration of the transition rows: small = few likely successors
+    pairs: int = 24
+    queries: int = 8
+    completion_length: int = 3
+    hidden_size: int = 16
     weight_decay: float = 1e-2
     alpha: float = 1e-1
-    # "broad": the fine-tuning set mixes capital questions with sentence completions and city → country pairs, as
-    # an instruction-tuning set mixes tasks; "capitals": six capital questions only, whose nearly rank-deficient
-    # H_ft makes α(H_ft + αI)⁻¹ a projector that EK-FAC's Kronecker eigenbasis cannot place (see the benchmark).
-    finetuning: str = "broad"
-    label_repeats: int = 16  # each document's labels are sampled this many times when fitting EK-FAC (true Fisher)
+    warmup_steps: int = 200
+    label_repeats: int = 16  # each sequence's labels are sampled this many times when fitting EK-FAC (true Fisher)
     fisher: str = "true"
-    warmup_steps: int = 300
     seed: int = 0
 
+    def __post_init__(self):
+        counts = {"documents": 2, "document_length": 2, "vocabulary": 2, "topics": 1, "pairs": 1, "queries": 2, "completion_length": 1,
+                  "hidden_size": 2, "label_repeats": 1}
+        for name, least in counts.items():
+            if getattr(self, name) < least:
+                raise PretraceError(f"retraining setting {name} must be at least {least}, got {getattr(self, name)}.")
+        # Softmax regression is flat along "add the same vector to every row": only w > 0 makes pre-training strictly convex.
+        for name in ("weight_decay", "alpha", "concentration"):
+            if getattr(self, name) <= 0:
+                raise PretraceError(f"retraining setting {name} must be positive, got {getattr(self, name)}.")
+        if self.fisher not in ("true", "empirical"):
+            raise PretraceError(f"fisher must be 'true' or 'empirical', got {self.fisher!r}.")
 
-def country_corpus(count: int, seed: int, finetuning: str = "broad") -> tuple[list[Document], list[Query], list[Query]]:
-    """Facts about 12 capitals padded with filler sentences; fine-tune on 6 capitals (and, if broad, other
-    completions), query the other 6 capitals."""
-    rng = random.Random(seed)
-    texts = []
-    for country, capital in _COUNTRIES:
-        texts += [f"{capital} is the capital of {country} .", f"the capital of {country} is {capital} .", f"{capital} is a city in {country} ."]
-    if count < len(texts):
-        raise PretraceError(f"the country corpus needs at least {len(texts)} documents, got {count}.")
-    texts += [rng.choice(_FILLERS) + " ." for _ in range(count - len(texts))]
-    documents = [Document(str(i), text) for i, text in enumerate(texts)]
-    ask = lambda prefix, pairs: [Query(f"{prefix}{i}", f"what is the capital of {c} ?", f" {cap} .") for i, (c, cap) in enumerate(pairs)]
-    pairs = ask("pair", _COUNTRIES[:6])
-    if finetuning == "broad":
-        for i, filler in enumerate(_FILLERS):
-            words = filler.split()
-            pairs.append(Query(f"complete{i}", " ".join(words[:2]), " " + " ".join(words[2:]) + " ."))
-        pairs += [Query(f"city{i}", f"{capital} is a city in", f" {country} .") for i, (country, capital) in enumerate(_COUNTRIES[:6])]
-    elif finetuning != "capitals":
-        raise PretraceError(f"finetuning must be 'broad' or 'capitals', got {finetuning!r}.")
-    return documents, pairs, ask("query", _COUNTRIES[6:])
+
+def markov_corpus(settings: RetrainingSettings) -> tuple[list[Document], list[Query], list[Query]]:
+    """Pre-training documents are random walks on topic-specific transition matrices; fine-tuning teaches a
+    new rule (after a prompt from those walks, each completion token is a fixed random permutation π of the
+    one before) that queries test on held-out prompts. The rule's tokens are the documents' tokens, so
+    documents matter to the queries, but only through the directions fine-tuning leaves free: α(H_ft + αI)⁻¹
+    is near 0 where the rule pins the head down, which single-stage influence cannot know."""
+    rng = random.Random(settings.seed)
+    size = settings.vocabulary
+    words = [f"w{i}" for i in range(size)]
+
+    def row() -> list[float]:
+        draws = [rng.gammavariate(settings.concentration, 1.0) for _ in range(size)]
+        return [d / sum(draws) for d in draws]
+
+    topics = [[row() for _ in range(size)] for _ in range(settings.topics)]
+
+    def walk(length: int, topic: list[list[float]]) -> list[int]:
+        tokens = [rng.randrange(size)]
+        while len(tokens) < length:
+            tokens.append(rng.choices(range(size), topic[tokens[-1]])[0])
+        return tokens
+
+    text = lambda tokens: " ".join(words[t] for t in tokens)
+    documents = [Document(str(i), text(walk(settings.document_length, topics[i % settings.topics]))) for i in range(settings.documents)]
+    permutation = list(range(size))
+    rng.shuffle(permutation)
+
+    def rule(name: str) -> Query:
+        prompt = walk(4, topics[rng.randrange(settings.topics)])
+        completion = [permutation[prompt[-1]]]
+        while len(completion) < settings.completion_length:
+            completion.append(permutation[completion[-1]])
+        return Query(name, text(prompt), " " + text(completion))
+
+    pairs = [rule(f"pair{i}") for i in range(settings.pairs)]
+    return documents, pairs, [rule(f"query{i}") for i in range(settings.queries)]
 
 
 def word_tokenizer(texts: list[str]):
@@ -242,27 +269,34 @@ def word_tokenizer(texts: list[str]):
 
 
 def build_problem(settings: RetrainingSettings):
-    """(problem, tokenizer, documents, pairs, queries): a 1-layer GPT-NeoX whose MLP is the trained part."""
+    """(problem, tokenizer, documents, pairs, queries): a 1-layer GPT-NeoX whose LM head is the trained part."""
     from transformers import AutoModelForCausalLM, GPTNeoXConfig
 
-    from pretrace.modeling.modules import select_modules
-
-    documents, pairs, queries = country_corpus(settings.documents, settings.seed, settings.finetuning)
+    documents, pairs, queries = markov_corpus(settings)
     tokenizer = word_tokenizer([d.text for d in documents] + [q.prompt + q.completion for q in pairs + queries])
     torch.manual_seed(settings.seed)
     h = settings.hidden_size
     config = GPTNeoXConfig(vocab_size=len(tokenizer.get_vocab()), hidden_size=h, num_hidden_layers=1, num_attention_heads=2,
-                           intermediate_size=2 * h, rotary_pct=0.5, max_position_embeddings=32)
+                           intermediate_size=2 * h, rotary_pct=0.5, max_position_embeddings=64, tie_word_embeddings=False)
     model = AutoModelForCausalLM.from_config(config).double().eval()
-    problem = ProximalProblem.build(model, select_modules(model, preset="mlp"), tokenizer, documents, pairs, queries,
-                                    settings.weight_decay, settings.alpha)
-    # The frozen rest of the network gets sensible weights from a short unregularised warm-up on the documents.
+    batch = lambda encoded: collate(list(encoded), 0)
+    document_batch = batch(encode_documents(tokenizer, documents, 512))
+    # The frozen transformer gets useful features from a short unregularised warm-up of the whole model on the documents.
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(settings.warmup_steps):
         optimizer.zero_grad()
-        LanguageModelingTask().document_loss(model, problem.documents).mean().backward()
+        LanguageModelingTask().document_loss(model, document_batch).mean().backward()
         optimizer.step()
+    features = lambda encoded: SequenceFeatures.of(model, batch(encoded))
+    problem = HeadProblem(model, features(encode_documents(tokenizer, documents, 512)), features(encode_queries(tokenizer, pairs, 512)),
+                          features(encode_queries(tokenizer, queries, 512)), settings.weight_decay, settings.alpha)
     return problem, tokenizer, documents, pairs, queries
+
+
+def tracked_head(model: torch.nn.Module):
+    from pretrace.modeling.modules import select_modules
+
+    return select_modules(model, preset="all-parameters", regex=r"^lm_head$")
 
 
 def compare_influences(settings: RetrainingSettings, progress: bool = True) -> dict:
@@ -275,16 +309,22 @@ def compare_influences(settings: RetrainingSettings, progress: bool = True) -> d
     theta_pt = problem.solve_pretraining(problem.flat())
     theta_ft = problem.solve_finetuning(theta_pt, theta_pt)
     n, w, alpha = len(documents), settings.weight_decay, settings.alpha
-    actual = problem.removal_effects(theta_pt, theta_ft, list(range(n)), progress=progress)
+    actual = problem.removal_effects(theta_pt, theta_ft, progress=progress)
 
-    h_pt = hessian(problem.pretrain_objective, theta_pt)
-    h_ft = hessian(lambda th: problem.losses(th, problem.pairs).mean(), theta_ft)
-    query_grads = problem.example_gradients(theta_ft, problem.queries)
-    doc_grads = problem.example_gradients(theta_pt, problem.documents)
+    # Exact: dense Hessians. H_pt and the documents' Hessian at θ_ft (single-stage) include the weight decay w.
+    h_pt, h_docs_ft = problem.pretrain_hessian(theta_pt), problem.pretrain_hessian(theta_ft)
+    h_ft = problem.finetune_loss_hessian(theta_ft)
+    queries_ft, queries_pt = problem.example_gradients(theta_ft, problem.queries), problem.example_gradients(theta_pt, problem.queries)
+    docs_pt, docs_ft = problem.example_gradients(theta_pt, problem.documents), problem.example_gradients(theta_ft, problem.documents)
     eye = torch.eye(len(theta_pt), dtype=theta_pt.dtype)
-    scores = {"exact multi-stage": alpha * query_grads @ torch.linalg.solve(h_ft + alpha * eye, torch.linalg.solve(h_pt, doc_grads.T))}
+    scores = {
+        "exact multi-stage": alpha * queries_ft @ torch.linalg.solve(h_ft + alpha * eye, torch.linalg.solve(h_pt, docs_pt.T)),
+        "exact fine-tuned only": queries_ft @ torch.linalg.solve(h_docs_ft, docs_ft.T),
+        "exact pre-trained only": queries_pt @ torch.linalg.solve(h_pt, docs_pt.T),
+    }
 
-    model, tracked = problem.model, problem.tracked
+    # EK-FAC: the library's fitting, preconditioners and scoring on the model itself.
+    model, tracked = problem.model, tracked_head(problem.model)
     fit = FitSettings(fisher=settings.fisher, seed=settings.seed, factor_dtype="float64")
     repeats = settings.label_repeats if settings.fisher == "true" else 1
     doc_batches = lambda: iter_batches(encode_documents(tokenizer, documents, 512), 64, 0)
