@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy import stats
 
-from pretrace.bench.quality_vs_cost import QualityVsCostSettings, damping_alignment, per_query_correlations, run_quality_vs_cost
+from pretrace.bench.quality_vs_cost import QualityVsCostSettings, damping_alignment, issue_criteria, per_query_correlations, run_quality_vs_cost
 
 SEED_FIELDS = {"alg", "pc", "sc", "pc-std", "sc-std", "overhead", "job", "color", "marker"}
 LDS_FIELDS = {"lds", "lds-std"}
@@ -61,11 +61,27 @@ def test_micro_preset_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert summary["validation_loss"] > 0 and all(summary["ground_truth"]["converged"])
     assert summary["lds"]["subsets"] == len(list((tmp_path / "run" / "lds").glob("subset-*.json"))) == 4
     assert summary["ekfac"]["damping"]["all"]["chosen"] in summary["ekfac"]["damping"]["all"]["grid"]
+    assert len(summary["criteria"]) == 5 and all(isinstance(passed, bool) for passed in summary["criteria"].values())
 
     stamp = (tmp_path / "run" / "scores" / "ekfac-all" / "scores.safetensors").stat().st_mtime_ns
     again = run_quality_vs_cost(settings)
     assert (tmp_path / "run" / "scores" / "ekfac-all" / "scores.safetensors").stat().st_mtime_ns == stamp  # cached, not recomputed
     assert [row["sc"] for row in again] == [row["sc"] for row in rows]
+
+
+def _row(alg: str, sc: float, job: float) -> dict:
+    return {"alg": alg, "sc": sc, "job": job}
+
+
+def test_criteria_compare_ekfac_with_the_methods_near_its_cost_only():
+    rows = [_row("ground-truth-all", 1.0, 100.0), _row("ekfac-all", 0.62, 0.5), _row("ekfac-mlp", 0.5, 0.4), _row("cg-all-iters=5", 0.6, 4.9),
+            _row("cg-all-iters=20", 0.9, 5.1), _row("gdp-all", 0.3, 0.4), _row("cka-all", 0.1, 0.4), _row("gdp-mlp", 0.2, 0.3),
+            _row("cka-mlp", 0.25, 0.3)]
+    checks = list(issue_criteria(rows).items())
+    assert [passed for _, passed in checks] == [True, True, True, True, False]  # cg-20 is 10.2x dearer; mlp: gdp < cka
+    assert "cg-all-iters=5" in checks[1][0] and "cg-all-iters=20" not in checks[1][0]
+    rows[3]["sc"] = 0.63  # a method within 10x that beats EK-FAC fails the check
+    assert not list(issue_criteria(rows).values())[1]
 
 
 def test_cli_group_parses_the_quality_vs_cost_sub_command():
