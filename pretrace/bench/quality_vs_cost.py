@@ -23,11 +23,10 @@ Stages, each cached in the output folder (a finished stage is skipped, so a kill
    `lds-std`; `results_summary.json` (per-query values, protocol, validation loss); `results.png`.
 
 LDS design: a subset's predicted effect sums a method's scores over *all* its varying documents, so the
-subsets are drawn from the candidate pool, the documents every method scores. The `cpu` and `micro`
-presets make the pool the whole training set (10 blocks of candidates partition it), so the LDS is the
-standard one over random halves of the training data at no extra scoring cost; with a pool smaller than
-the training set (`paper`) the rest is always trained on, which keeps the prediction exact but the
-measured effects small.
+subsets are drawn from the candidate pool, the documents every method scores. The `micro` preset makes the
+pool the whole training set (its blocks of candidates partition it), the standard LDS over random halves of
+the training data; with a pool smaller than the training set (`cpu`: half of it; `paper`) the rest is always
+trained on, which keeps the prediction exact but makes the measured effects smaller.
 
 Correlations keep their sign (the published results stored absolute values to hide a sign bug in CG).
 """
@@ -93,10 +92,11 @@ class Preset:
 PRESETS = {
     "paper": Preset(256, 2, 2, 1024, None, 512, None, 3, 1e-3, 32, 10, 500, 32, 1e-4, 1e-6, 2000,
                     (50, 500, 1000), (500, 2000, 5000, 10000), 20, 200, 10, 4096, 50),
-    # The candidate pool (10 x 200) is the whole training set, so the LDS subsets are halves of it. The
-    # curvature is fitted on 96 sentences (the paper: 32 x 512 tokens), which keeps one Gauss-Newton product
-    # dearer than scoring a query's candidates, as in the paper, rather than a cheap product over a tiny batch.
-    "cpu": Preset(64, 2, 2, 256, 2000, 48, 2000, 2, 3e-3, 32, 10, 200, 96, 1e-2, 1e-3, 500,
+    # Per-query costs keep the paper's proportions: one Gauss-Newton product over the fitting set (the paper:
+    # 32 x 512 tokens) costs about as much as the gradients of one query's candidates (500 sentences), so here
+    # 96 fitting sentences against 100 candidates. The pool (10 x 100) is half the training set; the LDS
+    # retrains on the other half plus random halves of the pool.
+    "cpu": Preset(64, 2, 2, 256, 2000, 48, 2000, 2, 3e-3, 32, 10, 100, 96, 1e-2, 1e-3, 500,
                   (5, 20, 100), (50, 200), 20, 60, 4, 1024, 50),
     "micro": Preset(32, 1, 2, 64, 320, 24, 200, 1, 3e-3, 16, 2, 8, 8, 1e-2, 1e-3, 200,
                     (2,), (4,), 3, 6, 2, 32, 4, score_batch_size=8, validation_sentences=50, label_samples=2,
