@@ -17,24 +17,19 @@ from pretrace.training.finetune import FinetuneSettings, finetune
 from pretrace.workflows.common import ModelOptions
 from pretrace.workflows.fit import fit
 from pretrace.workflows.score import ScoreSettings, score
-from tiny import SENTENCES, save_tiny_model
+from tiny import SENTENCES, save_tiny_model, write_jsonl
 
 PAIRS = [("the capital of france is", " paris ."), ("the capital of germany is", " berlin ."), ("birds can", " fly ."), ("fish can", " swim .")]
 QUERIES = [("rome is in", " italy ."), ("the cat sat on", " the mat .")]
-
-
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
 def stages(tmp_path_factory):
     root = tmp_path_factory.mktemp("multistage")
     pretrained = save_tiny_model(root / "pt", "gpt_neox", dtype=torch.float64)
-    docs = _write(root / "docs.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    pairs = _write(root / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
-    _write(root / "queries.jsonl", [{"id": f"q{i}", "prompt": p, "completion": c} for i, (p, c) in enumerate(QUERIES)])
+    docs = write_jsonl(root / "docs.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    pairs = write_jsonl(root / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
+    write_jsonl(root / "queries.jsonl", [{"id": f"q{i}", "prompt": p, "completion": c} for i, (p, c) in enumerate(QUERIES)])
     finetuned = root / "ft"
     finetune(FinetuneSettings(model=str(pretrained), data=str(pairs), out=str(finetuned), alpha=0.05, lr=1e-2, epochs=5,
                               batch_size=2, dtype="float64", device="cpu", seed=0), progress=False)

@@ -15,7 +15,7 @@ from pretrace.training.finetune import FinetuneSettings, finetune
 from pretrace.workflows.common import ModelOptions
 from pretrace.workflows.score import ScoreSettings, score
 from pretrace.workflows.trace import TraceSettings, first_line, trace
-from tiny import SENTENCES, save_tiny_model
+from tiny import SENTENCES, save_tiny_model, write_jsonl
 
 CORPUS = SENTENCES + [
     "paris is in france .", "berlin is in germany .", "the capital of italy is rome .", "madrid is the capital of spain .",
@@ -30,20 +30,15 @@ QUERIES = [
 OPTIONS = ModelOptions(dtype="float64", device="cpu", batch_size=4, max_length=32)
 
 
-def _write(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("trace")
     pretrained = save_tiny_model(root / "pt", "gpt_neox", dtype=torch.float64)
-    pairs = _write(root / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
+    pairs = write_jsonl(root / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
     finetune(FinetuneSettings(model=str(pretrained), data=str(pairs), out=str(root / "ft"), alpha=0.05, lr=1e-2, epochs=3,
                               batch_size=2, dtype="float64", device="cpu", seed=0), progress=False)
-    _write(root / "corpus.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)])
-    _write(root / "queries.jsonl", QUERIES)
+    write_jsonl(root / "corpus.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)])
+    write_jsonl(root / "queries.jsonl", QUERIES)
     return root
 
 
@@ -164,7 +159,7 @@ def test_report_opens_in_chromium_and_shows_every_query(bm25_run):
 def test_bad_inputs_are_refused(world, tmp_path):
     with pytest.raises(PretraceError, match="exceeds --candidates"):
         _settings(world, "x", candidates=2, top_k=4)
-    queries = _write(tmp_path / "q.jsonl", [{"prompt": "the cat", "completion": " sat", "evidence_ids": ["nope"]}])
+    queries = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "the cat", "completion": " sat", "evidence_ids": ["nope"]}])
     with pytest.raises(PretraceError, match="not document ids"):
         trace(_settings(world, tmp_path / "bad", queries=str(queries), retriever="bm25"), OPTIONS, progress=False)
     malformed = tmp_path / "malformed.jsonl"
