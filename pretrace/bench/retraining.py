@@ -68,13 +68,16 @@ class HeadProblem:
         with torch.no_grad():
             self.head.weight.copy_(theta.view_as(self.head.weight))
 
+    def _logits(self, theta: torch.Tensor, part: SequenceFeatures) -> torch.Tensor:
+        return part.inputs @ theta.view_as(self.head.weight).T
+
     def _probabilities(self, theta: torch.Tensor, part: SequenceFeatures) -> torch.Tensor:
-        return torch.softmax(part.inputs @ theta.view_as(self.head.weight).T, dim=-1)
+        return torch.softmax(self._logits(theta, part), dim=-1)
 
     # -- losses and their derivatives, in closed form -------------------------------------------------
     def losses(self, theta: torch.Tensor, part: SequenceFeatures) -> torch.Tensor:
         """[count] summed target-token cross-entropy of each sequence."""
-        logits = part.inputs @ theta.view_as(self.head.weight).T
+        logits = self._logits(theta, part)
         tokens = torch.logsumexp(logits, -1) - logits.gather(1, part.targets.unsqueeze(1)).squeeze(1)
         return torch.zeros(part.count, dtype=theta.dtype).index_add(0, part.sequence, tokens)
 
@@ -143,12 +146,8 @@ def hessian(objective, theta: torch.Tensor) -> torch.Tensor:
 
 
 def _value_and_gradient(objective, theta: torch.Tensor) -> tuple[float, torch.Tensor]:
-    """Objective and gradient; an overflowing trial point (a too-long step) reads as +inf, never an error."""
     theta = theta.detach().requires_grad_(True)
-    try:
-        value = objective(theta)
-    except PretraceError:
-        return float("inf"), torch.full_like(theta, float("inf"))
+    value = objective(theta)
     return float(value.detach()), torch.autograd.grad(value, theta)[0]
 
 
