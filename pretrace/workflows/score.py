@@ -197,17 +197,19 @@ def _index_scores(settings: ScoreSettings, attributor: Attributor, context: Scor
                          expected, settings.query_rank, settings.per_module)
 
 
-def score(settings: ScoreSettings, options: ModelOptions | None = None, context: ScoringContext | None = None) -> ScoreResult:
+def score(settings: ScoreSettings, options: ModelOptions | None = None, context: ScoringContext | None = None,
+          attributor: Attributor | None = None) -> ScoreResult:
     """Compute and save scores; returns the result (scores float64 `[Q, N]`, float32 memory-mapped with --scores-on-disk).
 
-    Under torchrun every rank scores its share of the documents and holds the whole result; rank 0 writes it."""
+    A caller that passes an unfitted `attributor` (made from `settings`) gets it back fitted, to reuse without
+    fitting again. Under torchrun every rank scores its share of the documents and holds the whole result; rank 0 writes it."""
     distributed.initialize()
     options = options or ModelOptions()
     out = Path(settings.out)
     if out.exists() and any(out.iterdir()) and not settings.overwrite:
         raise PretraceError(f"{out}: already exists and is not empty; pass --overwrite or choose another --out.")
     context = context or build_context(settings, options)
-    attributor = make_attributor(settings)
+    attributor = attributor or make_attributor(settings)
     gradient_based = hasattr(attributor, "precondition_queries")
     if settings.self_influence and (settings.is_multi_stage or not gradient_based):
         raise PretraceError("--self-influence needs a single-stage gradient method (ekfac, kfac, diagonal, identity, exact, cg, lissa, arnoldi).")

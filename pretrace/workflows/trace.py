@@ -377,16 +377,15 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
     if stages.reusable("results", signature, results_file):
         rows = read_jsonl_rows(results_file)
     else:
-        context = build_context(score_settings, options)
+        context, attributor = build_context(score_settings, options), make_attributor(score_settings)
         if stages.reusable("scores", signature, out / "scores"):
             scores = load_scores(out / "scores")[0]["scores"].double()
+            attributor.fit(context)
         else:
-            scores = score(score_settings, options, context).scores
+            scores = score(score_settings, options, context, attributor).scores  # fits the attributor, reused below
             stages.record("scores", signature)
         lap("scoring_seconds")
         top = rank_candidates(scores, candidates, union, settings.top_k)
-        attributor = make_attributor(score_settings)
-        attributor.fit(context)
         details = explain_top(attributor, context, top)
         rows = _result_rows(queries, documents, union, candidates, retrieval_scores, scores, top, details, relevant,
                             settings.retriever != "none")
