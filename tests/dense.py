@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from pretrace.data.batching import collate, encode_documents
 from pretrace.gradients.task import LanguageModelingTask
@@ -19,6 +20,50 @@ def autograd_document_gradients(model, tracked, tokenizer, documents, max_length
         rows.append(torch.cat([t.weight_gradient().flatten() for t in tracked]).detach().clone())
     model.zero_grad(set_to_none=True)
     return torch.stack(rows)
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+
+
+class _LowestPrecision(TorchFunctionMode):
+    """Records the least precise floating dtype of any tensor computed from a tensor that requires grad."""
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if any(t.requires_grad for t in _tensors((args, kwargs))):
+            for t in _tensors(out):
+                if t.is_floating_point() and torch.finfo(t.dtype).eps > torch.finfo(self.dtype).eps:
+                    self.dtype = t.dtype
+        return out
+
+
+def computation_dtype(model, forward) -> torch.dtype:
+    """The precision `forward()` really differentiates through: the model's dtype, unless some step on the
+    gradient path runs lower (transformers' BLOOM softmax and Llama RMSNorm run in float32 in a float64 model)."""
+    with _LowestPrecision(next(model.parameters()).dtype) as probe:
+        forward()
+    return probe.dtype
+
+
+def tolerance(dtype: torch.dtype, reference: torch.Tensor) -> dict:
+    """assert_close tolerances for two computations of `reference` that each round at `dtype`."""
+    if dtype == torch.float64:  # measured differences ~1e-14 relative: margin for summation order only
+        return {"rtol": 1e-8, "atol": 1e-10}
+    # float32 rounds at 6e-8; a batch of different length reduces in a different order: 1e-4 of the entry
+    # or of the largest entry, so tiny entries are not compared against an absolute floor bigger than they are
+    return {"rtol": 1e-4, "atol": 1e-5 * float(reference.abs().max())}
 
 
 def flatten(grads: dict, tracked) -> torch.Tensor:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dense import autograd_document_gradients, flatten
+from dense import autograd_document_gradients, computation_dtype, flatten, tolerance
 from pretrace.data import Document
 from pretrace.data.batching import collate, encode_documents, iter_batches
 from pretrace.errors import PretraceError
@@ -28,8 +28,9 @@ def test_example_gradients_equal_autograd(arch, padding_side, tokenizer, sentenc
     captured = capture(model, tracked, lambda: task.document_loss(model, batch))
     ours = flatten({t.name: captured.example_gradients(t.name) for t in tracked}, tracked)
     assert ours.shape == reference.shape
-    tol = {"rtol": 1e-8, "atol": 1e-10} if dtype == torch.float64 else {"rtol": 1e-4, "atol": 1e-5}
-    torch.testing.assert_close(ours, reference, **tol)
+    # a padded batch and a lone document round differently wherever the model computes below its own dtype
+    precision = computation_dtype(model, lambda: task.document_loss(model, batch))
+    torch.testing.assert_close(ours, reference, **tolerance(precision, reference))
 
 
 def test_capture_leaves_requires_grad_and_grads_untouched(tokenizer, sentences):
@@ -78,7 +79,8 @@ def test_all_parameters_example_gradients_equal_autograd(arch, tokenizer, senten
         for p, g in zip(t.parameters(), t.to_parameters(captured.example_gradients(t.name))):
             ours[id(p)] = g.flatten(1)
     reference = _all_parameter_gradients(model, tokenizer, docs)
-    torch.testing.assert_close(torch.cat([ours[id(p)] for p in model.parameters()], dim=1), reference, rtol=1e-8, atol=1e-10)
+    precision = computation_dtype(model, lambda: LanguageModelingTask().document_loss(model, batch))
+    torch.testing.assert_close(torch.cat([ours[id(p)] for p in model.parameters()], dim=1), reference, **tolerance(precision, reference))
     for t in tracked:  # the factor form scoring contracts gives the same gradients
         factors = torch.einsum("bto,bti->boi", captured.output_gradients[t.name], captured.activations[t.name])
         torch.testing.assert_close(factors, captured.example_gradients(t.name), rtol=1e-12, atol=0)

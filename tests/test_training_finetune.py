@@ -16,6 +16,7 @@ from pretrace.data.records import Query
 from pretrace.errors import PretraceError
 from pretrace.modeling.loading import load_model, model_fingerprint
 from pretrace.training import FINETUNE_RECORD, FinetuneSettings, TrainSettings, finetune, finetune_model, read_finetune_record, sequence_losses
+from dense import computation_dtype, tolerance
 from tiny import SENTENCES, tiny_config
 
 QUERIES = [
@@ -83,7 +84,11 @@ def test_finetuning_equals_handwritten_proximal_adamw(bpe, arch, alpha):
         optimizer.step()
     finetune_model(ours, bpe, QUERIES, full_batch(lr, steps), alpha, progress=False)
     assert not torch.equal(parameters(ours), anchor)
-    torch.testing.assert_close(parameters(ours), parameters(reference), rtol=1e-7, atol=1e-9)
+    # padded batches and lone queries round differently wherever the model computes below float64 (Llama's
+    # RMSNorm); in float64, Adam's normalised steps keep agreement at ~1e-9, so 1e-7 is the margin
+    precision = computation_dtype(reference, lambda: reference_objective(reference, bpe, anchor, alpha))
+    tol = {"rtol": 1e-7, "atol": 1e-9} if precision == torch.float64 else tolerance(precision, parameters(reference))
+    torch.testing.assert_close(parameters(ours), parameters(reference), **tol)
     frozen = [name for name, p in ours.named_parameters() if not p.requires_grad]
     assert frozen and all(torch.equal(ours.get_parameter(n), reference.get_parameter(n)) for n in frozen)
 
