@@ -1,0 +1,46 @@
+"""The public front door: lazy, versioned, and every exported name is the object its module defines."""
+
+import importlib
+import subprocess
+import sys
+from importlib import metadata
+
+import pytest
+
+import pretrace
+
+
+def test_importing_pretrace_loads_no_torch():
+    code = "import sys, pretrace; print(pretrace.__version__); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == [metadata.version("pretrace"), "False"]
+
+
+@pytest.mark.parametrize("name", sorted(pretrace._EXPORTS))
+def test_each_export_is_its_modules_own_object(name):
+    assert getattr(pretrace, name) is getattr(importlib.import_module(pretrace._EXPORTS[name]), name)
+    assert name in dir(pretrace)
+
+
+def test_unknown_names_raise_attribute_error():
+    with pytest.raises(AttributeError, match="has no attribute 'fitt'"):
+        pretrace.fitt  # noqa: B018
+
+
+def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, sentences):
+    """The README's API block, executed verbatim against a tiny model folder with the names it uses."""
+    import re
+    from pathlib import Path
+
+    from tiny import save_tiny_model, write_jsonl
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    block = re.search(r"```python\n(import pretrace.*?)```", readme, re.S).group(1)
+    save_tiny_model(tmp_path / "model")
+    write_jsonl(tmp_path / "train.jsonl", [{"id": str(i), "text": s} for i, s in enumerate(sentences)])
+    write_jsonl(tmp_path / "q.jsonl", [{"prompt": "paris is the capital of", "completion": " france ."}])
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["result"].scores.shape == (1, len(sentences))
+    assert (tmp_path / "scores" / "scores.safetensors").is_file() and (tmp_path / "factors" / "factors.json").is_file()
