@@ -96,8 +96,8 @@ class _Progress:
     def load(self, queries: int) -> tuple[int, torch.Tensor, torch.Tensor, dict]:
         if self.meta.is_file() and self.tensors.is_file():
             meta = read_json(self.meta)
-            if meta.get("signature") != self.signature:
-                raise PretraceError(f"{self.folder}: holds scores of another job (other queries, candidates or models); delete it to start over.")
+            if meta.get("signature") != self.signature:  # progress of a job whose inputs have since changed: start over
+                return 0, torch.zeros(2 * queries, 0, dtype=torch.float64), torch.zeros(queries, 0, dtype=torch.float64), {}
             saved = read_tensors(self.tensors)
             return int(meta["done"]), saved["pretrained"], saved["finetuned"], meta["seconds"]
         return 0, torch.zeros(2 * queries, 0, dtype=torch.float64), torch.zeros(queries, 0, dtype=torch.float64), {}

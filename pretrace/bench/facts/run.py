@@ -50,6 +50,7 @@ from pretrace.data.records import Document, Query
 from pretrace.errors import PretraceError
 from pretrace.modeling.modules import find_blocks_container, select_modules
 from pretrace.modeling.smollm import cache_root, ensure_smollm2
+from pretrace.stages import File, Folder, StageCache, StageKey
 from pretrace.storage import atomic_directory, read_json, read_jsonl_rows, read_tensors, write_json, write_jsonl, write_tensors
 from pretrace.workflows.common import ModelOptions, Stage, load_stage
 
@@ -117,50 +118,62 @@ class FactTracingSettings:
 
 
 class _Run:
-    """The stages of one run, sharing its folder, settings and a record of what was computed or reused."""
+    """The stages of one run: its folder, settings and the stage cache keyed by each stage's inputs."""
 
     def __init__(self, settings: FactTracingSettings):
         self.settings, self.out = settings, Path(settings.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.stages: dict[str, str] = {}
-        self.seconds: dict[str, float] = {}
+        self.cache = StageCache(self.out)
+        self.keys: dict[str, StageKey] = {}
 
     def result_path(self, name: str) -> Path:
         """Where a query-set-dependent output goes: `name` for the query facts, `dev/name` for the dev set."""
         return self.out / name if self.settings.query_set == "queries" else self.out / "dev" / name
 
-    def cached(self, name: str, path: Path) -> bool:
-        done = path.exists()
-        self.stages[name] = "cached" if done else "computed"
-        return done
+    def result_stage(self, name: str) -> str:
+        """A query-set-dependent stage's name: the query facts' and the dev set's are cached side by side."""
+        return name if self.settings.query_set == "queries" else f"dev/{name}"
+
+    def key(self, name: str, **inputs) -> StageKey:
+        self.keys[name] = self.cache.key(name, **inputs)
+        return self.keys[name]
 
     # -- 1. benchmark ----------------------------------------------------------------------------
 
     def benchmark(self) -> FactBenchmark:
         s, folder = self.settings, self.out / "benchmark"
         if s.data == "folder":
-            self.stages["benchmark"] = "read"
+            self.key("benchmark", data=s.data, benchmark=Folder(s.benchmark))
+            self.cache.statuses["benchmark"] = "read"
             benchmark = read_benchmark(s.benchmark)
         elif s.data == "bundled":
-            self.cached("benchmark", folder / "manifest.json")
+            key = self.key("benchmark", data=s.data, seed=s.seed)
+            stale = self.cache.stale(key, folder)
             benchmark = build_bundled_benchmark(folder, seed=s.seed)
-        elif self.cached("benchmark", folder / "corpus.jsonl"):
-            benchmark = read_benchmark(folder)
+            if stale:
+                self.cache.record(key)
         else:
-            from pretrace.bench.facts.trex_lama import build_trex_lama_benchmark
+            inputs = {"trex": Folder(s.trex) if Path(s.trex).is_dir() else File(s.trex), "lama": Folder(s.lama), "questions": File(s.questions)}
+            key = self.key("benchmark", data=s.data, seed=s.seed, **inputs)
+            if self.cache.stale(key, folder):
+                from pretrace.bench.facts.trex_lama import build_trex_lama_benchmark
 
-            benchmark, _ = build_trex_lama_benchmark(s.trex, s.lama, s.questions)
-            benchmark.split = split_by_subject(benchmark.facts, seed=s.seed)
-            with atomic_directory(folder) as tmp:
-                benchmark.write(tmp)
+                benchmark, _ = build_trex_lama_benchmark(s.trex, s.lama, s.questions)
+                benchmark.split = split_by_subject(benchmark.facts, seed=s.seed)
+                with atomic_directory(folder) as tmp:
+                    benchmark.write(tmp)
+                self.cache.record(key)
+            benchmark = read_benchmark(folder)
         benchmark.finetune_facts()  # refuses a benchmark without a split
         return benchmark
 
     # -- 2. fine-tuning --------------------------------------------------------------------------
 
     def finetuned_model(self, benchmark: FactBenchmark, pretrained: Path) -> Path:
-        s, folder, data = self.settings, self.out / "finetuned", self.out / "finetune.jsonl"
-        if self.cached("finetune", folder / "config.json"):
+        s, folder, data, timing = self.settings, self.out / "finetuned", self.out / "finetune.jsonl", self.out / "finetune_seconds.json"
+        key = self.key("finetune", benchmark=self.keys["benchmark"], model=Folder(pretrained), alpha=s.alpha, lr=s.lr, epochs=s.epochs,
+                       batch_size=s.finetune_batch_size, max_length=s.max_length, finetune_facts=s.finetune_facts, seed=s.seed)
+        if not self.cache.stale(key, folder, data, timing):
             return folder
         from pretrace.training.finetune import FinetuneSettings, finetune
 
@@ -171,28 +184,33 @@ class _Run:
         start = time.perf_counter()
         finetune(FinetuneSettings(model=str(pretrained), data=str(data), out=str(folder), alpha=s.alpha, lr=s.lr, epochs=s.epochs,
                                   batch_size=s.finetune_batch_size, max_length=s.max_length, seed=s.seed, device=s.device, overwrite=True))
-        write_json(self.out / "finetune_seconds.json", {"seconds": time.perf_counter() - start})
+        write_json(timing, {"seconds": time.perf_counter() - start})
+        self.cache.record(key)
         return folder
 
     # -- 3. factors ------------------------------------------------------------------------------
 
-    def factors(self, name: str, model: Path, data: Path, options: ModelOptions):
+    def factors(self, name: str, model: Path, model_key, data: Path, data_key: StageKey, options: ModelOptions):
         from pretrace.curvature import Factors
         from pretrace.workflows.fit import fit
 
-        folder = self.out / f"factors-{name}"
-        if not self.cached(f"factors-{name}", folder):  # written atomically: a folder is a finished fit
+        folder, timing = self.out / f"factors-{name}", self.out / f"factors-{name}.seconds.json"
+        key = self.key(f"factors-{name}", model=model_key, data=data_key, options=to_dict(options))
+        if self.cache.stale(key, folder, timing):
             start = time.perf_counter()
             fit(model, data, folder, options)
-            write_json(self.out / f"factors-{name}.seconds.json", {"seconds": time.perf_counter() - start})
+            write_json(timing, {"seconds": time.perf_counter() - start})
+            self.cache.record(key)
         return Factors.load(folder)
 
     def fit_sentences(self, benchmark: FactBenchmark) -> Path:
         path = self.out / "fit-pretrained.jsonl"
-        if not path.is_file():
+        key = self.key("fit-sentences", benchmark=self.keys["benchmark"], count=self.settings.fit_sentences, seed=self.settings.seed)
+        if self.cache.stale(key, path):
             count = min(self.settings.fit_sentences, len(benchmark.sentences))
             chosen = sorted(random.Random(f"{self.settings.seed}|fit").sample(range(len(benchmark.sentences)), count))
             write_jsonl(path, ({"id": str(i), "text": benchmark.sentences[i].text} for i in chosen))
+            self.cache.record(key)
         return path
 
     # -- 4. retrieval and pools ------------------------------------------------------------------
@@ -200,24 +218,29 @@ class _Run:
     def bm25(self, benchmark: FactBenchmark):
         from pretrace.retrieval.bm25 import BM25Index
 
-        folder = self.out / "bm25"
-        fresh = not self.cached("bm25", folder)
+        folder, timing = self.out / "bm25", self.out / "bm25.seconds.json"
+        key = self.key("bm25", benchmark=self.keys["benchmark"])
+        if not self.cache.stale(key, folder, timing):
+            return BM25Index.open_or_build(benchmark.texts, folder)
         start = time.perf_counter()
         index = BM25Index.open_or_build(benchmark.texts, folder, show_progress=True)
-        if fresh:
-            write_json(self.out / "bm25.seconds.json", {"seconds": time.perf_counter() - start})
+        write_json(timing, {"seconds": time.perf_counter() - start})
+        self.cache.record(key)
         return index
 
     # -- 6. probing ------------------------------------------------------------------------------
 
     def probe(self, stages: dict[str, Stage], queries: list[Query]) -> tuple[dict[str, dict[str, int]], float]:
         path = self.result_path("probe.json")
-        if not self.cached("probe", path):
+        key = self.key(self.result_stage("probe"), pretrained=self.keys["pretrained"], finetuned=self.keys["finetune"],
+                       queries=[(q.id, q.prompt, q.completion) for q in queries], max_length=self.settings.max_length)
+        if self.cache.stale(key, path):
             start = time.perf_counter()
             ranks = {name: answer_ranks(stage.model, stage.tokenizer, queries, self.settings.batch_size, self.settings.max_length)
                      for name, stage in stages.items()}
             write_json(path, {"rank": "worst rank of any completion token under teacher forcing (1 = top token)", "ranks": ranks,
                               "seconds": time.perf_counter() - start})
+            self.cache.record(key)
         saved = read_json(path)
         return saved["ranks"], float(saved.get("seconds", 0.0))
 
@@ -275,6 +298,7 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
     s, out = settings, run.out
     benchmark = run.benchmark()
     pretrained_path = Path(s.model) if s.model else ensure_smollm2()
+    run.key("pretrained", model=Folder(pretrained_path))
     finetuned_path = run.finetuned_model(benchmark, pretrained_path)
 
     base = ModelOptions(preset=s.preset, modules=s.modules, device=s.device, batch_size=s.batch_size, max_length=s.max_length)
@@ -305,8 +329,9 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
     candidates = [Document(str(i), benchmark.sentences[i].text) for i in sentence_ids]
     column = {i: c for c, i in enumerate(sentence_ids)}
 
-    pretrained_factors = run.factors("pretrained", pretrained_path, run.fit_sentences(benchmark), options)
-    finetuned_factors = run.factors("finetuned", finetuned_path, out / "finetune.jsonl", options)
+    fit_data = run.fit_sentences(benchmark)
+    pretrained_factors = run.factors("pretrained", pretrained_path, run.keys["pretrained"], fit_data, run.keys["fit-sentences"], options)
+    finetuned_factors = run.factors("finetuned", finetuned_path, run.keys["finetune"], out / "finetune.jsonl", run.keys["finetune"], options)
     scores, seconds = _gradient_scores(run, pretrained, finetuned, queries, candidates, pretrained_factors, finetuned_factors)
     embedding, embedding_seconds = _embedding_scores(run, finetuned, queries, candidates)
     scores["embedding"] = embedding
@@ -347,7 +372,8 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
         "draws": draws,
         "methods": methods,
         "probe": probe,
-        "stages": run.stages,
+        "stages": run.cache.statuses,
+        "stage_digests": {name: key.digest for name, key in run.keys.items()},
         "seconds": {**seconds, "finetune": _read_seconds(out / "finetune_seconds.json"),
                     "fit_pretrained": _read_seconds(out / "factors-pretrained.seconds.json"), "fit_finetuned": _read_seconds(out / "factors-finetuned.seconds.json"),
                     "this_run": time.perf_counter() - started},
@@ -360,19 +386,18 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
 
 def _gradient_scores(run: _Run, pretrained: Stage, finetuned: Stage, queries, candidates, pretrained_factors, finetuned_factors):
     s, folder = run.settings, run.result_path("scores")
-    final = folder / "gradient.safetensors"
-    signature = {"queries": [q.id for q in queries], "candidates": [c.id for c in candidates], "alpha": s.alpha,
-                 "damping_factor": s.damping_factor, "modules": [t.name for t in pretrained.tracked],
-                 "pretrained": pretrained.fingerprint, "finetuned": finetuned.fingerprint}
-    if run.cached("gradient-scores", final):
-        meta = read_json(folder / "gradient.json")
-        if meta["signature"] != signature:
-            raise PretraceError(f"{final}: scores of another job (queries, candidates, models or settings changed); delete {folder} to rescore.")
-        return dict(read_tensors(final)), meta["seconds"]
+    final, record = folder / "gradient.safetensors", folder / "gradient.json"
+    key = run.key(run.result_stage("gradient-scores"), queries=[(q.id, q.prompt, q.completion) for q in queries],
+                  candidates=[(c.id, c.text) for c in candidates], alpha=s.alpha, damping_factor=s.damping_factor,
+                  modules=[t.name for t in pretrained.tracked], pretrained=run.keys["pretrained"], finetuned=run.keys["finetune"],
+                  factors=[run.keys["factors-pretrained"], run.keys["factors-finetuned"]], max_length=s.max_length)
+    if not run.cache.stale(key, final, record):
+        return dict(read_tensors(final)), read_json(record)["seconds"]
     result = score_candidates(pretrained, finetuned, queries, candidates, pretrained_factors, finetuned_factors, s.alpha, s.damping_factor,
-                              folder / "progress", signature)
+                              folder / "progress", {"stage": key.digest})
     write_tensors(final, {m: t.contiguous() for m, t in result.scores.items()})
-    write_json(folder / "gradient.json", {"signature": signature, "seconds": result.seconds, "methods": list(result.scores)})
+    write_json(record, {"seconds": result.seconds, "methods": list(result.scores), "query_ids": result.query_ids, "candidate_ids": result.candidate_ids})
+    run.cache.record(key)
     return result.scores, result.seconds
 
 
@@ -381,9 +406,11 @@ def _embedding_scores(run: _Run, finetuned: Stage, queries, candidates) -> tuple
     from pretrace.baselines.similarity import pooled_hidden_states
 
     folder = run.result_path("scores")
-    final = folder / "embedding.safetensors"
-    if run.cached("embedding-scores", final):
-        return read_tensors(final)["scores"], read_json(folder / "embedding.json")["seconds"]
+    final, record = folder / "embedding.safetensors", folder / "embedding.json"
+    key = run.key(run.result_stage("embedding-scores"), finetuned=run.keys["finetune"], queries=[(q.id, q.prompt, q.completion) for q in queries],
+                  candidates=[(c.id, c.text) for c in candidates], max_length=run.settings.max_length)
+    if not run.cache.stale(key, final, record):
+        return read_tensors(final)["scores"], read_json(record)["seconds"]
     start = time.perf_counter()
     _, documents = pooled_hidden_states(finetuned, finetuned.document_batches(candidates)(), -1, finetuned.document_batch_count(candidates), "candidate representations")
     middle = time.perf_counter()
@@ -392,7 +419,8 @@ def _embedding_scores(run: _Run, finetuned: Stage, queries, candidates) -> tuple
     seconds = {"embedding_candidates": middle - start, "embedding_queries": time.perf_counter() - middle}
     folder.mkdir(parents=True, exist_ok=True)
     write_tensors(final, {"scores": scores.contiguous()})
-    write_json(folder / "embedding.json", {"seconds": seconds})
+    write_json(record, {"seconds": seconds})
+    run.cache.record(key)
     return scores, seconds
 
 

@@ -1,0 +1,120 @@
+"""One stage cache for every multi-stage job (trace, the benchmarks, the demo).
+
+A run folder's `stages.json` records, per stage, a digest of everything the stage read: the contents of
+its input files, a stamp of its input folders, its settings and the digests of the stages upstream of it.
+A stage is reused only when that digest is unchanged and its outputs exist, so a changed input or setting
+recomputes that stage and, through the upstream digests, everything downstream of it — never a stale
+result relabelled with new settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pretrace.errors import PretraceError
+from pretrace.storage import file_sha256, read_json, write_json
+
+STAGES_FILE = "stages.json"
+
+
+@dataclass(frozen=True)
+class File:
+    """An input file, keyed by the sha256 of its contents."""
+
+    path: str | Path
+
+
+@dataclass(frozen=True)
+class Folder:
+    """An input folder (a model, factors), keyed by its files' names, sizes and modification times: cheap,
+    and it changes whenever the folder is rewritten (pretrace writes folders by renaming a new one in)."""
+
+    path: str | Path
+
+
+@dataclass(frozen=True)
+class StageKey:
+    """A stage's name, its normalised inputs and their digest; pass a key as an input of a downstream stage."""
+
+    name: str
+    inputs: dict
+    digest: str
+
+
+def folder_stamp(folder: str | Path) -> dict:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PretraceError(f"{folder}: no such folder.")
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _normalise(value: Any) -> Any:
+    """Inputs as plain JSON: files by content hash, folders by stamp, upstream stages by digest."""
+    if isinstance(value, StageKey):
+        return {"stage": value.name, "digest": value.digest}
+    if isinstance(value, File):
+        if not Path(value.path).is_file():
+            raise PretraceError(f"{value.path}: no such file.")
+        return {"sha256": file_sha256(value.path)}
+    if isinstance(value, Folder):
+        return {"folder": folder_stamp(value.path)}
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _normalise(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _normalise(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_normalise(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return value
+    raise TypeError(f"stage input of type {type(value).__name__} has no stable digest")
+
+
+class StageCache:
+    """The stages of one run folder: which were reused and which computed in this run (`statuses`)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / STAGES_FILE
+        self._recorded: dict = read_json(self.path) if self.path.is_file() else {}
+        self.statuses: dict[str, str] = {}
+
+    def key(self, name: str, **inputs: Any) -> StageKey:
+        normalised = _normalise(inputs)
+        digest = hashlib.sha256(json.dumps(normalised, sort_keys=True).encode()).hexdigest()
+        return StageKey(name, normalised, digest)
+
+    def stale(self, key: StageKey, *outputs: Path) -> bool:
+        """True when the stage must be computed: its inputs changed or an output is missing. Its previous
+        outputs (inside the run folder) are then removed, so nothing of an older run is mixed in."""
+        recorded = self._recorded.get(key.name, {})
+        if recorded.get("digest") == key.digest and all(Path(p).exists() for p in outputs):
+            self.statuses[key.name] = "reused"
+            return False
+        self.statuses[key.name] = "computed"
+        self._recorded.pop(key.name, None)
+        write_json(self.path, self._recorded)
+        root = self.folder.resolve()
+        for output in map(Path, outputs):
+            if not output.resolve().is_relative_to(root):
+                raise PretraceError(f"{output}: a stage output outside its run folder {self.folder}; refusing to remove it.")
+            if output.is_dir():
+                shutil.rmtree(output)
+            elif output.exists():
+                output.unlink()
+        return True
+
+    def record(self, key: StageKey) -> None:
+        """Mark the stage finished with these inputs (after its outputs are written)."""
+        self._recorded[key.name] = {"digest": key.digest, "inputs": key.inputs}
+        write_json(self.path, self._recorded)
+
+    def digests(self) -> dict[str, str]:
+        return {name: entry["digest"] for name, entry in self._recorded.items()}

@@ -1,0 +1,113 @@
+"""The stage cache: a changed input recomputes exactly its stage and what lies downstream of it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from pretrace.bench.facts.run import FactTracingSettings, _Run, run_fact_tracing
+from pretrace.errors import PretraceError
+from pretrace.stages import File, Folder, StageCache
+from test_facts_run import tiny_benchmark
+from test_facts_trex_lama import LAMA, TREX
+from tiny import save_tiny_model
+
+
+def test_digests_follow_file_contents_folders_settings_and_upstream_stages(tmp_path):
+    data, model = tmp_path / "data.jsonl", tmp_path / "model"
+    data.write_text("a\n")
+    model.mkdir()
+    (model / "w").write_text("1")
+    cache = StageCache(tmp_path / "run")
+    upstream = cache.key("up", data=File(data))
+    base = cache.key("down", up=upstream, model=Folder(model), lr=1e-3)
+    assert cache.key("down", up=upstream, model=Folder(model), lr=1e-3).digest == base.digest
+    assert cache.key("down", up=upstream, model=Folder(model), lr=2e-3).digest != base.digest
+    data.write_text("b\n")  # same name, other contents: the upstream digest and so the downstream one change
+    assert cache.key("down", up=cache.key("up", data=File(data)), model=Folder(model), lr=1e-3).digest != base.digest
+    (model / "w").write_text("22")
+    assert cache.key("down", up=upstream, model=Folder(model), lr=1e-3).digest != base.digest
+
+
+def test_a_stage_is_reused_only_with_its_digest_and_outputs_and_stale_outputs_are_removed(tmp_path):
+    run = tmp_path / "run"
+    output = run / "out.txt"
+    cache = StageCache(run)
+    key = cache.key("stage", x=1)
+    assert cache.stale(key, output)
+    output.write_text("done")
+    cache.record(key)
+    again = StageCache(run)  # a new process reads stages.json
+    assert not again.stale(again.key("stage", x=1), output) and again.statuses == {"stage": "reused"}
+    assert again.stale(again.key("stage", x=2), output) and not output.exists()
+    assert json.loads((run / "stages.json").read_text()) == {}
+    with pytest.raises(PretraceError, match="outside its run folder"):
+        again.stale(again.key("stage", x=3), tmp_path / "elsewhere.txt")
+
+
+@pytest.fixture(scope="module")
+def run_settings(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stages")
+    tiny_benchmark().write(root / "benchmark")
+    model = save_tiny_model(root / "model", "llama", dtype=torch.float32)
+    return root, FactTracingSettings(out=str(root / "out"), data="folder", benchmark=str(root / "benchmark"), model=str(model),
+                                     queries=3, draws=2, candidates=3, random_candidates=4, sharing_candidates=2, top=6,
+                                     finetune_facts=0, alpha=0.1, lr=1e-3, epochs=1, fit_sentences=6, preset="all", last_layers=1,
+                                     batch_size=4, max_length=32, device="cpu")
+
+
+def _computed(results: dict) -> set[str]:
+    return {stage for stage, how in results["stages"].items() if how == "computed"}
+
+
+def test_fact_tracing_recomputes_exactly_the_stages_a_change_affects(run_settings):
+    from dataclasses import replace
+
+    root, settings = run_settings
+    first = run_fact_tracing(settings)
+    everything = {"finetune", "fit-sentences", "factors-pretrained", "factors-finetuned", "bm25", "gradient-scores", "embedding-scores", "probe"}
+    assert _computed(first) == everything
+    assert _computed(run_fact_tracing(settings)) == set()
+
+    # a fine-tuning setting: the fine-tuned model and all that reads it, not the pre-trained side
+    changed = run_fact_tracing(replace(settings, lr=2e-3))
+    assert _computed(changed) == {"finetune", "factors-finetuned", "gradient-scores", "embedding-scores", "probe"}
+    assert changed["stage_digests"]["factors-pretrained"] == first["stage_digests"]["factors-pretrained"]
+
+    # a scoring setting: only the gradient scores
+    assert _computed(run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5))) == {"gradient-scores"}
+
+    # the benchmark's contents (same folder name): everything downstream of it
+    benchmark = tiny_benchmark()
+    benchmark.sentences[5] = type(benchmark.sentences[5])(5, "a dog ran in the big park .", benchmark.sentences[5].facts)
+    shutil.rmtree(root / "benchmark")
+    benchmark.write(root / "benchmark")
+    rerun = run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5))
+    assert _computed(rerun) == everything
+    assert rerun["stages"]["benchmark"] == "read"
+
+
+def test_trex_lama_benchmark_is_rebuilt_when_the_question_templates_change(tmp_path):
+    questions = tmp_path / "questions.jsonl"
+    shutil.copy(LAMA / "bloom_questions.jsonl", questions)
+    settings = FactTracingSettings(out=str(tmp_path / "out"), data="trex-lama", trex=str(TREX), lama=str(LAMA / "TREx"), questions=str(questions))
+    first = _Run(settings)
+    asked = {f.fact_id: f.prompt for f in first.benchmark().facts}
+    assert first.cache.statuses["benchmark"] == "computed"
+    again = _Run(settings)
+    again.benchmark()
+    assert again.cache.statuses["benchmark"] == "reused"
+    rows = [json.loads(line) for line in questions.read_text().splitlines() if line.strip()]
+    for row in rows:
+        for field in ("question", "template", "prompt"):
+            if isinstance(row.get(field), str) and "[X]" in row[field]:
+                row[field] = "tell me: " + row[field]
+    questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    changed = _Run(settings)
+    rebuilt = {f.fact_id: f.prompt for f in changed.benchmark().facts}
+    assert changed.cache.statuses["benchmark"] == "computed"
+    assert rebuilt.keys() == asked.keys() and all("tell me: " in rebuilt[k] and "tell me: " not in asked[k] for k in asked)
