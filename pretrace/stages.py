@@ -36,6 +36,7 @@ class Folder:
     and it changes whenever the folder is rewritten (pretrace writes folders by renaming a new one in)."""
 
     path: str | Path
+    exclude: tuple[str, ...] = ()  # file names left out of the stamp (records written beside the contents)
 
 
 @dataclass(frozen=True)
@@ -47,11 +48,11 @@ class StageKey:
     digest: str
 
 
-def folder_stamp(folder: str | Path) -> dict:
+def folder_stamp(folder: str | Path, exclude: tuple[str, ...] = ()) -> dict:
     folder = Path(folder)
     if not folder.is_dir():
         raise PretraceError(f"{folder}: no such folder.")
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
+    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file() and p.name not in exclude}
 
 
 def _normalise(value: Any) -> Any:
@@ -63,7 +64,7 @@ def _normalise(value: Any) -> Any:
             raise PretraceError(f"{value.path}: no such file.")
         return {"sha256": file_sha256(value.path)}
     if isinstance(value, Folder):
-        return {"folder": folder_stamp(value.path)}
+        return {"folder": folder_stamp(value.path, value.exclude)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _normalise(dataclasses.asdict(value))
     if isinstance(value, dict):
@@ -77,6 +78,11 @@ def _normalise(value: Any) -> Any:
     raise TypeError(f"stage input of type {type(value).__name__} has no stable digest")
 
 
+def digest(**inputs: Any) -> str:
+    """A stable sha256 of `inputs` (files by content, folders by stamp, stages by digest, settings as JSON)."""
+    return hashlib.sha256(json.dumps(_normalise(inputs), sort_keys=True).encode()).hexdigest()
+
+
 class StageCache:
     """The stages of one run folder: which were reused and which computed in this run (`statuses`)."""
 
@@ -87,9 +93,7 @@ class StageCache:
         self.statuses: dict[str, str] = {}
 
     def key(self, name: str, **inputs: Any) -> StageKey:
-        normalised = _normalise(inputs)
-        digest = hashlib.sha256(json.dumps(normalised, sort_keys=True).encode()).hexdigest()
-        return StageKey(name, normalised, digest)
+        return StageKey(name, _normalise(inputs), digest(**inputs))
 
     def stale(self, key: StageKey, *outputs: Path) -> bool:
         """True when the stage must be computed: its inputs changed or an output is missing. Its previous
