@@ -1,6 +1,7 @@
 """Benchmark 1: quality versus cost of every attribution method on a toy GPT-NeoX (the paper's scalability study).
 
-Stages, each cached in the output folder (a finished stage is skipped, so a killed run resumes):
+Stages, each cached in the output folder under a digest of its inputs (`pretrace.stages`: a finished stage is skipped,
+a changed one recomputed with everything downstream of it, so a killed run resumes):
 
 1. `model/`: a toy GPT-NeoX pre-trained on Penn Treebank (learning rate stepped every optimizer step),
    its validation loss recorded in `model/pretrace_pretrain.json`.
@@ -40,6 +41,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -47,6 +49,7 @@ from pretrace.bench.lds import linear_datamodeling_scores
 from pretrace.config import option
 from pretrace.errors import PretraceError
 from pretrace.metrics import pearson, spearman
+from pretrace.stages import StageCache, StageKey
 from pretrace.storage import read_json, write_json, write_jsonl
 
 SCOPES = ("all", "mlp")
@@ -114,13 +117,23 @@ class QualityVsCostSettings:
 
 @dataclass
 class Run:
-    """One benchmark run: its folder, sizes and the stage timings gathered so far (`timings.json`)."""
+    """One benchmark run: its folder, sizes, the stage cache and the stage timings gathered so far (`timings.json`)."""
 
     folder: Path
     preset: Preset
     seed: int
     device: str
     timings: dict = field(default_factory=dict)
+    keys: dict[str, StageKey] = field(default_factory=dict)
+    cache: StageCache = field(init=False, repr=False)
+
+    def __post_init__(self):
+        self.cache = StageCache(self.folder)
+
+    def key(self, name: str, **inputs) -> StageKey:
+        """The stage's key: its own inputs plus the run's sizes and seed, which every stage depends on."""
+        self.keys[name] = self.cache.key(name, sizes=asdict(self.preset), seed=self.seed, **inputs)
+        return self.keys[name]
 
     def stage(self, name: str) -> None:
         print(f"[quality-vs-cost] {name}", flush=True)
@@ -159,25 +172,27 @@ def tokenizer_for(preset: Preset, documents):
     return neox_tokenizer() if preset.vocab_size is None else train_bpe((d.text for d in documents), preset.vocab_size)
 
 
-def train_model(run: Run, out: Path, documents, tokenizer, seed: int) -> Path:
-    """Pre-train into `out` unless it already holds a model."""
-    if (out / "config.json").is_file():
+def train_model(run: Run, out: Path, documents, tokenizer: Callable[[], Any], seed: int, **upstream: StageKey) -> Path:
+    """Pre-train into `out` unless the stage cache holds this very model; `tokenizer()` is called only to train."""
+    key = run.key(f"train {out.name}", documents=[d.id for d in documents], model_seed=seed, **upstream)
+    cache = run.cache
+    if not cache.stale(key, out):
         return out
     from pretrace.data.ptb import ptb_documents
     from pretrace.training.pretrain import pretrain
 
     started = time.perf_counter()
     validation = ptb_documents("valid", limit=run.preset.validation_sentences)
-    pretrain(model_config(run.preset), tokenizer, documents, replace(train_settings(run), seed=seed), validation=validation, out=out)
+    pretrain(model_config(run.preset), tokenizer(), documents, replace(train_settings(run), seed=seed), validation=validation, out=out)
     run.record_time(f"train {out.name}", time.perf_counter() - started)
+    cache.record(key)
     return out
 
 
 def stage_model(run: Run) -> Path:
     run.stage("1. train the toy model")
     documents = training_documents(run.preset)
-    tokenizer = None if (run.folder / "model" / "config.json").is_file() else tokenizer_for(run.preset, documents)
-    return train_model(run, run.folder / "model", documents, tokenizer, run.seed)
+    return train_model(run, run.folder / "model", documents, lambda: tokenizer_for(run.preset, documents), run.seed)
 
 
 def validation_loss(model: Path) -> float | None:
@@ -190,8 +205,10 @@ def validation_loss(model: Path) -> float | None:
 def stage_problem(run: Run) -> dict:
     """Query sentences from PTB test, `candidates` training sentences per query and the fitting set."""
     run.stage("2. sample queries, candidates and the fitting set")
-    manifest = run.folder / "problem.json"
-    if manifest.is_file():
+    manifest, cache = run.folder / "problem.json", run.cache
+    files = [run.folder / name for name in ("queries.jsonl", "candidates.jsonl", "fit.jsonl")]
+    key = run.key("problem")
+    if not cache.stale(key, manifest, *files):
         return read_json(manifest)
     from pretrace.data.ptb import ptb_documents
 
@@ -209,6 +226,7 @@ def stage_problem(run: Run) -> dict:
                "candidate_blocks": "query q is correlated over candidates [q*C, (q+1)*C) of candidates.jsonl",
                "pool_documents": len(candidates), "training_documents": len(train), "fit_documents": len(fitting)}
     write_json(manifest, problem)
+    cache.record(key)
     return problem
 
 
@@ -261,10 +279,12 @@ def label_sampled_fitting_set(run: Run) -> Path:
     EK-FAC's true-Fisher estimate averages several samples per token over the ground truth's own data."""
     from pretrace.data.records import read_documents
 
-    path = run.folder / "fit-label-samples.jsonl"
-    if not path.is_file():
+    path, cache = run.folder / "fit-label-samples.jsonl", run.cache
+    key = run.key("label samples", problem=run.keys["problem"])
+    if cache.stale(key, path):
         documents = read_documents(run.folder / "fit.jsonl")
         write_jsonl(path, ({"id": f"{d.id}#sample-{k}", "text": d.text} for k in range(run.preset.label_samples) for d in documents))
+        cache.record(key)
     return path
 
 
@@ -275,14 +295,17 @@ def stage_factors(run: Run, model: Path) -> dict[str, float]:
 
     data = label_sampled_fitting_set(run)
     seconds = {}
+    cache = run.cache
     for scope in SCOPES:
-        out = run.folder / f"factors-{scope}"
-        key = f"ekfac factors {scope}"
-        if not (out / "factors.json").is_file():
+        out, name = run.folder / f"factors-{scope}", f"ekfac factors {scope}"
+        options, settings = model_options(run, scope), FitSettings(fisher="true", seed=run.seed)
+        key = run.key(name, model=run.keys["train model"], data=run.keys["label samples"], options=options, settings=settings)
+        if cache.stale(key, out):
             started = time.perf_counter()
-            fit(model, data, out, model_options(run, scope), FitSettings(fisher="true", seed=run.seed), overwrite=True)
-            run.record_time(key, time.perf_counter() - started)
-        seconds[scope] = run.timings.get(key, 0.0)
+            fit(model, data, out, options, settings)
+            run.record_time(name, time.perf_counter() - started)
+            cache.record(key)
+        seconds[scope] = run.timings.get(name, 0.0)
     return seconds
 
 
@@ -300,8 +323,9 @@ def select_damping(run: Run, model: Path, scope: str) -> dict:
     """EK-FAC's damping for `scope`: the grid value (× the ground truth's λ) whose EK-FAC solutions of the
     ground truth's damped system align best with the exact ones (`damping_alignment`) on gradients of
     held-out PTB validation sentences. Neither the queries nor their ground-truth scores are looked at."""
-    path = run.folder / f"damping-{scope}.json"
-    if path.is_file():
+    path, cache = run.folder / f"damping-{scope}.json", run.cache
+    key = run.key(f"damping {scope}", factors=run.keys[f"ekfac factors {scope}"], problem=run.keys["problem"])
+    if not cache.stale(key, path):
         return read_json(path)
     from pretrace.baselines.curvature_products import CurvatureProducts
     from pretrace.curvature import EKFAC, Factors
@@ -325,24 +349,21 @@ def select_damping(run: Run, model: Path, scope: str) -> dict:
               "criterion": "mean over held-out gradients v of (xᵀv)²/(xᵀAx·vᵀv), x = EK-FAC solution, A = GGN(fit.jsonl) + ground-truth damping"}
     write_json(path, record)
     run.record_time(f"ekfac damping {scope}", time.perf_counter() - started)
+    cache.record(key)
     return record
 
 
 def stage_halves(run: Run) -> list[Path]:
     """TRAK's ensemble: models trained (like the main one) on seeded random halves of the training documents."""
     run.stage(f"4a. train {run.preset.trak_models} TRAK models on random halves")
+    from pretrace.modeling.loading import load_tokenizer
+
     documents = training_documents(run.preset)
-    tokenizer = None
     paths = []
     for member in range(run.preset.trak_models):
-        out = run.folder / "halves" / f"half-{member}"
-        if not (out / "config.json").is_file():
-            from pretrace.modeling.loading import load_tokenizer
-
-            tokenizer = tokenizer or load_tokenizer(run.folder / "model")
-            half = random.Random(f"{run.seed}/half/{member}").sample(documents, len(documents) // 2)
-            train_model(run, out, half, tokenizer, run.seed + 1 + member)
-        paths.append(out)
+        half = random.Random(f"{run.seed}/half/{member}").sample(documents, len(documents) // 2)
+        paths.append(train_model(run, run.folder / "halves" / f"half-{member}", half, lambda: load_tokenizer(run.folder / "model"),
+                                 run.seed + 1 + member, tokenizer_from=run.keys["train model"]))
     return paths
 
 
@@ -350,14 +371,21 @@ def stage_scores(run: Run, model: Path, method: MethodRun) -> Path:
     """Scores of one method (cached: its folder is skipped when complete)."""
     from pretrace.workflows.score import ScoreSettings, score
 
-    out = run.folder / "scores" / method.alg
-    if not (out / "scores.json").is_file():
+    out, cache = run.folder / "scores" / method.alg, run.cache
+    if method.family == "ekfac":
+        upstream = [f"ekfac factors {method.scope}"] + ([f"damping {method.scope}"] if "damping" in method.settings else [])
+    else:
+        upstream = [name for name in run.keys if name.startswith("train half")] if method.family == "trak" else []
+    key = run.key(f"score {method.alg}", method=method, model=run.keys["train model"], problem=run.keys["problem"],
+                  upstream=[run.keys[name] for name in upstream])
+    if cache.stale(key, out):
         settings = ScoreSettings(queries=str(run.folder / "queries.jsonl"), train=str(run.folder / "candidates.jsonl"), out=str(out),
-                                 model=str(model), explain=False, overwrite=True, solver_seed=run.seed, **method.settings)
+                                 model=str(model), explain=False, solver_seed=run.seed, **method.settings)
         with warnings.catch_warnings():
             if method.budgeted:
                 warnings.filterwarnings("ignore", message="CG: ")
             score(settings, model_options(run, method.scope))
+        cache.record(key)
     return out
 
 
@@ -499,7 +527,8 @@ def run_quality_vs_cost(settings: QualityVsCostSettings) -> list[dict]:
     summary = {"preset": settings.preset, "validation_loss": validation_loss(model), "candidates_per_query": problem["candidates_per_query"],
                "queries": len(problem["queries"]), "ground_truth": ground_truth_description(run, folder),
                "ekfac": {"fit": f"true Fisher on fit.jsonl, {run.preset.label_samples} sampled labels per token", "damping": dampings},
-               "lds": lds_description(run, problem, losses), "timings": run.timings, "criteria": issue_criteria(rows), "rows": rows}
+               "lds": lds_description(run, problem, losses), "timings": run.timings, "stages": run.cache.statuses,
+               "criteria": issue_criteria(rows), "rows": rows}
     write_json(folder / "results_summary.json", summary)
     write_json(folder / "results.json", [{k: v for k, v in row.items() if not k.startswith("per_query")} for row in rows])
     plot_results(rows, folder / "results.png")
