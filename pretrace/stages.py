@@ -96,29 +96,31 @@ class StageCache:
         return StageKey(name, _normalise(inputs), digest(**inputs))
 
     def stale(self, key: StageKey, *outputs: Path) -> bool:
-        """True when the stage must be computed: its inputs changed or an output is missing. Its previous
-        outputs (inside the run folder) are then removed, so nothing of an older run is mixed in."""
+        """True when the stage must be computed: its inputs changed, it never finished, or an output is missing.
+
+        Outputs of other inputs (inside the run folder) are removed first, so nothing of an older run is mixed
+        in; those of an unfinished run with the same inputs are kept, for a stage that resumes on its own."""
         recorded = self._recorded.get(key.name, {})
-        if recorded.get("digest") == key.digest and all(Path(p).exists() for p in outputs):
+        same = recorded.get("digest") == key.digest
+        if same and recorded.get("done") and all(Path(p).exists() for p in outputs):
             self.statuses[key.name] = "reused"
             return False
         self.statuses[key.name] = "computed"
-        self._recorded.pop(key.name, None)
+        if not (same and not recorded.get("done")):
+            root = self.folder.resolve()
+            for output in map(Path, outputs):
+                if not output.resolve().is_relative_to(root):
+                    raise PretraceError(f"{output}: a stage output outside its run folder {self.folder}; refusing to remove it.")
+                if output.is_dir():
+                    shutil.rmtree(output)
+                elif output.exists():
+                    output.unlink()
+        self._recorded[key.name] = {"digest": key.digest, "inputs": key.inputs, "done": False}
         write_json(self.path, self._recorded)
-        root = self.folder.resolve()
-        for output in map(Path, outputs):
-            if not output.resolve().is_relative_to(root):
-                raise PretraceError(f"{output}: a stage output outside its run folder {self.folder}; refusing to remove it.")
-            if output.is_dir():
-                shutil.rmtree(output)
-            elif output.exists():
-                output.unlink()
         return True
 
     def record(self, key: StageKey) -> None:
         """Mark the stage finished with these inputs (after its outputs are written)."""
-        self._recorded[key.name] = {"digest": key.digest, "inputs": key.inputs}
+        self._recorded[key.name] = {"digest": key.digest, "inputs": key.inputs, "done": True}
         write_json(self.path, self._recorded)
 
-    def digests(self) -> dict[str, str]:
-        return {name: entry["digest"] for name, entry in self._recorded.items()}

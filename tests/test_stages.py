@@ -14,7 +14,7 @@ from pretrace.errors import PretraceError
 from pretrace.stages import File, Folder, StageCache
 from test_facts_run import tiny_benchmark
 from test_facts_trex_lama import LAMA, TREX
-from tiny import save_tiny_model
+from tiny import save_tiny_model, write_jsonl
 
 
 def test_digests_follow_file_contents_folders_settings_and_upstream_stages(tmp_path):
@@ -43,8 +43,12 @@ def test_a_stage_is_reused_only_with_its_digest_and_outputs_and_stale_outputs_ar
     cache.record(key)
     again = StageCache(run)  # a new process reads stages.json
     assert not again.stale(again.key("stage", x=1), output) and again.statuses == {"stage": "reused"}
-    assert again.stale(again.key("stage", x=2), output) and not output.exists()
-    assert json.loads((run / "stages.json").read_text()) == {}
+    assert again.stale(again.key("stage", x=2), output) and not output.exists()  # other inputs: the old output goes
+    output.write_text("half")  # killed before record(): the same inputs keep it, for a stage that resumes on its own
+    resumed = StageCache(run)
+    assert resumed.stale(resumed.key("stage", x=2), output) and output.read_text() == "half"
+    assert resumed.stale(resumed.key("stage", x=3), output) and not output.exists()
+    assert json.loads((run / "stages.json").read_text())["stage"]["done"] is False
     with pytest.raises(PretraceError, match="outside its run folder"):
         again.stale(again.key("stage", x=3), tmp_path / "elsewhere.txt")
 
@@ -111,3 +115,28 @@ def test_trex_lama_benchmark_is_rebuilt_when_the_question_templates_change(tmp_p
     rebuilt = {f.fact_id: f.prompt for f in changed.benchmark().facts}
     assert changed.cache.statuses["benchmark"] == "computed"
     assert rebuilt.keys() == asked.keys() and all("tell me: " in rebuilt[k] and "tell me: " not in asked[k] for k in asked)
+
+
+def test_trace_recomputes_exactly_the_stages_a_change_affects(tmp_path):
+    from dataclasses import replace
+
+    from pretrace.training.finetune import FinetuneSettings, finetune
+    from pretrace.workflows.trace import trace
+    from test_trace import CORPUS, OPTIONS, PAIRS, QUERIES, _settings
+
+    save_tiny_model(tmp_path / "pt", "gpt_neox", dtype=torch.float64)
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": p, "completion": c} for p, c in PAIRS])
+    finetune(FinetuneSettings(model=str(tmp_path / "pt"), data=pairs, out=str(tmp_path / "ft"), alpha=0.05, lr=1e-2, epochs=1,
+                              batch_size=2, dtype="float64", device="cpu"), progress=False)
+    write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS)])
+    write_jsonl(tmp_path / "queries.jsonl", QUERIES)
+    settings = _settings(tmp_path, "out", retriever="bm25")
+    computed = lambda summary: {name for name, how in summary["stages"].items() if how == "computed"}  # noqa: E731
+    everything = {"queries", "index", "retrieval", "factors-pretrained", "factors-finetuned", "scores", "results"}
+    assert computed(trace(settings, OPTIONS, progress=False)) == everything
+    assert computed(trace(settings, OPTIONS, progress=False)) == set()
+    assert computed(trace(replace(settings, candidates=5), OPTIONS, progress=False)) == {"retrieval", "scores", "results"}
+    assert computed(trace(replace(settings, candidates=5, damping_factor=0.5), OPTIONS, progress=False)) == {"scores", "results"}
+    write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS[:-1])])  # same file name
+    assert computed(trace(replace(settings, candidates=5, damping_factor=0.5), OPTIONS, progress=False)) == \
+        {"index", "retrieval", "factors-pretrained", "scores", "results"}

@@ -12,7 +12,6 @@ index also resume mid-way on their own).
 
 from __future__ import annotations
 
-import json
 import random
 import time
 from dataclasses import dataclass
@@ -23,14 +22,14 @@ from tqdm.auto import tqdm
 
 from pretrace.config import option, to_dict, validate_choices
 from pretrace.curvature import FitSettings
-from pretrace.curvature.factors import METADATA_FILE as FACTORS_METADATA
 from pretrace.data.records import Document, Query, iter_documents, iter_json_objects
 from pretrace.errors import PretraceError
 from pretrace.methods.registry import make_attributor
 from pretrace.modeling.loading import check_model_dir, load_model, load_tokenizer
 from pretrace.retrieval import make_retriever, retrieval_recall
 from pretrace.scores.io import load_scores, top_indices
-from pretrace.storage import file_sha256, read_json, read_jsonl_rows, write_json, write_jsonl
+from pretrace.stages import File, Folder, StageCache, StageKey
+from pretrace.storage import read_json, read_jsonl_rows, write_json, write_jsonl
 from pretrace.training.finetune import read_finetune_record
 from pretrace.workflows.common import ModelOptions
 from pretrace.workflows.fit import fit
@@ -39,7 +38,6 @@ from pretrace.workflows.score import ScoreSettings, build_context, explain_top, 
 RETRIEVERS = ("embedding", "bm25", "none")
 RESULTS_FILE = "results.jsonl"
 REPORT_FILE = "report.html"
-STAGES_FILE = "stages.json"
 SCORING_FIELDS = ("method", "alpha", "damping", "damping_factor", "finetuned_damping", "force", "top_k")  # what scores depend on
 
 
@@ -84,29 +82,6 @@ class TraceQuery:
     query: Query
     generated: bool
     evidence_ids: tuple[str, ...] | None
-
-
-class _Stages:
-    """`stages.json`: per stage the signature of its inputs; a stage is reused when its signature is unchanged."""
-
-    def __init__(self, out: Path):
-        self.path = out / STAGES_FILE
-        self.done = read_json(self.path) if self.path.is_file() else {}
-
-    def reusable(self, name: str, signature: dict, *outputs: Path) -> bool:
-        return self.done.get(name) == json.loads(json.dumps(signature)) and all(path.exists() for path in outputs)
-
-    def record(self, name: str, signature: dict) -> None:
-        self.done[name] = signature
-        write_json(self.path, self.done)
-
-
-def folder_stamp(folder: str | Path) -> dict:
-    """Names, sizes and modification times of a model or factor folder: cheap, and changes whenever it is rewritten."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise PretraceError(f"{folder}: no such folder.")
-    return {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in sorted(folder.iterdir()) if p.is_file()}
 
 
 # -- queries ---------------------------------------------------------------------------------------
@@ -221,15 +196,22 @@ def evidence_indices(queries: list[TraceQuery], documents: list[Document]) -> li
 
 # -- factors ---------------------------------------------------------------------------------------
 
-def ensure_factors(settings: TraceSettings, options: ModelOptions, documents: list[Document], out: Path) -> tuple[str, str]:
-    """The two factor folders: the given ones, or fitted (and cached under OUT/factors) when missing."""
-    pretrained = settings.pretrained_factors
+def ensure_factors(settings: TraceSettings, options: ModelOptions, documents: list[Document], out: Path,
+                   cache: StageCache) -> tuple[StageKey | Folder, StageKey | Folder, str, str]:
+    """The two factor folders (the given ones, or fitted and cached under OUT/factors) and what they were
+    computed from: a given folder's stamp, or the fitting stage's key."""
+    pretrained, pretrained_input = settings.pretrained_factors, None
     if pretrained is None:
-        sample = _fitting_sample(documents, settings.fit_documents, settings.seed)
-        data = out / "factors" / "pretrained-sample.jsonl"
-        write_jsonl(data, ({"id": d.id, "text": d.text} for d in sample))
-        pretrained = _fit_cached(settings.pretrained, data, out / "factors" / "pretrained", options, settings.seed)
-    finetuned = settings.finetuned_factors
+        data, pretrained = out / "factors" / "pretrained-sample.jsonl", out / "factors" / "pretrained"
+        key = cache.key("factors-pretrained", model=Folder(settings.pretrained), corpus=File(settings.corpus),
+                        documents=settings.fit_documents, seed=settings.seed, options=options)
+        if cache.stale(key, data, pretrained):
+            sample = _fitting_sample(documents, settings.fit_documents, settings.seed)
+            write_jsonl(data, ({"id": d.id, "text": d.text} for d in sample))
+            fit(settings.pretrained, data, pretrained, options, FitSettings(seed=settings.seed))
+            cache.record(key)
+        pretrained_input = key
+    finetuned, finetuned_input = settings.finetuned_factors, None
     if finetuned is None:
         data = settings.finetune_data or (read_finetune_record(settings.finetuned) or {}).get("data")
         if data is None or not Path(data).is_file():
@@ -237,8 +219,13 @@ def ensure_factors(settings: TraceSettings, options: ModelOptions, documents: li
                 f"the fine-tuned factors are missing and no fine-tuning data is known{f' ({data} is gone)' if data else ''}; "
                 "pass --finetuned-factors (from `pretrace fit` on the fine-tuned model) or --finetune-data (its prompt/completion pairs)."
             )
-        finetuned = _fit_cached(settings.finetuned, data, out / "factors" / "finetuned", options, settings.seed)
-    return str(pretrained), str(finetuned)
+        finetuned = out / "factors" / "finetuned"
+        key = cache.key("factors-finetuned", model=Folder(settings.finetuned), data=File(data), seed=settings.seed, options=options)
+        if cache.stale(key, finetuned):
+            fit(settings.finetuned, data, finetuned, options, FitSettings(seed=settings.seed))
+            cache.record(key)
+        finetuned_input = key
+    return (pretrained_input or Folder(pretrained), finetuned_input or Folder(finetuned), str(pretrained), str(finetuned))
 
 
 def _fitting_sample(documents: list[Document], count: int, seed: int) -> list[Document]:
@@ -246,16 +233,6 @@ def _fitting_sample(documents: list[Document], count: int, seed: int) -> list[Do
         return documents
     chosen = random.Random(seed).sample(range(len(documents)), count)
     return [documents[i] for i in by_length(chosen, documents)]
-
-
-def _fit_cached(model: str, data: str | Path, folder: Path, options: ModelOptions, seed: int) -> Path:
-    """Reuse factors in `folder` fitted on the same data with the same options; else (re)fit them there."""
-    if (folder / FACTORS_METADATA).is_file():
-        meta = read_json(folder / FACTORS_METADATA)
-        if meta.get("data_sha256") == file_sha256(data) and meta.get("options") == to_dict(options):
-            return folder
-    fit(model, data, folder, options, FitSettings(seed=seed), overwrite=True)
-    return folder
 
 
 # -- scoring ---------------------------------------------------------------------------------------
@@ -316,7 +293,7 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
     for folder in (settings.pretrained, settings.finetuned):
         check_model_dir(folder)
     out.mkdir(parents=True, exist_ok=True)
-    stages = _Stages(out)
+    cache = StageCache(out)
     timings: dict[str, float] = {}
     clock = (time.perf_counter(), time.process_time())
 
@@ -329,27 +306,32 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
         clock = now
 
     queries_file = out / "queries.jsonl"
-    signature = {"queries": file_sha256(settings.queries), "finetuned": folder_stamp(settings.finetuned),
-                 "max_new_tokens": settings.max_new_tokens}
-    if stages.reusable("queries", signature, queries_file):
-        queries = _from_rows(read_jsonl_rows(queries_file))
-    else:
+    queries_key = cache.key("queries", queries=File(settings.queries), finetuned=Folder(settings.finetuned),
+                            max_new_tokens=settings.max_new_tokens, dtype=options.dtype)
+    if cache.stale(queries_key, queries_file):
         queries = generate_completions(settings.finetuned, source, settings.max_new_tokens, options)
         write_jsonl(queries_file, _query_rows(queries))
-        stages.record("queries", signature)
+        cache.record(queries_key)
+    else:
+        queries = _from_rows(read_jsonl_rows(queries_file))
     lap("completions_seconds")
 
     candidates_file = out / "candidates.json"
-    signature = {"corpus": file_sha256(settings.corpus), "queries": file_sha256(queries_file), "retriever": settings.retriever,
-                 "candidates": settings.candidates, "embedding_model": settings.embedding_model}
-    if stages.reusable("retrieval", signature, candidates_file):
-        stored = read_json(candidates_file)
-        candidates, retrieval_scores = stored["candidates"], stored["retrieval_scores"]
-    else:
+    index_key = cache.key("index", corpus=File(settings.corpus), retriever=settings.retriever, embedding_model=settings.embedding_model,
+                          given=settings.index)
+    # the retriever builds (or resumes) its index in OUT/index-RETRIEVER; an index of another corpus is removed first
+    index_stale = settings.index is None and settings.retriever != "none" and cache.stale(index_key, out / f"index-{settings.retriever}")
+    retrieval_key = cache.key("retrieval", index=index_key, queries=queries_key, candidates=settings.candidates)
+    if cache.stale(retrieval_key, candidates_file):
         candidates, retrieval_scores = retrieve(settings, documents, queries, out)
         write_json(candidates_file, {"query_ids": [q.query.id for q in queries], "candidates": candidates,
                                      "retrieval_scores": retrieval_scores})
-        stages.record("retrieval", signature)
+        if index_stale:
+            cache.record(index_key)
+        cache.record(retrieval_key)
+    else:
+        stored = read_json(candidates_file)
+        candidates, retrieval_scores = stored["candidates"], stored["retrieval_scores"]
     relevant = evidence_indices(queries, documents)
     recall = retrieval_recall(candidates, relevant) if relevant is not None and any(relevant) else None
     if recall is not None and progress:
@@ -357,7 +339,7 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
               " (evidence the retriever misses can never be ranked by influence)")
     lap("retrieval_seconds")
 
-    pretrained_factors, finetuned_factors = ensure_factors(settings, options, documents, out)
+    pretrained_input, finetuned_input, pretrained_factors, finetuned_factors = ensure_factors(settings, options, documents, out, cache)
     lap("factors_seconds")
 
     union = candidate_union(candidates, documents)
@@ -369,34 +351,34 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
         alpha=settings.alpha, method=settings.method, damping=settings.damping, damping_factor=settings.damping_factor,
         finetuned_damping=settings.finetuned_damping, top_k=settings.top_k, explain=False, force=settings.force, overwrite=True,
     )
-    signature = {"union": file_sha256(union_file), "queries": file_sha256(queries_file),
-                 "pretrained": folder_stamp(settings.pretrained), "finetuned": folder_stamp(settings.finetuned),
-                 "pretrained_factors": folder_stamp(pretrained_factors), "finetuned_factors": folder_stamp(finetuned_factors),
-                 "scoring": {name: getattr(settings, name) for name in SCORING_FIELDS}, "options": to_dict(options)}
+    inputs = {"union": File(union_file), "queries": queries_key, "retrieval": retrieval_key, "pretrained": Folder(settings.pretrained),
+              "finetuned": Folder(settings.finetuned), "pretrained_factors": pretrained_input, "finetuned_factors": finetuned_input,
+              "scoring": {name: getattr(settings, name) for name in SCORING_FIELDS}, "options": options}
+    scores_key, results_key = cache.key("scores", **inputs), cache.key("results", **inputs)
     results_file = out / RESULTS_FILE
-    if stages.reusable("results", signature, results_file):
+    if not cache.stale(results_key, results_file):
         rows = read_jsonl_rows(results_file)
     else:
         context, attributor = build_context(score_settings, options), make_attributor(score_settings)
-        if stages.reusable("scores", signature, out / "scores"):
+        if cache.stale(scores_key, out / "scores"):
+            scores = score(score_settings, options, context, attributor).scores  # fits the attributor, reused below
+            cache.record(scores_key)
+        else:
             scores = load_scores(out / "scores")[0]["scores"].double()
             attributor.fit(context)
-        else:
-            scores = score(score_settings, options, context, attributor).scores  # fits the attributor, reused below
-            stages.record("scores", signature)
         lap("scoring_seconds")
         top = rank_candidates(scores, candidates, union, settings.top_k)
         details = explain_top(attributor, context, top)
         rows = _result_rows(queries, documents, union, candidates, retrieval_scores, scores, top, details, relevant,
                             settings.retriever != "none")
         write_jsonl(results_file, rows)
-        stages.record("results", signature)
+        cache.record(results_key)
     lap("explanation_seconds")
 
     summary = {
         "settings": to_dict(settings), "options": to_dict(options), "queries": len(queries),
         "candidates_per_query": len(candidates[0]), "distinct_candidates": len(union), "retrieval_recall": recall,
-        "evidence_in_top_k": _top_k_recall(rows, relevant), "timings": timings,
+        "evidence_in_top_k": _top_k_recall(rows, relevant), "timings": timings, "stages": cache.statuses,
     }
     write_report_files(out, rows, candidates, union, summary)
     lap("report_seconds")
