@@ -44,3 +44,13 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, senten
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["result"].scores.shape == (1, len(sentences))
     assert (tmp_path / "scores" / "scores.safetensors").is_file() and (tmp_path / "factors" / "factors.json").is_file()
+
+
+def test_pretrace_help_lists_every_command_without_importing_torch():
+    code = ("import sys\nfrom pretrace.cli import COMMANDS, main\ntry:\n    main(['--help'])\nexcept SystemExit as exit:\n"
+            "    assert exit.code == 0\nprint('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    from pretrace.cli import COMMANDS
+
+    assert result.stdout.splitlines()[-1] == "False"
+    assert all(f"{name}  " in result.stdout or f"{name}\n" in result.stdout for name in COMMANDS)

@@ -5,30 +5,52 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+from typing import Iterable
 
 from pretrace.errors import PretraceError
 
-COMMANDS = ["fit", "score", "index", "inspect", "finetune", "trace", "report", "demo", "bench"]
+COMMANDS = {  # name -> summary: `pretrace --help` lists them without importing any command (nor torch)
+    "fit": "fit EK-FAC curvature factors",
+    "score": "score training documents against queries",
+    "index": "store document gradients for repeated scoring",
+    "inspect": "describe a factor or score folder",
+    "finetune": "fine-tune a model on prompt/completion pairs with a proximity term",
+    "trace": "case study: the corpus documents behind a fine-tuned model's answers, as an HTML report",
+    "report": "HTML report and plots of a score folder",
+    "run": "run several commands from one pipeline file, in one process",
+    "demo": "run the multi-stage pipeline on a toy world",
+    "bench": "run a benchmark of the attribution methods",
+}
+RESUMABLE = {"fit", "index", "trace", "demo", "bench"}  # they checkpoint or cache their stages beside or in --out
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; only the commands in `full` (all when None) get their flags, the others just their summary."""
     parser = argparse.ArgumentParser(
         prog="pretrace",
         description="Influence functions for causal LMs: which training documents made the model say that?",
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"pretrace.cli.{name}").register(subparsers)
+    for name, summary in COMMANDS.items():
+        if full is None or name in full:
+            importlib.import_module(f"pretrace.cli.{name}").register(subparsers)
+        else:
+            subparsers.add_parser(name, help=summary)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((arg for arg in argv if not arg.startswith("-")), None)  # the sub-command, if one is named
+    args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except PretraceError as exc:
         print(f"pretrace: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("pretrace: interrupted; re-run the same command to resume.", file=sys.stderr)
+        if args.command in RESUMABLE:
+            print("pretrace: interrupted; re-run the same command to resume.", file=sys.stderr)
+        else:
+            print(f"pretrace: interrupted; `pretrace {args.command}` does not resume and left no output; re-run it to start over.", file=sys.stderr)
         return 130

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pretrace.cli import COMMANDS
+
 from pathlib import Path
 
 from pretrace.cli.options import add_arguments, from_arguments
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("bench", help="run a benchmark of the attribution methods", description=__doc__)
+    parser = subparsers.add_parser("bench", help=COMMANDS["bench"], description=__doc__)
     benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _register_quality_vs_cost(benchmarks)
     _register_fact_tracing(benchmarks)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pretrace.cli import COMMANDS
+
 from pretrace.cli.options import add_arguments, from_arguments
 
 
 def register(subparsers) -> None:
     from pretrace.bench.demo import DemoSettings
 
-    parser = subparsers.add_parser("demo", help="run the multi-stage pipeline on a toy world", description=__doc__)
+    parser = subparsers.add_parser("demo", help=COMMANDS["demo"], description=__doc__)
     add_arguments(parser, DemoSettings)
     parser.set_defaults(handler=run)
 

@@ -5,12 +5,14 @@ batch, each process takes its share of every batch and the gradients are summed 
 
 from __future__ import annotations
 
+from pretrace.cli import COMMANDS
+
 from pretrace.cli.options import add_arguments, from_arguments
 from pretrace.training.finetune import FinetuneSettings
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("finetune", help="fine-tune a model on prompt/completion pairs with a proximity term", description=__doc__)
+    parser = subparsers.add_parser("finetune", help=COMMANDS["finetune"], description=__doc__)
     add_arguments(parser, FinetuneSettings)
     parser.set_defaults(handler=run)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pretrace.cli import COMMANDS
+
 from dataclasses import dataclass
 
 from pretrace.cli.options import add_arguments, from_arguments
@@ -19,7 +21,7 @@ class FitPaths:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("fit", help="fit EK-FAC curvature factors", description=__doc__)
+    parser = subparsers.add_parser("fit", help=COMMANDS["fit"], description=__doc__)
     for cls in (FitPaths, ModelOptions, FitSettings):
         add_arguments(parser, cls)
     parser.set_defaults(handler=run)

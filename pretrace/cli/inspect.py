@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pretrace.cli import COMMANDS
+
 import json
 from pathlib import Path
 
@@ -9,7 +11,7 @@ from pretrace.errors import PretraceError
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("inspect", help="describe a factor or score folder", description=__doc__)
+    parser = subparsers.add_parser("inspect", help=COMMANDS["inspect"], description=__doc__)
     parser.add_argument("folder", help="A folder written by `pretrace fit` or `pretrace score`.")
     parser.add_argument("--json", action="store_true", help="Print the full metadata as JSON.")
     parser.set_defaults(handler=run)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pretrace.cli import COMMANDS
+
 from pathlib import Path
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("report", help="HTML report and plots of a score folder", description=__doc__)
+    parser = subparsers.add_parser("report", help=COMMANDS["report"], description=__doc__)
     parser.add_argument("scores", help="A folder written by `pretrace score` (uses its top_k.jsonl and scores.json).")
     parser.add_argument("--out", default=None, help="Folder for report.html and the PNG plots (default: the score folder).")
     parser.add_argument("--title", default="pretrace: influential training documents", help="Page title.")

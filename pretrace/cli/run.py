@@ -19,6 +19,8 @@ unchanged, so an interrupted pipeline resumes and a changed input reruns its ste
 
 from __future__ import annotations
 
+from pretrace.cli import COMMANDS
+
 import argparse
 import json
 import time
@@ -32,7 +34,7 @@ NOT_A_STEP = {"run", "bench", "demo"}  # `run` cannot nest; bench and demo are w
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("run", help="run several commands from one pipeline file, in one process", description=__doc__,
+    parser = subparsers.add_parser("run", help=COMMANDS["run"], description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pipeline", help="A TOML file ([defaults] and [[step]] tables) or a pipeline.json written by an earlier run.")
     parser.add_argument("--dry-run", action="store_true", help="Check every step and print the resolved pipeline without running it.")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pretrace.cli import COMMANDS
+
 from pretrace.cli.options import add_arguments, from_arguments
 from pretrace.workflows.common import ModelOptions
 from pretrace.workflows.score import ScoreSettings
@@ -9,7 +11,7 @@ from pretrace.workflows.score import ScoreSettings
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "score", help="score training documents against queries", description=__doc__,
+        "score", help=COMMANDS["score"], description=__doc__,
         epilog="score(z, x) = ∇m(x)ᵀ P ∇ℓ(z): positive means up-weighting document z lowers the loss of the query's completion.",
     )
     for cls in (ScoreSettings, ModelOptions):

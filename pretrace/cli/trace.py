@@ -3,6 +3,8 @@ pre-training documents most responsible for a fine-tuned model's answers (result
 
 from __future__ import annotations
 
+from pretrace.cli import COMMANDS
+
 from pretrace.cli.options import add_arguments, from_arguments
 from pretrace.workflows.common import ModelOptions
 from pretrace.workflows.trace import TraceSettings
@@ -10,7 +12,7 @@ from pretrace.workflows.trace import TraceSettings
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
-        "trace", help="case study: the corpus documents behind a fine-tuned model's answers, as an HTML report",
+        "trace", help=COMMANDS["trace"],
         description=__doc__,
         epilog="Without --pretrained-factors / --finetuned-factors both are fitted and cached under --out. "
                "Rerunning with the same --out reuses every finished stage.",
