@@ -7,6 +7,7 @@ argparse flags, and `asdict` is what gets written to disk.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from pretrace.errors import PretraceError
@@ -32,3 +33,18 @@ def validate_choices(config) -> None:
 
 def to_dict(config) -> dict:
     return {k: (str(v) if hasattr(v, "__fspath__") else v) for k, v in dataclasses.asdict(config).items()}
+
+
+def require_number(flag: str, value: float | None, above: float | None = None, at_least: float | None = None,
+                   at_most: float | None = None) -> None:
+    """Refuse NaN, infinities and out-of-range values of a numeric option (None: not set) before any work: a NaN
+    damping or α would otherwise run to the end and write NaN or all-zero scores."""
+    if value is None:
+        return
+    bounds = [f"> {above:g}" if above is not None else "", f">= {at_least:g}" if at_least is not None else "",
+              f"<= {at_most:g}" if at_most is not None else ""]
+    inside = math.isfinite(value) and (above is None or value > above) and (at_least is None or value >= at_least) \
+        and (at_most is None or value <= at_most)
+    if not inside:
+        condition = " and ".join(b for b in bounds if b)
+        raise PretraceError(f"{flag} must be a finite number{' ' + condition if condition else ''}, got {value}.")

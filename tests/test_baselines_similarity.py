@@ -7,12 +7,11 @@ import random
 import pytest
 import torch
 
-from dense import autograd_document_gradients
+from dense import autograd_document_gradients, hand_query_gradients
 from pretrace.baselines.similarity import GradientCosine, RepresentationSimilarity, build_gradient_dot
 from pretrace.data import Document, Query
-from pretrace.data.batching import collate, encode_queries
+from pretrace.data.batching import encode_queries
 from pretrace.errors import PretraceError
-from pretrace.gradients import LanguageModelingTask
 from pretrace.methods.base import ScoringContext
 from pretrace.modeling.modules import select_modules
 from pretrace.scores.io import load_scores
@@ -35,14 +34,9 @@ def stage(model, tokenizer, batch_size=3, padding_side="left"):
 
 
 def autograd_query_gradients(model, tracked, tokenizer, queries):
-    """[Q, P]: one backward pass of each query's completion loss."""
-    rows = []
-    for encoded in encode_queries(tokenizer, queries, 64):
-        model.zero_grad(set_to_none=True)
-        LanguageModelingTask().measurement(model, collate([encoded], pad_id=0)).sum().backward()
-        rows.append(torch.cat([t.weight_gradient().flatten() for t in tracked]).detach().clone())
-    model.zero_grad(set_to_none=True)
-    return torch.stack(rows)
+    """[Q, P]: one backward pass of each query's hand-written completion loss (the whole text's without a completion)."""
+    return torch.cat([hand_query_gradients(model, tracked, tokenizer, [(q.prompt, q.completion)]) if q.completion is not None
+                      else autograd_document_gradients(model, tracked, tokenizer, [q.prompt]) for q in queries])
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +156,29 @@ def run_workflow(tmp_path, method, documents=None, **settings):
 def test_similarity_methods_through_the_score_workflow(tmp_path, method, expected):
     tensors, metadata = run_workflow(tmp_path, method, representation_layer=1)
     assert expected.items() <= metadata["hyperparameters"].items()
-    if method == "cka":
-        assert (tensors["scores"] >= 0).all() and (tensors["scores"] <= 1 + 1e-6).all()
-    if method in ("gradient-cosine", "representation"):
-        assert (tensors["scores"].abs() <= 1 + 1e-6).all()
+    expected = _workflow_reference(tmp_path / "model", method)
+    torch.testing.assert_close(tensors["scores"].double(), expected, rtol=1e-4, atol=1e-6)  # the workflow ran in float32
+
+
+def _workflow_reference(folder, method):
+    """run_workflow's scores from scratch: hand-written losses of the saved model (float64) or its mean-pooled hidden states."""
+    from transformers import AutoModelForCausalLM
+
+    from dense import hand_query_gradients
+    from tiny import train_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()
+    tokenizer = train_tokenizer()
+    docs = random_documents(6, seed=3)
+    if method == "representation":
+        with torch.no_grad():
+            d = torch.stack([direct_representation(model, tokenizer(x.text)["input_ids"], 1) for x in docs])
+            q = torch.stack([direct_representation(model, tokenizer(x.prompt)["input_ids"] + tokenizer(x.completion or "", add_special_tokens=False)["input_ids"], 1)
+                             for x in QUERIES])  # prompt and completion tokenized apart
+        return torch.nn.functional.normalize(q, dim=1) @ torch.nn.functional.normalize(d, dim=1).T
+    tracked = select_modules(model)
+    d = autograd_document_gradients(model, tracked, tokenizer, docs)
+    q = torch.cat([hand_query_gradients(model, tracked, tokenizer, [(x.prompt, x.completion)]) if x.completion is not None
+                   else autograd_document_gradients(model, tracked, tokenizer, [x.prompt]) for x in QUERIES])
+    cosine = (q @ d.T) / (q.norm(dim=1)[:, None] * d.norm(dim=1)[None])
+    return {"gradient-dot": q @ d.T, "gradient-cosine": cosine, "cka": cosine**2}[method]

@@ -161,7 +161,11 @@ def test_lissa_matches_exact_with_full_batches_and_automatic_scale(tokenizer, se
     lissa = LiSSA(full, depth=80, repeats=1, damping=damping)
     assert lissa.scale == pytest.approx(float(torch.linalg.eigvalsh(gn)[-1]) + damping, rel=1e-6)
     reference = torch.linalg.solve(gn + damping * torch.eye(len(gn), dtype=gn.dtype), queries.T).T
-    assert _relative_error(lissa.solve(queries), reference) < 5e-2
+    # one full batch: x_T = Σ_{j≤T} (I − A/s)^j v exactly, so the error is (I − A/s)^(T+1) A⁻¹v, at most ρ^(T+1) relative
+    rho = float((1 - (torch.linalg.eigvalsh(gn) + damping) / lissa.scale).abs().max())
+    bound = rho ** (80 + 1)
+    assert bound < 1e-3  # (10/11)^81 ≈ 4.5e-4: the test really asks for three digits
+    assert _relative_error(lissa.solve(queries), reference) <= bound * (1 + 1e-6)
 
 
 def test_lissa_refuses_a_diverging_recursion(setup, queries):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dense import dense_eigenbasis_matrix, flatten, unflatten
+from dense import damped, dense_curvature, dense_eigenbasis_matrix, flatten, predicted_tokens_per_document, unflatten
 from pretrace.curvature import EKFAC, KFAC, Diagonal, FitSettings, fit_factors
 from pretrace.data import Document
 from pretrace.data.batching import collate, encode_documents, iter_batches
@@ -64,15 +64,11 @@ def test_inverse_hvp_equals_dense_solve(kind, blocks, tokenizer, sentences):
     op = {"ekfac": EKFAC, "kfac": KFAC, "diagonal": Diagonal}[kind](factors, damping_factor=0.1)
     vectors = torch.randn(3, sum(t.num_parameters for t in tracked), dtype=torch.float64)
     ours = flatten(op.apply(unflatten(vectors, tracked)), tracked)
-    dense_blocks = []
-    for t in tracked:
-        mf = factors.modules[t.name]
-        if kind == "diagonal":
-            dense_blocks.append(torch.diag(mf.diagonal.flatten() + op.module_damping(t.name)))
-        else:
-            dense_blocks.append(dense_eigenbasis_matrix(mf.activation_eigenvectors, mf.gradient_eigenvectors, op.eigenvalues(t.name), op.module_damping(t.name)))
-    reference = torch.linalg.solve(torch.block_diag(*dense_blocks), vectors.T).T
-    torch.testing.assert_close(ours, reference, rtol=1e-8, atol=1e-12)
+    # the dense matrices and their 0.1 × mean-eigenvalue damping from the stored factors, not from the operator;
+    # K-FAC's tokens per document counted from the tokenizer
+    blocks, dampings = dense_curvature(kind, factors, model, tracked, predicted_tokens_per_document(tokenizer, sentences))
+    reference = torch.linalg.solve(damped(blocks, dampings), vectors.T).T
+    torch.testing.assert_close(ours, reference, rtol=1e-8, atol=1e-12)  # float64 factors: a dense solve agrees to ~1e-13
 
 
 def test_kfac_dense_is_scaled_kronecker_of_covariances(tokenizer, sentences):
@@ -84,7 +80,7 @@ def test_kfac_dense_is_scaled_kronecker_of_covariances(tokenizer, sentences):
     op = KFAC(factors, damping=0.0)
     qa, qg = mf.activation_eigenvectors, mf.gradient_eigenvectors
     dense = dense_eigenbasis_matrix(qa, qg, op.eigenvalues(t.name), 0.0)
-    expected = factors.metadata["tokens_per_document"] * torch.kron(mf.gradient_covariance[0], mf.activation_covariance)
+    expected = predicted_tokens_per_document(tokenizer, sentences) * torch.kron(mf.gradient_covariance[0], mf.activation_covariance)
     torch.testing.assert_close(dense, expected, rtol=1e-7, atol=1e-10)
 
 
@@ -133,7 +129,7 @@ def test_interrupted_fit_resumes_to_identical_factors(tmp_path, tokenizer, sente
 
     with pytest.raises(KeyboardInterrupt):
         fit_factors(model, tracked, failing, settings, checkpoint_dir=tmp_path / "ckpt", progress=False)
-    assert (tmp_path / "ckpt" / "lambda.json").exists()
+    assert (tmp_path / "ckpt" / "lambda.safetensors").exists()
     resumed = fit_factors(model, tracked, _source(tokenizer, docs, batch_size=2), settings, checkpoint_dir=tmp_path / "ckpt", progress=False)
     for name, mf in reference.modules.items():
         torch.testing.assert_close(resumed.modules[name].lambda_, mf.lambda_, rtol=0, atol=0)

@@ -23,17 +23,19 @@ import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
-from pretrace import distributed
-from pretrace.curvature import EKFAC, KFAC, Chain, FitSettings, Factors, Preconditioner, Scaled, fit_factors
+from pretrace.curvature import EKFAC, KFAC, Chain, FitSettings, Factors, PlacedPreconditioner, Preconditioner, Scaled, fit_factors
 from pretrace.data.batching import collate, encode_queries
 from pretrace.data.records import read_queries
 from pretrace.errors import PretraceError
 from pretrace.modeling.loading import load_model, load_tokenizer
 from pretrace.modeling.modules import select_modules
 from pretrace.scores.io import load_scores
+from pretrace.scores.columns import ScoreColumns, transpose_to_npy
 from pretrace.scores.pairwise import query_gradients, score_documents
+from pretrace.scores.plan import ScoringPlan, query_order
 from pretrace.training import FinetuneSettings, finetune, read_finetune_record, sequence_losses
 from pretrace.workflows.common import ModelOptions, Stage, load_stage
+from pretrace.storage import read_tensor_metadata
 from pretrace.workflows.fit import checkpoint_folder, fit
 from pretrace.workflows.score import ScoreSettings, score
 from tiny import WORDS, save_tiny_model
@@ -118,7 +120,7 @@ def _assert_same_scores(folder: Path, reference: Path, explained: bool = True) -
     assert [d["id"] for d in top] == [d["id"] for d in ref_top]
     for document, reference_document in zip(top, ref_top):  # explanations: the top documents rescored in RAM, sharded too
         assert document["tokens"] == reference_document["tokens"]
-        for key in ("token_scores", "module_scores"):  # float32 through different routes (--shard-factors takes the dense one)
+        for key in ("token_scores", "module_scores"):  # float32, sums added in another order
             assert _max_relative_difference(torch.tensor(_values(reference_document[key])), torch.tensor(_values(document[key]))) < 1e-5, key
 
 
@@ -130,8 +132,10 @@ def test_torchrun_score_equals_single_process(workspace):
                        "--out", "scores-2", "--per-module", "--scores-on-disk", "--shard-factors", "--factors-device", "cpu", *COMMON, cwd=root)
     assert scored.stdout.count("scores [") == 1  # only rank 0 prints
     _assert_same_scores(root / "scores-2", root / "scores")
-    placement = load_scores(root / "scores-2")[1]["hyperparameters"]["preconditioner"]
+    hyperparameters = load_scores(root / "scores-2")[1]["hyperparameters"]
+    placement = hyperparameters["preconditioner"]
     assert placement["factors_sharded_by_module"] and placement["factors_device"] == "cpu"
+    assert hyperparameters["query_route"] == "eigenbasis"  # as with the factors beside the model: placing them never changes the route
 
 
 def test_torchrun_score_split_by_queries_equals_single_process(workspace):
@@ -174,17 +178,17 @@ def test_torchrun_finetune_equals_single_process(tmp_path):
 
 def test_query_order_interleaves_rank_rows(tmp_path):
     """Rank r holds queries r, r + world, ...: their rows, concatenated in rank order, are put back in query order."""
-    assert distributed._query_order([3, 2]) == [0, 3, 1, 4, 2]
-    assert distributed._query_order([1, 0]) == [0]
+    assert query_order([3, 2]) == [0, 3, 1, 4, 2]
+    assert query_order([1, 0]) == [0]
     rows = [np.arange(6, dtype=np.float32).reshape(2, 3) + 10 * r for r in range(2)]  # [N=2, Q_r=3]
     sources = []
     for r, part in enumerate(rows):
         path = tmp_path / f"rank{r}.columns"
         path.write_bytes(part.tobytes())
         sources.append((path, (3,)))
-    distributed._transpose_to_npy(sources, tmp_path / "merged.npy", total=2, chunk_bytes=8)
+    transpose_to_npy(sources, tmp_path / "merged.npy", total=2, chunk_bytes=8)
     merged = np.load(tmp_path / "merged.npy")
-    queries = np.concatenate(rows, axis=1)[:, distributed._query_order([3, 3])]
+    queries = np.concatenate(rows, axis=1)[:, query_order([3, 3])]
     np.testing.assert_array_equal(merged, queries.T)
     assert not any(path.exists() for path, _ in sources)
 
@@ -198,11 +202,11 @@ def test_placed_preconditioner_on_cpu_matches_and_refuses_coupled_modules(worksp
     factors = Factors.load(workspace / "factors")
     grads = {name: torch.randn(2, mf.n_blocks * mf.lambda_.shape[1], mf.lambda_.shape[2]) for name, mf in factors.modules.items()}
     inner = Scaled(Chain([EKFAC(factors), KFAC(factors)]), 0.5)
-    placed = distributed.PlacedPreconditioner(inner, "cpu", by_module=True)  # one process: it owns every module
+    placed = PlacedPreconditioner(inner, list(grads), "cpu", by_module=True)  # one process: it owns every module
     for name, value in placed.apply(grads).items():
         torch.testing.assert_close(value, inner.apply(grads)[name])
     with pytest.raises(PretraceError, match="couples modules"):
-        distributed.PlacedPreconditioner(Chain([EKFAC(factors), _Coupled()]))
+        PlacedPreconditioner(Chain([EKFAC(factors), _Coupled()]), list(grads))
 
 
 def test_split_settings_refused_where_they_cannot_work(workspace, tmp_path):
@@ -241,7 +245,7 @@ def _fit_rank(rank: int, world: int, port: int, root: str, out: str, kill_at: in
             for batch in batches():
                 pulled[0] += 1
                 if rank == 1 and pulled[0] == kill_at:
-                    _wait_for(checkpoint_folder(root / out) / "lambda.rank0-of-2.json")
+                    _wait_for(checkpoint_folder(root / out) / "lambda.rank0-of-2.safetensors")
                     os.kill(os.getpid(), signal.SIGKILL)
                 yield batch
 
@@ -285,8 +289,8 @@ def test_killed_rank_does_not_hang_and_fit_resumes_to_same_factors(workspace):
     # rank 1 dies as its second pass begins, so it resumes that pass from scratch while rank 0 restores its sums
     assert not _spawn_fit(root, out, kill_at=batches + 1)
     checkpoint = checkpoint_folder(root / out)
-    assert not (checkpoint / "lambda.rank1-of-2.json").exists()
-    done = {0: json.loads((checkpoint / "lambda.rank0-of-2.json").read_text())["batches"], 1: 0}
+    assert not (checkpoint / "lambda.rank1-of-2.safetensors").exists()
+    done = {0: json.loads(read_tensor_metadata(checkpoint / "lambda.rank0-of-2.safetensors")["pretrace_checkpoint"])["batches"], 1: 0}
     assert not (root / out).exists()
 
     assert _spawn_fit(root, out)
@@ -312,8 +316,7 @@ def test_scores_on_disk_equal_in_memory_scores(workspace, tmp_path):
 def test_score_columns_on_disk_place_blocks_by_offset(tmp_path):
     """Blocks written out of order and ragged come back in document order, [*lead, N]."""
     full = torch.randn(2, 3, 11, dtype=torch.float64)
-    with distributed.scores_on_disk(tmp_path):
-        columns = distributed.ScoreColumns("blocks")
+    columns = ScoreColumns("blocks", ScoringPlan(spill_folder=tmp_path))
     for start, stop in ((8, 11), (0, 4), (4, 8)):
         columns.add(start, full[..., start:stop])
     assembled = columns.finish()

@@ -37,11 +37,21 @@ def test_score_distributions_reject_bad_input(tmp_path):
         plot_score_distributions(torch.full((2, 3), float("nan")), tmp_path / "x.png")
 
 
-def test_layer_influence_heatmap(tmp_path):
+def test_layer_influence_heatmap(tmp_path, monkeypatch):
+    """A '$' in a query id is drawn as itself: its tick label is as wide as the same text drawn with math parsing off."""
+    from pretrace.report import plots
+
     rows = fake_rows()
     rows[0]["query_id"] = "costs $5 and $6"  # would be mathtext if not escaped
+    figures, save = [], plots._save
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or save(figure, path))
     width, height = png_size(plot_layer_influence(rows, tmp_path / "layers.png"))
     assert width > 300 and height > 150
+    figure = figures[0]
+    renderer = figure.canvas.get_renderer()
+    label = next(t for t in figure.axes[0].get_yticklabels() if "costs" in t.get_text())
+    literal = figure.text(0, 0, "costs $5 and $6", fontsize=label.get_fontsize(), parse_math=False)
+    assert label.get_window_extent(renderer).width == pytest.approx(literal.get_window_extent(renderer).width, rel=1e-6)
 
 
 def test_layer_influence_needs_module_scores(tmp_path):

@@ -36,7 +36,7 @@ def test_corpus_fingerprint_depends_on_order_and_boundaries():
 def test_check_k_bounds():
     assert check_k(4, 4) == 4
     for bad in (0, 5, 2.0, True):
-        with pytest.raises(PretraceError):
+        with pytest.raises(PretraceError, match=f"k={bad} but the corpus has 4 documents; pass an integer k between 1 and 4"):
             check_k(bad, 4)
 
 

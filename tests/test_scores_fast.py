@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from dense import autograd_document_gradients, dense_eigenbasis_matrix, flatten
+from dense import autograd_document_gradients, damped, dense_curvature, flatten, hand_query_gradients, predicted_tokens_per_document
 from pretrace.curvature import EKFAC, KFAC, FitSettings, Identity, fit_factors
 from pretrace.curvature.operators import from_eigenbasis
 from pretrace.data import Document, Query
@@ -44,13 +44,12 @@ def setup(tokenizer, sentences):
 
 
 def _dense_reference(model, tracked, tokenizer, docs, factors, op):
-    """[Q, N]: flat query gradients · (dense EK-FAC + λ)⁻¹ · autograd document gradients."""
-    _, grads = query_gradients(model, tracked, _query_batches(tokenizer))
-    dense = torch.block_diag(*[
-        dense_eigenbasis_matrix(factors.modules[t.name].activation_eigenvectors, factors.modules[t.name].gradient_eigenvectors,
-                                op.eigenvalues(t.name), op.module_damping(t.name)) for t in tracked
-    ])
-    return flatten(grads, tracked) @ torch.linalg.solve(dense, autograd_document_gradients(model, tracked, tokenizer, docs).T)
+    """[Q, N]: hand-written query gradients · (dense EK-FAC or K-FAC + 0.1 × mean eigenvalue)⁻¹ · document gradients,
+    the matrix and its damping built from the stored factors (never from the operator under test)."""
+    kind = "kfac" if isinstance(op, KFAC) else "ekfac"
+    blocks, dampings = dense_curvature(kind, factors, model, tracked, predicted_tokens_per_document(tokenizer, docs))
+    q = hand_query_gradients(model, tracked, tokenizer, [(x.prompt, x.completion) for x in QUERIES])
+    return q @ torch.linalg.solve(damped(blocks, dampings), autograd_document_gradients(model, tracked, tokenizer, docs).T)
 
 
 @pytest.mark.parametrize("kind", [EKFAC, KFAC])

@@ -13,7 +13,6 @@ from pretrace.retrieval.bm25 import BM25Index
 from pretrace.storage import read_json, read_jsonl_rows
 from pretrace.training.finetune import FinetuneSettings, finetune
 from pretrace.workflows.common import ModelOptions
-from pretrace.workflows.score import ScoreSettings, score
 from pretrace.workflows.trace import TraceSettings, first_line, trace
 from tiny import SENTENCES, save_tiny_model, write_jsonl
 
@@ -55,12 +54,28 @@ def bm25_run(world):
 
 
 def _direct_scores(root, out):
-    """An independent `score()` of the whole corpus with the factors the trace fitted."""
-    settings = ScoreSettings(queries=str(out / "queries.jsonl"), train=str(root / "corpus.jsonl"), out=str(out / "direct"),
-                             pretrained=str(root / "pt"), finetuned=str(root / "ft"),
-                             pretrained_factors=str(out / "factors" / "pretrained"),
-                             finetuned_factors=str(out / "factors" / "finetuned"), explain=False, overwrite=True)
-    return score(settings, OPTIONS).scores
+    """The whole corpus scored from scratch: α (H_ft + αI)⁻¹ (H_pt + 0.1·mean Λ I)⁻¹ built densely from the factors the
+    trace fitted, with hand-written query and document gradients (prompt and completion as the trace recorded them)."""
+    from dense import autograd_document_gradients, dense_eigenbasis_matrix, hand_query_gradients
+    from pretrace.curvature import Factors
+    from pretrace.modeling.modules import select_modules
+
+    alpha = read_json(root / "ft" / "pretrace_finetune.json")["alpha"]
+    pt, ft = load_model(root / "pt", "float64"), load_model(root / "ft", "float64")
+    tokenizer = load_tokenizer(root / "pt")
+    tracked = select_modules(pt)
+
+    def inverse(folder, damping_of):  # (Q_G ⊗ Q_A) diag(1/(Λ+λ)) (Q_G ⊗ Q_A)ᵀ written out: the factors are float32, so
+        factors = Factors.load(folder)  # Q is orthogonal only to ~1e-7 and a dense solve would differ from it there
+        return torch.block_diag(*[dense_eigenbasis_matrix(mf.activation_eigenvectors, mf.gradient_eigenvectors, 1 / (mf.lambda_.double() + damping_of(mf)), 0.0)
+                                  for mf in (factors.modules[t.name] for t in tracked)])
+
+    p_pt = inverse(out / "factors" / "pretrained", lambda mf: 0.1 * float(mf.lambda_.double().mean()))
+    p_ft = inverse(out / "factors" / "finetuned", lambda mf: alpha)
+    queries = read_jsonl_rows(out / "queries.jsonl")
+    q = hand_query_gradients(ft, select_modules(ft), tokenizer, [(row["prompt"], row["completion"]) for row in queries], max_length=32)
+    d = autograd_document_gradients(pt, tracked, tokenizer, CORPUS, max_length=32)
+    return alpha * q @ p_ft @ p_pt @ d.T
 
 
 def test_results_rank_each_query_among_its_own_candidates(world, bm25_run):
@@ -79,7 +94,7 @@ def test_results_rank_each_query_among_its_own_candidates(world, bm25_run):
         for doc in documents:
             assert doc["id"] == f"d{doc['index']}" and doc["text"] == CORPUS[doc["index"]]
             assert doc["retrieval_rank"] == candidates.index(doc["index"]) + 1
-            assert doc["score"] == pytest.approx(float(direct[q, doc["index"]]), rel=1e-9, abs=1e-12)
+            assert doc["score"] == pytest.approx(float(direct[q, doc["index"]]), rel=1e-9, abs=1e-12)  # float64 scoring
     assert summary["distinct_candidates"] == len({i for row in expected_indices.tolist() for i in row})
 
 
@@ -148,8 +163,8 @@ def test_report_opens_in_chromium_and_shows_every_query(bm25_run):
     out, _ = bm25_run
     loaded = load_page(out / "report.html")
     assert loaded.console == []
-    for row in read_jsonl_rows(out / "results.jsonl"):
-        assert f'id="q' in loaded.dom and row["query_id"] in loaded.dom
+    for index, row in enumerate(read_jsonl_rows(out / "results.jsonl")):
+        assert f'<section class="query" id="q{index + 1}"' in loaded.dom and row["query_id"] in loaded.dom
         assert json.dumps(row["prompt"])[1:-1] in loaded.dom
         for doc in row["documents"]:
             assert f"retrieval rank {doc['retrieval_rank']}" in loaded.dom

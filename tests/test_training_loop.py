@@ -96,7 +96,7 @@ def test_pretrain_saves_a_loadable_model_folder(tmp_path, bpe, documents):
 def test_pretrain_builds_the_seed_toy_config(tmp_path, bpe, documents):
     from pathlib import Path
 
-    seed_config = Path("/work/shared/seed/toy_gpt_neox_config.json")
+    seed_config = Path(__file__).resolve().parents[2] / "shared" / "seed" / "toy_gpt_neox_config.json"  # the shared folder beside the repository
     if not seed_config.is_file():
         pytest.skip("the seed's toy config is not on this machine")
     model = pretrain(seed_config, bpe, documents[:2], TrainSettings(epochs=1, batch_size=2, device="cpu"), progress=False)
@@ -104,9 +104,11 @@ def test_pretrain_builds_the_seed_toy_config(tmp_path, bpe, documents):
     assert next(model.parameters()).dtype == torch.float32  # not the config's float16
 
 
-@pytest.mark.parametrize("bad", [{"lr": 0}, {"epochs": 0}, {"batch_size": 0}, {"warmup": 1.0}, {"grad_clip": -1}, {"max_length": 1}])
-def test_bad_settings_are_refused(bad):
-    with pytest.raises(PretraceError):
+@pytest.mark.parametrize("bad,message", [({"lr": 0}, "--lr must be positive"), ({"epochs": 0}, "--epochs must be at least 1"),
+                                         ({"batch_size": 0}, "--batch-size must be at least 1"), ({"warmup": 1.0}, r"--warmup is a fraction .* \[0, 1\)"),
+                                         ({"grad_clip": -1}, "--grad-clip must be non-negative"), ({"max_length": 1}, "--max-length must be at least 2")])
+def test_bad_settings_are_refused(bad, message):
+    with pytest.raises(PretraceError, match=message):
         TrainSettings(**bad)
 
 

@@ -32,7 +32,7 @@ class TextRetrievalScores(Attributor):
         self._fitted_on: DocumentSource | None = None
 
     def fit(self, context: ScoringContext) -> None:
-        documents = list(iter_source(context.documents))
+        documents = list(iter_source(context.documents, context.document_stage.options.fields()))
         self.document_ids = [doc.id for doc in documents]
         texts = [doc.text for doc in documents]
         if self.name == "embedding":

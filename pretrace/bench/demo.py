@@ -19,9 +19,10 @@ from pathlib import Path
 import torch
 
 from pretrace.bench.facts.metrics import mean_reciprocal_rank, mean_recall_at_k
-from pretrace.config import option
+from pretrace.config import option, require_number
 from pretrace.data.records import read_documents, read_queries
-from pretrace.storage import read_json, write_json, write_jsonl
+from pretrace.errors import PretraceError
+from pretrace.storage import output_folder, read_json, write_json, write_jsonl
 
 QUESTION = "question : what is the capital of {country} ? answer :"
 STATEMENTS = ("{capital} is the capital of {country} .", "the capital city of {country} is {capital} .")
@@ -39,6 +40,22 @@ class DemoSettings:
     fit_documents: int = option(2000, help="Pre-training documents (a random sample) the pre-trained curvature is fitted on.")
     alpha: float = option(0.01, help="Proximity strength α of fine-tuning.")
     seed: int = option(0, help="Seed for sampling, training and fitting.")
+
+    def __post_init__(self):
+        """Checked before pre-training starts: a bad value would otherwise fail (or slice the corpus) minutes later."""
+        checks = [
+            (self.ptb_sentences >= 1, f"--ptb-sentences must be at least 1, got {self.ptb_sentences}."),
+            (self.facts >= 2, f"--facts must be at least 2 (some fine-tuned on, some asked), got {self.facts}."),
+            (1 <= self.query_facts < self.facts, f"--query-facts must be at least 1 and below --facts={self.facts}, got {self.query_facts}."),
+            (self.fact_repeats >= 1, f"--fact-repeats must be at least 1, got {self.fact_repeats}."),
+            (0 <= self.candidates <= self.ptb_sentences, f"--candidates must be between 0 and --ptb-sentences={self.ptb_sentences}, got {self.candidates}."),
+            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}."),
+            (self.fit_documents >= 1, f"--fit-documents must be at least 1, got {self.fit_documents}."),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise PretraceError(message)
+        require_number("--alpha", self.alpha, above=0)
 
 
 def _words(name: str) -> str:
@@ -118,6 +135,12 @@ def finetune_model(settings: DemoSettings, folder: Path, pretrained: Path) -> Pa
 
 
 def run_demo(settings: DemoSettings) -> dict:
+    """Run (or resume) every stage in --out, checked and locked first like every command's output; returns the table."""
+    with output_folder(settings.out, False, resume=True):
+        return _run_demo(settings)
+
+
+def _run_demo(settings: DemoSettings) -> dict:
     from pretrace.retrieval.bm25 import BM25Index
     from pretrace.scores.io import load_scores, top_indices
     from pretrace.workflows.common import ModelOptions

@@ -21,7 +21,7 @@ COMMANDS = {  # name -> summary: `pretrace --help` lists them without importing 
     "demo": "run the multi-stage pipeline on a toy world",
     "bench": "run a benchmark of the attribution methods",
 }
-RESUMABLE = {"fit", "index", "trace", "demo", "bench"}  # they checkpoint or cache their stages beside or in --out
+RESUMABLE = {"fit", "index", "trace", "run", "demo", "bench"}  # they checkpoint or cache their stages beside or in --out
 
 
 def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:

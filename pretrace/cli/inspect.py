@@ -36,6 +36,8 @@ def _describe_factors(folder: Path, as_json: bool) -> None:
 
 
 def _describe_scores(folder: Path, as_json: bool) -> None:
+    import torch
+
     from pretrace.scores.io import load_scores
 
     tensors, meta = load_scores(folder)
@@ -44,7 +46,11 @@ def _describe_scores(folder: Path, as_json: bool) -> None:
         return
     scores = tensors["scores"]
     print(f"score folder {folder}: method {meta['method']}{' (multi-stage)' if meta.get('multi_stage') else ''}")
-    print(f"  scores: {list(scores.shape)} (queries x documents), min {float(scores.min()):.4g}, max {float(scores.max()):.4g}")
+    finite = scores[torch.isfinite(scores)]
+    bad = scores.numel() - finite.numel()
+    extent = f"min {float(finite.min()):.4g}, max {float(finite.max()):.4g}" if finite.numel() else "no finite value"
+    warning = f"; {bad} NaN or infinite values, written before pretrace refused them: recompute with `pretrace score`" if bad else ""
+    print(f"  scores: {list(scores.shape)} (queries x documents), {extent}{warning}")
     print(f"  tensors: {', '.join(f'{k} {list(v.shape)}' for k, v in tensors.items())}")
     print(f"  timings: " + ", ".join(f"{k}={v:.3g}s" for k, v in meta.get("timings", {}).items()))
     print(f"  hyper-parameters: {meta.get('hyperparameters')}")

@@ -18,11 +18,12 @@ def register(subparsers) -> None:
 
 def run(args) -> int:
     from pretrace.report import plot_layer_influence, plot_score_distributions, write_report
-    from pretrace.scores.io import TOP_K_FILE, load_scores
+    from pretrace.scores.io import TOP_K_FILE, load_scores, require_finite
     from pretrace.storage import read_jsonl_rows
 
     folder = Path(args.scores)
     tensors, meta = load_scores(folder)
+    require_finite({"scores": tensors["scores"]}, meta.get("method"))  # before any file of the report is written
     out = Path(args.out) if args.out else folder
     out.mkdir(parents=True, exist_ok=True)
     run_info = {"method": meta["method"], "multi_stage": meta.get("multi_stage"), "timings": meta.get("timings"), "settings": meta.get("settings")}

@@ -11,6 +11,7 @@ from pretrace.curvature.operators import (
     Preconditioner,
     Scaled,
 )
+from pretrace.curvature.placement import PlacedPreconditioner
 
 __all__ = [
     "Chain",
@@ -21,6 +22,7 @@ __all__ = [
     "Identity",
     "KFAC",
     "ModuleFactors",
+    "PlacedPreconditioner",
     "Preconditioner",
     "Scaled",
     "fit_factors",

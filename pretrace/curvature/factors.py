@@ -14,11 +14,12 @@ import torch
 
 from pretrace.errors import PretraceError
 from pretrace.modeling.modules import TrackedModule
-from pretrace.storage import read_json, read_tensors, write_json, write_tensors
+from pretrace.storage import file_record, read_json_object, read_tensors, verify_file, write_json, write_tensors
 
 FACTORS_FILE = "factors.safetensors"
 METADATA_FILE = "factors.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: factors.json holds the tensors' sha256 (format 1 folders are refused: recompute them)
+_RECOMPUTE = "recompute the factors with `pretrace fit`"
 
 
 @dataclass
@@ -58,6 +59,33 @@ _DISK_NAMES = {
 _BLOCKED = {"gradient_covariance", "gradient_eigenvectors", "gradient_eigenvalues", "lambda_"}
 
 
+def _module_shapes(folder: Path, meta: dict) -> dict[str, tuple[int, int, int]]:
+    """Per module (blocks, block size, inputs) from factors.json, refusing a malformed `modules` entry."""
+    modules = meta.get("modules")
+    if not isinstance(modules, dict) or not modules:
+        raise PretraceError(f"{folder / METADATA_FILE}: 'modules' is missing or not an object of modules; {_RECOMPUTE}.")
+    shapes = {}
+    for name, info in modules.items():
+        n_blocks = info.get("n_blocks") if isinstance(info, dict) else None
+        shape = info.get("shape") if isinstance(info, dict) else None
+        valid = [n_blocks, *shape] if isinstance(shape, list) and len(shape) == 2 else []
+        if not valid or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in valid):
+            raise PretraceError(f"{folder / METADATA_FILE}: module {name!r} needs a positive integer 'n_blocks' and 'shape' "
+                                f"[block size, inputs]; {_RECOMPUTE}.")
+        shapes[name] = tuple(valid)
+    return shapes
+
+
+def _disk_shapes(n_blocks: int, block_size: int, d_in: int) -> dict[str, tuple[int, ...]]:
+    """The stored shape of each tensor of a module (the block dimension dropped when there is one block)."""
+    blocks = (n_blocks,) if n_blocks > 1 else ()
+    return {
+        "activation_covariance": (d_in, d_in), "activation_eigenvectors": (d_in, d_in), "activation_eigenvalues": (d_in,),
+        "gradient_covariance": (*blocks, block_size, block_size), "gradient_eigenvectors": (*blocks, block_size, block_size),
+        "gradient_eigenvalues": (*blocks, block_size), "lambda_": (*blocks, block_size, d_in), "diagonal": (n_blocks * block_size, d_in),
+    }
+
+
 @dataclass
 class Factors:
     modules: dict[str, ModuleFactors]
@@ -67,6 +95,7 @@ class Factors:
         return list(self.modules)
 
     def save(self, folder: str | Path) -> None:
+        """Tensors first, then `factors.json` naming their file's sha256 and every module's shape."""
         folder = Path(folder)
         tensors = {}
         for name, mf in self.modules.items():
@@ -80,20 +109,27 @@ class Factors:
         write_tensors(folder / FACTORS_FILE, tensors)
         meta = dict(self.metadata)
         meta["format_version"] = FORMAT_VERSION
+        meta["files"] = {FACTORS_FILE: file_record(folder / FACTORS_FILE)}
         meta["modules"] = {name: {"n_blocks": mf.n_blocks, "shape": list(mf.lambda_.shape[1:])} for name, mf in self.modules.items()}
         write_json(folder / METADATA_FILE, meta)
 
     @classmethod
     def load(cls, folder: str | Path) -> "Factors":
+        """Factors verified against their folder's manifest: content hash, shapes, finite values, Λ ≥ 0."""
         folder = Path(folder)
         if not folder.is_dir():
             raise PretraceError(f"{folder}: no such factor folder; create it with `pretrace fit`.")
-        meta = read_json(folder / METADATA_FILE)
-        if meta.get("format_version") != FORMAT_VERSION or "modules" not in meta:
-            raise PretraceError(f"{folder}: not a pretrace factor folder (format {meta.get('format_version')!r}); re-run `pretrace fit`.")
+        meta = read_json_object(folder / METADATA_FILE, _RECOMPUTE)
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise PretraceError(f"{folder / METADATA_FILE}: not a factor folder of this pretrace version (format {meta.get('format_version')!r}, "
+                                f"expected {FORMAT_VERSION}); {_RECOMPUTE}.")
+        shapes = _module_shapes(folder, meta)
+        files = meta.get("files")
+        verify_file(folder / FACTORS_FILE, files.get(FACTORS_FILE) if isinstance(files, dict) else None, _RECOMPUTE)
         tensors = read_tensors(folder / FACTORS_FILE)
         modules = {}
-        for name, info in meta["modules"].items():
+        for name, (n_blocks, block_size, d_in) in shapes.items():
+            expected = _disk_shapes(n_blocks, block_size, d_in)
             values = {}
             for attr, disk in _DISK_NAMES.items():
                 key = f"{name}.{disk}"
@@ -101,19 +137,28 @@ class Factors:
                     if attr == "diagonal":
                         values[attr] = None
                         continue
-                    raise PretraceError(f"{folder}: tensor {key!r} is missing; the factor folder is incomplete, re-run `pretrace fit`.")
+                    raise PretraceError(f"{folder}: tensor {key!r} is missing; the factor folder is incomplete, {_RECOMPUTE}.")
                 value = tensors[key]
-                if attr in _BLOCKED and info["n_blocks"] == 1:
-                    value = value.unsqueeze(0)
+                if not value.is_floating_point():
+                    raise PretraceError(f"{folder}: tensor {key!r} is {value.dtype}, not floating point; {_RECOMPUTE}.")
+                if tuple(value.shape) != expected[attr]:
+                    raise PretraceError(f"{folder}: tensor {key!r} has shape {tuple(value.shape)}, but factors.json's module shape "
+                                        f"needs {expected[attr]}; {_RECOMPUTE}.")
                 if not torch.isfinite(value).all():
-                    raise PretraceError(f"{folder}: tensor {key!r} holds NaN or infinite values; the fit diverged, re-fit in float32/float64.")
+                    raise PretraceError(f"{folder}: tensor {key!r} holds NaN or infinite values; {_RECOMPUTE} (with --factor-dtype float32 or float64).")
+                if attr == "lambda_" and bool((value < 0).any()):
+                    raise PretraceError(f"{folder}: tensor {key!r} has negative eigenvalues (Λ is a mean of squares); {_RECOMPUTE}.")
+                if attr in _BLOCKED and n_blocks == 1:
+                    value = value.unsqueeze(0)
                 values[attr] = value
             modules[name] = ModuleFactors(**values)
         return cls(modules, meta)
 
     def check_matches(self, tracked: list[TrackedModule], fingerprint: str | None = None, where: str = "factors") -> None:
         """Refuse factors fitted on another model or over differently shaped modules."""
-        if fingerprint is not None and self.metadata.get("model_fingerprint") not in (None, fingerprint):
+        if fingerprint is not None and not isinstance(self.metadata.get("model_fingerprint"), str):
+            raise PretraceError(f"{where} record no model fingerprint, so they cannot be matched to this model; {_RECOMPUTE} for it.")
+        if fingerprint is not None and self.metadata["model_fingerprint"] != fingerprint:
             raise PretraceError(
                 f"{where} were fitted on a different model (fingerprint {self.metadata.get('model_fingerprint', '?')[:12]} "
                 f"vs {fingerprint[:12]}); fit factors for this model with `pretrace fit`."

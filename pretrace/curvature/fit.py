@@ -20,16 +20,16 @@ from typing import Callable, Iterable
 import torch
 from tqdm.auto import tqdm
 
-from pretrace import distributed
+from pretrace.parallel import collectives, group
 from pretrace.config import option, to_dict, validate_choices
 from pretrace.curvature.factors import Factors, ModuleFactors
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
 from pretrace.gradients.capture import capture
-from pretrace.gradients.task import LanguageModelingTask, Task
+from pretrace.gradients.task import LanguageModelingTask, Task, dtype_hint
 from pretrace.modeling.loading import parse_dtype
 from pretrace.modeling.modules import TrackedModule
-from pretrace.storage import read_json, read_tensors, write_json, write_tensors
+from pretrace.storage import fault_point, read_tensor_metadata, read_tensors, write_tensors
 
 
 @dataclass
@@ -50,33 +50,37 @@ BatchSource = Callable[[], Iterable[TokenBatch]]
 
 
 class _Checkpoint:
-    """Running sums of one pass, saved as safetensors + JSON so a killed fit resumes from its last save."""
+    """Running sums of one pass and their counts in ONE safetensors file (counts and signature in its header),
+    so a checkpoint is replaced in one rename and a killed fit resumes from its last complete save."""
+
+    KEY = "pretrace_checkpoint"
 
     def __init__(self, folder: Path | None, stage: str, signature: dict):
         self.folder, self.stage, self.signature = folder, stage, signature
 
-    def _paths(self):
-        return self.folder / f"{self.stage}.safetensors", self.folder / f"{self.stage}.json"
+    @property
+    def path(self) -> Path:
+        return self.folder / f"{self.stage}.safetensors"
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
-        if self.folder is None:
+        if self.folder is None or not self.path.is_file():
             return None
-        tensor_path, meta_path = self._paths()
-        if not (tensor_path.is_file() and meta_path.is_file()):
-            return None
-        meta = read_json(meta_path)
+        try:
+            meta = json.loads(read_tensor_metadata(self.path)[self.KEY])
+            counts = {k: int(meta[k]) for k in ("batches", "documents", "tokens")}
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+            raise PretraceError(f"{self.path}: not a checkpoint of this pretrace version; delete {self.folder} to start over.") from None
         if meta.get("signature") != self.signature:
             raise PretraceError(
                 f"{self.folder}: holds a checkpoint of a different fit (other model, data or settings); delete that folder to start over."
             )
-        return read_tensors(tensor_path), meta
+        return read_tensors(self.path), counts
 
     def save(self, sums: dict[str, torch.Tensor], counts: dict) -> None:
         if self.folder is None:
             return
-        tensor_path, meta_path = self._paths()
-        write_tensors(tensor_path, sums)
-        write_json(meta_path, {"signature": self.signature, **counts})
+        write_tensors(self.path, sums, metadata={self.KEY: json.dumps({"signature": self.signature, **counts})})
+        fault_point("checkpoint")
 
 
 def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -101,13 +105,12 @@ def _run_pass(
     restored = checkpoint.load()
     if restored is not None:
         sums, counts = restored
-        counts = {k: counts[k] for k in ("batches", "documents", "tokens")}
     else:
         sums, counts = init_sums(), {"batches": 0, "documents": 0, "tokens": 0}
     device = next(model.parameters()).device
     sample = settings.fisher == "true"
-    bar = tqdm(total=distributed.shard_size(total), desc=desc, unit="batch", disable=not (progress and distributed.is_main()), initial=counts["batches"])
-    for position, (index, batch) in enumerate(distributed.shard(enumerate(batches()))):
+    bar = tqdm(total=collectives.shard_size(total), desc=desc, unit="batch", disable=not (progress and group.is_main()), initial=counts["batches"])
+    for position, (index, batch) in enumerate(collectives.shard(enumerate(batches()))):
         if position < counts["batches"]:
             continue
         batch = batch.to(device)
@@ -122,11 +125,11 @@ def _run_pass(
         if counts["batches"] % settings.checkpoint_every == 0:
             checkpoint.save(sums, counts)
     bar.close()
+    total = collectives.all_reduce_counts(counts)
+    if total["documents"] == 0:  # checked before the save: a refused fit leaves no checkpoint of nothing behind
+        raise PretraceError("no documents to fit on (each needs at least 2 tokens); pass a file with longer documents.")
     checkpoint.save(sums, counts)
-    sums, counts = distributed.all_reduce_sums(sums), distributed.all_reduce_counts(counts)
-    if counts["documents"] == 0:
-        raise PretraceError("no documents to fit on.")
-    return sums, counts
+    return collectives.all_reduce_sums(sums), total
 
 
 def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,11 +142,11 @@ def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _owned_eigh(A: torch.Tensor, G: torch.Tensor, owner: int) -> tuple[torch.Tensor, ...]:
     """Eigendecompositions of A and G computed by the `owner` rank and broadcast to the others."""
-    if distributed.rank() == owner:
+    if group.rank() == owner:
         (la, qa), (lg, qg) = _eigh(A), _eigh(G)
     else:
         la, qa, lg, qg = (torch.empty(shape, dtype=torch.float64) for shape in (A.shape[:-1], A.shape, G.shape[:-1], G.shape))
-    return tuple(distributed.broadcast([la, qa, lg, qg], owner))
+    return tuple(collectives.broadcast([la, qa, lg, qg], owner))
 
 
 def fit_factors(
@@ -160,10 +163,11 @@ def fit_factors(
     """Stream `batches()` twice and return EK-FAC factors for `tracked` (metadata: counts and settings)."""
     settings = settings or FitSettings()
     task = task or LanguageModelingTask()
-    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    if folder is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-    signature = {"settings": to_dict(settings), "modules": [t.name for t in tracked], **(signature or {})}
+    folder = Path(checkpoint_dir) if checkpoint_dir is not None else None  # created by the first save: a fit refused earlier leaves none
+    # the sums do not depend on how often they are saved nor on the stored precision: a fit refused for overflowing
+    # float16 factors resumes with --factor-dtype float32 from its checkpoint
+    summed = {k: v for k, v in to_dict(settings).items() if k not in ("checkpoint_every", "factor_dtype")}
+    signature = {"settings": summed, "modules": [t.name for t in tracked], **(signature or {})}
     signature = json.loads(json.dumps(signature, default=str))
     compute = _compute_dtype(model)
 
@@ -183,7 +187,7 @@ def fit_factors(
             sums[f"{t.name}.G"] += torch.einsum("nki,nkj->kij", g, g).double().cpu()
 
     cov_sums, cov_counts = _run_pass(
-        model, tracked, task, batches, settings, _Checkpoint(folder, distributed.per_rank_name("covariances"), signature),
+        model, tracked, task, batches, settings, _Checkpoint(folder, group.per_rank_name("covariances"), signature),
         init_cov, add_cov, 0, num_batches, "covariances", progress,
     )
     if cov_counts["tokens"] == 0:
@@ -195,7 +199,7 @@ def fit_factors(
     for position, t in enumerate(tracked):  # module by module, releasing the float64 sums: peak memory stays near one copy of the factors
         A = cov_sums.pop(f"{t.name}.A") / tokens
         G = cov_sums.pop(f"{t.name}.G") / tokens
-        la, qa, lg, qg = _owned_eigh(A, G, distributed.owner(position))
+        la, qa, lg, qg = _owned_eigh(A, G, collectives.owner(position))
         eigen[t.name] = tuple(x.to(store) for x in (A, G, la, qa, lg, qg))
         del A, G, la, qa, lg, qg
         # `.to` returns the stored tensor itself when device and precision already match (CPU, float32): one copy, not two.
@@ -222,7 +226,7 @@ def fit_factors(
                 sums[f"{t.name}.diagonal"] += captured.example_gradients(t.name).to(compute).square().sum(0).double().cpu()
 
     lam_sums, lam_counts = _run_pass(
-        model, tracked, task, batches, settings, _Checkpoint(folder, distributed.per_rank_name("lambda"), signature),
+        model, tracked, task, batches, settings, _Checkpoint(folder, group.per_rank_name("lambda"), signature),
         init_lambda, add_lambda, 500_009, num_batches, "eigenvalue correction", progress,
     )
     if lam_counts["documents"] != cov_counts["documents"]:
@@ -238,8 +242,13 @@ def fit_factors(
             activation_eigenvalues=la, gradient_eigenvalues=lg,
             lambda_=lam_sums[f"{t.name}.lambda"] / docs, diagonal=diagonal,
         ).to(dtype=store)
-        if not torch.isfinite(modules[t.name].lambda_).all():
-            raise PretraceError(f"module {t.name}: eigenvalues are NaN or infinite; the model's gradients overflow (try --dtype float32, or --factor-dtype float32 if it was float16).")
+        for attr in ModuleFactors.__dataclass_fields__:
+            value = getattr(modules[t.name], attr)
+            if value is not None and not torch.isfinite(value).all():
+                raise PretraceError(
+                    f"module {t.name}: its {attr.rstrip('_')} has NaN or infinite values in {settings.factor_dtype}; nothing was written. "
+                    f"Store the factors with --factor-dtype float32 or float64{dtype_hint(next(model.parameters()).dtype)}."
+                )
     metadata = {
         "settings": to_dict(settings),
         "documents": docs,

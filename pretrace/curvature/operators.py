@@ -3,6 +3,11 @@
 A solver is an operator and operators compose, so single-stage influence is one operator and
 multi-stage influence is `Scaled(Chain(ft_inverse, pt_inverse), α)`. Every operator returns new
 tensors; factors (Λ in particular) are never modified by damping.
+
+What an operator can do beyond `apply` is declared, never probed: `module_wise` (block-diagonal over
+modules) and `kronecker_eigenbasis` (per module diagonal in a Kronecker eigenbasis, so `eigenbasis` and
+`apply_factored_in_eigenbasis` work: the cheap route `pretrace.scores.queries` takes for query weights).
+Wrappers (`Scaled`, `pretrace.curvature.placement.PlacedPreconditioner`) pass on their inner operator's.
 """
 
 from __future__ import annotations
@@ -23,9 +28,20 @@ class Preconditioner:
     # True when P is block-diagonal over modules, so each module can be mapped on its own (and composed
     # operators can stream module by module instead of holding every intermediate gradient at once).
     module_wise: bool = False
+    # True when, per module, P = (Q_G ⊗ Q_A) diag(d) (Q_G ⊗ Q_A)ᵀ: then `eigenbasis` and
+    # `apply_factored_in_eigenbasis` work, and query weights can stay in that eigenbasis.
+    kronecker_eigenbasis: bool = False
 
     def apply(self, grads: Gradients) -> Gradients:
         raise NotImplementedError
+
+    def eigenbasis(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Q_A `[d_in', d_in']`, Q_G `[blocks, block, block]`) on `device`: a module's Kronecker eigenbases."""
+        raise PretraceError(f"{type(self).__name__} is not diagonal in a Kronecker eigenbasis (kronecker_eigenbasis is False).")
+
+    def apply_factored_in_eigenbasis(self, name: str, output_gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        """`[Q, d_out, d_in']`: (Q_G ⊗ Q_A)ᵀ P v for v = Σ_t g_t a_tᵀ given as `[Q, T, d_out]`, `[Q, T, d_in']`."""
+        raise PretraceError(f"{type(self).__name__} is not diagonal in a Kronecker eigenbasis (kronecker_eigenbasis is False).")
 
     def describe(self) -> dict:
         return {"type": type(self).__name__}
@@ -48,11 +64,21 @@ class Scaled(Preconditioner):
     def module_wise(self) -> bool:
         return self.inner.module_wise
 
+    @property
+    def kronecker_eigenbasis(self) -> bool:
+        return self.inner.kronecker_eigenbasis
+
     def apply(self, grads: Gradients) -> Gradients:
         out = self.inner.apply(grads)
         for name, g in out.items():  # replaced one by one: one module's extra copy at a time, never the inner input's
             out[name] = g * self.factor
         return out
+
+    def eigenbasis(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.inner.eigenbasis(name, device, dtype)
+
+    def apply_factored_in_eigenbasis(self, name: str, output_gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        return self.inner.apply_factored_in_eigenbasis(name, output_gradients, activations) * self.factor
 
     def describe(self) -> dict:
         return {"type": "Scaled", "factor": self.factor, "inner": self.inner.describe()}
@@ -118,6 +144,8 @@ class _Damped(Preconditioner):
 class _EigenbasisInverse(_Damped):
     """(Q_A ⊗ Q_G) diag(eigenvalues + λ)⁻¹ (Q_A ⊗ Q_G)ᵀ, block-diagonal over output-gradient blocks."""
 
+    kronecker_eigenbasis = True
+
     def _prepared(self, name: str, device, dtype):
         key = (name, device, dtype)
         if key not in self._cache:
@@ -134,8 +162,7 @@ class _EigenbasisInverse(_Damped):
         qa, qg, inverse = self._prepared(name, grad.device, grad.dtype)
         return from_eigenbasis(to_eigenbasis(grad, qa, qg) * inverse, qa, qg)
 
-    def eigenbasis(self, name: str, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """(Q_A `[d_in', d_in']`, Q_G `[blocks, block, block]`): a module's Kronecker eigenbases."""
+    def eigenbasis(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         qa, qg, _ = self._prepared(name, device, dtype)
         return qa, qg
 

@@ -16,6 +16,7 @@ import torch
 
 from pretrace.data.records import Document, Query
 from pretrace.errors import PretraceError
+from pretrace.modeling.loading import pad_token_id
 
 
 @dataclass(frozen=True)
@@ -78,14 +79,37 @@ def _tokenize(tokenizer, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
-def encode_documents(tokenizer, documents: Iterable[Document], max_length: int) -> Iterator[Encoded]:
+SHORT_DOCUMENTS = ("raise", "skip", "keep")
+
+
+def encode_documents(tokenizer, documents: Iterable[Document], max_length: int, short: str = "raise") -> Iterator[Encoded]:
+    """Documents target every token but the first, so one needs at least 2 tokens. A shorter one (common in real
+    corpora) is refused (`short="raise"`), left out with one counted warning at the end ("skip": fitting), or kept
+    with no target ("keep": its gradient and so its score are 0, and document positions stay aligned)."""
+    if short not in SHORT_DOCUMENTS:
+        raise PretraceError(f"short={short!r} is not one of {list(SHORT_DOCUMENTS)}.")
     report = _TruncationReport("documents", max_length)
+    skipped = 0
     for doc in documents:
         ids = report.clip(_tokenize(tokenizer, doc.text, add_special_tokens=True))
         if len(ids) < 2:
-            raise PretraceError(f"document {doc.id!r} has fewer than 2 tokens; a language-modelling loss needs at least one predicted token.")
+            if short == "raise":
+                raise PretraceError(f"document {doc.id!r} has fewer than 2 tokens; a language-modelling loss needs at least one predicted token.")
+            if short == "skip":
+                skipped += 1
+                continue
+            ids = ids or [pad_token_id(tokenizer)]
+            yield Encoded(doc.id, ids, [False] * len(ids))
+            continue
         yield Encoded(doc.id, ids, [False] + [True] * (len(ids) - 1))
     report.close()
+    if skipped:
+        warnings.warn(f"{skipped} of {report.total} documents had fewer than 2 tokens (nothing to predict) and were skipped.", stacklevel=2)
+
+
+def short_document_ids(tokenizer, documents: Iterable[Document]) -> list[str]:
+    """Ids of the documents with fewer than 2 tokens: their score is 0 by definition (`encode_documents(short="keep")`)."""
+    return [doc.id for doc in documents if len(_tokenize(tokenizer, doc.text, add_special_tokens=True)) < 2]
 
 
 def encode_queries(tokenizer, queries: Iterable[Query], max_length: int) -> Iterator[Encoded]:
@@ -96,7 +120,7 @@ def encode_queries(tokenizer, queries: Iterable[Query], max_length: int) -> Iter
         if query.completion is None:
             ids = report.clip(prompt_ids)
             if len(ids) < 2:
-                raise PretraceError(f"query {query.id!r} has fewer than 2 tokens; nothing to measure.")
+                raise PretraceError(f"query {query.id!r} has fewer than 2 tokens, so there is nothing to measure; give a longer 'text', or a 'prompt' and its 'completion'.")
             yield Encoded(query.id, ids, [False] + [True] * (len(ids) - 1))
             continue
         completion_ids = _tokenize(tokenizer, query.completion, add_special_tokens=False)

@@ -30,13 +30,20 @@ def token_logits(model: nn.Module, batch: TokenBatch) -> torch.Tensor:
     return model(**model_inputs(model, batch)).logits
 
 
+def dtype_hint(model_dtype: torch.dtype) -> str:
+    """The --dtype worth trying when a model's numbers overflow: a wider one than it already has, if any
+    (suggesting float32 to a float32 model would send the user in a circle)."""
+    wider = {torch.float16: "float32", torch.bfloat16: "float32", torch.float32: "float64"}.get(model_dtype)
+    return f" (or load the model with --dtype {wider})" if wider else ""
+
+
 def summed_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[B] sum over masked positions of -log p(label); logits at a position predict that position's label."""
     log_probs = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     picked = log_probs.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     losses = -torch.where(mask, picked, torch.zeros_like(picked)).sum(dim=-1)
     if not torch.isfinite(losses).all():
-        raise PretraceError("the loss is NaN or infinite for some sequence; check the model weights and dtype (try --dtype float32).")
+        raise PretraceError(f"the loss is NaN or infinite for some sequence; check the model weights{dtype_hint(logits.dtype)}.")
     return losses.to(logits.dtype)
 
 

@@ -7,19 +7,22 @@ from pathlib import Path
 
 from pretrace.data.records import Query
 from pretrace.scores.pairwise import ScoreResult
+from pretrace.scores.plan import ScoringPlan
 from pretrace.workflows.common import Stage
 
 
 @dataclass
 class ScoringContext:
     """What a method may use: the stage queries are measured on, the stage documents are scored on
-    (the same stage for single-stage influence), the documents, the queries and optional curvature data."""
+    (the same stage for single-stage influence), the documents, the queries, optional curvature data, and
+    how scoring is laid out over ranks and memory (`plan`: gradient methods follow it)."""
 
     query_stage: Stage
     document_stage: Stage
     documents: Path
     queries: list[Query]
     extra: dict = field(default_factory=dict)
+    plan: ScoringPlan = field(default_factory=ScoringPlan)
 
 
 class Attributor:

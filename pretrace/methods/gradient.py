@@ -26,6 +26,7 @@ class PreconditionedGradients(Attributor):
         self.name, self._make, self._hyper = name, make_preconditioner, dict(hyperparameters or {})
         self.query_rank = query_rank  # truncate preconditioned query gradients to this rank per module (None: exact)
         self.query_rank_error: list[float] | None = None  # per query: relative Frobenius error of the truncation
+        self.query_route: str | None = None  # how the queries were last preconditioned ("eigenbasis" or "dense"), for scores.json
         self.preconditioner: Preconditioner | None = None
 
     def fit(self, context: ScoringContext) -> None:
@@ -37,9 +38,10 @@ class PreconditionedGradients(Attributor):
             raise RuntimeError("call fit() before score()")
         stage = context.query_stage
         queries = precondition_queries(stage.model, stage.tracked, stage.query_batches(context.queries), self.preconditioner,
-                                       query_rank=self.query_rank, progress=True)
+                                       query_rank=self.query_rank, progress=True, plan=context.plan)
         if queries.relative_error is not None:
             self.query_rank_error = queries.relative_error.tolist()
+        self.query_route = queries.route
         return queries.ids, queries.weights
 
     def score(self, context: ScoringContext, per_module: bool = False, per_token: bool = False) -> ScoreResult:
@@ -50,13 +52,13 @@ class PreconditionedGradients(Attributor):
         ids, weights = self.precondition_queries(context)
         return score_documents(
             docs.model, docs.tracked, weights, docs.document_batches(context.documents)(), ids,
-            per_module=per_module, per_token=per_token, num_batches=docs.document_batch_count(context.documents), progress=True,
+            per_module=per_module, per_token=per_token, num_batches=docs.document_batch_count(context.documents), progress=True, plan=context.plan,
         )
 
     def hyperparameters(self) -> dict:
         described = self.preconditioner.describe() if self.preconditioner is not None else {}
         rank = {} if self.query_rank is None else {"query_rank": self.query_rank, "query_rank_relative_error": self.query_rank_error}
-        return {**self._hyper, **rank, "preconditioner": described}
+        return {**self._hyper, **rank, "preconditioner": described, "query_route": self.query_route}
 
 
 def load_checked_factors(folder: str | Path, stage, where: str) -> Factors:

@@ -19,21 +19,55 @@ def parse_dtype(name: str) -> torch.dtype:
         raise PretraceError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}.") from None
 
 
+def _hub_model_name(path: Path) -> bool:
+    return len(path.parts) == 2 and not str(path).startswith((".", "/", "~"))
+
+
+def _fetch_hub_model(name: str) -> Path:
+    """A hub model's local snapshot (downloaded once into the Hugging Face cache), or a clear refusal offline."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
+    except Exception as exc:  # offline mode, no network, unknown repository: the hub client raises many types
+        raise PretraceError(f"{name}: no such folder, and the hub model {name!r} could not be fetched ({exc.__class__.__name__}); "
+                            f"on a machine online run `huggingface-cli download {name} --local-dir FOLDER` (or model.save_pretrained(FOLDER)) "
+                            "and pass FOLDER.") from None
+
+
 def check_model_dir(path: str | Path) -> Path:
+    """A local model folder (config.json and weights), a PEFT adapter folder (adapter_config.json), or a hub model
+    name (`owner/name`), fetched into the Hugging Face cache when the machine is online; returns the local folder."""
+    from pretrace.modeling.adapters import is_adapter_folder
+
     path = Path(path)
     if not path.exists():
-        raise PretraceError(f"{path}: no such folder; pass a Hugging Face model folder (with config.json and weights).")
+        if _hub_model_name(path):
+            path = _fetch_hub_model(str(path))
+        else:
+            raise PretraceError(f"{path}: no such folder; pass a Hugging Face model folder (with config.json and weights).")
     if not path.is_dir():
         raise PretraceError(f"{path}: is a file; pass the Hugging Face model folder that contains it.")
-    if not (path / "config.json").is_file():
-        raise PretraceError(f"{path}: not a model folder (no config.json); save one with model.save_pretrained(folder).")
+    if not (path / "config.json").is_file() and not is_adapter_folder(path):
+        raise PretraceError(f"{path}: not a model folder (no config.json, nor a PEFT adapter_config.json); save one with model.save_pretrained(folder).")
     return path
 
 
-def load_tokenizer(path: str | Path):
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
+
+
+def load_tokenizer(path: str | Path, base: str | Path | None = None):
+    """The folder's own tokenizer (an adapter folder without one: its base model's; `base` as in `load_model`);
+    refused when there is none (transformers would build a near-empty one)."""
     from transformers import AutoTokenizer
 
+    from pretrace.modeling.adapters import adapter_base, is_adapter_folder
+
     path = check_model_dir(path)
+    if is_adapter_folder(path) and not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return load_tokenizer(adapter_base(path, base))
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise PretraceError(f"{path}: has no tokenizer (none of {', '.join(TOKENIZER_FILES)}); save it beside the model with tokenizer.save_pretrained(folder).")
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path))
     except Exception as exc:
@@ -41,20 +75,82 @@ def load_tokenizer(path: str | Path):
     return tokenizer
 
 
-def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu", device_map: str | None = None):
+def check_device(name: str) -> None:
+    """Refuse a CUDA device on a machine without CUDA before any model is loaded (torch would fail deep inside)."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PretraceError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); pass --device cpu or auto.")
+
+
+def _check_causal_architecture(path: Path) -> None:
+    """A folder saved from a non-causal head (e.g. BertForMaskedLM) would load as a causal LM with a new head or
+    bidirectional attention; influence of such a model on next-token losses means nothing."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        architectures = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise PretraceError(f"{path}/config.json: unreadable ({exc.__class__.__name__}: {exc}); save the model again with model.save_pretrained(folder).") from None
+    causal = {name for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in ((value,) if isinstance(value, str) else value)}
+    if architectures and not any(name in causal for name in architectures):
+        raise PretraceError(f"{path}: is a {', '.join(architectures)}, not a causal language model; pass a model with a causal LM head (e.g. *ForCausalLM).")
+
+
+def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu", device_map: str | None = None,
+               *, base: str | Path | None = None, adapter: str = "merged"):
     """Load in eval mode (dropout off): influence is defined for the deterministic model.
 
     With `device_map` (e.g. "auto", needs `accelerate`) the layers are spread over the available devices
-    instead of moved to `device`, for models that do not fit one."""
+    instead of moved to `device`, for models that do not fit one. A PEFT adapter folder is applied to its base
+    model (the one it records when that is a local folder, else `base`): merged into plain weights, or with
+    `adapter="adapter"` kept unmerged (see `pretrace.modeling.adapters`)."""
     from transformers import AutoModelForCausalLM
 
+    from pretrace.modeling.adapters import adapter_base, is_adapter_folder, load_adapter_model
+
     path = check_model_dir(path)
+    if is_adapter_folder(path):
+        return load_adapter_model(path, load_model(adapter_base(path, base), dtype, device, device_map), adapter)
+    _check_causal_architecture(path)
     torch_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, **({"device_map": device_map} if device_map else {}))
+        model, info = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch_dtype, output_loading_info=True,
+                                                           **({"device_map": device_map} if device_map else {}))
     except Exception as exc:
         raise PretraceError(f"{path}: could not load the model ({exc.__class__.__name__}: {exc}).") from None
+    absent = sorted(info.get("missing_keys") or []) + sorted(str(key[0] if isinstance(key, tuple) else key) for key in info.get("mismatched_keys") or [])
+    if absent:
+        raise PretraceError(f"{path}: the weights lack or mis-shape {len(absent)} parameter(s) ({', '.join(absent[:3])}{', ...' if len(absent) > 3 else ''}), "
+                            "which would be initialised at random; save the complete model with model.save_pretrained(folder).")
     return (model if device_map else model.to(device)).eval()
+
+
+def position_limit(model: torch.nn.Module) -> int | None:
+    """The longest sequence the model's config declares it handles (None: no declared limit, e.g. ALiBi)."""
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+DEFAULT_MAX_LENGTH = 512
+
+
+def check_model_tokenizer(path: str | Path, model: torch.nn.Module, tokenizer, max_length: int | None) -> int:
+    """Refuse a tokenizer that emits ids the model has no embedding for, or a --max-length beyond the model's
+    positions (absolute position tables fail with an IndexError, rotary ones silently extrapolate); return the
+    sequence length to use: `max_length`, or by default the smaller of the model's limit and 512."""
+    rows = model.get_input_embeddings().num_embeddings
+    if len(tokenizer) > rows:
+        raise PretraceError(f"{path}: the tokenizer has {len(tokenizer)} tokens but the model embeds only {rows}; "
+                            "use the tokenizer the model was trained with, or model.resize_token_embeddings(len(tokenizer)) and save it.")
+    limit = position_limit(model)
+    if max_length is None:
+        return min(DEFAULT_MAX_LENGTH, limit) if limit else DEFAULT_MAX_LENGTH
+    if limit is not None and max_length > limit:
+        raise PretraceError(f"--max-length {max_length} exceeds the {limit} positions of {path}; pass --max-length {limit} or less.")
+    return max_length
 
 
 def pad_token_id(tokenizer) -> int:

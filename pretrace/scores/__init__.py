@@ -2,6 +2,7 @@
 
 from pretrace.scores.index import IndexSettings, build_index, score_index, score_queries
 from pretrace.scores.pairwise import ScoreResult, query_gradients, score_documents, self_influence
+from pretrace.scores.plan import ScoringPlan
 from pretrace.scores.queries import PreconditionedQueries, precondition_queries
 from pretrace.scores.weights import DenseWeights, EigenbasisWeights, LowRankWeights, ModuleWeights
 
@@ -13,6 +14,7 @@ __all__ = [
     "ModuleWeights",
     "PreconditionedQueries",
     "ScoreResult",
+    "ScoringPlan",
     "build_index",
     "precondition_queries",
     "query_gradients",

@@ -33,10 +33,11 @@ from pretrace.modeling.modules import TrackedModule
 from pretrace.scores.pairwise import ScoreResult
 from pretrace.scores.queries import precondition_queries
 from pretrace.scores.weights import DenseWeights, ModuleWeights, as_module_weights
-from pretrace.storage import read_json, read_tensors, write_json, write_tensors
+from pretrace.storage import file_record, read_json_object, read_tensors, verify_file, write_json, write_tensors
 
 INDEX_FILE = "index.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: index.json records each shard's sha256 (format 1 indexes are refused: rebuild them)
+_REBUILD = "rebuild the index with `pretrace index`"
 STORAGES = ("exact", "factored", "projected")
 
 
@@ -134,7 +135,7 @@ def build_index(
     dtype = torch.promote_types(parameter.dtype, torch.float32)
     signature = {"settings": to_dict(settings), "modules": {t.name: [t.d_out, t.d_in_total] for t in tracked}, **(signature or {})}
     if (folder / INDEX_FILE).is_file():
-        meta = read_json(folder / INDEX_FILE)
+        meta = read_json_object(folder / INDEX_FILE, _REBUILD)
         if meta.get("signature") != signature:
             raise PretraceError(f"{folder}: holds an index of other documents, model or settings; choose another folder or delete it.")
         if meta.get("complete"):
@@ -152,7 +153,7 @@ def build_index(
                 captured = capture(model, tracked, lambda: task.document_loss(model, batch))
                 parts.append({k: v.to(dtype) if v.is_floating_point() else v for k, v in _batch_entries(captured, batch, tracked, settings, sketches).items()})
             write_tensors(path, _merge(parts, [len(b) for b in chunk]), metadata={"documents": str(len(chunk_ids))})
-        shards.append({"file": path.name, "documents": len(chunk_ids)})
+        shards.append({"file": path.name, "documents": len(chunk_ids), **file_record(path)})
         ids.extend(chunk_ids)
     if not ids:
         raise PretraceError("no documents to index.")
@@ -168,11 +169,16 @@ def read_index(folder: str | Path) -> dict:
     folder = Path(folder)
     if not (folder / INDEX_FILE).is_file():
         raise PretraceError(f"{folder}: not a gradient index (no {INDEX_FILE}); build one with `pretrace index`.")
-    meta = read_json(folder / INDEX_FILE)
+    meta = read_json_object(folder / INDEX_FILE, _REBUILD)
     if meta.get("format_version") != FORMAT_VERSION:
-        raise PretraceError(f"{folder}: index format {meta.get('format_version')!r} is not {FORMAT_VERSION}; rebuild it with `pretrace index`.")
+        raise PretraceError(f"{folder}: index format {meta.get('format_version')!r} is not {FORMAT_VERSION}; {_REBUILD}.")
     if not meta.get("complete"):
         raise PretraceError(f"{folder}: the index is incomplete; rerun the same `pretrace index` command to finish it.")
+    shards, ids = meta.get("shards"), meta.get("document_ids")
+    well_formed = (isinstance(shards, list) and isinstance(ids, list) and isinstance(meta.get("modules"), dict)
+                   and all(isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("documents"), int) for e in shards))
+    if not well_formed or sum(e["documents"] for e in shards) != len(ids):
+        raise PretraceError(f"{folder / INDEX_FILE}: malformed (shards, modules or document ids); {_REBUILD}.")
     return meta
 
 
@@ -227,6 +233,7 @@ def score_index(
         stored[name] = dense
     columns, module_columns = [], []
     for entry in tqdm(meta["shards"], desc="scoring the index", unit="shard", disable=not progress):
+        verify_file(folder / entry["file"], entry, _REBUILD)
         shard = read_tensors(folder / entry["file"])
         per = torch.stack([_shard_scores(shard, name, stored[name], storage, entry["documents"]) for name in names])
         columns.append(per.sum(0))

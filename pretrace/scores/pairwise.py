@@ -16,12 +16,15 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from pretrace import distributed
 from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
 from pretrace.gradients.capture import capture
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
+from pretrace.parallel.collectives import gather_in_order, shard, with_offsets
+from pretrace.parallel.group import is_main
+from pretrace.scores.columns import ScoreColumns
+from pretrace.scores.plan import ScoringPlan
 from pretrace.scores.weights import ModuleWeights, as_module_weights
 
 
@@ -52,14 +55,15 @@ def query_gradients(
     batches: Iterable[TokenBatch],
     task: Task | None = None,
     progress: bool = False,
+    plan: ScoringPlan | None = None,
 ) -> tuple[list[str], dict[str, torch.Tensor]]:
     """Gradients of each query's measurement: ids and per module `[Q, d_out, d_in']` (this rank's queries
-    only when `distributed.split_by("queries")` is in force)."""
-    task = task or LanguageModelingTask()
+    only when `plan` splits queries)."""
+    task, plan = task or LanguageModelingTask(), plan or ScoringPlan()
     device, dtype = _device(model), _compute_dtype(model)
     ids: list[str] = []
     parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in tracked}
-    for batch in tqdm(distributed.shard_queries(batches), desc="query gradients", unit="batch", disable=not progress):
+    for batch in tqdm(plan.shard_queries(batches), desc="query gradients", unit="batch", disable=not progress):
         batch = batch.to(device)
         captured = capture(model, tracked, lambda: task.measurement(model, batch))
         ids.extend(batch.ids)
@@ -80,25 +84,27 @@ def score_documents(
     per_token: bool = False,
     num_batches: int | None = None,
     progress: bool = False,
+    plan: ScoringPlan | None = None,
 ) -> ScoreResult:
     """Scores of preconditioned query gradients (tensors `[Q, d_out, d_in']` or `ModuleWeights`) against every
     document's loss gradient. `num_batches` lets eigenbasis weights choose their cheaper form for the stream;
-    `ModuleWeights` entries of `preconditioned` are replaced by the form chosen (on the model's device and dtype)."""
-    task = task or LanguageModelingTask()
+    `ModuleWeights` entries of `preconditioned` are replaced by the form chosen (on the model's device and dtype).
+    `plan` says what the ranks split and whether the scores stream to disk (default: documents, in RAM)."""
+    task, plan = task or LanguageModelingTask(), plan or ScoringPlan()
     device, dtype = _device(model), _compute_dtype(model)
     weights = {name: as_module_weights(w).to(device, dtype) for name, w in preconditioned.items()}
     names = [t.name for t in tracked if t.name in weights]
     settled = False
-    totals = distributed.ScoreColumns("scores")
-    modules = distributed.ScoreColumns("per_module") if per_module else None
+    totals = ScoreColumns("scores", plan)
+    modules = ScoreColumns("per_module", plan) if per_module else None
     order, records = [], []
     start = time.perf_counter()
-    shards = distributed.shard_documents(distributed.with_offsets(batches))
-    bar = tqdm(shards, total=distributed.document_shard_size(num_batches), desc="scoring documents", unit="batch", disable=not (progress and distributed.is_main()))
+    shards = plan.shard_documents(with_offsets(batches))
+    bar = tqdm(shards, total=plan.document_shard_size(num_batches), desc="scoring documents", unit="batch", disable=not (progress and is_main()))
     for offset, batch in bar:
         batch = batch.to(device)
         if not settled:  # the first batch tells the padded tokens to expect: weights take their cheapest form for them
-            expected = None if num_batches is None else distributed.document_shard_size(num_batches) * batch.input_ids.numel()
+            expected = None if num_batches is None else plan.document_shard_size(num_batches) * batch.input_ids.numel()
             weights, settled = {name: w.settle(expected) for name, w in weights.items()}, True
             # in the caller's dict too (plain tensors stay tensors): unsettled copies are freed, not kept beside
             preconditioned.update({name: w for name, w in weights.items() if isinstance(preconditioned[name], ModuleWeights)})
@@ -122,15 +128,15 @@ def score_documents(
             token_rows = [(batch_tokens[:, row].cpu()[:, keep[row]], batch.input_ids[row].cpu()[keep[row]].tolist()) for row in range(len(batch))]
         order.append(offset)
         records.append((batch.ids, token_rows))
-    if not distributed.splitting_queries():
-        records = distributed.gather_in_order(order, records)  # every rank's batches, in document order
+    if not plan.splits_queries:
+        records = gather_in_order(order, records)  # every rank's batches, in document order
     rows = [row for _, token_rows in records for row in (token_rows or [])]
-    if per_token and distributed.splitting_queries():  # each document's [Q, T] contributions: the ranks' queries merged
-        merged = distributed.gather_queries(torch.cat([c for c, _ in rows], dim=1), dim=0).split([len(i) for _, i in rows], dim=1)
+    if per_token and plan.splits_queries:  # each document's [Q, T] contributions: the ranks' queries merged
+        merged = plan.gather_queries(torch.cat([c for c, _ in rows], dim=1), dim=0).split([len(i) for _, i in rows], dim=1)
         rows = list(zip(merged, [i for _, i in rows]))
     return ScoreResult(
         scores=totals.finish(),
-        query_ids=distributed.gather_queries(list(query_ids)),
+        query_ids=plan.gather_queries(list(query_ids)),
         document_ids=[doc_id for ids, _ in records for doc_id in ids],
         module_names=names,
         per_module=modules.finish() if per_module else None,
@@ -152,7 +158,7 @@ def self_influence(
     task = task or LanguageModelingTask()
     device, dtype = _device(model), _compute_dtype(model)
     order, records = [], []
-    for index, batch in tqdm(distributed.shard(enumerate(batches)), desc="self-influence", unit="batch", disable=not (progress and distributed.is_main())):
+    for index, batch in tqdm(shard(enumerate(batches)), desc="self-influence", unit="batch", disable=not (progress and is_main())):
         batch = batch.to(device)
         captured = capture(model, tracked, lambda: task.document_loss(model, batch))
         grads = {t.name: captured.example_gradients(t.name).to(dtype) for t in tracked}
@@ -160,5 +166,5 @@ def self_influence(
         total = sum((preconditioned[n] * grads[n]).flatten(1).sum(1).double() for n in grads)
         order.append(index)
         records.append((batch.ids, total.cpu()))
-    records = distributed.gather_in_order(order, records)
+    records = gather_in_order(order, records)
     return [i for ids, _ in records for i in ids], torch.cat([values for _, values in records])

@@ -1,6 +1,7 @@
 """Precondition every query once, straight from its captured token factors.
 
-With an EK-FAC/K-FAC inverse, a query's gradient Σ_t g_t a_tᵀ enters the eigenbasis through its T
+With a preconditioner diagonal in a Kronecker eigenbasis (`kronecker_eigenbasis`: EK-FAC/K-FAC inverses,
+scaled or placed on another device or rank), a query's gradient Σ_t g_t a_tᵀ enters the eigenbasis through its T
 token factors (never as a dense matrix), is divided by the damped eigenvalues there, and stays there:
 `score_documents` later rotates it back only if that is cheaper than rotating the documents' tokens.
 Optionally each query's weights are truncated to rank r (`query_rank`), with the error reported.
@@ -15,13 +16,13 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
-from pretrace import distributed
 from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
 from pretrace.gradients.capture import capture
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
+from pretrace.scores.plan import ScoringPlan
 from pretrace.scores.pairwise import query_gradients
 from pretrace.scores.weights import DenseWeights, EigenbasisWeights, LowRankWeights, ModuleWeights
 
@@ -32,20 +33,17 @@ class PreconditionedQueries:
     weights: dict[str, ModuleWeights]  # what `score_documents` takes
     low_rank_error: dict[str, torch.Tensor] | None = None  # per module [Q]: ‖W - W_r‖_F / ‖W‖_F
     relative_error: torch.Tensor | None = None  # [Q]: the same over all modules together
+    route: str = "dense"  # "eigenbasis": from token factors, kept in the Kronecker eigenbasis; "dense": P applied to dense gradients
 
 
-def _in_eigenbasis(preconditioner: Preconditioner) -> bool:
-    return hasattr(preconditioner, "apply_factored_in_eigenbasis")
-
-
-def _eigenbasis_weights(model, tracked, batches, preconditioner, task, rank, progress) -> tuple[list[str], dict[str, list]]:
+def _eigenbasis_weights(model, tracked, batches, preconditioner, task, rank, plan, progress) -> tuple[list[str], dict[str, list]]:
     """Per module, per query batch: eigenbasis weights (rank-truncated right away when `rank` is set, so
     full-rank weights of all queries never coexist), with their errors and squared norms."""
     parameter = next(model.parameters())
     device, dtype = parameter.device, torch.promote_types(parameter.dtype, torch.float32)
     ids: list[str] = []
     parts: dict[str, list] = {t.name: [] for t in tracked}
-    for batch in tqdm(distributed.shard_queries(batches), desc="query gradients", unit="batch", disable=not progress):
+    for batch in tqdm(plan.shard_queries(batches), desc="query gradients", unit="batch", disable=not progress):
         batch = batch.to(device)
         captured = capture(model, tracked, lambda: task.measurement(model, batch))
         ids.extend(batch.ids)
@@ -81,27 +79,30 @@ def precondition_queries(
     query_rank: int | None = None,
     task: Task | None = None,
     progress: bool = False,
+    plan: ScoringPlan | None = None,
 ) -> PreconditionedQueries:
-    """Each query's preconditioned gradient P ∇m(x) per module, in the form cheapest to score with."""
+    """Each query's preconditioned gradient P ∇m(x) per module, in the form cheapest to score with (this
+    rank's queries only when `plan` splits queries)."""
     if query_rank is not None and query_rank < 1:
         raise PretraceError(f"--query-rank must be at least 1 (or unset for full rank), got {query_rank}.")
-    task = task or LanguageModelingTask()
-    if _in_eigenbasis(preconditioner):
+    task, plan = task or LanguageModelingTask(), plan or ScoringPlan()
+    route = "eigenbasis" if preconditioner.kronecker_eigenbasis else "dense"
+    if route == "eigenbasis":
         parameter = next(model.parameters())
         device, dtype = parameter.device, torch.promote_types(parameter.dtype, torch.float32)
-        ids, parts = _eigenbasis_weights(model, tracked, batches, preconditioner, task, query_rank, progress)
+        ids, parts = _eigenbasis_weights(model, tracked, batches, preconditioner, task, query_rank, plan, progress)
         weights = {name: EigenbasisWeights(_joined([w for w, _, _ in pieces]), *preconditioner.eigenbasis(name, device, dtype)) for name, pieces in parts.items()}
     else:
-        ids, grads = query_gradients(model, tracked, batches, task, progress)
+        ids, grads = query_gradients(model, tracked, batches, task, progress, plan)
         parts = {name: [_compressed(DenseWeights(w), query_rank)] for name, w in _apply_releasing(preconditioner, grads)}
         weights = {name: pieces[0][0] for name, pieces in parts.items()}
     if query_rank is None:
-        return PreconditionedQueries(ids, weights)
+        return PreconditionedQueries(ids, weights, route=route)
     errors = {name: torch.cat([e for _, e, _ in pieces]) for name, pieces in parts.items()}
     norms = {name: torch.cat([n for _, _, n in pieces]) for name, pieces in parts.items()}
     residual = sum(errors[name].square() * norms[name] for name in errors)
     relative = (residual / sum(norms.values()).clamp(min=torch.finfo(torch.float64).tiny)).sqrt()
-    return PreconditionedQueries(ids, weights, errors, relative)
+    return PreconditionedQueries(ids, weights, errors, relative, route)
 
 
 def _apply_releasing(preconditioner: Preconditioner, grads: dict[str, torch.Tensor]):

@@ -16,21 +16,23 @@ the gradients are all-reduced (see `training.loop`); rank 0 alone writes the mod
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from pretrace import distributed
+from pretrace.parallel import group
 from pretrace.config import option, to_dict
 from pretrace.data.batching import encode_queries
-from pretrace.data.records import Query, read_queries
+from pretrace.data.records import FieldOptions, Query, read_queries, source_sha256
 from pretrace.errors import PretraceError
-from pretrace.modeling.loading import DTYPES, load_model, load_tokenizer, model_fingerprint, pad_token_id
-from pretrace.storage import file_sha256, read_json
+from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_device, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
+from pretrace.storage import output_folder, read_json
 from pretrace.training.loop import TrainHistory, TrainSettings, train
-from pretrace.training.output import refuse_existing, save_model_folder
+from pretrace.training.output import save_model_folder
 
 FINETUNE_RECORD = "pretrace_finetune.json"
 LOSS_NORMALISATION = "sequence"
@@ -48,7 +50,7 @@ class _FinetuneInputs:
 
 
 @dataclass
-class FinetuneSettings(TrainSettings, _FinetuneInputs):
+class FinetuneSettings(FieldOptions, TrainSettings, _FinetuneInputs):
     lr: float = option(1e-4, help="Peak learning rate of AdamW.")
     epochs: int = option(3, help="Passes over the fine-tuning data.")
     batch_size: int = option(8, help="Examples per optimizer step.")
@@ -56,11 +58,13 @@ class FinetuneSettings(TrainSettings, _FinetuneInputs):
     dtype: str = option("float32", choices=tuple(DTYPES), help="Precision of the weights during fine-tuning and on disk.")
     dropout: bool = option(False, help="Keep the model's dropout on while fine-tuning (off by default: influence assumes the deterministic objective).")
     overwrite: bool = option(False, help="Replace an existing non-empty --out folder.")
+    max_length: int | None = option(None, help=f"Longer sequences are truncated (with a warning that counts them); at most the model's positions. Default: the model's positions, at most {DEFAULT_MAX_LENGTH}.")
 
     def __post_init__(self):
         super().__post_init__()
-        if self.alpha < 0:
-            raise PretraceError(f"--alpha must be non-negative, got {self.alpha}.")
+        if not (math.isfinite(self.alpha) and self.alpha >= 0):
+            raise PretraceError(f"--alpha must be a finite number >= 0 (0: no proximity term), got {self.alpha}.")
+        check_device(self.device)
         if self.dtype not in DTYPES:
             raise PretraceError(f"unknown --dtype {self.dtype!r}; choose one of {sorted(DTYPES)}.")
 
@@ -88,11 +92,16 @@ def finetune_model(model: torch.nn.Module, tokenizer, queries: Sequence[Query], 
 
 def finetune(settings: FinetuneSettings, progress: bool = True) -> torch.nn.Module:
     """Load `settings.model`, fine-tune it on `settings.data`, save model + tokenizer + record to `settings.out`."""
-    distributed.initialize()
-    refuse_existing(settings.out, settings.overwrite)
+    group.initialize()
+    with output_folder(settings.out, settings.overwrite, {"--model": settings.model, "--data": settings.data}, lock=group.is_main()):
+        return _finetune(settings, progress)
+
+
+def _finetune(settings: FinetuneSettings, progress: bool) -> torch.nn.Module:
+    queries = read_queries(settings.data, "fine-tuning example", settings.fields())
     tokenizer = load_tokenizer(settings.model)
     model = load_model(settings.model, settings.dtype, settings.torch_device())
-    queries = read_queries(settings.data)
+    settings = dataclasses.replace(settings, max_length=check_model_tokenizer(settings.model, model, tokenizer, settings.max_length))
     pretrained_fingerprint = model_fingerprint(model)
     history = finetune_model(model, tokenizer, queries, settings, settings.alpha, settings.dropout, progress)
     record = {
@@ -102,15 +111,15 @@ def finetune(settings: FinetuneSettings, progress: bool = True) -> torch.nn.Modu
         "pretrained_path": str(Path(settings.model).resolve()),
         "pretrained_fingerprint": pretrained_fingerprint,
         "data": str(Path(settings.data).resolve()),
-        "data_sha256": file_sha256(settings.data),
+        "data_sha256": source_sha256(settings.data),
         "examples": len(queries),
         "steps": history.steps,
         "final_train_loss": sum(history.losses[-50:]) / len(history.losses[-50:]),  # mean of the last ≤ 50 steps, without the proximity term
         "settings": to_dict(settings),
     }
-    if distributed.is_main():
+    if group.is_main():
         save_model_folder(settings.out, model, tokenizer, FINETUNE_RECORD, record, settings.overwrite)
-    distributed.barrier()  # the folder is complete before any rank returns
+    group.barrier()  # the folder is complete before any rank returns
     return model
 
 

@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pretrace import distributed
+from pretrace.parallel import collectives, group
 from pretrace.config import option
 from pretrace.data.batching import Encoded, TokenBatch, collate
 from pretrace.errors import PretraceError
@@ -55,7 +55,7 @@ class TrainSettings:
             (self.lr > 0, f"--lr must be positive, got {self.lr}."),
             (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}."),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}."),
-            (self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}."),
+            (self.max_length is None or self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}."),  # None: FinetuneSettings' model default
             (0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}."),
             (self.weight_decay >= 0, f"--weight-decay must be non-negative, got {self.weight_decay}."),
             (self.grad_clip >= 0, f"--grad-clip must be non-negative (0 disables it), got {self.grad_clip}."),
@@ -65,7 +65,7 @@ class TrainSettings:
                 raise PretraceError(message)
 
     def torch_device(self) -> torch.device:
-        return distributed.resolve_device(self.device)
+        return group.resolve_device(self.device)
 
 
 @dataclass
@@ -130,7 +130,7 @@ def _data_loss(model: torch.nn.Module, mine: Sequence[Encoded], denominator: int
         share = batch_loss(sequence_losses(model, batch), batch, normalisation, weights, denominator)
         share.backward()
         loss = share.detach().double().cpu()
-    return float(distributed.all_reduce_sums({"loss": loss})["loss"])
+    return float(collectives.all_reduce_sums({"loss": loss})["loss"])
 
 
 @torch.no_grad()
@@ -140,12 +140,12 @@ def evaluate(model: torch.nn.Module, items: Sequence[Encoded], batch_size: int, 
         raise PretraceError("no evaluation data; pass at least one document.")
     was_training, total = model.training, torch.zeros((), dtype=torch.float64)
     model.eval()
-    starts = distributed.shard(range(0, len(items), batch_size))  # each rank its share of the batches
-    for start in tqdm(starts, desc="evaluate", unit="batch", disable=not (progress and distributed.is_main()), leave=False):
+    starts = collectives.shard(range(0, len(items), batch_size))  # each rank its share of the batches
+    for start in tqdm(starts, desc="evaluate", unit="batch", disable=not (progress and group.is_main()), leave=False):
         batch = collate(items[start : start + batch_size], pad_id).to(_device(model))
         total += sequence_losses(model, batch).sum().double().cpu()
     model.train(was_training)
-    total = float(distributed.all_reduce_sums({"loss": total})["loss"])
+    total = float(collectives.all_reduce_sums({"loss": total})["loss"])
     return total / loss_denominator(items, normalisation)
 
 
@@ -180,16 +180,16 @@ def train(
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps))
     history, device = TrainHistory(), _device(model)
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not (progress and distributed.is_main()))
+    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not (progress and group.is_main()))
     for epoch in range(settings.epochs):
         model.train(dropout)
         order = torch.randperm(len(items), generator=shuffler).tolist()
         for start in range(0, len(order), settings.batch_size):
             chosen = [items[i] for i in order[start : start + settings.batch_size]]
             optimizer.zero_grad(set_to_none=True)
-            data_loss = _data_loss(model, list(distributed.shard(chosen)), loss_denominator(chosen, normalisation),
+            data_loss = _data_loss(model, list(collectives.shard(chosen)), loss_denominator(chosen, normalisation),
                                    normalisation, weights, pad_id, device)
-            distributed.all_reduce_gradients(trainable)
+            collectives.all_reduce_gradients(trainable)
             if regulariser is not None:
                 regulariser(model).backward()  # after the all-reduce: identical on every rank, added once
             if settings.grad_clip > 0:

@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
-from pretrace import distributed
+from pretrace.parallel import group
 from pretrace.config import option, validate_choices
 from pretrace.data.batching import TokenBatch, encode_documents, encode_queries, iter_batches
-from pretrace.data.records import Document, count_records, iter_documents, iter_queries, read_queries
+from pretrace.data.records import DEFAULT_FIELDS, Document, FieldOptions, Fields, iter_documents, iter_queries, read_queries, scan_records
 from pretrace.errors import PretraceError
-from pretrace.modeling.loading import DTYPES, load_model, load_tokenizer, model_fingerprint, pad_token_id
+from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_device, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
+from pretrace.modeling.adapters import ADAPTER_MODES, ADAPTER_MODULES, ADAPTER_PARAMETERS, MERGED, is_adapter_folder
 from pretrace.modeling.modules import ATTENTION_BLOCKS, PRESETS, TrackedModule, select_modules
 
 
 @dataclass
-class ModelOptions:
-    """How a model is loaded, which of its modules are tracked, and how text becomes batches."""
+class ModelOptions(FieldOptions):
+    """How a model is loaded, which of its modules are tracked, and how records become batches."""
 
     preset: str = option("all", choices=PRESETS, help="What gradients are taken over: the linear modules inside the transformer blocks (all, mlp or attention), or all-parameters: every parameter (embeddings, norms, LM head, biases; a tied weight once), for the methods without Kronecker factors (identity, gradient-dot, gradient-cosine, cka, trak, exact, cg, lissa, arnoldi); per-example embedding gradients cost vocabulary x hidden numbers each.")
     modules: str | None = option(None, help="Regular expression on module names, applied after --preset (e.g. 'layers\\.(10|11)\\.').")
@@ -27,29 +29,31 @@ class ModelOptions:
     dtype: str = option("float32", choices=tuple(DTYPES), help="Model precision.")
     device: str = option("auto", help="'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available).")
     device_map: str | None = option(None, help="Spread a model too large for one device over all of them (Hugging Face device_map, e.g. 'auto'; needs accelerate); --device is then ignored. Not with torchrun.")
-    max_length: int = option(512, help="Longer sequences are truncated (with a warning that counts them).")
+    max_length: int | None = option(None, help=f"Longer sequences are truncated (with a warning that counts them); at most the model's positions. Default: the model's positions, at most {DEFAULT_MAX_LENGTH}.")
     batch_size: int = option(8, help="Sequences per forward/backward pass.")
     padding_side: str = option("right", choices=("right", "left"), help="Padding side of batches (scores do not depend on it).")
+    adapter: str = option(MERGED, choices=ADAPTER_MODES, help="A PEFT adapter folder given as a model: 'merged' into its base (influence over the full weights, as the merged model; what multi-stage needs) or 'adapter' (track only the adapter's own matrices, e.g. LoRA A and B).")
 
     def __post_init__(self):
         validate_choices(self)
-        if self.max_length < 2:
-            raise PretraceError("--max-length must be at least 2.")
+        if self.max_length is not None and self.max_length < 2:
+            raise PretraceError(f"--max-length must be at least 2, got {self.max_length}.")
         if self.batch_size < 1:
             raise PretraceError("--batch-size must be at least 1.")
-        if self.device_map is not None and distributed.requested_world_size() > 1:
+        if self.device_map is not None and group.requested_world_size() > 1:
             raise PretraceError("--device-map spreads one model over the devices of one process; under torchrun use one device per process instead.")
+        check_device(self.device)
 
     def torch_device(self) -> torch.device:
-        return distributed.resolve_device(self.device)
+        return group.resolve_device(self.device)
 
 
 DocumentSource = str | Path | list[Document]
 
 
-def iter_source(documents) -> Iterator[Document]:
-    """Documents from a JSONL path (streamed) or an in-memory list."""
-    return iter_documents(documents) if isinstance(documents, (str, Path)) else iter(documents)
+def iter_source(documents, fields: Fields = DEFAULT_FIELDS) -> Iterator[Document]:
+    """Documents from a source (a path or dataset name, streamed) or an in-memory list."""
+    return iter_documents(documents, fields) if isinstance(documents, (str, Path)) else iter(documents)
 
 
 @dataclass
@@ -72,40 +76,45 @@ class Stage:
     def pad_id(self) -> int:
         return pad_token_id(self.tokenizer)
 
-    def document_batches(self, documents: DocumentSource) -> Callable[[], Iterator[TokenBatch]]:
-        """A re-iterable stream of document batches (every pass re-reads a file source)."""
+    def document_batches(self, documents: DocumentSource, short: str = "keep") -> Callable[[], Iterator[TokenBatch]]:
+        """A re-iterable stream of document batches (every pass re-reads a file source). Documents under 2 tokens
+        are kept with no target (score 0, positions aligned) or, with `short="skip"`, left out with a warning."""
         return lambda: iter_batches(
-            encode_documents(self.tokenizer, iter_source(documents), self.options.max_length),
+            encode_documents(self.tokenizer, iter_source(documents, self.options.fields()), self.options.max_length, short),
             self.options.batch_size, self.pad_id, self.options.padding_side,
         )
 
     def document_batch_count(self, documents: DocumentSource) -> int:
-        count = count_records(documents) if isinstance(documents, (str, Path)) else len(documents)
+        """Batches a pass takes; for a file, from a validating pass over every record, so a bad line fails before any work."""
+        count = scan_records(documents, self.options.fields())[1] if isinstance(documents, (str, Path)) else len(documents)
         return -(-count // self.options.batch_size)
 
     def fitting_batches(self, path: str | Path) -> Callable[[], Iterator[TokenBatch]]:
-        """Curvature data: plain documents (all tokens) or prompt/completion pairs (completion tokens only)."""
-        if jsonl_format(path) == "documents":
-            return self.document_batches(path)
-        return lambda: self.query_batches(iter_queries(path))
+        """Curvature data: plain documents (all tokens) or prompt/completion pairs (completion tokens only), the kind
+        decided from every record. Every record is read (and pairs encoded) here, so a bad one fails before any work;
+        documents under 2 tokens add nothing to the curvature and are skipped with one counted warning."""
+        fields = self.options.fields()
+        if scan_records(path, fields)[0] == "documents":
+            return self.document_batches(path, short="skip")
+        for _ in encode_queries(self.tokenizer, iter_queries(path, "fitting pair", fields), self.options.max_length):
+            pass
+        return lambda: self.query_batches(iter_queries(path, "fitting pair", fields))
 
     def query_batches(self, queries) -> Iterator[TokenBatch]:
         return iter_batches(encode_queries(self.tokenizer, queries, self.options.max_length), self.options.batch_size, self.pad_id, self.options.padding_side)
 
 
-def jsonl_format(path: str | Path) -> str:
-    """'pairs' if the first record has a 'prompt' (fine-tuning data), else 'documents'."""
-    for _, record in zip(range(1), iter_queries(path)):
-        return "pairs" if record.completion is not None else "documents"
-    return "documents"
-
-
-def load_stage(path: str | Path, options: ModelOptions, modules: list[str] | None = None) -> Stage:
-    """Load model and tokenizer; track `modules` by name if given, else by the options' selection."""
+def load_stage(path: str | Path, options: ModelOptions, modules: list[str] | None = None, base: str | Path | None = None) -> Stage:
+    """Load model and tokenizer; track `modules` by name if given, else by the options' selection. The stage's
+    options hold the sequence length actually used (the default resolved against the model's positions).
+    `base`: the base model of an adapter folder whose recorded base is not a local folder (--pretrained)."""
     device = options.torch_device()
-    model = load_model(path, options.dtype, device, options.device_map)
-    tokenizer = load_tokenizer(path)
-    tracked = select_modules(model, options.preset, options.modules, options.attention_blocks)
+    tokenizer = load_tokenizer(path, base)
+    model = load_model(path, options.dtype, device, options.device_map, base=base, adapter=options.adapter)
+    options = dataclasses.replace(options, max_length=check_model_tokenizer(path, model, tokenizer, options.max_length))
+    unmerged = options.adapter == ADAPTER_PARAMETERS and is_adapter_folder(path)
+    regex = f"(?=.*{ADAPTER_MODULES})" + (options.modules or "") if unmerged else options.modules
+    tracked = select_modules(model, options.preset, regex, options.attention_blocks)
     if modules is not None:
         by_name = {t.name: t for t in tracked}
         tracked = [by_name[name] for name in modules if name in by_name]

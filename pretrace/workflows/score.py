@@ -2,27 +2,44 @@
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from pretrace import distributed
-from pretrace.config import option, to_dict
-from pretrace.data.records import iter_documents, read_queries
+from pretrace.curvature.placement import PlacedPreconditioner
+from pretrace.config import option, require_number, to_dict, validate_choices
+from pretrace.data.batching import encode_queries, short_document_ids
+from pretrace.data.records import check_source, iter_documents, read_queries, source_sha256, validate_documents
 from pretrace.errors import PretraceError
+from pretrace.modeling.adapters import MERGED
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.registry import METHODS, make_attributor
+from pretrace.modeling.loading import check_model_tokenizer
 from pretrace.modeling.modules import only_linear_modules
+from pretrace.parallel import group
 from pretrace.scores.io import save_scores, top_indices
 from pretrace.scores.pairwise import ScoreResult, self_influence
-from pretrace.scores.index import score_queries
-from pretrace.storage import atomic_directory, file_sha256
+from pretrace.scores.index import read_index, score_queries
+from pretrace.scores.plan import SPLITS, ScoringPlan
+from pretrace.storage import atomic_directory, output_folder
 from pretrace.training.finetune import FINETUNE_RECORD, read_finetune_record
-from pretrace.workflows.common import ModelOptions, Stage, load_stage
+from pretrace.workflows.common import ModelOptions, Stage, iter_source, load_stage
+
+
+WITHOUT_DOCUMENT_LOSS = ("bm25", "embedding", "representation")  # they score a document's words or states, so one token is enough
+
+
+def require_scoring_numbers(settings) -> None:
+    """Refuse a NaN, infinite or non-positive damping or α: one rule for ScoreSettings and for the settings that pass
+    these fields on to it (TraceSettings), so those refuse them before their own work rather than at scoring."""
+    for flag in ("--damping", "--damping-factor", "--finetuned-damping", "--alpha"):
+        require_number(flag, getattr(settings, flag.removeprefix("--").replace("-", "_")), above=0)
 
 
 @dataclass
@@ -44,10 +61,11 @@ class ScoreSettings:
     top_k: int = option(10, help="Documents kept per query in top_k.jsonl.")
     explain: bool = option(True, help="Add per-token and per-module contributions of the top documents to top_k.jsonl.")
     per_module: bool = option(False, help="Also store per-module scores for all documents ([modules, queries, documents]).")
+    per_token: bool = option(False, help="Also store every document's per-token contributions (they sum to its score): token_scores [queries, all tokens], token_ids and token_offsets [documents + 1] in scores.safetensors (gradient methods over linear modules).")
     force: bool = option(False, help="Score even if the fine-tuned model's recorded base is not --pretrained.")
     overwrite: bool = option(False, help="Replace an existing --out folder.")
     scores_on_disk: bool = option(False, help="Stream the [queries, documents] scores (and --per-module ones) into float32 memory-mapped files beside --out instead of RAM, for runs whose scores do not fit in memory.")
-    shard: str = option("documents", choices=distributed.SPLITS, help="Under torchrun, what the ranks split: 'documents' (each scores every query against its share of the documents) or 'queries' (each scores its share of the queries against every document: for many queries whose preconditioned gradients do not fit one device; gradient methods only).")
+    shard: str = option("documents", choices=SPLITS, help="Under torchrun, what the ranks split: 'documents' (each scores every query against its share of the documents) or 'queries' (each scores its share of the queries against every document: for many queries whose preconditioned gradients do not fit one device; gradient methods only).")
     factors_device: str = option("model", choices=("model", "cpu"), help="Where factors are applied to the query gradients: on the model's device, or kept on the CPU (for modules whose factors do not fit the GPU; ekfac, kfac, diagonal, identity and their multi-stage forms).")
     shard_factors: bool = option(False, help="Under torchrun: each rank applies (and moves to its device) only the factors of the modules it owns and broadcasts the results (ekfac, kfac, diagonal, identity; not with --shard queries or --self-influence).")
     representation_layer: int = option(-1, help="--method representation: hidden-state index to mean-pool (0 = embeddings, i = after block i, -1 = last).")
@@ -82,6 +100,15 @@ class ScoreSettings:
     self_influence: bool = option(False, help="Also store each document's self-influence ∇ℓ(z)ᵀ P ∇ℓ(z) as `self_influence` [N] in scores.safetensors (single-stage gradient methods; large values flag unusual documents).")
     index: str | None = option(None, help="Gradient methods: score against a gradient index built by `pretrace index` on --train (with the document model) instead of recomputing every document's gradient: one backward pass per query plus a product over the index.")
     query_rank: int | None = option(None, help="Gradient methods: truncate each preconditioned query gradient to this rank per module (Grosse et al. 2023); the relative Frobenius error is recorded in scores.json timings.")
+
+    def __post_init__(self):
+        validate_choices(self)
+        require_scoring_numbers(self)
+        for flag, value in (("--tolerance", self.tolerance), ("--trak-lr", self.trak_lr), ("--lissa-scale", self.lissa_scale)):
+            require_number(flag, value, above=0)
+        require_number("--trak-subset-fraction", self.trak_subset_fraction, above=0, at_most=1)
+        if self.query_rank is not None and self.query_rank < 1:
+            raise PretraceError(f"--query-rank must be at least 1, got {self.query_rank}.")
 
     @property
     def is_multi_stage(self) -> bool:
@@ -120,6 +147,12 @@ def _check_pair(settings: ScoreSettings, pretrained: Stage, finetuned: Stage) ->
     if pretrained.tokenizer.get_vocab() != finetuned.tokenizer.get_vocab():
         raise PretraceError("the pre-trained and fine-tuned tokenizers differ; both stages must tokenize documents the same way.")
     record = read_finetune_record(settings.finetuned)
+    swapped = read_finetune_record(settings.pretrained)
+    if record is None and swapped is not None and swapped.get("pretrained_fingerprint") == finetuned.fingerprint:
+        raise PretraceError(
+            f"--pretrained {settings.pretrained} was fine-tuned from --finetuned {settings.finetuned} (its {FINETUNE_RECORD} says so): "
+            "the stages are swapped; swap --pretrained with --finetuned and --pretrained-factors with --finetuned-factors."
+        )
     if record is not None and not settings.force:
         base = record.get("pretrained_fingerprint")
         if base is not None and base != pretrained.fingerprint:
@@ -130,29 +163,90 @@ def _check_pair(settings: ScoreSettings, pretrained: Stage, finetuned: Stage) ->
     alpha = settings.alpha if settings.alpha is not None else (record or {}).get("alpha")
     if alpha is None:
         raise PretraceError(f"no --alpha given and {settings.finetuned} has no {FINETUNE_RECORD}; pass the proximity strength used in fine-tuning.")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise PretraceError(f"{settings.finetuned}/{FINETUNE_RECORD} records alpha={alpha!r}, which the multi-stage formula cannot use (it needs a finite α > 0); "
+                            "pass --alpha, or fine-tune again with a finite --alpha > 0.")
     return float(alpha)
 
 
 def build_context(settings: ScoreSettings, options: ModelOptions) -> ScoringContext:
+    """Validate every input (queries, every training document, the models and their pairing) before any work."""
     settings.check()
-    queries = read_queries(settings.queries)
-    if not Path(settings.train).is_file():
-        raise PretraceError(f"{settings.train}: no such file; pass a JSONL file of training documents.")
+    fields = options.fields()
+    queries = read_queries(settings.queries, fields=fields)
+    check_source(settings.train, "training documents")
+    validate_documents(settings.train, fields)
     if not settings.is_multi_stage:
         stage = load_stage(settings.model, options)
-        return ScoringContext(stage, stage, Path(settings.train), queries)
-    pretrained, finetuned = load_stage(settings.pretrained, options), load_stage(settings.finetuned, options)
-    _matched(pretrained, finetuned)
-    settings.alpha = _check_pair(settings, pretrained, finetuned)
-    return ScoringContext(finetuned, pretrained, Path(settings.train), queries)
+        _check_factors("--factors", settings.factors, "--model", stage)
+        context = ScoringContext(stage, stage, Path(settings.train), queries)
+    else:
+        if options.adapter != MERGED:
+            raise PretraceError("multi-stage influence needs the fine-tuned model's full weights: drop --adapter adapter (an adapter "
+                                "folder as --finetuned is merged into its base, --pretrained when its recorded base is not local).")
+        pretrained, finetuned = load_stage(settings.pretrained, options), load_stage(settings.finetuned, options, base=settings.pretrained)
+        _matched(pretrained, finetuned)
+        settings.alpha = _check_pair(settings, pretrained, finetuned)
+        _check_factors("--pretrained-factors", settings.pretrained_factors, "--pretrained", pretrained)
+        _check_factors("--finetuned-factors", settings.finetuned_factors, "--finetuned", finetuned)
+        context = ScoringContext(finetuned, pretrained, Path(settings.train), queries)
+    for _ in encode_queries(context.query_stage.tokenizer, queries, context.query_stage.options.max_length):
+        pass  # a query with nothing to measure fails here, not after the documents' pass
+    if settings.index:
+        _check_index(settings, context.document_stage)
+    return context
+
+
+def _check_factors(flag: str, folder: str | None, model_flag: str, stage: Stage) -> None:
+    """Refuse, before any work, a factor folder fitted on another model than the one it is given with, saying whether
+    only the --dtype differs (the fingerprint is over the weights as loaded) or the model itself."""
+    path = Path(folder) / "factors.json" if folder else None
+    if path is None or not path.is_file():
+        return  # no factors or no factor folder: the method's own loading says what is missing
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # unreadable: Factors.load reports it with its fix
+    recorded = meta.get("model_fingerprint") if isinstance(meta, dict) else None
+    if not isinstance(recorded, str) or recorded == stage.fingerprint:
+        return
+    fitted_dtype = (meta.get("options") or {}).get("dtype")
+    if fitted_dtype is not None and fitted_dtype != stage.options.dtype:
+        raise PretraceError(f"{flag} {folder} were fitted with --dtype {fitted_dtype}, and {model_flag} {stage.path} loaded as {stage.options.dtype} "
+                            f"has other weights; pass --dtype {fitted_dtype}, or refit the factors with --dtype {stage.options.dtype}.")
+    raise PretraceError(f"{flag} {folder} were fitted on a different model than {model_flag} {stage.path}; pass the factors fitted on that model "
+                        f"(`pretrace fit --model {stage.path}`){' (are --pretrained-factors and --finetuned-factors swapped?)' if flag != '--factors' else ''}.")
+
+
+def _check_index(settings: ScoreSettings, documents: Stage) -> None:
+    """Refuse an index built for other documents, another model or other settings before any work, naming the flag to fix."""
+    recorded = read_index(settings.index)["signature"]
+    if recorded.get("model_fingerprint") != documents.fingerprint:
+        raise PretraceError(f"--index {settings.index} was built with another model than {documents.path}; pass that model, or rebuild the index with `pretrace index --model {documents.path}`.")
+    if recorded.get("documents_sha256") != source_sha256(settings.train):
+        raise PretraceError(f"--index {settings.index} was built on other documents than --train {settings.train}; pass the --train file it indexes, or rebuild it.")
+    if recorded.get("max_length", 0) is None:  # built with the default: the same model resolves it the same way
+        recorded = {**recorded, "max_length": check_model_tokenizer(documents.path, documents.model, documents.tokenizer, None)}
+    used = {"max_length": documents.options.max_length, "dtype": documents.options.dtype, "preset": documents.options.preset,
+            "modules_regex": documents.options.modules, "attention_blocks": documents.options.attention_blocks}
+    for key, value in used.items():
+        if key in recorded and recorded[key] != value:
+            flag = "--modules" if key == "modules_regex" else "--" + key.replace("_", "-")
+            built, fix = (f"without {flag}", f"drop {flag}") if recorded[key] is None else (f"with {flag} {recorded[key]}", f"pass {flag} {recorded[key]}")
+            uses = f"does not pass {flag}" if value is None else f"uses {flag} {value}"
+            raise PretraceError(f"--index {settings.index} was built {built}, but this run {uses}; {fix}, or rebuild the index with these settings.")
+    shapes = {t.name: [t.d_out, t.d_in_total] for t in documents.tracked}
+    if recorded.get("modules") != shapes:
+        raise PretraceError(f"--index {settings.index} holds other modules than this run tracks ({len(recorded.get('modules') or {})} vs {len(shapes)}); "
+                            "pass the --preset, --modules and --attention-blocks the index was built with, or rebuild it.")
 
 
 def explain_top(attributor: Attributor, context: ScoringContext, top: torch.Tensor) -> dict[int, dict]:
     """Per-token and per-module contributions of the union of top documents, rescored as a small subset."""
     wanted = sorted(set(top.flatten().tolist()))
     chosen = set(wanted)
-    subset = [doc for i, doc in enumerate(iter_documents(context.documents)) if i in chosen]
-    sub = ScoringContext(context.query_stage, context.document_stage, subset, context.queries, context.extra)
+    subset = [doc for i, doc in enumerate(iter_documents(context.documents, context.document_stage.options.fields())) if i in chosen]
+    sub = replace(context, documents=subset, plan=ScoringPlan(context.plan.split))  # split as the run, scores in RAM
     detail = attributor.score(sub, per_module=True, per_token=True)
     tokenizer = context.document_stage.tokenizer
     out = {}
@@ -170,7 +264,7 @@ def _top_rows(context: ScoringContext, result: ScoreResult, top: torch.Tensor, d
     texts = {}
     if details is None:
         wanted = set(top.flatten().tolist())
-        texts = {i: doc.text for i, doc in enumerate(iter_documents(context.documents)) if i in wanted}
+        texts = {i: doc.text for i, doc in enumerate(iter_documents(context.documents, context.document_stage.options.fields())) if i in wanted}
     rows = []
     for q, query in enumerate(context.queries):
         documents = []
@@ -192,9 +286,19 @@ def _index_scores(settings: ScoreSettings, attributor: Attributor, context: Scor
     if not hasattr(attributor, "precondition_queries"):
         raise PretraceError(f"--index works with the gradient methods (ekfac, kfac, diagonal, identity, ...), not {settings.method}.")
     queries, documents = context.query_stage, context.document_stage
-    expected = {"model_fingerprint": documents.fingerprint, "documents_sha256": file_sha256(settings.train)}
+    expected = {"model_fingerprint": documents.fingerprint, "documents_sha256": source_sha256(settings.train)}
     return score_queries(settings.index, queries.model, queries.tracked, queries.query_batches(context.queries), attributor.preconditioner,
                          expected, settings.query_rank, settings.per_module)
+
+
+def _zero_documents(result: ScoreResult, ids: set[str]) -> None:
+    """Score 0 for documents without a loss (a ratio such as the gradient cosine would make them NaN)."""
+    columns = [i for i, doc_id in enumerate(result.document_ids) if doc_id in ids]
+    result.scores[:, columns] = 0
+    if result.per_module is not None:
+        result.per_module[:, :, columns] = 0
+    if result.self_influence is not None:
+        result.self_influence[columns] = 0
 
 
 def score(settings: ScoreSettings, options: ModelOptions | None = None, context: ScoringContext | None = None,
@@ -203,11 +307,23 @@ def score(settings: ScoreSettings, options: ModelOptions | None = None, context:
 
     A caller that passes an unfitted `attributor` (made from `settings`) gets it back fitted, to reuse without
     fitting again. Under torchrun every rank scores its share of the documents and holds the whole result; rank 0 writes it."""
-    distributed.initialize()
-    options = options or ModelOptions()
+    group.initialize()
+    with output_folder(settings.out, settings.overwrite, _inputs(settings), lock=group.is_main()):
+        return _score(settings, options or ModelOptions(), context, attributor)
+
+
+def _inputs(settings: ScoreSettings) -> dict[str, str | None]:
+    """The paths `score` reads, which its --out must neither be, lie inside (folders) nor contain."""
+    inputs = {flag: getattr(settings, flag.removeprefix("--").replace("-", "_")) for flag in (
+        "--model", "--factors", "--pretrained", "--pretrained-factors", "--finetuned", "--finetuned-factors", "--index",
+        "--queries", "--train", "--fit-data", "--trak-train-data", "--embedding-model", "--text-index")}
+    for number, folder in enumerate((settings.trak_models or "").split(",")):
+        inputs[f"--trak-models[{number}]"] = folder.strip() or None
+    return inputs
+
+
+def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringContext | None, attributor: Attributor | None) -> ScoreResult:
     out = Path(settings.out)
-    if out.exists() and any(out.iterdir()) and not settings.overwrite:
-        raise PretraceError(f"{out}: already exists and is not empty; pass --overwrite or choose another --out.")
     context = context or build_context(settings, options)
     attributor = attributor or make_attributor(settings)
     gradient_based = hasattr(attributor, "precondition_queries")
@@ -215,25 +331,33 @@ def score(settings: ScoreSettings, options: ModelOptions | None = None, context:
         raise PretraceError("--self-influence needs a single-stage gradient method (ekfac, kfac, diagonal, identity, exact, cg, lissa, arnoldi).")
     if not gradient_based and (settings.shard == "queries" or settings.factors_device != "model" or settings.shard_factors):
         raise PretraceError(f"--shard queries, --factors-device and --shard-factors work with the gradient methods, not {settings.method}; drop them.")
+    if settings.per_token and (not gradient_based or settings.index or not only_linear_modules(context.document_stage.tracked)):
+        raise PretraceError("--per-token needs a gradient method over linear modules, scoring documents' own gradients: "
+                            "drop --per-token, or --index / --preset all-parameters / a non-gradient --method.")
+    too_short = [] if settings.method in WITHOUT_DOCUMENT_LOSS else short_document_ids(context.document_stage.tokenizer, iter_source(context.documents, context.document_stage.options.fields()))
     start = time.perf_counter()
     attributor.fit(context)
     if settings.factors_device != "model" or settings.shard_factors:
         device = None if settings.factors_device == "model" else settings.factors_device
-        attributor.preconditioner = distributed.PlacedPreconditioner(attributor.preconditioner, device, settings.shard_factors)
+        modules = [t.name for t in context.document_stage.tracked]
+        attributor.preconditioner = PlacedPreconditioner(attributor.preconditioner, modules, device, settings.shard_factors)
     fitted = time.perf_counter()
     spill = out.parent / f".{out.name}.scores" if settings.scores_on_disk else None
-    with distributed.scores_on_disk(spill), distributed.split_by(settings.shard):
-        result = _index_scores(settings, attributor, context) if settings.index else attributor.score(context, per_module=settings.per_module)
+    context = replace(context, plan=ScoringPlan(settings.shard, spill))
+    result = _index_scores(settings, attributor, context) if settings.index else attributor.score(context, per_module=settings.per_module, per_token=settings.per_token)
     if settings.self_influence:
         docs = context.document_stage
         _, result.self_influence = self_influence(docs.model, docs.tracked, attributor.preconditioner, docs.document_batches(context.documents)(), progress=True)
+    if too_short:
+        _zero_documents(result, set(too_short))
+        warnings.warn(f"{len(too_short)} of {len(result.document_ids)} documents have fewer than 2 tokens (nothing to predict): their scores are 0, "
+                      "and scores.json lists them as too_short.", stacklevel=2)
     scored = time.perf_counter()
     top = top_indices(result.scores, settings.top_k)
     explain = settings.explain and gradient_based and only_linear_modules(context.document_stage.tracked)
     if settings.explain and gradient_based and not explain:
         warnings.warn("top_k.jsonl has no per-token explanations: they exist for linear modules only, not for every parameter of --preset all-parameters.", stacklevel=2)
-    with distributed.split_by(settings.shard):
-        details = explain_top(attributor, context, top) if explain else None
+    details = explain_top(attributor, context, top) if explain else None
     timings = {
         "one_off_seconds": fitted - start,
         "scoring_seconds": scored - fitted,
@@ -246,15 +370,16 @@ def score(settings: ScoreSettings, options: ModelOptions | None = None, context:
         "method": settings.method,
         "multi_stage": settings.is_multi_stage,
         "settings": to_dict(settings),
-        "options": to_dict(options),
+        "options": to_dict(context.document_stage.options),  # as used: the default --max-length resolved against the model
         "hyperparameters": attributor.hyperparameters(),
+        "too_short": too_short,
         "timings": timings,
         "score_meaning": "score(z, x) = grad m(x)^T P grad loss(z); positive: up-weighting document z lowers the query's completion loss",
     }
-    if distributed.is_main():
+    if group.is_main():
         with atomic_directory(out, overwrite=True) as tmp:
             save_scores(tmp, result, metadata, _top_rows(context, result, top, details))
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)  # the result's memory maps stay valid
-    distributed.barrier()
+    group.barrier()
     return result

@@ -29,11 +29,11 @@ from pretrace.modeling.loading import check_model_dir, load_model, load_tokenize
 from pretrace.retrieval import make_retriever, retrieval_recall
 from pretrace.scores.io import load_scores, top_indices
 from pretrace.stages import File, Folder, StageCache, StageKey
-from pretrace.storage import read_json, read_jsonl_rows, write_json, write_jsonl
+from pretrace.storage import output_folder, read_json, read_jsonl_rows, write_json, write_jsonl
 from pretrace.training.finetune import read_finetune_record
 from pretrace.workflows.common import ModelOptions
 from pretrace.workflows.fit import fit
-from pretrace.workflows.score import ScoreSettings, build_context, explain_top, score
+from pretrace.workflows.score import ScoreSettings, build_context, explain_top, require_scoring_numbers, score
 
 RETRIEVERS = ("embedding", "bm25", "none")
 RESULTS_FILE = "results.jsonl"
@@ -69,7 +69,9 @@ class TraceSettings:
     force: bool = option(False, help="Trace even if the fine-tuned model's recorded base is not --pretrained.")
 
     def __post_init__(self):
+        """Checked before any completion is generated or document retrieved, by the rules `pretrace score` applies."""
         validate_choices(self)
+        require_scoring_numbers(self)
         for name in ("candidates", "top_k", "max_new_tokens", "fit_documents"):
             if getattr(self, name) < 1:
                 raise PretraceError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
@@ -152,13 +154,8 @@ def _from_rows(rows: list[dict]) -> list[TraceQuery]:
 # -- corpus and retrieval --------------------------------------------------------------------------
 
 def read_corpus(path: str | Path) -> list[Document]:
-    documents = list(tqdm(iter_documents(path), desc="read corpus", unit="doc", leave=False))
-    seen: set[str] = set()
-    for document in documents:
-        if document.id in seen:
-            raise PretraceError(f"{path}: document id {document.id!r} appears twice; ids must be unique (drop the 'id' fields to number documents by line).")
-        seen.add(document.id)
-    return documents
+    """Every corpus document, validated (unique ids included) by the reader all commands share."""
+    return list(tqdm(iter_documents(path), desc="read corpus", unit="doc", leave=False))
 
 
 def by_length(indices, documents: list[Document]) -> list[int]:
@@ -285,8 +282,20 @@ def _result_rows(queries: list[TraceQuery], documents: list[Document], union: li
 # -- the run ---------------------------------------------------------------------------------------
 
 def trace(settings: TraceSettings, options: ModelOptions | None = None, progress: bool = True) -> dict:
-    """Run every stage (reusing finished ones) and write results.jsonl, report.html and the plots; returns the summary."""
-    options = options or ModelOptions()
+    """Run every stage (reusing finished ones) and write results.jsonl, report.html and the plots; returns the summary.
+
+    --out is checked and locked first, like every command's, but as a run folder: its cached stages are reused, not refused."""
+    with output_folder(settings.out, False, _inputs(settings), resume=True):
+        return _trace(settings, options or ModelOptions(), progress)
+
+
+def _inputs(settings: TraceSettings) -> dict[str, str | None]:
+    """The paths `trace` reads, which its --out must neither be, lie inside (folders) nor contain (stale stages are removed)."""
+    return {flag: getattr(settings, flag.removeprefix("--").replace("-", "_")) for flag in (
+        "--pretrained", "--finetuned", "--corpus", "--queries", "--pretrained-factors", "--finetuned-factors", "--finetune-data", "--embedding-model")}
+
+
+def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> dict:
     out = Path(settings.out)
     source = read_trace_queries(settings.queries)  # bad inputs are refused before anything is written
     documents = read_corpus(settings.corpus)
