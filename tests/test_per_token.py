@@ -52,3 +52,26 @@ def test_per_token_is_refused_where_it_has_no_meaning(run, capsys):
         err = capsys.readouterr().err
         assert "--per-token needs a gradient method over linear modules, scoring documents' own gradients" in err and "Traceback" not in err
         assert not out.exists()
+
+
+def test_explanations_reuse_the_preconditioned_queries(run, monkeypatch):
+    """The top documents' explanations score the same queries again: their gradients are prepared once."""
+    import pretrace.methods.gradient as gradient
+    from pretrace.workflows.common import ModelOptions
+    from pretrace.workflows.score import ScoreSettings, score
+
+    calls = []
+    original = gradient.precondition_queries
+    monkeypatch.setattr(gradient, "precondition_queries", lambda *a, **k: calls.append(1) or original(*a, **k))
+    settings = ScoreSettings(queries=str(run / "q.jsonl"), train=str(run / "docs.jsonl"), out=str(run / "explained"),
+                             model=str(run / "model"), factors=str(run / "f"), top_k=3)
+    result = score(settings, ModelOptions(device="cpu", dtype="float64", max_length=32))
+    assert len(calls) == 1
+    rows = [json.loads(line) for line in (run / "explained" / "top_k.jsonl").read_text().splitlines()]
+    tensors = load_file(str(run / "s" / "scores.safetensors"))  # the --per-token run: explanations computed afresh there too
+    for q, row in enumerate(rows):
+        for doc in row["documents"]:
+            n = [str(i) for i in range(len(SENTENCES))].index(doc["id"])
+            span = slice(int(tensors["token_offsets"][n]), int(tensors["token_offsets"][n + 1]))
+            torch.testing.assert_close(torch.tensor(doc["token_scores"]), tensors["token_scores"][q, span], rtol=1e-5, atol=1e-6)
+    assert result.scores.shape == (2, len(SENTENCES))

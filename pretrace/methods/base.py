@@ -29,6 +29,9 @@ class Attributor:
     """Scores `[queries × documents]`; larger = the document supports the query's completion more."""
 
     name = "base"
+    # declared, not probed: True for methods whose `precondition_queries(context)` gives per-query weights that the
+    # shared scoring loop streams documents against (what --index, --self-influence and explanations need)
+    preconditions_queries = False
 
     def fit(self, context: ScoringContext) -> None:
         """One-off work independent of the queries (fitting curvature, indexing, training an ensemble)."""

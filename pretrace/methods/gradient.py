@@ -21,6 +21,8 @@ CURVATURES = {"ekfac": EKFAC, "kfac": KFAC, "diagonal": Diagonal}
 class PreconditionedGradients(Attributor):
     """score(z, x) = ∇m(x)ᵀ P ∇ℓ(z) with P built by `make_preconditioner(context)` during `fit`."""
 
+    preconditions_queries = True
+
     def __init__(self, name: str, make_preconditioner: Callable[[ScoringContext], Preconditioner], hyperparameters: dict | None = None,
                  query_rank: int | None = None):
         self.name, self._make, self._hyper = name, make_preconditioner, dict(hyperparameters or {})
@@ -28,20 +30,31 @@ class PreconditionedGradients(Attributor):
         self.query_rank_error: list[float] | None = None  # per query: relative Frobenius error of the truncation
         self.query_route: str | None = None  # how the queries were last preconditioned ("eigenbasis" or "dense"), for scores.json
         self.preconditioner: Preconditioner | None = None
+        self._prepared: tuple[tuple, tuple[list[str], dict]] | None = None  # the last queries' preconditioned weights
 
     def fit(self, context: ScoringContext) -> None:
         self.preconditioner = self._make(context)
+        self._prepared = None
 
     def precondition_queries(self, context: ScoringContext) -> tuple[list[str], dict]:
-        """P ∇m(x) once per query, in the form cheapest to score with (EK-FAC/K-FAC: kept in their eigenbasis)."""
+        """P ∇m(x) once per query, in the form cheapest to score with (EK-FAC/K-FAC: kept in their eigenbasis).
+
+        Prepared once per set of queries and kept: scoring the same queries again (the top documents'
+        explanations, another document set) reuses them instead of redoing the backward passes and the
+        preconditioning."""
         if self.preconditioner is None:
             raise RuntimeError("call fit() before score()")
         stage = context.query_stage
+        key = (id(stage.model), id(self.preconditioner), tuple(t.name for t in stage.tracked),
+               tuple((q.id, q.prompt, q.completion) for q in context.queries), context.plan.split)
+        if self._prepared is not None and self._prepared[0] == key:
+            return self._prepared[1]
         queries = precondition_queries(stage.model, stage.tracked, stage.query_batches(context.queries), self.preconditioner,
                                        query_rank=self.query_rank, progress=True, plan=context.plan)
         if queries.relative_error is not None:
             self.query_rank_error = queries.relative_error.tolist()
         self.query_route = queries.route
+        self._prepared = (key, (queries.ids, queries.weights))
         return queries.ids, queries.weights
 
     def score(self, context: ScoringContext, per_module: bool = False, per_token: bool = False) -> ScoreResult:

@@ -283,7 +283,7 @@ def _top_rows(context: ScoringContext, result: ScoreResult, top: torch.Tensor, d
 
 def _index_scores(settings: ScoreSettings, attributor: Attributor, context: ScoringContext) -> ScoreResult:
     """Queries against `pretrace index`'s stored document gradients, refused if built on other documents or another model."""
-    if not hasattr(attributor, "precondition_queries"):
+    if not attributor.preconditions_queries:
         raise PretraceError(f"--index works with the gradient methods (ekfac, kfac, diagonal, identity, ...), not {settings.method}.")
     queries, documents = context.query_stage, context.document_stage
     expected = {"model_fingerprint": documents.fingerprint, "documents_sha256": source_sha256(settings.train)}
@@ -326,7 +326,7 @@ def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringConte
     out = Path(settings.out)
     context = context or build_context(settings, options)
     attributor = attributor or make_attributor(settings)
-    gradient_based = hasattr(attributor, "precondition_queries")
+    gradient_based = attributor.preconditions_queries
     if settings.self_influence and (settings.is_multi_stage or not gradient_based):
         raise PretraceError("--self-influence needs a single-stage gradient method (ekfac, kfac, diagonal, identity, exact, cg, lissa, arnoldi).")
     if not gradient_based and (settings.shard == "queries" or settings.factors_device != "model" or settings.shard_factors):
