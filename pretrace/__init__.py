@@ -25,7 +25,7 @@ _EXPORTS = {
     "score": "pretrace.workflows.score",
     "ScoreSettings": "pretrace.workflows.score",
     "ScoreResult": "pretrace.scores",
-    "ModelOptions": "pretrace.workflows.common",
+    "ModelOptions": "pretrace.modeling.stage",
     "FitSettings": "pretrace.curvature",
     "Factors": "pretrace.curvature",
     "finetune": "pretrace.training",

@@ -31,6 +31,13 @@ class File:
 
 
 @dataclass(frozen=True)
+class Source:
+    """A record source (a file, a `datasets` folder, a hub dataset name), keyed by its contents' sha256."""
+
+    path: str | Path
+
+
+@dataclass(frozen=True)
 class Folder:
     """An input folder (a model, factors), keyed by its files' names, sizes and modification times: cheap,
     and it changes whenever the folder is rewritten (pretrace writes folders by renaming a new one in)."""
@@ -63,6 +70,11 @@ def _normalise(value: Any) -> Any:
         if not Path(value.path).is_file():
             raise PretraceError(f"{value.path}: no such file.")
         return {"sha256": file_sha256(value.path)}
+    if isinstance(value, Source):
+        from pretrace.data.records import check_source, source_sha256
+
+        check_source(value.path)
+        return {"source_sha256": source_sha256(value.path)}
     if isinstance(value, Folder):
         return {"folder": folder_stamp(value.path, value.exclude)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):

@@ -87,7 +87,7 @@ def test_an_adapter_whose_base_cannot_be_found_is_refused(folders, capsys):
 
 def test_unmerged_the_adapter_matrices_alone_are_tracked_and_their_gradients_are_autograds(folders):
     from pretrace.data import Document
-    from pretrace.workflows.common import ModelOptions, load_stage
+    from pretrace.modeling.stage import ModelOptions, load_stage
 
     root = folders
     stage = load_stage(root / "adapter", ModelOptions(device="cpu", dtype="float64", max_length=32, adapter=ADAPTER_PARAMETERS))

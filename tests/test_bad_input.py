@@ -190,14 +190,16 @@ def test_bad_input_is_refused_cleanly(ws, tmp_path, capsys, argv, pattern):
 def test_non_finite_scores_are_never_written(ws, tmp_path):
     """The one place scores are written refuses NaN/inf, whichever method produced them."""
     from pretrace.scores.pairwise import ScoreResult
-    from pretrace.workflows.common import ModelOptions
+    from pretrace.modeling.stage import ModelOptions
     from pretrace.workflows.score import score
 
-    class NaNScores:
+    from pretrace.methods import Attributor
+
+    class NaNScores(Attributor):
         def fit(self, context):
             pass
 
-        def score(self, context, per_module=False):
+        def score(self, context, per_module=False, per_token=False):
             ids = [f"d{i}" for i in range(len(SENTENCES))]
             return ScoreResult(scores=torch.full((1, len(ids)), float("nan"), dtype=torch.float64), query_ids=["q0"], document_ids=ids, module_names=[])
 

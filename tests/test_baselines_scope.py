@@ -16,7 +16,7 @@ from pretrace.gradients import LanguageModelingTask
 from pretrace.methods.base import ScoringContext
 from pretrace.modeling.modules import ALL_PARAMETERS
 from pretrace.scores.io import load_scores
-from pretrace.workflows.common import ModelOptions, load_stage
+from pretrace.modeling.stage import ModelOptions, load_stage
 from pretrace.workflows.fit import fit
 from pretrace.workflows.score import ScoreSettings, score
 from test_baselines_similarity import autograd_query_gradients

@@ -15,7 +15,7 @@ from pretrace.errors import PretraceError
 from pretrace.methods.base import ScoringContext
 from pretrace.modeling.modules import select_modules
 from pretrace.scores.io import load_scores
-from pretrace.workflows.common import ModelOptions, Stage
+from pretrace.modeling.stage import ModelOptions, Stage
 from pretrace.workflows.score import ScoreSettings, score
 from tiny import WORDS, build_tiny_model, save_tiny_model
 

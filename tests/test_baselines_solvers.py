@@ -16,7 +16,7 @@ from pretrace.data.batching import collate, encode_documents, iter_batches
 from pretrace.errors import PretraceError
 from pretrace.modeling.modules import select_modules
 from pretrace.scores.io import load_scores
-from pretrace.workflows.common import ModelOptions
+from pretrace.modeling.stage import ModelOptions
 from pretrace.workflows.score import ScoreSettings, score
 from tiny import build_tiny_model, save_tiny_model, write_jsonl
 

@@ -12,7 +12,7 @@ from pretrace.data import Document, Query
 from pretrace.errors import PretraceError
 from pretrace.methods.base import ScoringContext
 from pretrace.retrieval.embedding import default_model_path
-from pretrace.workflows.common import ModelOptions
+from pretrace.modeling.stage import ModelOptions
 from test_baselines_similarity import run_workflow
 
 # No word occurs in more than half of the documents, so Okapi's idf is never negative (rank_bm25 floors it otherwise).

@@ -8,7 +8,7 @@ import pytest
 from pretrace.curvature import FitSettings
 from pretrace.methods.registry import METHODS
 from pretrace.scores.io import load_scores
-from pretrace.workflows.common import ModelOptions
+from pretrace.modeling.stage import ModelOptions
 from pretrace.workflows.fit import fit
 from pretrace.workflows.score import ScoreSettings, score
 from test_baselines_similarity import QUERIES, query_record

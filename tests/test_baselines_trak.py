@@ -10,7 +10,7 @@ from pretrace.data import Document
 from pretrace.data.batching import encode_documents, encode_queries, iter_batches
 from pretrace.errors import PretraceError
 from pretrace.methods.base import ScoringContext
-from pretrace.workflows.common import ModelOptions, load_stage
+from pretrace.modeling.stage import ModelOptions, load_stage
 from test_baselines_similarity import QUERIES, autograd_query_gradients, random_documents, run_workflow
 from tiny import save_tiny_model
 

@@ -10,7 +10,7 @@ from pretrace.baselines.trak_ensemble import subset
 from pretrace.errors import PretraceError
 from pretrace.modeling.loading import load_model
 from pretrace.scores.io import load_scores
-from pretrace.workflows.common import ModelOptions, load_stage
+from pretrace.modeling.stage import ModelOptions, load_stage
 from pretrace.workflows.score import ScoreSettings, score
 from test_baselines_similarity import QUERIES, query_record, random_documents
 from tiny import save_tiny_model, write_jsonl

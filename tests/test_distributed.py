@@ -34,7 +34,7 @@ from pretrace.scores.columns import ScoreColumns, transpose_to_npy
 from pretrace.scores.pairwise import query_gradients, score_documents
 from pretrace.scores.plan import ScoringPlan, query_order
 from pretrace.training import FinetuneSettings, finetune, read_finetune_record, sequence_losses
-from pretrace.workflows.common import ModelOptions, Stage, load_stage
+from pretrace.modeling.stage import ModelOptions, Stage, load_stage
 from pretrace.storage import read_tensor_metadata
 from pretrace.workflows.fit import checkpoint_folder, fit
 from pretrace.workflows.score import ScoreSettings, score

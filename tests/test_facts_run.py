@@ -181,7 +181,7 @@ def test_influence_scores_match_the_score_workflow_attributors(finished_run):
     from pretrace.data.records import Document
     from pretrace.methods.base import ScoringContext
     from pretrace.methods.gradient import multi_stage, single_stage
-    from pretrace.workflows.common import ModelOptions, load_stage
+    from pretrace.modeling.stage import ModelOptions, load_stage
 
     root, settings, results, _ = finished_run
     out = root / "out"

@@ -12,7 +12,7 @@ from pretrace.errors import PretraceError
 from pretrace.modeling.loading import load_model, load_tokenizer
 from pretrace.modeling.modules import select_modules
 from pretrace.training.finetune import FinetuneSettings, finetune
-from pretrace.workflows.common import ModelOptions
+from pretrace.modeling.stage import ModelOptions
 from pretrace.workflows.fit import fit
 from pretrace.workflows.score import ScoreSettings, score
 from tiny import SENTENCES, save_tiny_model, write_jsonl

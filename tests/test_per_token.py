@@ -57,7 +57,7 @@ def test_per_token_is_refused_where_it_has_no_meaning(run, capsys):
 def test_explanations_reuse_the_preconditioned_queries(run, monkeypatch):
     """The top documents' explanations score the same queries again: their gradients are prepared once."""
     import pretrace.methods.gradient as gradient
-    from pretrace.workflows.common import ModelOptions
+    from pretrace.modeling.stage import ModelOptions
     from pretrace.workflows.score import ScoreSettings, score
 
     calls = []

@@ -16,7 +16,7 @@ from pretrace.scores.pairwise import query_gradients, score_documents
 from pretrace.scores.plan import ScoringPlan
 from pretrace.scores.queries import precondition_queries
 from pretrace.scores.weights import DenseWeights, EigenbasisWeights
-from pretrace.workflows.common import ModelOptions, load_stage
+from pretrace.modeling.stage import ModelOptions, load_stage
 from pretrace.workflows.fit import fit
 from pretrace.workflows.score import ScoreSettings, score
 from tiny import WORDS, save_tiny_model, write_jsonl

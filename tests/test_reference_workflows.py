@@ -39,7 +39,7 @@ def _gradient_dot(root, max_length):
 
 
 def test_sequences_longer_than_max_length_are_truncated_with_a_counted_warning(workspace, tmp_path):
-    from pretrace.workflows.common import ModelOptions
+    from pretrace.modeling.stage import ModelOptions
     from pretrace.workflows.score import ScoreSettings, score
 
     tokenizer = load_tokenizer(workspace / "model")
@@ -165,7 +165,5 @@ def test_demo_command_end_to_end_on_a_reduced_world(tmp_path, capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="bug: run_demo ranks BM25 with k=100 although --candidates may leave fewer than 100 "
-                                      "candidates (here 12 fact sentences + 20): PretraceError 'k=100 but the corpus has 32 documents'")
 def test_demo_accepts_fewer_than_100_candidates(tmp_path):
     assert main(["demo", "--out", str(tmp_path / "demo"), *DEMO, "--candidates", "20"]) == 0

@@ -139,3 +139,17 @@ def test_trace_recomputes_exactly_the_stages_a_change_affects(tmp_path):
     write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS[:-1])])  # same file name
     assert computed(trace(replace(settings, candidates=5, damping_factor=0.5), OPTIONS, progress=False)) == \
         {"index", "retrieval", "factors-pretrained", "scores", "results"}
+
+
+def test_demo_recomputes_exactly_the_stages_a_change_affects(tmp_path):
+    from pretrace.cli import main
+    from test_reference_workflows import DEMO
+
+    out = tmp_path / "demo"
+    digests = lambda: {k: v["digest"] for k, v in json.loads((out / "stages.json").read_text()).items()}  # noqa: E731
+    assert main(["demo", "--out", str(out), *DEMO, "--candidates", "90"]) == 0
+    first = digests()
+    assert set(first) == {"world", "pretrain", "finetune", "factors_pretrained", "factors_finetuned", "scores_ekfac", "scores_identity"}
+    assert main(["demo", "--out", str(out), *DEMO, "--candidates", "90", "--alpha", "0.02"]) == 0
+    changed = {k for k, v in digests().items() if v != first[k]}
+    assert changed == {"finetune", "factors_finetuned", "scores_ekfac", "scores_identity"}

@@ -12,7 +12,7 @@ from pretrace.retrieval import retrieval_recall
 from pretrace.retrieval.bm25 import BM25Index
 from pretrace.storage import read_json, read_jsonl_rows
 from pretrace.training.finetune import FinetuneSettings, finetune
-from pretrace.workflows.common import ModelOptions
+from pretrace.modeling.stage import ModelOptions
 from pretrace.workflows.trace import TraceSettings, first_line, trace
 from tiny import SENTENCES, save_tiny_model, write_jsonl
 

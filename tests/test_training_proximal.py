@@ -12,8 +12,8 @@ from pretrace.curvature import Factors
 from pretrace.errors import PretraceError
 from pretrace.modeling.loading import load_model, load_tokenizer
 from pretrace.training import FINETUNE_RECORD, FinetuneSettings, finetune
-from pretrace.training.proximal import PretraceCallback, ProximalFinetuning, pad_examples, trainer_examples
-from pretrace.workflows.common import ModelOptions
+from pretrace.workflows.proximal import PretraceCallback, ProximalFinetuning, pad_examples, trainer_examples
+from pretrace.modeling.stage import ModelOptions
 from pretrace.workflows.fit import fit
 from tiny import save_tiny_model, write_jsonl
 

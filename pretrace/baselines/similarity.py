@@ -31,7 +31,7 @@ from pretrace.gradients.task import model_inputs
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.gradient import PreconditionedGradients
 from pretrace.scores.pairwise import ScoreResult, query_gradients
-from pretrace.workflows.common import DocumentSource, Stage
+from pretrace.modeling.stage import DocumentSource, Stage
 
 
 def compute_dtype(model: torch.nn.Module) -> torch.dtype:

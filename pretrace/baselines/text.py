@@ -14,7 +14,7 @@ from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.retrieval import make_retriever
 from pretrace.scores.pairwise import ScoreResult
-from pretrace.workflows.common import DocumentSource, iter_source
+from pretrace.modeling.stage import DocumentSource, iter_source
 
 
 class TextRetrievalScores(Attributor):

@@ -41,7 +41,7 @@ from pretrace.baselines.trak_ensemble import EnsembleSettings, Member, train_ens
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.scores.pairwise import ScoreResult, query_gradients
-from pretrace.workflows.common import DocumentSource, Stage, load_stage
+from pretrace.modeling.stage import DocumentSource, Stage, load_stage
 
 PROJECTIONS = ("rademacher", "gaussian")
 

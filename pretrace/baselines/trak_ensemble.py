@@ -25,7 +25,7 @@ from pretrace.errors import PretraceError
 from pretrace.modeling.loading import parse_dtype
 from pretrace.storage import file_sha256, read_json, write_json
 from pretrace.training import PRETRAIN_RECORD, TrainSettings, pretrain
-from pretrace.workflows.common import Stage
+from pretrace.modeling.stage import Stage
 
 INITIALISATIONS = ("scratch", "model")
 MANIFEST = "ensemble.json"

@@ -22,6 +22,7 @@ from pretrace.bench.facts.metrics import mean_reciprocal_rank, mean_recall_at_k
 from pretrace.config import option, require_number
 from pretrace.data.records import read_documents, read_queries
 from pretrace.errors import PretraceError
+from pretrace.stages import File, Folder, StageCache
 from pretrace.storage import output_folder, read_json, write_json, write_jsonl
 
 QUESTION = "question : what is the capital of {country} ? answer :"
@@ -72,10 +73,16 @@ def capital_facts(count: int, seed: int) -> list[tuple[str, str]]:
     return pairs[:count]
 
 
-def build_world(settings: DemoSettings, folder: Path) -> dict:
+WORLD_SETTINGS = ("ptb_sentences", "facts", "query_facts", "fact_repeats", "candidates", "fit_documents", "seed")
+RANKED = 100  # each method's ranking depth: MRR counts hits within it
+WORLD_FILES = ("pretrain.jsonl", "fit_sample.jsonl", "candidates.jsonl", "finetune.jsonl", "queries.jsonl", "world.json")
+
+
+def build_world(settings: DemoSettings, folder: Path, cache: StageCache) -> dict:
     """Writes pretrain.jsonl, candidates.jsonl, finetune.jsonl, queries.jsonl and the fact → candidate map."""
     manifest = folder / "world.json"
-    if manifest.is_file():
+    key = cache.key("world", **{name: getattr(settings, name) for name in WORLD_SETTINGS})
+    if not cache.stale(key, *(folder / name for name in WORLD_FILES)):
         return read_json(manifest)
     from pretrace.data.ptb import ptb_documents
 
@@ -100,12 +107,14 @@ def build_world(settings: DemoSettings, folder: Path) -> dict:
     write_jsonl(folder / "queries.jsonl", pairs(held_out))
     world = {"facts": facts, "queries": [i for i, _ in held_out], "evidence": {str(i): evidence[i] for i, _ in held_out}}
     write_json(manifest, world)
+    cache.record(key)
     return world
 
 
-def pretrain_model(settings: DemoSettings, folder: Path) -> Path:
+def pretrain_model(settings: DemoSettings, folder: Path, cache: StageCache) -> Path:
     out = folder / "pretrained"
-    if (out / "config.json").is_file():
+    key = cache.key("pretrain", data=File(folder / "pretrain.jsonl"), epochs=settings.epochs, seed=settings.seed)
+    if not cache.stale(key, out):
         return out
     from transformers import GPTNeoXConfig
 
@@ -120,17 +129,20 @@ def pretrain_model(settings: DemoSettings, folder: Path) -> Path:
                            rotary_pct=0.25, max_position_embeddings=128, attention_dropout=0.0, hidden_dropout=0.0)
     train = TrainSettings(lr=3e-3, epochs=settings.epochs, batch_size=32, max_length=64, warmup=0.02, seed=settings.seed)
     pretrain(config, tokenizer, documents, train, validation=ptb_documents("valid", limit=500), out=out)
+    cache.record(key)
     return out
 
 
-def finetune_model(settings: DemoSettings, folder: Path, pretrained: Path) -> Path:
-    out = folder / "finetuned"
-    if (out / "config.json").is_file():
-        return out
+def finetune_model(settings: DemoSettings, folder: Path, pretrained: Path, cache: StageCache) -> Path:
     from pretrace.training.finetune import FinetuneSettings, finetune
 
-    finetune(FinetuneSettings(model=str(pretrained), data=str(folder / "finetune.jsonl"), out=str(out), alpha=settings.alpha,
-                              lr=1e-3, epochs=30, batch_size=8, max_length=64, warmup=0.05, seed=settings.seed))
+    out = folder / "finetuned"
+    finetuning = FinetuneSettings(model=str(pretrained), data=str(folder / "finetune.jsonl"), out=str(out), alpha=settings.alpha,
+                                  lr=1e-3, epochs=30, batch_size=8, max_length=64, warmup=0.05, seed=settings.seed)
+    key = cache.key("finetune", model=Folder(pretrained), data=File(folder / "finetune.jsonl"), settings=finetuning)
+    if cache.stale(key, out):
+        finetune(finetuning)
+        cache.record(key)
     return out
 
 
@@ -143,21 +155,25 @@ def run_demo(settings: DemoSettings) -> dict:
 def _run_demo(settings: DemoSettings) -> dict:
     from pretrace.retrieval.bm25 import BM25Index
     from pretrace.scores.io import load_scores, top_indices
-    from pretrace.workflows.common import ModelOptions
+    from pretrace.modeling.stage import ModelOptions
     from pretrace.workflows.fit import fit
     from pretrace.workflows.score import ScoreSettings, score
 
     folder = Path(settings.out)
     folder.mkdir(parents=True, exist_ok=True)
+    cache = StageCache(folder)
     torch.manual_seed(settings.seed)
-    world = build_world(settings, folder)
-    pretrained = pretrain_model(settings, folder)
-    finetuned = finetune_model(settings, folder, pretrained)
+    world = build_world(settings, folder, cache)
+    pretrained = pretrain_model(settings, folder, cache)
+    finetuned = finetune_model(settings, folder, pretrained, cache)
     options = ModelOptions(max_length=64, batch_size=16)
     sample = folder / "fit_sample.jsonl"
+    factors = {}
     for model, data, out in ((pretrained, sample, "factors_pretrained"), (finetuned, folder / "finetune.jsonl", "factors_finetuned")):
-        if not (folder / out / "factors.json").is_file():
+        factors[out] = cache.key(out, model=Folder(model), data=File(data), options=options)
+        if cache.stale(factors[out], folder / out):
             fit(model, data, folder / out, options)
+            cache.record(factors[out])
     methods = {
         "multi-stage EK-FAC": dict(method="ekfac"),
         "gradient dot product": dict(method="identity"),
@@ -165,17 +181,21 @@ def _run_demo(settings: DemoSettings) -> dict:
     rankings = {}
     for label, extra in methods.items():
         out = folder / f"scores_{extra['method']}"
-        if not (out / "scores.json").is_file():
-            score(ScoreSettings(queries=str(folder / "queries.jsonl"), train=str(folder / "candidates.jsonl"), out=str(out),
+        scoring = ScoreSettings(queries=str(folder / "queries.jsonl"), train=str(folder / "candidates.jsonl"), out=str(out),
                                 pretrained=str(pretrained), finetuned=str(finetuned),
                                 pretrained_factors=str(folder / "factors_pretrained"), finetuned_factors=str(folder / "factors_finetuned"),
-                                top_k=10, **extra), options)
+                                top_k=10, **extra)
+        key = cache.key(f"scores_{extra['method']}", models=[Folder(pretrained), Folder(finetuned)], factors=list(factors.values()),
+                        world=File(folder / "world.json"), settings=scoring, options=options)
+        if cache.stale(key, out):
+            score(scoring, options)
+            cache.record(key)
         tensors, _ = load_scores(out)
-        rankings[label] = top_indices(tensors["scores"], 100).tolist()
+        rankings[label] = top_indices(tensors["scores"], min(RANKED, tensors["scores"].shape[1])).tolist()
     candidates = read_documents(folder / "candidates.jsonl")
     queries = [q.prompt + q.completion for q in read_queries(folder / "queries.jsonl")]
     bm25 = BM25Index.build([d.text for d in candidates], show_progress=False)
-    rankings["BM25 (question + answer)"] = bm25.search(queries, 100)[0].tolist()
+    rankings["BM25 (question + answer)"] = bm25.search(queries, min(RANKED, len(candidates)))[0].tolist()
     correct = [world["evidence"][str(i)] for i in world["queries"]]
     table = {label: {"mrr": mean_reciprocal_rank(r, correct), "recall@10": mean_recall_at_k(r, correct)} for label, r in rankings.items()}
     write_json(folder / "results.json", table)

@@ -269,7 +269,7 @@ def method_runs(run: Run, halves: list[Path], ekfac_damping: dict[str, float]) -
 
 
 def model_options(run: Run, scope: str):
-    from pretrace.workflows.common import ModelOptions
+    from pretrace.modeling.stage import ModelOptions
 
     return ModelOptions(preset=scope, max_length=run.preset.max_length, batch_size=run.preset.score_batch_size, device=run.device)
 
@@ -332,7 +332,7 @@ def select_damping(run: Run, model: Path, scope: str) -> dict:
     from pretrace.data.ptb import ptb_documents
     from pretrace.data.records import Query
     from pretrace.scores.pairwise import query_gradients
-    from pretrace.workflows.common import load_stage
+    from pretrace.modeling.stage import load_stage
 
     p, started = run.preset, time.perf_counter()
     stage = load_stage(model, model_options(run, scope))

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pretrace.cli.options import add_arguments, from_arguments
 from pretrace.config import option
 from pretrace.scores.index import IndexSettings
-from pretrace.workflows.common import ModelOptions
+from pretrace.modeling.stage import ModelOptions
 
 
 @dataclass

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pretrace.cli import COMMANDS
 
 from pretrace.cli.options import add_arguments, from_arguments
-from pretrace.workflows.common import ModelOptions
+from pretrace.modeling.stage import ModelOptions
 from pretrace.workflows.trace import TraceSettings
 
 

@@ -266,7 +266,7 @@ def _string_field(where: str, obj: dict, key: str, required: bool) -> str | None
     return value
 
 
-class _UniqueIds:
+class UniqueIds:
     """One rule for every input file: record ids are unique, so scores and reports can name documents by id."""
 
     def __init__(self, what: str):
@@ -290,7 +290,7 @@ def _kind(source: str | Path) -> str:
 
 def iter_documents(source: str | Path, fields: Fields = DEFAULT_FIELDS) -> Iterator[Document]:
     """Stream documents; ids default to the 0-based record index."""
-    unique = _UniqueIds("document")
+    unique = UniqueIds("document")
     for index, (where, obj) in enumerate(iter_records(source, fields)):
         if "prompt" in obj or "completion" in obj:
             raise PretraceError(f"{where}: has 'prompt'/'completion' where a training document is expected; documents are {{'text', optional 'id'}} "
@@ -305,7 +305,7 @@ def iter_documents(source: str | Path, fields: Fields = DEFAULT_FIELDS) -> Itera
 
 def _located_queries(source: str | Path, what: str, fields: Fields) -> Iterator[tuple[str, Query]]:
     """(where, query) for every record; `what` names the records in errors."""
-    unique = _UniqueIds(what)
+    unique = UniqueIds(what)
     for index, (where, obj) in enumerate(iter_records(source, fields)):
         prompt = _string_field(where, obj, "prompt", required=False)
         completion = _string_field(where, obj, "completion", required=False)

@@ -1,6 +1,8 @@
-"""Attribution methods behind one interface: `fit` pays the one-off cost, `score` the per-query cost."""
+"""Attribution methods behind one interface: `fit` pays the one-off cost, `score` the per-query cost.
+
+`pretrace.methods.registry` maps method names to builders; it sits above `pretrace.baselines` (which build on
+`methods.base`), so it is imported from there, not from this package."""
 
 from pretrace.methods.base import Attributor, ScoringContext
-from pretrace.methods.registry import METHODS, make_attributor
 
-__all__ = ["Attributor", "METHODS", "ScoringContext", "make_attributor"]
+__all__ = ["Attributor", "ScoringContext"]

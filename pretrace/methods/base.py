@@ -8,7 +8,7 @@ from pathlib import Path
 from pretrace.data.records import Query
 from pretrace.scores.pairwise import ScoreResult
 from pretrace.scores.plan import ScoringPlan
-from pretrace.workflows.common import Stage
+from pretrace.modeling.stage import Stage
 
 
 @dataclass

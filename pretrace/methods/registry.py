@@ -1,10 +1,11 @@
-"""Method names → attributors. Each builder takes the score settings (see `pretrace.workflows.score`)."""
+"""Method names → attributors: the influence methods of `pretrace.methods` and the baselines. Each builder takes
+the score settings (see `pretrace.workflows.score`)."""
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
+from pretrace.baselines import inverse, similarity, text, trak
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor
 from pretrace.methods.gradient import PreconditionedGradients, multi_stage, single_stage
@@ -20,32 +21,22 @@ def _curvature(kind: str) -> Callable:
     return build
 
 
-def _baseline(module: str, builder: str) -> Callable:
-    """A builder in `pretrace.baselines.<module>`, imported on use: the baselines import this package's
-    base classes (a cycle at import time) and optional heavy libraries only they need."""
-
-    def build(settings) -> Attributor:
-        return getattr(importlib.import_module(f"pretrace.baselines.{module}"), builder)(settings)
-
-    return build
-
-
 METHODS: dict[str, tuple[str, Callable]] = {
     "ekfac": ("EK-FAC inverse (eigenvalue-corrected Kronecker factors)", _curvature("ekfac")),
     "kfac": ("K-FAC inverse (Kronecker eigenvalues, no correction)", _curvature("kfac")),
     "diagonal": ("diagonal Fisher inverse (factors fitted with --diagonal)", _curvature("diagonal")),
     "identity": ("no preconditioning: gradient dot product", _curvature("identity")),
-    "gradient-dot": ("gradient dot product (identity preconditioning); multi-stage: query on the fine-tuned, documents on the pre-trained model", _baseline("similarity", "build_gradient_dot")),
-    "gradient-cosine": ("cosine of query and document gradients (TracIn with one checkpoint)", _baseline("similarity", "build_gradient_cosine")),
-    "cka": ("the paper's gradient CKA: linear CKA of two gradient vectors = their squared cosine", _baseline("similarity", "build_cka")),
-    "representation": ("cosine of mean-pooled hidden states (--representation-layer)", _baseline("similarity", "build_representation")),
-    "trak": ("TRAK: projected gradients, kernel (Phi^T Phi + damping)^-1, averaged over --trak-models", _baseline("trak", "build_trak")),
-    "bm25": ("BM25 between query text (prompt + completion) and document text (--bm25-method)", _baseline("text", "build_bm25")),
-    "embedding": ("cosine of sentence embeddings of query and document text (--embedding-model)", _baseline("text", "build_embedding")),
-    "exact": ("exact (C + damping I)^-1 from the dense Gauss-Newton or Hessian (--curvature) over --fit-data; small models only", _baseline("inverse", "build_exact")),
-    "cg": ("conjugate gradient solve of (C + damping I) x = query gradient per query, exact curvature products (--iterations, --tolerance)", _baseline("inverse", "build_cg")),
-    "lissa": ("LiSSA stochastic Neumann series for (C + damping I)^-1 (--lissa-depth, --lissa-repeats, --lissa-scale)", _baseline("inverse", "build_lissa")),
-    "arnoldi": ("Arnoldi influence: top --arnoldi-rank eigenpairs of the curvature, V diag(1/(eigenvalue + damping)) V^T", _baseline("inverse", "build_arnoldi")),
+    "gradient-dot": ("gradient dot product (identity preconditioning); multi-stage: query on the fine-tuned, documents on the pre-trained model", similarity.build_gradient_dot),
+    "gradient-cosine": ("cosine of query and document gradients (TracIn with one checkpoint)", similarity.build_gradient_cosine),
+    "cka": ("the paper's gradient CKA: linear CKA of two gradient vectors = their squared cosine", similarity.build_cka),
+    "representation": ("cosine of mean-pooled hidden states (--representation-layer)", similarity.build_representation),
+    "trak": ("TRAK: projected gradients, kernel (Phi^T Phi + damping)^-1, averaged over --trak-models", trak.build_trak),
+    "bm25": ("BM25 between query text (prompt + completion) and document text (--bm25-method)", text.build_bm25),
+    "embedding": ("cosine of sentence embeddings of query and document text (--embedding-model)", text.build_embedding),
+    "exact": ("exact (C + damping I)^-1 from the dense Gauss-Newton or Hessian (--curvature) over --fit-data; small models only", inverse.build_exact),
+    "cg": ("conjugate gradient solve of (C + damping I) x = query gradient per query, exact curvature products (--iterations, --tolerance)", inverse.build_cg),
+    "lissa": ("LiSSA stochastic Neumann series for (C + damping I)^-1 (--lissa-depth, --lissa-repeats, --lissa-scale)", inverse.build_lissa),
+    "arnoldi": ("Arnoldi influence: top --arnoldi-rank eigenpairs of the curvature, V diag(1/(eigenvalue + damping)) V^T", inverse.build_arnoldi),
 }
 
 

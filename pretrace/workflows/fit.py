@@ -10,7 +10,7 @@ from pretrace.curvature import FitSettings, Factors, fit_factors
 from pretrace.modeling.modules import require_linear_modules
 from pretrace.data.records import check_source, source_sha256
 from pretrace.storage import atomic_directory, output_folder
-from pretrace.workflows.common import ModelOptions, load_stage
+from pretrace.modeling.stage import ModelOptions, load_stage
 
 
 def checkpoint_folder(out: Path) -> Path:

@@ -7,7 +7,7 @@ from pathlib import Path
 from pretrace.scores.index import IndexSettings, build_index
 from pretrace.data.records import check_source, source_sha256
 from pretrace.storage import commit_folder, output_folder
-from pretrace.workflows.common import ModelOptions, load_stage
+from pretrace.modeling.stage import ModelOptions, load_stage
 
 
 def build_folder(out: Path) -> Path:

@@ -29,7 +29,7 @@ from pretrace.scores.index import read_index, score_queries
 from pretrace.scores.plan import SPLITS, ScoringPlan
 from pretrace.storage import atomic_directory, output_folder
 from pretrace.training.finetune import FINETUNE_RECORD, read_finetune_record
-from pretrace.workflows.common import ModelOptions, Stage, iter_source, load_stage
+from pretrace.modeling.stage import ModelOptions, Stage, iter_source, load_stage
 
 
 WITHOUT_DOCUMENT_LOSS = ("bm25", "embedding", "representation")  # they score a document's words or states, so one token is enough

@@ -22,16 +22,16 @@ from tqdm.auto import tqdm
 
 from pretrace.config import option, to_dict, validate_choices
 from pretrace.curvature import FitSettings
-from pretrace.data.records import Document, Query, iter_documents, iter_json_objects
+from pretrace.data.records import DEFAULT_FIELDS, Document, Fields, Query, UniqueIds, iter_documents, iter_records
 from pretrace.errors import PretraceError
 from pretrace.methods.registry import make_attributor
 from pretrace.modeling.loading import check_model_dir, load_model, load_tokenizer
 from pretrace.retrieval import make_retriever, retrieval_recall
 from pretrace.scores.io import load_scores, top_indices
-from pretrace.stages import File, Folder, StageCache, StageKey
+from pretrace.stages import File, Folder, Source, StageCache, StageKey
 from pretrace.storage import output_folder, read_json, read_jsonl_rows, write_json, write_jsonl
 from pretrace.training.finetune import read_finetune_record
-from pretrace.workflows.common import ModelOptions
+from pretrace.modeling.stage import ModelOptions
 from pretrace.workflows.fit import fit
 from pretrace.workflows.score import ScoreSettings, build_context, explain_top, require_scoring_numbers, score
 
@@ -88,23 +88,20 @@ class TraceQuery:
 
 # -- queries ---------------------------------------------------------------------------------------
 
-def read_trace_queries(path: str | Path) -> list[TraceQuery]:
-    """Queries with an optional completion and optional ground-truth evidence (corpus document ids)."""
-    queries, seen = [], set()
-    for index, (line, obj) in enumerate(iter_json_objects(path)):
+def read_trace_queries(path: str | Path, fields: Fields = DEFAULT_FIELDS) -> list[TraceQuery]:
+    """Queries with an optional completion and optional ground-truth evidence (corpus document ids), from any
+    record source; ids follow the one rule of every source (unique; default: the position)."""
+    queries, unique = [], UniqueIds("query")
+    for index, (where, obj) in enumerate(iter_records(path, fields)):
         prompt, completion = obj.get("prompt"), obj.get("completion")
         if not isinstance(prompt, str) or not prompt.strip():
-            raise PretraceError(f"{path}:{line}: a trace query needs a non-empty string 'prompt' (found: {sorted(obj)}).")
+            raise PretraceError(f"{where}: a trace query needs a non-empty string 'prompt' (found: {sorted(obj)}; --prompt-field names another column).")
         if completion is not None and (not isinstance(completion, str) or not completion.strip()):
-            raise PretraceError(f"{path}:{line}: 'completion' must be a non-empty string; drop it to trace the model's own answer.")
+            raise PretraceError(f"{where}: 'completion' must be a non-empty string; drop it to trace the model's own answer.")
         evidence = obj.get("evidence_ids")
         if evidence is not None and not isinstance(evidence, list):
-            raise PretraceError(f"{path}:{line}: 'evidence_ids' must be a list of corpus document ids.")
-        query_id = str(obj.get("id", index))
-        if query_id in seen:
-            raise PretraceError(f"{path}:{line}: query id {query_id!r} appears twice; ids must be unique.")
-        seen.add(query_id)
-        queries.append(TraceQuery(Query(query_id, prompt, completion), False,
+            raise PretraceError(f"{where}: 'evidence_ids' must be a list of corpus document ids.")
+        queries.append(TraceQuery(Query(unique(obj, index, where), prompt, completion), False,
                                   None if evidence is None else tuple(str(e) for e in evidence)))
     if not queries:
         raise PretraceError(f"{path}: no queries; the file is empty.")
@@ -153,9 +150,9 @@ def _from_rows(rows: list[dict]) -> list[TraceQuery]:
 
 # -- corpus and retrieval --------------------------------------------------------------------------
 
-def read_corpus(path: str | Path) -> list[Document]:
+def read_corpus(path: str | Path, fields: Fields = DEFAULT_FIELDS) -> list[Document]:
     """Every corpus document, validated (unique ids included) by the reader all commands share."""
-    return list(tqdm(iter_documents(path), desc="read corpus", unit="doc", leave=False))
+    return list(tqdm(iter_documents(path, fields), desc="read corpus", unit="doc", leave=False))
 
 
 def by_length(indices, documents: list[Document]) -> list[int]:
@@ -200,7 +197,7 @@ def ensure_factors(settings: TraceSettings, options: ModelOptions, documents: li
     pretrained, pretrained_input = settings.pretrained_factors, None
     if pretrained is None:
         data, pretrained = out / "factors" / "pretrained-sample.jsonl", out / "factors" / "pretrained"
-        key = cache.key("factors-pretrained", model=Folder(settings.pretrained), corpus=File(settings.corpus),
+        key = cache.key("factors-pretrained", model=Folder(settings.pretrained), corpus=Source(settings.corpus),
                         documents=settings.fit_documents, seed=settings.seed, options=options)
         if cache.stale(key, data, pretrained):
             sample = _fitting_sample(documents, settings.fit_documents, settings.seed)
@@ -211,13 +208,13 @@ def ensure_factors(settings: TraceSettings, options: ModelOptions, documents: li
     finetuned, finetuned_input = settings.finetuned_factors, None
     if finetuned is None:
         data = settings.finetune_data or (read_finetune_record(settings.finetuned) or {}).get("data")
-        if data is None or not Path(data).is_file():
+        if data is None or not Path(data).exists():
             raise PretraceError(
                 f"the fine-tuned factors are missing and no fine-tuning data is known{f' ({data} is gone)' if data else ''}; "
                 "pass --finetuned-factors (from `pretrace fit` on the fine-tuned model) or --finetune-data (its prompt/completion pairs)."
             )
         finetuned = out / "factors" / "finetuned"
-        key = cache.key("factors-finetuned", model=Folder(settings.finetuned), data=File(data), seed=settings.seed, options=options)
+        key = cache.key("factors-finetuned", model=Folder(settings.finetuned), data=Source(data), seed=settings.seed, options=options)
         if cache.stale(key, finetuned):
             fit(settings.finetuned, data, finetuned, options, FitSettings(seed=settings.seed))
             cache.record(key)
@@ -297,8 +294,8 @@ def _inputs(settings: TraceSettings) -> dict[str, str | None]:
 
 def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> dict:
     out = Path(settings.out)
-    source = read_trace_queries(settings.queries)  # bad inputs are refused before anything is written
-    documents = read_corpus(settings.corpus)
+    source = read_trace_queries(settings.queries, options.fields())  # bad inputs are refused before anything is written
+    documents = read_corpus(settings.corpus, options.fields())
     for folder in (settings.pretrained, settings.finetuned):
         check_model_dir(folder)
     out.mkdir(parents=True, exist_ok=True)
@@ -315,7 +312,7 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
         clock = now
 
     queries_file = out / "queries.jsonl"
-    queries_key = cache.key("queries", queries=File(settings.queries), finetuned=Folder(settings.finetuned),
+    queries_key = cache.key("queries", queries=Source(settings.queries), finetuned=Folder(settings.finetuned),
                             max_new_tokens=settings.max_new_tokens, dtype=options.dtype)
     if cache.stale(queries_key, queries_file):
         queries = generate_completions(settings.finetuned, source, settings.max_new_tokens, options)
@@ -326,7 +323,7 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
     lap("completions_seconds")
 
     candidates_file = out / "candidates.json"
-    index_key = cache.key("index", corpus=File(settings.corpus), retriever=settings.retriever, embedding_model=settings.embedding_model,
+    index_key = cache.key("index", corpus=Source(settings.corpus), retriever=settings.retriever, embedding_model=settings.embedding_model,
                           given=settings.index)
     # the retriever builds (or resumes) its index in OUT/index-RETRIEVER; an index of another corpus is removed first
     index_stale = settings.index is None and settings.retriever != "none" and cache.stale(index_key, out / f"index-{settings.retriever}")

@@ -32,7 +32,7 @@ from pretrace.gradients.capture import capture
 from pretrace.gradients.task import LanguageModelingTask
 from pretrace.scores.pairwise import query_gradients
 from pretrace.storage import read_json, read_tensors, write_json, write_tensors
-from pretrace.workflows.common import Stage
+from pretrace.modeling.stage import Stage
 
 GRADIENT_METHODS = ("multi-stage-ekfac", "finetuned-ekfac", "gradient-dot")
 

@@ -52,7 +52,7 @@ from pretrace.modeling.modules import find_blocks_container, select_modules
 from pretrace.modeling.smollm import cache_root, ensure_smollm2
 from pretrace.stages import File, Folder, StageCache, StageKey
 from pretrace.storage import atomic_directory, read_json, read_jsonl_rows, read_tensors, write_json, write_jsonl, write_tensors
-from pretrace.workflows.common import ModelOptions, Stage, load_stage
+from pretrace.modeling.stage import ModelOptions, Stage, load_stage
 
 DATA_SOURCES = ("bundled", "trex-lama", "folder")
 QUERY_SETS = ("queries", "dev")

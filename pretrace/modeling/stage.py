@@ -1,4 +1,5 @@
-"""Loading a model stage and its data the same way for every command."""
+"""A loaded model stage — model, tokenizer, tracked modules and how records become batches — the same for every
+method and command (the options are the shared --preset/--dtype/--max-length/... flags)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 from pretrace.parallel import group
 from pretrace.config import option, validate_choices
 from pretrace.data.batching import TokenBatch, encode_documents, encode_queries, iter_batches
-from pretrace.data.records import DEFAULT_FIELDS, Document, FieldOptions, Fields, iter_documents, iter_queries, read_queries, scan_records
+from pretrace.data.records import DEFAULT_FIELDS, Document, FieldOptions, Fields, iter_documents, iter_queries, scan_records
 from pretrace.errors import PretraceError
 from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_device, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
 from pretrace.modeling.adapters import ADAPTER_MODES, ADAPTER_MODULES, ADAPTER_PARAMETERS, MERGED, is_adapter_folder
@@ -119,7 +120,3 @@ def load_stage(path: str | Path, options: ModelOptions, modules: list[str] | Non
         by_name = {t.name: t for t in tracked}
         tracked = [by_name[name] for name in modules if name in by_name]
     return Stage(Path(path), model, tokenizer, tracked, options)
-
-
-def load_queries(path: str | Path):
-    return read_queries(path)

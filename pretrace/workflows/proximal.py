@@ -28,6 +28,7 @@ from pretrace.modeling.loading import model_fingerprint
 from pretrace.storage import file_sha256
 from pretrace.training.finetune import FINETUNE_RECORD, LOSS_NORMALISATION, OBJECTIVE, ProximityPenalty
 from pretrace.training.output import save_model_folder
+from pretrace.workflows.fit import fit
 
 IGNORE_INDEX = -100  # Hugging Face's label for "no loss here"
 
@@ -73,8 +74,6 @@ class ProximalFinetuning:
         }
         folder = save_model_folder(out, model, tokenizer, FINETUNE_RECORD, record, overwrite)
         if factors is not None:
-            from pretrace.workflows.fit import fit
-
             fit(folder, data, factors, options, overwrite=overwrite, progress=False)
         return folder
 
