@@ -74,6 +74,7 @@ def _fsync(path: Path) -> None:
 
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` then fsync, rename over `path` and fsync the folder: `path` is the old or the whole new file."""
+    created = not path.parent.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
@@ -81,6 +82,8 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         _fsync(tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        if created and not any(path.parent.iterdir()):  # a folder made for this file alone (a first checkpoint) goes too
+            path.parent.rmdir()
         raise
     fault_point("write")
     os.replace(tmp, path)

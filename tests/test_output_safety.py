@@ -121,3 +121,24 @@ def test_a_second_live_writer_is_refused_and_a_dead_ones_lock_taken_over(workspa
 @pytest.mark.parametrize("out", [".", "..", "/"])
 def test_out_must_name_a_folder(workspace, capsys, out):
     _refused(main(_argv(workspace, "fit", Path(out))), capsys, "name the output folder itself")
+
+
+def test_a_full_disk_is_refused_cleanly_and_leaves_nothing(tmp_path, capsys, monkeypatch):
+    """ENOSPC in the middle of writing the result: exit 2 with what to do, no traceback, no half-written output."""
+    import errno
+
+    import pretrace.storage as storage
+    from pretrace.cli import main
+    from tiny import SENTENCES, save_tiny_model, write_jsonl
+
+    save_tiny_model(tmp_path / "model")
+    data = write_jsonl(tmp_path / "docs.jsonl", [{"text": s} for s in SENTENCES])
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".factors.tmp"))
+
+    monkeypatch.setattr(storage, "save_file", full)
+    assert main(["fit", "--model", str(tmp_path / "model"), "--data", data, "--out", str(tmp_path / "factors"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "no space left on the device" in err and "free space or choose another --out" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["docs.jsonl", "model"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 from typing import Iterable
@@ -47,6 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.handler(args) or 0)
     except PretraceError as exc:
         print(f"pretrace: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"pretrace: error: no space left on the device writing {exc.filename or 'the output'}; free space or choose another --out "
+              f"and re-run{' (it resumes from its last checkpoint)' if args.command in RESUMABLE else ''}. Nothing half-written was kept.",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         if args.command in RESUMABLE:
