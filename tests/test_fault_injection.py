@@ -10,11 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from pretrace.cli import main
 from pretrace.storage import FAULT_ENV, FAULT_EXIT_CODE
-from tiny import SENTENCES, save_tiny_model, write_jsonl
+from tiny import tiny_workspace
 
 REPO = Path(__file__).resolve().parents[1]
 SLOW = pytest.mark.slow
@@ -24,9 +23,7 @@ SLOW = pytest.mark.slow
 def workspace(tmp_path_factory):
     """A tiny model, its data, and the uninterrupted reference outputs of fit, index and score."""
     root = tmp_path_factory.mktemp("faults")
-    save_tiny_model(root / "model", "gpt_neox", dtype=torch.float32)
-    write_jsonl(root / "docs.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    write_jsonl(root / "q.jsonl", [{"prompt": "paris is the capital of", "completion": " france ."}])
+    tiny_workspace(root)
     refs = root / "refs"
     for command in ("fit", "index", "score"):
         assert main(_argv(root, command, refs / command)) == 0

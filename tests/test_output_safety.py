@@ -11,7 +11,7 @@ import torch
 
 from pretrace.cli import main
 from pretrace.storage import file_sha256
-from tiny import SENTENCES, save_tiny_model, write_jsonl
+from tiny import SENTENCES, assert_refused, save_tiny_model, write_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -42,12 +42,6 @@ def _snapshot(folder: Path) -> dict[str, str]:
     return {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
-def _refused(code: int, capsys, *needles: str) -> None:
-    err = capsys.readouterr().err
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err[-2000:]
 
 
 @pytest.mark.parametrize("command,out,extra,needle", [
@@ -61,23 +55,23 @@ def _refused(code: int, capsys, *needles: str) -> None:
 ])
 def test_an_input_is_never_the_output(workspace, capsys, command, out, extra, needle):
     before = _snapshot(workspace / "inputs")
-    _refused(main(_argv(workspace, command, workspace / out) + extra), capsys, needle)
+    assert_refused(main(_argv(workspace, command, workspace / out) + extra), capsys, needle)
     assert _snapshot(workspace / "inputs") == before
 
 
 def test_index_refuses_a_non_empty_folder_without_overwrite(workspace, tmp_path, capsys):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("keep me")
-    _refused(main(_argv(workspace, "index", tmp_path / "out")), capsys, "already exists and is not empty", "--overwrite")
+    assert_refused(main(_argv(workspace, "index", tmp_path / "out")), capsys, "already exists and is not empty", "--overwrite")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["notes.txt"]
     assert main(_argv(workspace, "index", tmp_path / "out") + ["--overwrite"]) == 0
     assert (tmp_path / "out" / "index.json").is_file() and not (tmp_path / "out" / "notes.txt").exists()
 
 
 @pytest.mark.parametrize("command", ["fit", "score", "index", "finetune"])
-def test_an_existing_file_as_out_is_refused(workspace, tmp_path, capsys, command):
+def test_an_existing_file_as_out_isassert_refused(workspace, tmp_path, capsys, command):
     (tmp_path / "out").write_text("not a folder")
-    _refused(main(_argv(workspace, command, tmp_path / "out")), capsys, "exists and is not a folder")
+    assert_refused(main(_argv(workspace, command, tmp_path / "out")), capsys, "exists and is not a folder")
     assert (tmp_path / "out").read_text() == "not a folder"
 
 
@@ -97,7 +91,7 @@ def _unwritable(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("command", ["fit", "score", "index", "finetune"])
 def test_an_unwritable_out_is_refused_before_any_work(workspace, tmp_path, capsys, command):
     # the model does not exist: the --out problem must be found before the model is even looked at
-    _refused(main(_argv(workspace, command, _unwritable(tmp_path) / "out", model=tmp_path / "no-model")), capsys, "cannot write in", "writable --out")
+    assert_refused(main(_argv(workspace, command, _unwritable(tmp_path) / "out", model=tmp_path / "no-model")), capsys, "cannot write in", "writable --out")
 
 
 def test_a_second_live_writer_is_refused_and_a_dead_ones_lock_taken_over(workspace, tmp_path, capsys):
@@ -109,7 +103,7 @@ def test_a_second_live_writer_is_refused_and_a_dead_ones_lock_taken_over(workspa
     )
     try:
         assert holder.stdout.readline().strip() == "locked"
-        _refused(main(_argv(workspace, "fit", out)), capsys, "another pretrace process", f"pid {holder.pid}")
+        assert_refused(main(_argv(workspace, "fit", out)), capsys, "another pretrace process", f"pid {holder.pid}")
     finally:
         holder.kill()  # dies holding the lock: its lock file stays behind
         holder.wait()
@@ -120,7 +114,7 @@ def test_a_second_live_writer_is_refused_and_a_dead_ones_lock_taken_over(workspa
 
 @pytest.mark.parametrize("out", [".", "..", "/"])
 def test_out_must_name_a_folder(workspace, capsys, out):
-    _refused(main(_argv(workspace, "fit", Path(out))), capsys, "name the output folder itself")
+    assert_refused(main(_argv(workspace, "fit", Path(out))), capsys, "name the output folder itself")
 
 
 def test_a_full_disk_is_refused_cleanly_and_leaves_nothing(tmp_path, capsys, monkeypatch):

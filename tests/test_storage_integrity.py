@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from pretrace.cli import main
 from pretrace.storage import file_record, file_sha256
-from tiny import SENTENCES, save_tiny_model, write_jsonl
+from tiny import assert_refused, tiny_workspace
 
 MLP = "gpt_neox.layers.1.mlp.dense_h_to_4h"
 
@@ -19,9 +19,7 @@ MLP = "gpt_neox.layers.1.mlp.dense_h_to_4h"
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("integrity")
-    save_tiny_model(root / "model", "gpt_neox", dtype=torch.float32)
-    write_jsonl(root / "docs.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(SENTENCES)])
-    write_jsonl(root / "q.jsonl", [{"prompt": "paris is the capital of", "completion": " france ."}])
+    tiny_workspace(root)
     common = ["--model", str(root / "model"), "--batch-size", "4"]
     assert main(["fit", *common, "--data", str(root / "docs.jsonl"), "--out", str(root / "factors")]) == 0
     assert main(["index", *common, "--train", str(root / "docs.jsonl"), "--out", str(root / "index")]) == 0
@@ -35,13 +33,6 @@ def _score(root: Path, out: Path, factors: Path, *extra: str) -> int:
                  "--train", str(root / "docs.jsonl"), "--out", str(out), "--no-explain", *extra])
 
 
-def _refused(code: int, capsys, *needles: str) -> str:
-    err = capsys.readouterr().err
-    assert code == 2, err[-2000:]
-    assert "Traceback" not in err
-    for needle in needles:
-        assert needle in err, err[-2000:]
-    return err
 
 
 def _copy(workspace: Path, tmp_path: Path, name: str) -> Path:
@@ -74,7 +65,7 @@ def test_finite_bit_flips_in_factors_are_detected(workspace, tmp_path, capsys):
     factors = _copy(workspace, tmp_path, "factors")
     _flip_bits(factors / "factors.safetensors", 10)
     before = file_sha256(factors / "factors.safetensors")
-    _refused(_score(workspace, tmp_path / "s", factors), capsys, "factors.safetensors", "sha256", "recompute the factors")
+    assert_refused(_score(workspace, tmp_path / "s", factors), capsys, "factors.safetensors", "sha256", "recompute the factors")
     assert file_sha256(factors / "factors.safetensors") == before and not (tmp_path / "s").exists()
 
 
@@ -83,16 +74,16 @@ def test_finite_bit_flips_in_factors_are_detected(workspace, tmp_path, capsys):
     (lambda t: t.update({f"{MLP}.lambda": t[f"{MLP}.lambda"].round().to(torch.int64)}), "not floating point"),
     (lambda t: t.update({f"{MLP}.activation_eigenvectors": t[f"{MLP}.activation_eigenvectors"][:, :-1].contiguous()}), "has shape"),
 ])
-def test_invalid_factor_tensors_are_refused(workspace, tmp_path, capsys, edit, needle):
+def test_invalid_factor_tensors_areassert_refused(workspace, tmp_path, capsys, edit, needle):
     factors = _copy(workspace, tmp_path, "factors")
     _rewrite_factors(factors, edit)
-    _refused(_score(workspace, tmp_path / "s", factors), capsys, MLP, needle, "recompute the factors")
+    assert_refused(_score(workspace, tmp_path / "s", factors), capsys, MLP, needle, "recompute the factors")
 
 
-def test_factors_without_a_model_fingerprint_are_refused(workspace, tmp_path, capsys):
+def test_factors_without_a_model_fingerprint_areassert_refused(workspace, tmp_path, capsys):
     factors = _copy(workspace, tmp_path, "factors")
     _edit_json(factors / "factors.json", lambda meta: {k: v for k, v in meta.items() if k != "model_fingerprint"})
-    _refused(_score(workspace, tmp_path / "s", factors), capsys, "no model fingerprint")
+    assert_refused(_score(workspace, tmp_path / "s", factors), capsys, "no model fingerprint")
 
 
 @pytest.mark.parametrize("edit,needle", [
@@ -102,29 +93,29 @@ def test_factors_without_a_model_fingerprint_are_refused(workspace, tmp_path, ca
     (lambda meta: {**meta, "format_version": 1}, "recompute the factors"),
     (lambda meta: {k: v for k, v in meta.items() if k != "files"}, "no content hash"),
 ])
-def test_malformed_factors_json_is_refused(workspace, tmp_path, capsys, edit, needle):
+def test_malformed_factors_json_isassert_refused(workspace, tmp_path, capsys, edit, needle):
     factors = _copy(workspace, tmp_path, "factors")
     _edit_json(factors / "factors.json", edit)
-    _refused(main(["inspect", str(factors)]), capsys, "factors.json" if needle != "no content hash" else "factors.safetensors", needle)
+    assert_refused(main(["inspect", str(factors)]), capsys, "factors.json" if needle != "no content hash" else "factors.safetensors", needle)
 
 
-def test_damaged_scores_are_refused(workspace, tmp_path, capsys):
+def test_damaged_scores_areassert_refused(workspace, tmp_path, capsys):
     scores = _copy(workspace, tmp_path, "scores")
     _flip_bits(scores / "scores.safetensors", 1)
-    _refused(main(["inspect", str(scores)]), capsys, "scores.safetensors", "sha256", "recompute the scores")
+    assert_refused(main(["inspect", str(scores)]), capsys, "scores.safetensors", "sha256", "recompute the scores")
 
 
-def test_damaged_index_shard_is_refused(workspace, tmp_path, capsys):
+def test_damaged_index_shard_isassert_refused(workspace, tmp_path, capsys):
     index = _copy(workspace, tmp_path, "index")
     _flip_bits(index / "shard-00000.safetensors", 1)
-    _refused(_score(workspace, tmp_path / "s", workspace / "factors", "--index", str(index)), capsys, "shard-00000.safetensors", "sha256", "rebuild the index")
+    assert_refused(_score(workspace, tmp_path / "s", workspace / "factors", "--index", str(index)), capsys, "shard-00000.safetensors", "sha256", "rebuild the index")
 
 
 @pytest.mark.parametrize("edit,needle", [(lambda meta: [meta], "JSON list, not an object"), (lambda meta: {**meta, "shards": {}}, "malformed")])
-def test_malformed_index_json_is_refused(workspace, tmp_path, capsys, edit, needle):
+def test_malformed_index_json_isassert_refused(workspace, tmp_path, capsys, edit, needle):
     index = _copy(workspace, tmp_path, "index")
     _edit_json(index / "index.json", edit)
-    _refused(_score(workspace, tmp_path / "s", workspace / "factors", "--index", str(index)), capsys, "index.json", needle, "rebuild the index")
+    assert_refused(_score(workspace, tmp_path / "s", workspace / "factors", "--index", str(index)), capsys, "index.json", needle, "rebuild the index")
 
 
 def test_fit_refuses_to_write_non_finite_factors(workspace, tmp_path, capsys):
@@ -137,7 +128,7 @@ def test_fit_refuses_to_write_non_finite_factors(workspace, tmp_path, capsys):
     model.save_pretrained(tmp_path / "big")
     AutoTokenizer.from_pretrained(workspace / "model").save_pretrained(tmp_path / "big")
     code = main(["fit", "--model", str(tmp_path / "big"), "--data", str(workspace / "docs.jsonl"), "--out", str(tmp_path / "f"), "--factor-dtype", "float16"])
-    _refused(code, capsys, MLP, "NaN or infinite", "--factor-dtype float32")
+    assert_refused(code, capsys, MLP, "NaN or infinite", "--factor-dtype float32")
     assert not (tmp_path / "f").exists()
     code = main(["fit", "--model", str(tmp_path / "big"), "--data", str(workspace / "docs.jsonl"), "--out", str(tmp_path / "f"), "--factor-dtype", "float32"])
     assert code == 0 and not any(p.name.startswith(".f.") for p in tmp_path.iterdir())  # the suggested fix resumes from the checkpoint

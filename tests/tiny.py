@@ -77,3 +77,21 @@ def write_jsonl(path: Path, rows) -> str:
     """Write records as JSONL and return the path as a string (what settings take)."""
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
+
+
+def tiny_workspace(root: Path, dtype=torch.float32) -> Path:
+    """`root/model` (a tiny GPT-NeoX), `root/docs.jsonl` (the sentences, ids d0…) and `root/q.jsonl` (one query)."""
+    save_tiny_model(root / "model", "gpt_neox", dtype=dtype)
+    write_jsonl(root / "docs.jsonl", [{"id": f"d{i}", "text": s} for i, s in enumerate(SENTENCES)])
+    write_jsonl(root / "q.jsonl", [{"prompt": "paris is the capital of", "completion": " france ."}])
+    return root
+
+
+def assert_refused(code: int, capsys, *needles: str) -> str:
+    """A clean refusal: exit 2, no traceback, every needle in the message; returns stderr."""
+    err = capsys.readouterr().err
+    assert code == 2, err[-2000:]
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in err, err[-2000:]
+    return err
