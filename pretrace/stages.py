@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pretrace.data.records import check_source, source_sha256
 from pretrace.errors import PretraceError
 from pretrace.storage import file_sha256, read_json, write_json
 
@@ -71,8 +72,6 @@ def _normalise(value: Any) -> Any:
             raise PretraceError(f"{value.path}: no such file.")
         return {"sha256": file_sha256(value.path)}
     if isinstance(value, Source):
-        from pretrace.data.records import check_source, source_sha256
-
         check_source(value.path)
         return {"source_sha256": source_sha256(value.path)}
     if isinstance(value, Folder):
@@ -90,9 +89,13 @@ def _normalise(value: Any) -> Any:
     raise TypeError(f"stage input of type {type(value).__name__} has no stable digest")
 
 
+def _sha256(normalised: dict) -> str:
+    return hashlib.sha256(json.dumps(normalised, sort_keys=True).encode()).hexdigest()
+
+
 def digest(**inputs: Any) -> str:
     """A stable sha256 of `inputs` (files by content, folders by stamp, stages by digest, settings as JSON)."""
-    return hashlib.sha256(json.dumps(_normalise(inputs), sort_keys=True).encode()).hexdigest()
+    return _sha256(_normalise(inputs))
 
 
 class StageCache:
@@ -105,7 +108,8 @@ class StageCache:
         self.statuses: dict[str, str] = {}
 
     def key(self, name: str, **inputs: Any) -> StageKey:
-        return StageKey(name, _normalise(inputs), digest(**inputs))
+        normalised = _normalise(inputs)  # once: it hashes every input file
+        return StageKey(name, normalised, _sha256(normalised))
 
     def stale(self, key: StageKey, *outputs: Path) -> bool:
         """True when the stage must be computed: its inputs changed, it never finished, or an output is missing.
