@@ -61,7 +61,7 @@ def test_a_pipeline_equals_the_separate_commands_and_resumes(workspace, capsys):
     assert torch.equal(load_file("scores/scores.safetensors")["scores"], load_file("cli-scores/scores.safetensors")["scores"])
     assert (workspace / "scores" / "report.html").is_file()
     record = json.loads((workspace / "scores" / RESOLVED).read_text())
-    assert [s["run"] for s in record["step"]] == ["fit", "score", "report"] and set(record["step_digests"]) == {"2:score", "3:report"}
+    assert [s["run"] for s in record["step"]] == ["fit", "score", "report"] and set(record["step_digests"]) == {"score:scores", "report:scores"}
     assert record["step"][1]["damping_factor"] == 0.1  # defaults are filled in
 
     capsys.readouterr()

@@ -86,7 +86,7 @@ def _assert_same_fine_tune(root, data, folder, trainer):
     for key in ("alpha", "loss_normalisation", "objective", "pretrained_fingerprint", "data_sha256", "examples", "steps"):
         assert record[key] == expected[key], key
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
-    assert len(losses) == EPOCHS and record["final_train_loss"] == pytest.approx(sum(losses) / len(losses))
+    assert len(losses) == EPOCHS  # one logged step per epoch (the Trainer's loss includes the proximity term; the record's does not)
     assert record["final_train_loss"] == pytest.approx(expected["final_train_loss"], rel=1e-6)
 
 

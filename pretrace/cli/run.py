@@ -30,6 +30,7 @@ from typing import Any
 from pretrace.errors import PretraceError
 
 RESOLVED = "pipeline.json"
+FIX_RECORD = "delete it and re-run the pipeline (its steps rerun)"
 NOT_A_STEP = {"run", "bench", "demo"}  # `run` cannot nest; bench and demo are whole workflows of their own
 
 
@@ -164,7 +165,7 @@ def _output(command: str, keys: dict) -> Path | None:
 
 def run(args) -> int:
     from pretrace.cli import build_parser
-    from pretrace.storage import read_json, write_json
+    from pretrace.storage import read_json_object, write_json
 
     steps = resolve(read_pipeline(args.pipeline), build_parser())
     resolved = {"step": [{"run": command, **keys} for command, _, keys in steps]}
@@ -173,9 +174,9 @@ def run(args) -> int:
         return 0
     started = time.perf_counter()
     for number, (command, step_args, keys) in enumerate(steps, 1):
-        name, out = f"{number}:{command}", _output(command, keys)
+        name, out = f"{command}:{keys.get('out') or keys.get('scores')}", _output(command, keys)  # not its position: steps may be inserted
         step_digest = _step_digest(command, keys, out)
-        record = read_json(out / RESOLVED) if out is not None and (out / RESOLVED).is_file() else {}
+        record = read_json_object(out / RESOLVED, FIX_RECORD) if out is not None and (out / RESOLVED).is_file() else {}
         if record.get("step_digests", {}).get(name) == step_digest:
             print(f"[pipeline] step {number}/{len(steps)}: pretrace {command} -> {out} (unchanged, skipped)", flush=True)
             continue
@@ -186,7 +187,7 @@ def run(args) -> int:
             return code
         if out is not None and out.is_dir():
             # read again: the step may have replaced the folder (and with it an older record)
-            done = read_json(out / RESOLVED).get("step_digests", {}) if (out / RESOLVED).is_file() else {}
+            done = read_json_object(out / RESOLVED, FIX_RECORD).get("step_digests", {}) if (out / RESOLVED).is_file() else {}
             write_json(out / RESOLVED, {**resolved, "step_digests": {**done, name: step_digest}})
     print(f"[pipeline] {len(steps)} steps in {time.perf_counter() - started:.1f} s")
     return 0

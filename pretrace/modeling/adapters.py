@@ -37,8 +37,15 @@ def adapter_base(path: str | Path, fallback: str | Path | None = None) -> Path:
         return Path(recorded)
     if fallback is not None:
         return Path(fallback)
-    raise PretraceError(f"{path}: its base model {recorded!r} is not a local model folder; download it "
-                        "(huggingface-cli download, or model.save_pretrained) and pass that folder as --pretrained.")
+    if recorded:  # a hub name: fetched when online, refused with how to pass a folder when not
+        from pretrace.modeling.loading import check_model_dir
+
+        try:
+            return check_model_dir(recorded)
+        except PretraceError as exc:
+            raise PretraceError(f"{path}: its base model {recorded!r} is not a local model folder ({exc}); "
+                                "or pass the base model folder as --pretrained.") from None
+    raise PretraceError(f"{path}: the adapter names no base model; pass the base model folder as --pretrained.")
 
 
 def _peft():

@@ -17,7 +17,6 @@ the gradients are all-reduced (see `training.loop`); rank 0 alone writes the mod
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -25,10 +24,9 @@ from typing import Sequence
 import torch
 
 from pretrace.parallel import group
-from pretrace.config import option, to_dict
+from pretrace.config import option, require_number, to_dict, validate_choices
 from pretrace.data.batching import encode_queries
 from pretrace.data.records import FieldOptions, Query, read_queries, source_sha256
-from pretrace.errors import PretraceError
 from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_device, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
 from pretrace.storage import output_folder, read_json
 from pretrace.training.loop import TrainHistory, TrainSettings, train
@@ -62,11 +60,9 @@ class FinetuneSettings(FieldOptions, TrainSettings, _FinetuneInputs):
 
     def __post_init__(self):
         super().__post_init__()
-        if not (math.isfinite(self.alpha) and self.alpha >= 0):
-            raise PretraceError(f"--alpha must be a finite number >= 0 (0: no proximity term), got {self.alpha}.")
+        require_number("--alpha", self.alpha, at_least=0)  # 0: no proximity term
         check_device(self.device)
-        if self.dtype not in DTYPES:
-            raise PretraceError(f"unknown --dtype {self.dtype!r}; choose one of {sorted(DTYPES)}.")
+        validate_choices(self)
 
 
 class ProximityPenalty:
@@ -77,7 +73,8 @@ class ProximityPenalty:
         self.anchor = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
 
     def __call__(self, model: torch.nn.Module) -> torch.Tensor:
-        squared = [(p - self.anchor[name]).square().sum() for name, p in model.named_parameters() if name in self.anchor]
+        # `.to` is free on the anchor's own device and follows a model moved after construction (a Trainer's)
+        squared = [(p - self.anchor[name].to(p.device)).square().sum() for name, p in model.named_parameters() if name in self.anchor]
         return 0.5 * self.alpha * torch.stack(squared).sum()
 
 
@@ -104,23 +101,31 @@ def _finetune(settings: FinetuneSettings, progress: bool) -> torch.nn.Module:
     settings = dataclasses.replace(settings, max_length=check_model_tokenizer(settings.model, model, tokenizer, settings.max_length))
     pretrained_fingerprint = model_fingerprint(model)
     history = finetune_model(model, tokenizer, queries, settings, settings.alpha, settings.dropout, progress)
-    record = {
-        "alpha": settings.alpha,
-        "loss_normalisation": LOSS_NORMALISATION,
-        "objective": OBJECTIVE,
-        "pretrained_path": str(Path(settings.model).resolve()),
-        "pretrained_fingerprint": pretrained_fingerprint,
-        "data": str(Path(settings.data).resolve()),
-        "data_sha256": source_sha256(settings.data),
-        "examples": len(queries),
-        "steps": history.steps,
-        "final_train_loss": sum(history.losses[-50:]) / len(history.losses[-50:]),  # mean of the last ≤ 50 steps, without the proximity term
-        "settings": to_dict(settings),
-    }
+    record = finetune_record(settings.alpha, settings.model, pretrained_fingerprint, settings.data, len(queries), history.losses, to_dict(settings))
     if group.is_main():
         save_model_folder(settings.out, model, tokenizer, FINETUNE_RECORD, record, settings.overwrite)
     group.barrier()  # the folder is complete before any rank returns
     return model
+
+
+def finetune_record(alpha: float, pretrained: str | Path, pretrained_fingerprint: str, data: str | Path, examples: int,
+                    step_losses: Sequence[float], settings: dict) -> dict:
+    """What a fine-tuned folder records for `pretrace score`: α, the objective and what it was fine-tuned from and on
+    (`pretrace finetune` and the Trainer callback write the same). `step_losses`: per step, without the proximity term."""
+    last = list(step_losses)[-50:]
+    return {
+        "alpha": alpha,
+        "loss_normalisation": LOSS_NORMALISATION,
+        "objective": OBJECTIVE,
+        "pretrained_path": str(Path(pretrained).resolve()),
+        "pretrained_fingerprint": pretrained_fingerprint,
+        "data": str(Path(data).resolve()),
+        "data_sha256": source_sha256(data),
+        "examples": examples,
+        "steps": len(step_losses),
+        "final_train_loss": sum(last) / len(last) if last else None,  # mean of the last ≤ 50 steps
+        "settings": settings,
+    }
 
 
 def read_finetune_record(folder: str | Path) -> dict | None:

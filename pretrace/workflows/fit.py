@@ -27,9 +27,9 @@ def fit(model: str | Path, data: str | Path, out: str | Path, options: ModelOpti
     options, settings = options or ModelOptions(), settings or FitSettings()
     out = Path(out)
     with output_folder(out, overwrite, {"--model": model, "--data": data}, lock=group.is_main()):
+        check_source(data, "fitting documents")
         stage = load_stage(model, options)
         require_linear_modules(stage.tracked, "pretrace fit")
-        check_source(data, "fitting documents")
         data_hash = source_sha256(data)
         signature = {"model_fingerprint": stage.fingerprint, "data_sha256": data_hash, "options": to_dict(options)}
         checkpoint = checkpoint_folder(out)

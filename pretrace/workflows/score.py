@@ -20,7 +20,6 @@ from pretrace.errors import PretraceError
 from pretrace.modeling.adapters import MERGED
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.registry import METHODS, make_attributor
-from pretrace.modeling.loading import check_model_tokenizer
 from pretrace.modeling.modules import only_linear_modules
 from pretrace.parallel import group
 from pretrace.scores.io import save_scores, top_indices
@@ -225,8 +224,6 @@ def _check_index(settings: ScoreSettings, documents: Stage) -> None:
         raise PretraceError(f"--index {settings.index} was built with another model than {documents.path}; pass that model, or rebuild the index with `pretrace index --model {documents.path}`.")
     if recorded.get("documents_sha256") != source_sha256(settings.train):
         raise PretraceError(f"--index {settings.index} was built on other documents than --train {settings.train}; pass the --train file it indexes, or rebuild it.")
-    if recorded.get("max_length", 0) is None:  # built with the default: the same model resolves it the same way
-        recorded = {**recorded, "max_length": check_model_tokenizer(documents.path, documents.model, documents.tokenizer, None)}
     used = {"max_length": documents.options.max_length, "dtype": documents.options.dtype, "preset": documents.options.preset,
             "modules_regex": documents.options.modules, "attention_blocks": documents.options.attention_blocks}
     for key, value in used.items():
@@ -285,10 +282,9 @@ def _index_scores(settings: ScoreSettings, attributor: Attributor, context: Scor
     """Queries against `pretrace index`'s stored document gradients, refused if built on other documents or another model."""
     if not attributor.preconditions_queries:
         raise PretraceError(f"--index works with the gradient methods (ekfac, kfac, diagonal, identity, ...), not {settings.method}.")
-    queries, documents = context.query_stage, context.document_stage
-    expected = {"model_fingerprint": documents.fingerprint, "documents_sha256": source_sha256(settings.train)}
+    queries = context.query_stage  # the index was checked against the documents and their model by _check_index
     return score_queries(settings.index, queries.model, queries.tracked, queries.query_batches(context.queries), attributor.preconditioner,
-                         expected, settings.query_rank, settings.per_module)
+                         None, settings.query_rank, settings.per_module)
 
 
 def _zero_documents(result: ScoreResult, ids: set[str]) -> None:

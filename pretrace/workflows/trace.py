@@ -360,7 +360,8 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
     inputs = {"union": File(union_file), "queries": queries_key, "retrieval": retrieval_key, "pretrained": Folder(settings.pretrained),
               "finetuned": Folder(settings.finetuned), "pretrained_factors": pretrained_input, "finetuned_factors": finetuned_input,
               "scoring": {name: getattr(settings, name) for name in SCORING_FIELDS}, "options": options}
-    scores_key, results_key = cache.key("scores", **inputs), cache.key("results", **inputs)
+    scores_key = cache.key("scores", **inputs)
+    results_key = cache.key("results", scores=scores_key)  # the explanations read exactly what the scores did
     results_file = out / RESULTS_FILE
     if not cache.stale(results_key, results_file):
         rows = read_jsonl_rows(results_file)
