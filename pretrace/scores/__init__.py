@@ -1,6 +1,6 @@
 """Influence scores: precondition each query once, then stream documents (or a stored index) through gradient dot products."""
 
-from pretrace.scores.index import IndexSettings, build_index, score_index, score_queries
+from pretrace.scores.index import IndexSettings, build_index, score_index
 from pretrace.scores.pairwise import ScoreResult, query_gradients, score_documents, self_influence
 from pretrace.scores.plan import ScoringPlan
 from pretrace.scores.queries import PreconditionedQueries, precondition_queries
@@ -20,6 +20,5 @@ __all__ = [
     "query_gradients",
     "score_documents",
     "score_index",
-    "score_queries",
     "self_influence",
 ]

@@ -24,14 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from pretrace.config import option, to_dict, validate_choices
-from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
 from pretrace.gradients.capture import CapturedBatch, capture
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.scores.pairwise import ScoreResult
-from pretrace.scores.queries import precondition_queries
 from pretrace.scores.weights import DenseWeights, ModuleWeights, as_module_weights
 from pretrace.storage import file_record, read_json_object, read_tensors, verify_file, write_json, write_tensors
 
@@ -242,22 +240,3 @@ def score_index(
         scores=torch.cat(columns, dim=1), query_ids=list(query_ids), document_ids=list(meta["document_ids"]), module_names=names,
         per_module=torch.cat(module_columns, dim=2) if per_module else None, timings={"documents_seconds": time.perf_counter() - start},
     )
-
-
-
-def score_queries(
-    folder: str | Path,
-    model: torch.nn.Module,
-    tracked: list[TrackedModule],
-    query_batches: Iterable[TokenBatch],
-    preconditioner: Preconditioner,
-    expected: dict | None = None,
-    query_rank: int | None = None,
-    per_module: bool = False,
-) -> ScoreResult:
-    """New queries against an index: one backward pass per query, preconditioning, one product per shard."""
-    queries = precondition_queries(model, tracked, query_batches, preconditioner, query_rank=query_rank, progress=True)
-    result = score_index(folder, queries.weights, queries.ids, expected, per_module, progress=True)
-    if queries.relative_error is not None:
-        result.timings["query_low_rank_relative_error"] = queries.relative_error.tolist()
-    return result

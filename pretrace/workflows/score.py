@@ -24,7 +24,7 @@ from pretrace.modeling.modules import only_linear_modules
 from pretrace.parallel import group
 from pretrace.scores.io import save_scores, top_indices
 from pretrace.scores.pairwise import ScoreResult, self_influence
-from pretrace.scores.index import read_index, score_queries
+from pretrace.scores.index import read_index, score_index
 from pretrace.scores.plan import SPLITS, ScoringPlan
 from pretrace.storage import atomic_directory, output_folder
 from pretrace.training.finetune import FINETUNE_RECORD, read_finetune_record
@@ -282,9 +282,13 @@ def _index_scores(settings: ScoreSettings, attributor: Attributor, context: Scor
     """Queries against `pretrace index`'s stored document gradients, refused if built on other documents or another model."""
     if not attributor.preconditions_queries:
         raise PretraceError(f"--index works with the gradient methods (ekfac, kfac, diagonal, identity, ...), not {settings.method}.")
-    queries = context.query_stage  # the index was checked against the documents and their model by _check_index
-    return score_queries(settings.index, queries.model, queries.tracked, queries.query_batches(context.queries), attributor.preconditioner,
-                         None, settings.query_rank, settings.per_module)
+    # the attributor's own prepared queries (kept for the explanations); every rank scores every query: the index is
+    # checked against the documents and their model by _check_index, and shards split no queries
+    ids, weights = attributor.precondition_queries(replace(context, plan=ScoringPlan()))
+    result = score_index(settings.index, weights, ids, per_module=settings.per_module, progress=True)
+    if attributor.query_rank_error is not None:
+        result.timings["query_low_rank_relative_error"] = attributor.query_rank_error
+    return result
 
 
 def _zero_documents(result: ScoreResult, ids: set[str]) -> None:
