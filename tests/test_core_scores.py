@@ -120,3 +120,75 @@ def test_ekfac_ranks_like_module_wise_exact_gauss_newton(tokenizer, sentences):
     ours, baseline = _exact_comparison(tokenizer, sentences, "all", block_diagonal=True, attention_blocks="head")
     assert min(ours) >= 0.95, ours
     assert sum(ours) > sum(baseline) + 1.0, (ours, baseline)
+
+
+def _second_factors(model, tracked, tokenizer):
+    """Factors of other documents: a second curvature with its own eigenbases, as fine-tuning gives."""
+    other = _random_docs(16, seed=5)
+    return fit_factors(model, tracked, lambda: _batches(tokenizer, other), FitSettings(factor_dtype="float64"), progress=False)
+
+
+def test_multi_stage_queries_take_the_eigenbasis_route_and_equal_the_dense_chain(setup, tokenizer):
+    """α (H_ft + αI)⁻¹ then H_pt⁻¹, formed from token factors and left in H_pt's eigenbasis, equals the chain applied densely."""
+    from pretrace.curvature import Chain, Scaled
+    from pretrace.scores.queries import precondition_queries
+
+    model, tracked, docs, factors = setup
+    chain = Scaled(Chain([EKFAC(_second_factors(model, tracked, tokenizer), damping=0.05), EKFAC(factors)]), 0.05)
+    assert chain.kronecker_eigenbasis and not chain.is_identity
+    batches = lambda: iter_batches(encode_queries(tokenizer, QUERIES, 64), 2, tokenizer.pad_token_id)  # noqa: E731
+    prepared = precondition_queries(model, tracked, batches(), chain)
+    ids, grads = query_gradients(model, tracked, batches())
+    dense = chain.apply(grads)
+    assert prepared.route == "eigenbasis" and prepared.ids == ids
+    for name, weights in prepared.weights.items():
+        torch.testing.assert_close(weights.dense(), dense[name], rtol=1e-9, atol=1e-12 * float(dense[name].abs().max()))
+    scored = score_documents(model, tracked, prepared.weights, _batches(tokenizer, docs), ids).scores
+    reference = score_documents(model, tracked, dense, _batches(tokenizer, docs), ids).scores
+    torch.testing.assert_close(scored, reference, rtol=1e-9, atol=1e-12 * float(reference.abs().max()))
+
+
+def test_identity_queries_are_their_exact_token_factors(setup, tokenizer):
+    from pretrace.scores.queries import precondition_queries
+    from pretrace.scores.weights import LowRankWeights
+
+    model, tracked, docs, _ = setup
+    batches = lambda: iter_batches(encode_queries(tokenizer, QUERIES, 64), 2, tokenizer.pad_token_id)  # noqa: E731
+    prepared = precondition_queries(model, tracked, batches(), Identity(), query_rank=1)
+    ids, grads = query_gradients(model, tracked, batches())
+    assert prepared.route == "tokens" and prepared.relative_error.abs().max() == 0  # nothing approximated, whatever query_rank says
+    assert any(isinstance(w, LowRankWeights) for w in prepared.weights.values())  # narrow modules may stay dense
+    for name, weights in prepared.weights.items():
+        torch.testing.assert_close(weights.dense(), grads[name], rtol=1e-12, atol=1e-14 * float(grads[name].abs().max()))
+
+
+def test_several_weight_sets_in_one_pass_equal_one_pass_each(setup, tokenizer):
+    from pretrace.scores import score_weight_sets
+
+    model, tracked, docs, factors = setup
+    ids, grads = _query_grads(model, tracked, tokenizer)
+    sets = {"ekfac": (ids, EKFAC(factors).apply(grads)), "dot": (ids[:2], {n: g[:2] for n, g in grads.items()})}
+    together = score_weight_sets(model, tracked, sets, _batches(tokenizer, docs), per_module=True, per_token=True)
+    assert together.keys() == sets.keys()
+    for label, (query_ids, weights) in sets.items():
+        alone = score_documents(model, tracked, weights, _batches(tokenizer, docs), query_ids, per_module=True, per_token=True)
+        mine = together[label]
+        assert mine.query_ids == alone.query_ids and mine.document_ids == alone.document_ids
+        assert torch.equal(mine.scores, alone.scores) and torch.equal(mine.per_module, alone.per_module)
+        assert all(torch.equal(a, b) for a, b in zip(mine.per_token, alone.per_token))
+
+
+def test_self_influence_on_every_route_equals_the_dense_formula(setup, tokenizer):
+    """Eigenbasis (EK-FAC), exact token factors (identity) and dense (a scaled identity) routes: diag(D P Dᵀ)."""
+    from pretrace.curvature import Scaled
+
+    model, tracked, docs, factors = setup
+    doc_grads = autograd_document_gradients(model, tracked, tokenizer, docs)
+    dense = damped(*dense_curvature("ekfac", factors, model, tracked, tokens_per_document=None))
+    cases = {"ekfac": (EKFAC(factors), torch.linalg.solve(dense, doc_grads.T).T), "identity": (Identity(), doc_grads),
+             "scaled identity": (Scaled(Identity(), 0.5), 0.5 * doc_grads)}
+    for name, (preconditioner, preconditioned) in cases.items():
+        ids, values = self_influence(model, tracked, preconditioner, _batches(tokenizer, docs, 5))
+        reference = (preconditioned * doc_grads).sum(1)
+        assert ids == [d.id for d in docs]
+        torch.testing.assert_close(values, reference, rtol=1e-7, atol=1e-9 * float(reference.abs().max()), msg=name)

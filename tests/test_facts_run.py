@@ -11,7 +11,7 @@ import torch
 from pretrace.bench.facts.benchmark import Fact, FactBenchmark, FactSplit, Sentence
 from pretrace.bench.facts.metrics import recall_at_k, reciprocal_rank
 from pretrace.bench.facts.probe import answer_ranks, top_k_accuracy
-from pretrace.bench.facts.run import METHODS, FactTracingSettings, draw_queries, run_fact_tracing
+from pretrace.bench.facts.run import METHODS, FactTracingSettings, run_fact_tracing
 from pretrace.bench.facts.templates import QuestionTemplate
 from pretrace.data.batching import encode_queries
 from pretrace.data.records import Query
@@ -41,66 +41,94 @@ def tiny_benchmark() -> FactBenchmark:
     return FactBenchmark(sentences, facts, RELATIONS, split)
 
 
+SETTINGS = dict(candidates=3, random_candidates=4, sharing_candidates=2, top=6, finetune_facts=0, alphas="0.1,0.01", lr=1e-3, epochs=1,
+                fit_sentences=6, preset="all", last_layers=1, batch_size=4, max_length=32, device="cpu", query_rank=0, chunk=5, bootstrap=500)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("facts-run")
     tiny_benchmark().write(root / "benchmark")
     model = save_tiny_model(root / "model", "llama", dtype=torch.float32)
-    settings = FactTracingSettings(out=str(root / "out"), data="folder", benchmark=str(root / "benchmark"), model=str(model),
-                                   queries=3, draws=3, candidates=3, random_candidates=4, sharing_candidates=2, top=6,
-                                   finetune_facts=0, alpha=0.1, lr=1e-3, epochs=1, fit_sentences=6, preset="all", last_layers=1,
-                                   batch_size=4, max_length=32, device="cpu")
+    settings = FactTracingSettings(out=str(root / "out"), data="folder", benchmark=str(root / "benchmark"), model=str(model), **SETTINGS)
     first = run_fact_tracing(settings)
     second = run_fact_tracing(settings)
     return root, settings, first, second
 
 
-def test_results_hold_every_method_and_the_probe(finished_run):
+def _scores(out, method: str, alpha: str) -> tuple[torch.Tensor, list[str], list[str]]:
+    """One method's `[Q, N]` scores at one α, from the saved chunks, with query and candidate ids."""
+    from safetensors.torch import load_file
+
+    folder = out / "scores" / ("pretrained" if method != "finetuned-ekfac" else f"finetuned-{alpha}")
+    label = f"{method}@{alpha}"
+    chunks = sorted(folder.glob("*.safetensors"))
+    records = [json.loads(c.with_suffix(".json").read_text()) for c in chunks]
+    scores = torch.cat([load_file(str(c))[label] for c in chunks], dim=1)
+    return scores, records[0]["query_ids"][label], [i for r in records for i in r["candidate_ids"]]
+
+
+def test_results_hold_every_method_at_every_alpha_with_intervals(finished_run):
     root, settings, results, _ = finished_run
     saved = json.loads((root / "out" / "results.json").read_text())
-    assert saved["methods"].keys() == set(METHODS)
-    for row in saved["methods"].values():
-        assert len(row["mrr"]["per_draw"]) == settings.draws
-        assert row["mrr"]["mean"] == pytest.approx(statistics.fmean(row["mrr"]["per_draw"]))  # the mean of the draws, not of the queries
-        assert row["one_off_seconds"] >= 0 and row["per_query_seconds"] > 0
-    assert set(saved["probe"]) == {"pretrained", "finetuned"}
+    queries = len(tiny_benchmark().query_facts())
+    assert saved["sizes"]["queries"] == queries and set(saved["alphas"]) == {"0.1", "0.01"}
+    for label, block in saved["alphas"].items():
+        assert block["methods"].keys() == set(METHODS)
+        for method, row in block["methods"].items():
+            for metric in ("rr", "recall@10", "pool_rr", "pool_recall@10"):
+                summary = row[metric]
+                assert summary["low"] <= summary["mean"] <= summary["high"] and summary["n"] == queries
+                assert summary["mean"] == pytest.approx(statistics.fmean(saved["per_query"][label][method][metric])) if metric in ("rr", "recall@10") else True
+        assert len(block["differences"]) == len(METHODS) * (len(METHODS) - 1) // 2
+        for d in block["differences"]:
+            first, second = saved["per_query"][label][d["first"]]["rr"], saved["per_query"][label][d["second"]]["rr"]
+            assert d["rr"]["mean"] == pytest.approx(statistics.fmean(a - b for a, b in zip(first, second)))
+            assert (d["rr"]["wins"], d["rr"]["ties"], d["rr"]["losses"]) == (sum(a > b for a, b in zip(first, second)), sum(a == b for a, b in zip(first, second)),
+                                                                             sum(a < b for a, b in zip(first, second)))
+        assert set(block["probe"]) == {"pretrained", f"finetuned@{label}"}
+        spectrum = block["finetuned_spectrum"]
+        assert spectrum["min"] <= spectrum["quantiles"]["0.5"] <= spectrum["max"] and 0 <= spectrum["share_below_alpha"] <= 1
+        assert (root / "out" / f"alpha-{label}" / "finetuned" / "config.json").is_file()
+    assert saved["query_routes"]["multi-stage-ekfac@0.1"] == "eigenbasis" and saved["query_routes"]["gradient-dot@0.1"] == "tokens"
     assert saved["tracked_modules"] and all(".1." in name for name in saved["tracked_modules"])  # the last of 2 blocks only
-    assert (root / "out" / "finetuned" / "config.json").is_file()
-    assert "| multi-stage EK-FAC |" in (root / "out" / "results.md").read_text()
+    assert len(saved["across_alphas"]) == 1 and saved["peak_memory_gb"] > 0
+    text = (root / "out" / "results.md").read_text()
+    assert "| multi-stage EK-FAC |" in text and "| pre-trained-only EK-FAC |" in text and "### α = 0.01" in text
 
 
 def test_metrics_are_those_of_the_saved_rankings(finished_run):
     root, settings, results, _ = finished_run
-    rows = {row["fact_id"]: row for row in map(json.loads, (root / "out" / "rankings.jsonl").read_text().splitlines())}
+    rows = [json.loads(line) for line in (root / "out" / "rankings.jsonl").read_text().splitlines()]
     pools = {row["fact_id"]: row for row in map(json.loads, (root / "out" / "pools.jsonl").read_text().splitlines())}
-    for method in METHODS:
-        for d, draw in enumerate(results["draws"]):
-            expected_mrr = statistics.fmean(reciprocal_rank(rows[f]["rankings"][method], rows[f]["evidence_ids"], settings.top) for f in draw)
-            expected_recall = statistics.fmean(recall_at_k(rows[f]["rankings"][method], rows[f]["evidence_ids"], 10) for f in draw)
-            assert results["methods"][method]["mrr"]["per_draw"][d] == pytest.approx(expected_mrr)
-            assert results["methods"][method]["recall@10"]["per_draw"][d] == pytest.approx(expected_recall)
-    for fact_id, row in rows.items():
-        for method in ("multi-stage-ekfac", "finetuned-ekfac", "gradient-dot", "embedding"):
-            assert set(row["rankings"][method]) <= set(pools[fact_id]["ids"])  # pooled methods rank their pool only
-            assert len(row["rankings"][method]) == min(settings.top, len(pools[fact_id]["ids"]))
+    candidates = {int(row["id"]) for row in map(json.loads, (root / "out" / "candidates.jsonl").read_text().splitlines())}
+    assert candidates == {i for pool in pools.values() for i in pool["ids"]}  # the shared set is the union of the pools
+    order = results["query_ids"]
+    benchmark = tiny_benchmark()
+    assert len(rows) == len(results["alphas"]) * len(METHODS) * len(order)
+    for row in rows:
+        evidence = benchmark.fact(row["fact_id"]).evidence_ids
+        position = order.index(row["fact_id"])
+        per_query = results["per_query"][row["alpha"]][row["method"]]
+        assert per_query["rr"][position] == reciprocal_rank(row["ranking"], evidence, settings.top)
+        assert per_query["recall@10"][position] == recall_at_k(row["ranking"], evidence, 10)
+        assert set(row["ranking"]) <= candidates and len(row["ranking"]) == min(settings.top, len(candidates))
+        assert set(row["pool_ranking"]) <= set(pools[row["fact_id"]]["ids"])
 
 
 def test_gradient_dot_scores_match_autograd(finished_run):
     """gradient-dot = ∇m(x; θ_ft) · ∇ℓ(z; θ_pt) over the tracked weights, recomputed with autograd."""
     from pretrace.modeling.loading import load_model, load_tokenizer
-    from safetensors.torch import load_file
 
     root, settings, results, _ = finished_run
-    scores = load_file(str(root / "out" / "scores" / "gradient.safetensors"))["gradient-dot"]
-    meta = json.loads((root / "out" / "scores" / "gradient.json").read_text())
+    scores, query_ids, candidate_ids = _scores(root / "out", "gradient-dot", "0.1")
     tokenizer = load_tokenizer(root / "model")
-    pretrained, finetuned = load_model(root / "model", "float32"), load_model(root / "out" / "finetuned", "float32")
-    query_id, candidate_id = meta["query_ids"][0], meta["candidate_ids"][0]
-    fact = tiny_benchmark().fact(query_id)
+    pretrained, finetuned = load_model(root / "model", "float32"), load_model(root / "out" / "alpha-0.1" / "finetuned", "float32")
+    fact = tiny_benchmark().fact(query_ids[0])
     encoded = next(encode_queries(tokenizer, [Query(fact.fact_id, fact.prompt, fact.completion)], 64))
     ids, mask = torch.tensor([encoded.input_ids]), torch.tensor(encoded.target_mask)
     loss_q = torch.nn.functional.cross_entropy(finetuned(ids).logits[0, :-1][mask[1:]], ids[0, 1:][mask[1:]], reduction="sum")
-    text_ids = tokenizer(TEXTS[int(candidate_id)])["input_ids"]
+    text_ids = tokenizer(TEXTS[int(candidate_ids[0])])["input_ids"]
     doc = torch.tensor([text_ids])
     loss_d = torch.nn.functional.cross_entropy(pretrained(doc).logits[0, :-1], doc[0, 1:], reduction="sum")
     present = dict(pretrained.named_parameters())
@@ -113,11 +141,9 @@ def test_gradient_dot_scores_match_autograd(finished_run):
 
 def test_second_run_reuses_every_stage(finished_run):
     _, _, first, second = finished_run
-    assert first["stages"]["finetune"] == "computed" and first["stages"]["gradient-scores"] == "computed"
+    assert first["stages"]["finetune@0.1"] == "computed" and first["stages"]["scores-pretrained/0000"] == "computed"
     assert {stage for stage, how in second["stages"].items() if how == "computed"} == set()
-    for method in METHODS:  # timings of the cheap uncached steps (BM25 search) may differ
-        assert second["methods"][method]["mrr"] == first["methods"][method]["mrr"]
-        assert second["methods"][method]["recall@10"] == first["methods"][method]["recall@10"]
+    assert second["per_query"] == first["per_query"] and second["alphas"] == first["alphas"]
 
 
 def test_answer_ranks_match_a_hand_computation(tokenizer):
@@ -150,65 +176,37 @@ def test_dev_facts_are_the_fine_tuning_facts_left_out(tmp_path):
     assert query_set(benchmark, "queries", tmp_path / "finetune.jsonl") == benchmark.query_facts()
 
 
-def test_draws_and_settings_are_checked():
+def test_query_samples_and_settings_are_checked():
+    from pretrace.bench.facts.run import sample_queries
+
     facts = tiny_benchmark().query_facts()
-    draws = draw_queries(facts, 3, 2, seed=0)
-    assert [len(d) for d in draws] == [3, 3] and all(len(set(d)) == 3 for d in draws)
-    assert draws == draw_queries(facts, 3, 2, seed=0)
+    assert sample_queries(facts, 0, seed=0) == facts and sample_queries(facts, 99, seed=0) == facts
+    sample = sample_queries(facts, 3, seed=0)
+    assert len(sample) == 3 and sample == sample_queries(facts, 3, seed=0) and all(f in facts for f in sample)
     with pytest.raises(PretraceError, match="--data folder needs --benchmark"):
         FactTracingSettings(data="folder")
-    with pytest.raises(PretraceError, match="--alpha"):
-        FactTracingSettings(alpha=0.0)
+    for alphas in ("0", "1e-3,1e-3", "x", ""):
+        with pytest.raises(PretraceError, match="--alphas"):
+            FactTracingSettings(alphas=alphas)
+    assert FactTracingSettings(paper_sizes=True).sizes().candidates == 100
 
 
 def test_cli_prints_the_table_of_a_cached_run(finished_run, capsys):
     from pretrace.cli import main
 
     root, settings, _, _ = finished_run
-    flags = ["--out", settings.out, "--data", "folder", "--benchmark", settings.benchmark, "--model", settings.model, "--queries", "3",
-             "--draws", "3", "--candidates", "3", "--random-candidates", "4", "--sharing-candidates", "2", "--top", "6",
-             "--finetune-facts", "0", "--alpha", "0.1", "--lr", "1e-3", "--epochs", "1", "--fit-sentences", "6", "--preset", "all",
-             "--last-layers", "1", "--batch-size", "4", "--max-length", "32", "--device", "cpu"]
+    flags = ["--out", settings.out, "--data", "folder", "--benchmark", settings.benchmark, "--model", settings.model]
+    for name, value in SETTINGS.items():
+        flags += [f"--{name.replace('_', '-')}", str(value)]
     assert main(["bench", "fact-tracing", *flags]) == 0
     printed = capsys.readouterr().out
-    assert "| multi-stage EK-FAC |" in printed and "| finetuned |" in printed
-
-
-def test_influence_scores_match_the_score_workflow_attributors(finished_run):
-    """Multi-stage and fine-tuned-only rows equal pretrace's own attributors (query gradients x streamed documents)."""
-    from safetensors.torch import load_file
-
-    from pretrace.data.records import Document
-    from pretrace.methods.base import ScoringContext
-    from pretrace.methods.gradient import multi_stage, single_stage
-    from pretrace.modeling.stage import ModelOptions, load_stage
-
-    root, settings, results, _ = finished_run
-    out = root / "out"
-    scores = load_file(str(out / "scores" / "gradient.safetensors"))
-    record = json.loads((out / "scores" / "gradient.json").read_text())
-    benchmark = tiny_benchmark()
-    queries = [Query(f, benchmark.fact(f).prompt, benchmark.fact(f).completion) for f in record["query_ids"]]
-    documents = [Document(i, TEXTS[int(i)]) for i in record["candidate_ids"]]
-    pattern = "^(" + "|".join(name.replace(".", r"\.") for name in results["tracked_modules"]) + ")$"
-    options = ModelOptions(preset="all", modules=pattern, device="cpu", batch_size=4, max_length=32)
-    pretrained, finetuned = load_stage(root / "model", options), load_stage(out / "finetuned", options)
-    cases = {
-        "multi-stage-ekfac": (multi_stage("ekfac", out / "factors-pretrained", out / "factors-finetuned", settings.alpha, None, settings.damping_factor, None), pretrained),
-        "finetuned-ekfac": (single_stage("ekfac", out / "factors-finetuned", settings.alpha, 0.0), finetuned),
-    }
-    for method, (attributor, document_stage) in cases.items():
-        context = ScoringContext(finetuned, document_stage, documents, queries)
-        attributor.fit(context)
-        expected = attributor.score(context).scores
-        assert torch.allclose(scores[method], expected, rtol=1e-4, atol=1e-6 * float(expected.abs().max())), method
+    assert "| multi-stage EK-FAC |" in printed and "| finetuned@0.1 |" in printed
 
 
 def test_scores_rankings_and_metrics_equal_a_computation_from_scratch(finished_run):
-    """End to end against an independent computation: each gradient method's whole score matrix from hand-written
-    losses and dense matrices of the saved factors (float64), each query's ranking of its own pool and MRR and
-    recall@10 per draw counted by hand from the evidence ids."""
-    from safetensors.torch import load_file
+    """End to end against an independent computation: each gradient method's whole score matrix at each α from
+    hand-written losses and dense matrices of the saved factors (float64), each query's ranking of the shared
+    candidate set, and reciprocal rank and recall@10 counted by hand from the evidence ids."""
     from transformers import AutoModelForCausalLM
 
     from dense import autograd_document_gradients, dense_eigenbasis_matrix, hand_query_gradients
@@ -217,59 +215,72 @@ def test_scores_rankings_and_metrics_equal_a_computation_from_scratch(finished_r
 
     root, settings, results, _ = finished_run
     out = root / "out"
-    scores = load_file(str(out / "scores" / "gradient.safetensors"))
-    record = json.loads((out / "scores" / "gradient.json").read_text())
     benchmark = tiny_benchmark()
     tokenizer = load_tokenizer_from(root / "model")
     pattern = "^(" + "|".join(name.replace(".", r"\.") for name in results["tracked_modules"]) + ")$"
-    models = {name: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval() for name, folder in (("pt", root / "model"), ("ft", out / "finetuned"))}
-    tracked = {name: select_modules(model, regex=pattern) for name, model in models.items()}
-    pairs = [(benchmark.fact(f).prompt, benchmark.fact(f).completion) for f in record["query_ids"]]
-    q = hand_query_gradients(models["ft"], tracked["ft"], tokenizer, pairs, max_length=settings.max_length)
-    texts = [TEXTS[int(i)] for i in record["candidate_ids"]]
-    d_pt = autograd_document_gradients(models["pt"], tracked["pt"], tokenizer, texts, max_length=settings.max_length)
-    d_ft = autograd_document_gradients(models["ft"], tracked["ft"], tokenizer, texts, max_length=settings.max_length)
+    load = lambda folder: AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float64).eval()  # noqa: E731
+    pretrained = load(root / "model")
+    tracked = select_modules(pretrained, regex=pattern)
+    _, query_ids, candidate_ids = _scores(out, "gradient-dot", "0.1")
+    texts = [TEXTS[int(i)] for i in candidate_ids]
+    pairs = [(benchmark.fact(f).prompt, benchmark.fact(f).completion) for f in query_ids]
+    d_pt = autograd_document_gradients(pretrained, tracked, tokenizer, texts, max_length=settings.max_length)
 
     def dense(folder, damping_of):
         factors = Factors.load(folder)
         blocks = []
-        for t in tracked["pt"]:
+        for t in tracked:
             mf = factors.modules[t.name]
             blocks.append(dense_eigenbasis_matrix(mf.activation_eigenvectors, mf.gradient_eigenvectors, mf.lambda_, damping_of(mf)))
         return torch.block_diag(*blocks)
 
-    alpha = settings.alpha
     h_pt = dense(out / "factors-pretrained", lambda mf: settings.damping_factor * float(mf.lambda_.double().mean()))
-    h_ft = dense(out / "factors-finetuned", lambda mf: alpha)
-    expected = {
-        "gradient-dot": q @ d_pt.T,
-        "finetuned-ekfac": q @ torch.linalg.solve(h_ft, d_ft.T),
-        "multi-stage-ekfac": alpha * q @ torch.linalg.solve(h_ft, torch.linalg.solve(h_pt, d_pt.T)),
-    }
-    for method, reference in expected.items():  # pretrace ran the float32 model: float32 rounding, amplified by the damped inverses
-        torch.testing.assert_close(scores[method].double(), reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max()), msg=method)
-
-    rankings = {row["fact_id"]: row for row in map(json.loads, (out / "rankings.jsonl").read_text().splitlines())}
-    pools = {row["fact_id"]: row["ids"] for row in map(json.loads, (out / "pools.jsonl").read_text().splitlines())}
-    column = {int(c): j for j, c in enumerate(record["candidate_ids"])}
-    row_of = {f: r for r, f in enumerate(record["query_ids"])}
-    for method in expected:
-        for fact_id, pool in pools.items():
-            values = {i: float(scores[method][row_of[fact_id], column[i]]) for i in pool}
-            by_hand = sorted(pool, key=lambda i: (-values[i], i))[: settings.top]
-            assert rankings[fact_id]["rankings"][method] == by_hand, (method, fact_id)
-        for d, draw in enumerate(results["draws"]):
-            mrr, recall = [], []
-            for fact_id in draw:
-                ranked, evidence = rankings[fact_id]["rankings"][method], set(benchmark.fact(fact_id).evidence_ids)
-                hits = [position for position, i in enumerate(ranked[: settings.top], start=1) if i in evidence]
-                mrr.append(1.0 / hits[0] if hits else 0.0)
-                recall.append(sum(i in evidence for i in ranked[:10]) / len(evidence))
-            assert results["methods"][method]["mrr"]["per_draw"][d] == pytest.approx(sum(mrr) / len(mrr), abs=1e-12)
-            assert results["methods"][method]["recall@10"]["per_draw"][d] == pytest.approx(sum(recall) / len(recall), abs=1e-12)
+    for label, block in results["alphas"].items():
+        alpha = block["alpha"]
+        finetuned = load(out / f"alpha-{label}" / "finetuned")
+        tracked_ft = select_modules(finetuned, regex=pattern)
+        q = hand_query_gradients(finetuned, tracked_ft, tokenizer, pairs, max_length=settings.max_length)
+        d_ft = autograd_document_gradients(finetuned, tracked_ft, tokenizer, texts, max_length=settings.max_length)
+        h_ft = dense(out / f"alpha-{label}" / "factors-finetuned", lambda mf: alpha)
+        expected = {
+            "gradient-dot": q @ d_pt.T,
+            "pretrained-ekfac": q @ torch.linalg.solve(h_pt, d_pt.T),
+            "finetuned-ekfac": q @ torch.linalg.solve(h_ft, d_ft.T),
+            "multi-stage-ekfac": alpha * q @ torch.linalg.solve(h_ft, torch.linalg.solve(h_pt, d_pt.T)),
+        }
+        rankings = {(row["method"], row["fact_id"]): row["ranking"] for row in map(json.loads, (out / "rankings.jsonl").read_text().splitlines())
+                    if row["alpha"] == label}
+        for method, reference in expected.items():  # pretrace ran the float32 model: float32 rounding, amplified by the damped inverses
+            scores, ids, columns = _scores(out, method, label)
+            assert ids == query_ids and columns == candidate_ids
+            torch.testing.assert_close(scores.double(), reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max()), msg=f"{method}@{label}")
+            for row, fact_id in enumerate(query_ids):
+                values = {int(c): float(scores[row, j]) for j, c in enumerate(candidate_ids)}
+                by_hand = sorted(values, key=lambda i: (-values[i], i))[: settings.top]
+                assert rankings[(method, fact_id)] == by_hand, (method, fact_id)
+                evidence = set(benchmark.fact(fact_id).evidence_ids)
+                hits = [position for position, i in enumerate(by_hand, start=1) if i in evidence]
+                position = results["query_ids"].index(fact_id)
+                assert results["per_query"][label][method]["rr"][position] == pytest.approx(1.0 / hits[0] if hits else 0.0, abs=1e-12)
+                assert results["per_query"][label][method]["recall@10"][position] == pytest.approx(sum(i in evidence for i in by_hand[:10]) / len(evidence), abs=1e-12)
 
 
 def load_tokenizer_from(folder):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(folder)
+
+
+def test_a_run_too_large_for_its_memory_cap_is_refused_before_any_work(tmp_path, capsys):
+    from pretrace.cli import main
+
+    tiny_benchmark().write(tmp_path / "benchmark")
+    model = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float32)
+    flags = ["--out", str(tmp_path / "out"), "--data", "folder", "--benchmark", str(tmp_path / "benchmark"), "--model", str(model),
+             "--max-length", "32", "--memory-gb", "1e-9", "--device", "cpu", "--preset", "all"]
+    assert main(["bench", "fact-tracing", *flags]) == 2
+    error = capsys.readouterr().err
+    assert "GB of prepared query weights" in error and "lower --query-rank" in error and "Traceback" not in error
+    assert not (tmp_path / "out" / "alpha-0.001").exists()  # nothing fine-tuned
+    assert main(["bench", "fact-tracing", *flags[:-4], "--alphas", "1e-3,-1"]) == 2
+    assert "--alphas" in capsys.readouterr().err

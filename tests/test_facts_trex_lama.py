@@ -72,7 +72,8 @@ def test_attribution_set_keeps_sentences_with_a_lama_fact_and_maps_facts_to_them
         "P36,Q142,Q90": [0],
         "P36,Q36,Q270": [2],
     }
-    assert counts == {"lama_facts": 6, "facts_without_evidence": 1}  # Einstein/Ulm is in no sentence
+    # Einstein/Ulm is in no sentence; the Seine, Curie's nationality and her death place are no LAMA fact
+    assert counts == {"lama_facts": 6, "facts_without_evidence": 1, "facts": 5, "sentences": 4, "sentences_without_lama_fact": 3}
     assert benchmark.target_sharing_ids() == {"Q142": [0], "Q90": [0], "Q270": [1, 2, 3], "Q36": [2]}
     assert sorted(benchmark.relations) == ["P1376", "P19", "P36"]
 
@@ -113,3 +114,22 @@ def test_bad_inputs_name_the_problem(tmp_path):
     questions.write_text(json.dumps({"relation": "P36", "question": "Capital of [X]?"}) + "\n")
     with pytest.raises(PretraceError, match="no question template"):
         build_trex_lama_benchmark(TREX, LAMA / "TREx", questions)
+
+
+LAMA_RELATIONS = ("P1001 P101 P103 P106 P108 P127 P1303 P131 P136 P1376 P138 P140 P1412 P159 P17 P176 P178 P19 P190 P20 P264 "
+                  "P27 P276 P279 P30 P31 P36 P361 P364 P37 P39 P407 P413 P449 P463 P47 P495 P527 P530 P740 P937").split()
+
+
+def test_shipped_questions_cover_every_lama_relation_and_are_the_default(tmp_path, capsys):
+    from pretrace.bench.facts.run import FactTracingSettings, _Run
+    from pretrace.bench.facts.trex_lama import shipped_questions
+
+    shipped = read_question_templates(shipped_questions())
+    assert sorted(shipped) == sorted(LAMA_RELATIONS)
+    assert shipped["P19"].ask("Marie Curie") == "Where was Marie Curie born?"
+    run = _Run(FactTracingSettings(out=str(tmp_path / "out"), data="trex-lama", trex=str(TREX), lama=str(LAMA / "TREx")))
+    benchmark, build = run.benchmark()
+    assert build["facts_without_evidence"] == 1 and build["sentences_without_lama_fact"] == 3
+    assert json.loads((tmp_path / "out" / "benchmark" / "build.json").read_text()) == build
+    printed = capsys.readouterr().out
+    assert "1 of 6 LAMA facts dropped" in printed and "3 T-REx sentences dropped" in printed

@@ -53,10 +53,11 @@ def test_capabilities_are_declared_and_passed_on_by_wrappers(workspace):
     names = factors.module_names()
     ekfac = EKFAC(factors)
     assert ekfac.kronecker_eigenbasis and KFAC(factors).kronecker_eigenbasis
-    assert not any(op.kronecker_eigenbasis for op in (Diagonal(factors), Identity(), Chain([ekfac, KFAC(factors)])))
-    assert Scaled(ekfac, 2.0).kronecker_eigenbasis and not Scaled(Chain([ekfac, ekfac]), 2.0).kronecker_eigenbasis
+    assert not any(op.kronecker_eigenbasis for op in (Diagonal(factors), Identity(), Chain([ekfac, Diagonal(factors)])))
+    assert Scaled(ekfac, 2.0).kronecker_eigenbasis and Scaled(Chain([ekfac, KFAC(factors)]), 2.0).kronecker_eigenbasis  # a chain ends in its last basis
     assert PlacedPreconditioner(ekfac, names, "cpu").kronecker_eigenbasis
     assert not PlacedPreconditioner(Identity(), names, "cpu").kronecker_eigenbasis
+    assert Identity().is_identity and not any(op.is_identity for op in (Scaled(Identity(), 1.0), PlacedPreconditioner(Identity(), names, "cpu"), ekfac))
     with pytest.raises(PretraceError, match="Kronecker eigenbasis"):
         Identity().eigenbasis(names[0], torch.device("cpu"), torch.float32)
 
@@ -98,7 +99,7 @@ def test_placing_or_sharding_factors_scores_exactly_like_the_default(workspace, 
     single = dict(model=str(root / "model"), factors=str(root / "factors"))
     multi = dict(pretrained=str(root / "model"), pretrained_factors=str(root / "factors"), finetuned=str(root / "tuned"),
                  finetuned_factors=str(root / "factors_ft"), alpha=0.5, force=True)
-    for kind, settings, route in (("single", single, "eigenbasis"), ("multi", multi, "dense")):  # two eigenbases in a chain: dense
+    for kind, settings, route in (("single", single, "eigenbasis"), ("multi", multi, "eigenbasis")):  # a chain ends in its last eigenbasis
         default = _scores(root, tmp_path / kind, **settings)
         for placement in (dict(factors_device="cpu"), dict(shard_factors=True), dict(shard_factors=True, factors_device="cpu")):
             placed = _scores(root, tmp_path / f"{kind}-{len(placement)}-{placement.get('factors_device')}", **settings, **placement)

@@ -58,9 +58,9 @@ def run_settings(tmp_path_factory):
     tiny_benchmark().write(root / "benchmark")
     model = save_tiny_model(root / "model", "llama", dtype=torch.float32)
     return root, FactTracingSettings(out=str(root / "out"), data="folder", benchmark=str(root / "benchmark"), model=str(model),
-                                     queries=3, draws=2, candidates=3, random_candidates=4, sharing_candidates=2, top=6,
-                                     finetune_facts=0, alpha=0.1, lr=1e-3, epochs=1, fit_sentences=6, preset="all", last_layers=1,
-                                     batch_size=4, max_length=32, device="cpu")
+                                     queries=3, candidates=3, random_candidates=4, sharing_candidates=2, top=6, query_rank=2,
+                                     finetune_facts=0, alphas="0.1", lr=1e-3, epochs=1, fit_sentences=6, preset="all", last_layers=1,
+                                     batch_size=4, max_length=32, device="cpu", bootstrap=100)
 
 
 def _computed(results: dict) -> set[str]:
@@ -72,25 +72,31 @@ def test_fact_tracing_recomputes_exactly_the_stages_a_change_affects(run_setting
 
     root, settings = run_settings
     first = run_fact_tracing(settings)
-    everything = {"finetune", "fit-sentences", "factors-pretrained", "factors-finetuned", "bm25", "gradient-scores", "embedding-scores", "probe"}
+    scores = {"scores-finetuned@0.1/0000", "scores-pretrained/0000"}
+    finetuned = {"finetune@0.1", "factors-finetuned@0.1", *scores, "embedding@0.1", "probe-finetuned-0.1"}
+    everything = {"finetune-data", "fit-sentences", "factors-pretrained", "bm25", "probe-pretrained", *finetuned}
     assert _computed(first) == everything
     assert _computed(run_fact_tracing(settings)) == set()
 
     # a fine-tuning setting: the fine-tuned model and all that reads it, not the pre-trained side
     changed = run_fact_tracing(replace(settings, lr=2e-3))
-    assert _computed(changed) == {"finetune", "factors-finetuned", "gradient-scores", "embedding-scores", "probe"}
+    assert _computed(changed) == finetuned
     assert changed["stage_digests"]["factors-pretrained"] == first["stage_digests"]["factors-pretrained"]
 
-    # a scoring setting: only the gradient scores
-    assert _computed(run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5))) == {"gradient-scores"}
+    # scoring settings: only the gradient scores
+    assert _computed(run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5))) == scores
+    assert _computed(run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5, query_rank=3))) == scores
+    # another α: its own fine-tune and everything of it, and the shared pre-trained pass; the first α's stages are kept
+    both = run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5, query_rank=3, alphas="0.1,0.2"))
+    assert _computed(both) == {name.replace("0.1", "0.2") for name in finetuned} | {"scores-pretrained/0000"}
 
     # the benchmark's contents (same folder name): everything downstream of it
     benchmark = tiny_benchmark()
     benchmark.sentences[5] = type(benchmark.sentences[5])(5, "a dog ran in the big park .", benchmark.sentences[5].facts)
     shutil.rmtree(root / "benchmark")
     benchmark.write(root / "benchmark")
-    rerun = run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5))
-    assert _computed(rerun) == everything
+    rerun = run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5, query_rank=3))
+    assert _computed(rerun) == everything - {"probe-pretrained"}  # the pre-trained model and the questions are unchanged
     assert rerun["stages"]["benchmark"] == "read"
 
 
@@ -99,7 +105,7 @@ def test_trex_lama_benchmark_is_rebuilt_when_the_question_templates_change(tmp_p
     shutil.copy(LAMA / "bloom_questions.jsonl", questions)
     settings = FactTracingSettings(out=str(tmp_path / "out"), data="trex-lama", trex=str(TREX), lama=str(LAMA / "TREx"), questions=str(questions))
     first = _Run(settings)
-    asked = {f.fact_id: f.prompt for f in first.benchmark().facts}
+    asked = {f.fact_id: f.prompt for f in first.benchmark()[0].facts}
     assert first.cache.statuses["benchmark"] == "computed"
     again = _Run(settings)
     again.benchmark()
@@ -111,7 +117,7 @@ def test_trex_lama_benchmark_is_rebuilt_when_the_question_templates_change(tmp_p
                 row[field] = "tell me: " + row[field]
     questions.write_text("".join(json.dumps(row) + "\n" for row in rows))
     changed = _Run(settings)
-    rebuilt = {f.fact_id: f.prompt for f in changed.benchmark().facts}
+    rebuilt = {f.fact_id: f.prompt for f in changed.benchmark()[0].facts}
     assert changed.cache.statuses["benchmark"] == "computed"
     assert rebuilt.keys() == asked.keys() and all("tell me: " in rebuilt[k] and "tell me: " not in asked[k] for k in asked)
 

@@ -302,7 +302,8 @@ def compare_influences(settings: RetrainingSettings, progress: bool = True) -> d
     """Retrain after removing each document; return the actual Δ query loss and each method's prediction [N, Q]."""
     from pretrace.curvature import EKFAC, Chain, FitSettings, Identity, Scaled, fit_factors
     from pretrace.data.batching import iter_batches
-    from pretrace.scores import query_gradients, score_documents
+    from pretrace.scores import score_documents
+    from pretrace.scores.queries import precondition_queries
 
     problem, tokenizer, documents, pairs, queries = build_problem(settings)
     theta_pt = problem.solve_pretraining(problem.flat())
@@ -332,23 +333,20 @@ def compare_influences(settings: RetrainingSettings, progress: bool = True) -> d
         problem.load(theta)
         return fit_factors(model, tracked, lambda: iter_batches(encode(tokenizer, records * repeats, 512), 64, 0), fit, progress=False)
 
-    def query_grads_at(theta):
-        problem.load(theta)
-        return query_gradients(model, tracked, iter_batches(encode_queries(tokenizer, queries, 512), 64, 0))
-
-    def score(preconditioner, query, theta_docs):
-        ids, grads = query
+    def score(preconditioner, theta_queries, theta_docs):
+        """The one query preparation (queries measured at `theta_queries`), then documents' gradients at `theta_docs`."""
+        problem.load(theta_queries)
+        prepared = precondition_queries(model, tracked, iter_batches(encode_queries(tokenizer, queries, 512), 64, 0), preconditioner)
         problem.load(theta_docs)
-        return score_documents(model, tracked, preconditioner.apply(grads), doc_batches(), ids).scores
+        return score_documents(model, tracked, prepared.weights, doc_batches(), prepared.ids).scores
 
     pt_factors = factors(theta_pt, encode_documents, documents)
     ft_factors = factors(theta_ft, encode_queries, pairs)
     ft_doc_factors = factors(theta_ft, encode_documents, documents)
-    at_ft, at_pt = query_grads_at(theta_ft), query_grads_at(theta_pt)
-    scores["EK-FAC multi-stage"] = score(Scaled(Chain([EKFAC(ft_factors, damping=alpha), EKFAC(pt_factors, damping=w)]), alpha), at_ft, theta_pt)
-    scores["EK-FAC fine-tuned only"] = score(EKFAC(ft_doc_factors, damping=w), at_ft, theta_ft)
-    scores["EK-FAC pre-trained only"] = score(EKFAC(pt_factors, damping=w), at_pt, theta_pt)
-    scores["gradient dot product"] = score(Identity(), at_ft, theta_pt)
+    scores["EK-FAC multi-stage"] = score(Scaled(Chain([EKFAC(ft_factors, damping=alpha), EKFAC(pt_factors, damping=w)]), alpha), theta_ft, theta_pt)
+    scores["EK-FAC fine-tuned only"] = score(EKFAC(ft_doc_factors, damping=w), theta_ft, theta_ft)
+    scores["EK-FAC pre-trained only"] = score(EKFAC(pt_factors, damping=w), theta_pt, theta_pt)
+    scores["gradient dot product"] = score(Identity(), theta_ft, theta_pt)
     return {"actual": actual, "predicted": {name: s.detach().T / n for name, s in scores.items()}}
 
 

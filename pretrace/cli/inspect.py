@@ -52,7 +52,7 @@ def _describe_scores(folder: Path, as_json: bool) -> None:
     warning = f"; {bad} NaN or infinite values, written before pretrace refused them: recompute with `pretrace score`" if bad else ""
     print(f"  scores: {list(scores.shape)} (queries x documents), {extent}{warning}")
     print(f"  tensors: {', '.join(f'{k} {list(v.shape)}' for k, v in tensors.items())}")
-    print(f"  timings: " + ", ".join(f"{k}={v:.3g}s" for k, v in meta.get("timings", {}).items()))
+    print("  timings: " + ", ".join(f"{k}={v:.3g}s" for k, v in meta.get("timings", {}).items()))
     print(f"  hyper-parameters: {meta.get('hyperparameters')}")
 
 

@@ -5,8 +5,10 @@ multi-stage influence is `Scaled(Chain(ft_inverse, pt_inverse), α)`. Every oper
 tensors; factors (Λ in particular) are never modified by damping.
 
 What an operator can do beyond `apply` is declared, never probed: `module_wise` (block-diagonal over
-modules) and `kronecker_eigenbasis` (per module diagonal in a Kronecker eigenbasis, so `eigenbasis` and
-`apply_factored_in_eigenbasis` work: the cheap route `pretrace.scores.queries` takes for query weights).
+modules), `kronecker_eigenbasis` (per module, P v comes out in a Kronecker eigenbasis: `eigenbasis` names it
+and `apply_factored_in_eigenbasis` / `apply_in_eigenbasis` form it, the cheap route `pretrace.scores.queries`
+takes for query weights; EK-FAC/K-FAC inverses are diagonal there, and a chain of them ends in its last
+operator's basis) and `is_identity` (P = I: query weights are the raw token factors, exactly).
 Wrappers (`Scaled`, `pretrace.curvature.placement.PlacedPreconditioner`) pass on their inner operator's.
 """
 
@@ -28,9 +30,11 @@ class Preconditioner:
     # True when P is block-diagonal over modules, so each module can be mapped on its own (and composed
     # operators can stream module by module instead of holding every intermediate gradient at once).
     module_wise: bool = False
-    # True when, per module, P = (Q_G ⊗ Q_A) diag(d) (Q_G ⊗ Q_A)ᵀ: then `eigenbasis` and
-    # `apply_factored_in_eigenbasis` work, and query weights can stay in that eigenbasis.
+    # True when, per module, P v can be formed in a Kronecker eigenbasis (Q_G ⊗ Q_A)ᵀ P v: then `eigenbasis`,
+    # `apply_factored_in_eigenbasis` and `apply_in_eigenbasis` work, and query weights can stay in that eigenbasis.
     kronecker_eigenbasis: bool = False
+    # True only for P = I (not a scaled or placed one): query weights can be kept as their exact token factors.
+    is_identity: bool = False
 
     def apply(self, grads: Gradients) -> Gradients:
         raise NotImplementedError
@@ -43,6 +47,10 @@ class Preconditioner:
         """`[Q, d_out, d_in']`: (Q_G ⊗ Q_A)ᵀ P v for v = Σ_t g_t a_tᵀ given as `[Q, T, d_out]`, `[Q, T, d_in']`."""
         raise PretraceError(f"{type(self).__name__} is not diagonal in a Kronecker eigenbasis (kronecker_eigenbasis is False).")
 
+    def apply_in_eigenbasis(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        """`[Q, d_out, d_in']`: (Q_G ⊗ Q_A)ᵀ P v for a dense gradient v in the parameter basis."""
+        raise PretraceError(f"{type(self).__name__} is not diagonal in a Kronecker eigenbasis (kronecker_eigenbasis is False).")
+
     def describe(self) -> dict:
         return {"type": type(self).__name__}
 
@@ -51,6 +59,7 @@ class Identity(Preconditioner):
     """P = I: influence becomes the plain gradient dot product."""
 
     module_wise = True
+    is_identity = True
 
     def apply(self, grads: Gradients) -> Gradients:
         return dict(grads)
@@ -80,6 +89,9 @@ class Scaled(Preconditioner):
     def apply_factored_in_eigenbasis(self, name: str, output_gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
         return self.inner.apply_factored_in_eigenbasis(name, output_gradients, activations) * self.factor
 
+    def apply_in_eigenbasis(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        return self.inner.apply_in_eigenbasis(name, grad) * self.factor
+
     def describe(self) -> dict:
         return {"type": "Scaled", "factor": self.factor, "inner": self.inner.describe()}
 
@@ -103,6 +115,28 @@ class Chain(Preconditioner):
         for op in self.operators:
             grads = op.apply(grads)
         return grads
+
+    @property
+    def kronecker_eigenbasis(self) -> bool:
+        """A chain of eigenbasis operators ends in its last operator's eigenbasis (not diagonal there, but
+        query weights only need to be expressed in it): each step rotates from one basis to the next once."""
+        return bool(self.operators) and all(op.kronecker_eigenbasis for op in self.operators)
+
+    def eigenbasis(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.operators[-1].eigenbasis(name, device, dtype)
+
+    def _onwards(self, name: str, rotated: torch.Tensor) -> torch.Tensor:
+        """The first operator's output (in its eigenbasis) through the others, ending in the last one's."""
+        device, dtype = rotated.device, rotated.dtype
+        for previous, op in zip(self.operators, self.operators[1:]):
+            rotated = op.apply_in_eigenbasis(name, from_eigenbasis(rotated, *previous.eigenbasis(name, device, dtype)))
+        return rotated
+
+    def apply_factored_in_eigenbasis(self, name: str, output_gradients: torch.Tensor, activations: torch.Tensor) -> torch.Tensor:
+        return self._onwards(name, self.operators[0].apply_factored_in_eigenbasis(name, output_gradients, activations))
+
+    def apply_in_eigenbasis(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        return self._onwards(name, self.operators[0].apply_in_eigenbasis(name, grad))
 
     def describe(self) -> dict:
         return {"type": "Chain", "operators": [op.describe() for op in self.operators]}
@@ -159,8 +193,12 @@ class _EigenbasisInverse(_Damped):
         return self._cache[key]
 
     def apply_module(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        qa, qg, _ = self._prepared(name, grad.device, grad.dtype)
+        return from_eigenbasis(self.apply_in_eigenbasis(name, grad), qa, qg)
+
+    def apply_in_eigenbasis(self, name: str, grad: torch.Tensor) -> torch.Tensor:
         qa, qg, inverse = self._prepared(name, grad.device, grad.dtype)
-        return from_eigenbasis(to_eigenbasis(grad, qa, qg) * inverse, qa, qg)
+        return to_eigenbasis(grad, qa, qg) * inverse
 
     def eigenbasis(self, name: str, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         qa, qg, _ = self._prepared(name, device, dtype)

@@ -70,5 +70,8 @@ class PlacedPreconditioner(Preconditioner):
         like = activations.new_empty(activations.shape[0], output_gradients.shape[-1], activations.shape[-1])
         return self._placed(name, like, lambda device: self.inner.apply_factored_in_eigenbasis(name, output_gradients.to(device), activations.to(device)))
 
+    def apply_in_eigenbasis(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        return self._placed(name, grad, lambda device: self.inner.apply_in_eigenbasis(name, grad.to(device)))
+
     def describe(self) -> dict:
         return {**self.inner.describe(), "factors_device": None if self.device is None else str(self.device), "factors_sharded_by_module": self.by_module}

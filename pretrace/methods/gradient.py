@@ -28,7 +28,7 @@ class PreconditionedGradients(Attributor):
         self.name, self._make, self._hyper = name, make_preconditioner, dict(hyperparameters or {})
         self.query_rank = query_rank  # truncate preconditioned query gradients to this rank per module (None: exact)
         self.query_rank_error: list[float] | None = None  # per query: relative Frobenius error of the truncation
-        self.query_route: str | None = None  # how the queries were last preconditioned ("eigenbasis" or "dense"), for scores.json
+        self.query_route: str | None = None  # how the queries were last preconditioned ("eigenbasis", "tokens" or "dense"), for scores.json
         self.preconditioner: Preconditioner | None = None
         self._prepared: tuple[tuple, tuple[list[str], dict]] | None = None  # the last queries' preconditioned weights
 

@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Iterable, Mapping
 
 import torch
 from tqdm.auto import tqdm
 
-from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
 from pretrace.gradients.capture import capture
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
-from pretrace.parallel.collectives import gather_in_order, shard, with_offsets
+from pretrace.parallel.collectives import gather_in_order, with_offsets
 from pretrace.parallel.group import is_main
 from pretrace.scores.columns import ScoreColumns
 from pretrace.scores.plan import ScoringPlan
@@ -87,16 +86,38 @@ def score_documents(
     plan: ScoringPlan | None = None,
 ) -> ScoreResult:
     """Scores of preconditioned query gradients (tensors `[Q, d_out, d_in']` or `ModuleWeights`) against every
-    document's loss gradient. `num_batches` lets eigenbasis weights choose their cheaper form for the stream;
-    `ModuleWeights` entries of `preconditioned` are replaced by the form chosen (on the model's device and dtype).
-    `plan` says what the ranks split and whether the scores stream to disk (default: documents, in RAM)."""
+    document's loss gradient: `score_weight_sets` with one set."""
+    return score_weight_sets(model, tracked, {"scores": (query_ids, preconditioned)}, batches, task, per_module, per_token,
+                             num_batches, progress, plan)["scores"]
+
+
+def score_weight_sets(
+    model: torch.nn.Module,
+    tracked: list[TrackedModule],
+    weight_sets: Mapping[str, tuple[list[str], dict[str, torch.Tensor | ModuleWeights]]],
+    batches: Iterable[TokenBatch],
+    task: Task | None = None,
+    per_module: bool = False,
+    per_token: bool = False,
+    num_batches: int | None = None,
+    progress: bool = False,
+    plan: ScoringPlan | None = None,
+) -> dict[str, ScoreResult]:
+    """Each named set of preconditioned query weights (query ids, per module tensors `[Q, d_out, d_in']` or
+    `ModuleWeights`) against every document's loss gradient, in one pass: a batch's gradients are captured
+    once and met by every set (e.g. multi-stage, pre-trained-only and gradient-dot weights of the same
+    queries). `num_batches` lets eigenbasis weights choose their cheaper form for the stream; `ModuleWeights`
+    entries of each set's dict are replaced by the form chosen (on the model's device and dtype). `plan` says
+    what the ranks split and whether the scores stream to disk (default: documents, in RAM)."""
     task, plan = task or LanguageModelingTask(), plan or ScoringPlan()
     device, dtype = _device(model), _compute_dtype(model)
-    weights = {name: as_module_weights(w).to(device, dtype) for name, w in preconditioned.items()}
-    names = [t.name for t in tracked if t.name in weights]
+    sets = {label: (list(ids), {name: as_module_weights(w).to(device, dtype) for name, w in weights.items()})
+            for label, (ids, weights) in weight_sets.items()}
+    names = {label: [t.name for t in tracked if t.name in weights] for label, (_, weights) in sets.items()}
+    column_name = (lambda label, kind: kind) if len(sets) == 1 else (lambda label, kind: f"{label}.{kind}")  # noqa: E731
+    totals = {label: ScoreColumns(column_name(label, "scores"), plan) for label in sets}
+    modules = {label: ScoreColumns(column_name(label, "per_module"), plan) for label in sets} if per_module else None
     settled = False
-    totals = ScoreColumns("scores", plan)
-    modules = ScoreColumns("per_module", plan) if per_module else None
     order, records = [], []
     start = time.perf_counter()
     shards = plan.shard_documents(with_offsets(batches))
@@ -105,66 +126,51 @@ def score_documents(
         batch = batch.to(device)
         if not settled:  # the first batch tells the padded tokens to expect: weights take their cheapest form for them
             expected = None if num_batches is None else plan.document_shard_size(num_batches) * batch.input_ids.numel()
-            weights, settled = {name: w.settle(expected) for name, w in weights.items()}, True
-            # in the caller's dict too (plain tensors stay tensors): unsettled copies are freed, not kept beside
-            preconditioned.update({name: w for name, w in weights.items() if isinstance(preconditioned[name], ModuleWeights)})
+            for label, (ids, weights) in sets.items():
+                sets[label] = (ids, {name: w.settle(expected) for name, w in weights.items()})
+                # in the caller's dict too (plain tensors stay tensors): unsettled copies are freed, not kept beside
+                caller = weight_sets[label][1]
+                caller.update({name: w for name, w in sets[label][1].items() if isinstance(caller[name], ModuleWeights)})
+            settled = True
         captured = capture(model, tracked, lambda: task.document_loss(model, batch))
-        batch_total = torch.zeros(len(query_ids), len(batch), dtype=torch.float64, device=device)
-        batch_modules, batch_tokens = [], 0
-        for name in names:
-            scores, contributions = weights[name].scores(captured, name, per_token)
-            batch_total += scores.double()
+        tokens = {}
+        for label, (ids, weights) in sets.items():
+            batch_total = torch.zeros(len(ids), len(batch), dtype=torch.float64, device=device)
+            batch_modules, batch_tokens = [], 0
+            for name in names[label]:
+                scores, contributions = weights[name].scores(captured, name, per_token)
+                batch_total += scores.double()
+                if per_module:
+                    batch_modules.append(scores.double().cpu())
+                if per_token:
+                    batch_tokens = batch_tokens + contributions.double()
+            totals[label].add(offset, batch_total.cpu())
             if per_module:
-                batch_modules.append(scores.double().cpu())
+                modules[label].add(offset, torch.stack(batch_modules))
             if per_token:
-                batch_tokens = batch_tokens + contributions.double()
+                keep = batch.attention_mask.bool().cpu()
+                tokens[label] = [(batch_tokens[:, row].cpu()[:, keep[row]], batch.input_ids[row].cpu()[keep[row]].tolist()) for row in range(len(batch))]
         del captured  # before the next batch is captured: never two batches' activations at once
-        totals.add(offset, batch_total.cpu())
-        if per_module:
-            modules.add(offset, torch.stack(batch_modules))
-        token_rows = None
-        if per_token:
-            keep = batch.attention_mask.bool().cpu()
-            token_rows = [(batch_tokens[:, row].cpu()[:, keep[row]], batch.input_ids[row].cpu()[keep[row]].tolist()) for row in range(len(batch))]
         order.append(offset)
-        records.append((batch.ids, token_rows))
+        records.append((batch.ids, tokens))
     if not plan.splits_queries:
         records = gather_in_order(order, records)  # every rank's batches, in document order
-    rows = [row for _, token_rows in records for row in (token_rows or [])]
-    if per_token and plan.splits_queries:  # each document's [Q, T] contributions: the ranks' queries merged
-        merged = plan.gather_queries(torch.cat([c for c, _ in rows], dim=1), dim=0).split([len(i) for _, i in rows], dim=1)
-        rows = list(zip(merged, [i for _, i in rows]))
-    return ScoreResult(
-        scores=totals.finish(),
-        query_ids=plan.gather_queries(list(query_ids)),
-        document_ids=[doc_id for ids, _ in records for doc_id in ids],
-        module_names=names,
-        per_module=modules.finish() if per_module else None,
-        per_token=[contributions for contributions, _ in rows] if per_token else None,
-        document_token_ids=[ids for _, ids in rows] if per_token else None,
-        timings={"documents_seconds": time.perf_counter() - start},
-    )
-
-
-def self_influence(
-    model: torch.nn.Module,
-    tracked: list[TrackedModule],
-    preconditioner: Preconditioner,
-    batches: Iterable[TokenBatch],
-    task: Task | None = None,
-    progress: bool = False,
-) -> tuple[list[str], torch.Tensor]:
-    """∇ℓ(z)ᵀ P ∇ℓ(z) for every document: a measure of how unusual (or mislabeled) it is."""
-    task = task or LanguageModelingTask()
-    device, dtype = _device(model), _compute_dtype(model)
-    order, records = [], []
-    for index, batch in tqdm(shard(enumerate(batches)), desc="self-influence", unit="batch", disable=not (progress and is_main())):
-        batch = batch.to(device)
-        captured = capture(model, tracked, lambda: task.document_loss(model, batch))
-        grads = {t.name: captured.example_gradients(t.name).to(dtype) for t in tracked}
-        preconditioned = preconditioner.apply(grads)
-        total = sum((preconditioned[n] * grads[n]).flatten(1).sum(1).double() for n in grads)
-        order.append(index)
-        records.append((batch.ids, total.cpu()))
-    records = gather_in_order(order, records)
-    return [i for ids, _ in records for i in ids], torch.cat([values for _, values in records])
+    document_ids = [doc_id for ids, _ in records for doc_id in ids]
+    seconds = time.perf_counter() - start
+    results = {}
+    for label, (ids, _) in sets.items():
+        rows = [row for _, tokens in records for row in tokens.get(label, ())]
+        if per_token and plan.splits_queries:  # each document's [Q, T] contributions: the ranks' queries merged
+            merged = plan.gather_queries(torch.cat([c for c, _ in rows], dim=1), dim=0).split([len(i) for _, i in rows], dim=1)
+            rows = list(zip(merged, [i for _, i in rows]))
+        results[label] = ScoreResult(
+            scores=totals[label].finish(),
+            query_ids=plan.gather_queries(ids),
+            document_ids=document_ids,
+            module_names=names[label],
+            per_module=modules[label].finish() if per_module else None,
+            per_token=[contributions for contributions, _ in rows] if per_token else None,
+            document_token_ids=[token_ids for _, token_ids in rows] if per_token else None,
+            timings={"documents_seconds": seconds},
+        )
+    return results

@@ -1,11 +1,15 @@
 """Precondition every query once, straight from its captured token factors.
 
-With a preconditioner diagonal in a Kronecker eigenbasis (`kronecker_eigenbasis`: EK-FAC/K-FAC inverses,
-scaled or placed on another device or rank), a query's gradient Σ_t g_t a_tᵀ enters the eigenbasis through its T
-token factors (never as a dense matrix), is divided by the damped eigenvalues there, and stays there:
-`score_documents` later rotates it back only if that is cheaper than rotating the documents' tokens.
+Three routes, chosen by what the preconditioner declares:
+- "eigenbasis" (`kronecker_eigenbasis`: EK-FAC/K-FAC inverses, scaled, placed on another device or rank, or
+  chained as in multi-stage influence): a query's gradient Σ_t g_t a_tᵀ enters the first operator's
+  eigenbasis through its T token factors (never as a dense matrix), is divided by the damped eigenvalues
+  there, passes on through any later operators, and stays in the last one's eigenbasis: `score_documents`
+  later rotates it back only if that is cheaper than rotating the documents' tokens.
+- "tokens" (`is_identity`): the gradient itself, kept exactly as its token factors (rank ≤ T) when that is
+  smaller than the dense matrix; `query_rank` does not apply (nothing is approximated).
+- "dense": any other preconditioner gets the dense query gradients (`query_gradients`) and `apply`.
 Optionally each query's weights are truncated to rank r (`query_rank`), with the error reported.
-Any other preconditioner gets the dense query gradients (`query_gradients`) and `apply`.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from tqdm.auto import tqdm
 from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
-from pretrace.gradients.capture import capture
+from pretrace.gradients.capture import CapturedBatch, capture
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.scores.plan import ScoringPlan
@@ -36,9 +40,10 @@ class PreconditionedQueries:
     route: str = "dense"  # "eigenbasis": from token factors, kept in the Kronecker eigenbasis; "dense": P applied to dense gradients
 
 
-def _eigenbasis_weights(model, tracked, batches, preconditioner, task, rank, plan, progress) -> tuple[list[str], dict[str, list]]:
+def _factored_weights(model, tracked, batches, preconditioner, task, rank, plan, progress) -> tuple[list[str], dict[str, list]]:
     """Per module, per query batch: eigenbasis weights (rank-truncated right away when `rank` is set, so
-    full-rank weights of all queries never coexist), with their errors and squared norms."""
+    full-rank weights of all queries never coexist), with their errors and squared norms; for P = I the
+    token factors themselves (exact)."""
     parameter = next(model.parameters())
     device, dtype = parameter.device, torch.promote_types(parameter.dtype, torch.float32)
     ids: list[str] = []
@@ -47,12 +52,25 @@ def _eigenbasis_weights(model, tracked, batches, preconditioner, task, rank, pla
         batch = batch.to(device)
         captured = capture(model, tracked, lambda: task.measurement(model, batch))
         ids.extend(batch.ids)
-        for t in tracked:
-            g, a = captured.output_gradients[t.name].to(dtype), captured.activations[t.name].to(dtype)
-            parts[t.name].append(_compressed(DenseWeights(preconditioner.apply_factored_in_eigenbasis(t.name, g, a)), rank))
+        for name, piece in factored_batch_weights(captured, tracked, preconditioner, rank, dtype).items():
+            parts[name].append(piece)
     if not ids:  # a rank may hold no query
         parts = {t.name: [_compressed(DenseWeights(torch.zeros(0, t.d_out, t.d_in_total, device=device, dtype=dtype)), None)] for t in tracked}
     return ids, parts
+
+
+def factored_batch_weights(captured: CapturedBatch, tracked: list[TrackedModule], preconditioner: Preconditioner, rank: int | None,
+                           dtype: torch.dtype) -> dict[str, tuple[ModuleWeights, torch.Tensor | None, torch.Tensor | None]]:
+    """Per module, one captured batch's P ∇ (in P's last eigenbasis, or as token factors for P = I) straight from its
+    token factors, with (when `rank` truncates) each example's relative error and squared norm."""
+    pieces = {}
+    for t in tracked:
+        g, a = captured.output_gradients[t.name].to(dtype), captured.activations[t.name].to(dtype)
+        if preconditioner.is_identity:
+            pieces[t.name] = _token_factors(g, a, rank)
+        else:
+            pieces[t.name] = _compressed(DenseWeights(preconditioner.apply_factored_in_eigenbasis(t.name, g, a)), rank)
+    return pieces
 
 
 def _compressed(weights: DenseWeights, rank: int | None) -> tuple[ModuleWeights, torch.Tensor | None, torch.Tensor | None]:
@@ -64,11 +82,29 @@ def _compressed(weights: DenseWeights, rank: int | None) -> tuple[ModuleWeights,
     return low_rank, error, weights.weights.double().square().flatten(1).sum(1)
 
 
+def _token_factors(g: torch.Tensor, a: torch.Tensor, rank: int | None) -> tuple[ModuleWeights, torch.Tensor | None, torch.Tensor | None]:
+    """A batch's gradients Σ_t g_t a_tᵀ as their T token factors (exact, error 0) when T (d_out + d_in') is
+    below d_out·d_in', else dense; positions without gradient (padding) are dropped from the factors."""
+    live = g.abs().amax((0, 2)) > 0  # [T]: positions any query's measurement depends on
+    g, a = g[:, live], a[:, live]
+    (q, t, d_out), d_in = g.shape, a.shape[-1]
+    weights = LowRankWeights(g.transpose(1, 2).contiguous(), a.transpose(1, 2).contiguous())
+    if t * (d_out + d_in) >= d_out * d_in:
+        weights = DenseWeights(weights.dense())
+    if rank is None:
+        return weights, None, None
+    norms = torch.einsum("qto,qti->qoi", g, a).double().square().flatten(1).sum(1)
+    return weights, torch.zeros(q, dtype=torch.float64, device=g.device), norms
+
+
 def _joined(pieces: list[ModuleWeights]) -> ModuleWeights:
-    """One module's weights from its per-batch pieces (all dense or all low-rank)."""
-    if isinstance(pieces[0], LowRankWeights):
-        return LowRankWeights(torch.cat([p.left for p in pieces]), torch.cat([p.right for p in pieces]))
-    return DenseWeights(torch.cat([p.weights for p in pieces]))
+    """One module's weights from its per-batch pieces: low-rank ones of unequal rank padded with zero columns
+    (which score nothing); dense if any piece is."""
+    if all(isinstance(p, LowRankWeights) for p in pieces):
+        width = max(p.left.shape[-1] for p in pieces)
+        pad = lambda x: torch.nn.functional.pad(x, (0, width - x.shape[-1]))  # noqa: E731
+        return LowRankWeights(torch.cat([pad(p.left) for p in pieces]), torch.cat([pad(p.right) for p in pieces]))
+    return DenseWeights(torch.cat([p.dense() for p in pieces]))
 
 
 def precondition_queries(
@@ -86,11 +122,14 @@ def precondition_queries(
     if query_rank is not None and query_rank < 1:
         raise PretraceError(f"--query-rank must be at least 1 (or unset for full rank), got {query_rank}.")
     task, plan = task or LanguageModelingTask(), plan or ScoringPlan()
-    route = "eigenbasis" if preconditioner.kronecker_eigenbasis else "dense"
-    if route == "eigenbasis":
+    route = "tokens" if preconditioner.is_identity else "eigenbasis" if preconditioner.kronecker_eigenbasis else "dense"
+    if route == "tokens":
+        ids, parts = _factored_weights(model, tracked, batches, preconditioner, task, query_rank, plan, progress)
+        weights = {name: _joined([w for w, _, _ in pieces]) for name, pieces in parts.items()}
+    elif route == "eigenbasis":
         parameter = next(model.parameters())
         device, dtype = parameter.device, torch.promote_types(parameter.dtype, torch.float32)
-        ids, parts = _eigenbasis_weights(model, tracked, batches, preconditioner, task, query_rank, plan, progress)
+        ids, parts = _factored_weights(model, tracked, batches, preconditioner, task, query_rank, plan, progress)
         weights = {name: EigenbasisWeights(_joined([w for w, _, _ in pieces]), *preconditioner.eigenbasis(name, device, dtype)) for name, pieces in parts.items()}
     else:
         ids, grads = query_gradients(model, tracked, batches, task, progress, plan)

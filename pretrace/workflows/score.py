@@ -23,7 +23,8 @@ from pretrace.methods.registry import METHODS, make_attributor
 from pretrace.modeling.modules import only_linear_modules
 from pretrace.parallel import group
 from pretrace.scores.io import save_scores, top_indices
-from pretrace.scores.pairwise import ScoreResult, self_influence
+from pretrace.scores.pairwise import ScoreResult
+from pretrace.scores.self_influence import self_influence
 from pretrace.scores.index import read_index, score_index
 from pretrace.scores.plan import SPLITS, ScoringPlan
 from pretrace.storage import atomic_directory, output_folder

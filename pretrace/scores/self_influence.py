@@ -1,0 +1,53 @@
+"""Self-influence ∇ℓ(z)ᵀ P ∇ℓ(z) of every document: how unusual (or mislabeled) it is.
+
+Each batch's documents are preconditioned the way queries are (`factored_batch_weights`: from token factors into
+P's eigenbasis, or as exact token factors for P = I; P applied to dense gradients otherwise) and met by their own
+gradients through the same `ModuleWeights.scores` that scores queries against documents; the diagonal is kept.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from pretrace.curvature.operators import Preconditioner
+from pretrace.data.batching import TokenBatch
+from pretrace.gradients.capture import capture
+from pretrace.gradients.task import LanguageModelingTask, Task
+from pretrace.modeling.modules import TrackedModule
+from pretrace.parallel.collectives import gather_in_order, shard
+from pretrace.parallel.group import is_main
+from pretrace.scores.queries import factored_batch_weights
+from pretrace.scores.weights import DenseWeights, EigenbasisWeights
+
+
+def self_influence(
+    model: torch.nn.Module,
+    tracked: list[TrackedModule],
+    preconditioner: Preconditioner,
+    batches: Iterable[TokenBatch],
+    task: Task | None = None,
+    progress: bool = False,
+) -> tuple[list[str], torch.Tensor]:
+    """Document ids and ∇ℓ(z)ᵀ P ∇ℓ(z) `[N]` float64, in document order (documents split over ranks)."""
+    task = task or LanguageModelingTask()
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, torch.promote_types(parameter.dtype, torch.float32)
+    order, records = [], []
+    for index, batch in tqdm(shard(enumerate(batches)), desc="self-influence", unit="batch", disable=not (progress and is_main())):
+        batch = batch.to(device)
+        captured = capture(model, tracked, lambda: task.document_loss(model, batch))
+        if preconditioner.is_identity or preconditioner.kronecker_eigenbasis:
+            pieces = factored_batch_weights(captured, tracked, preconditioner, None, dtype)
+            weights = {name: piece if preconditioner.is_identity else EigenbasisWeights(piece, *preconditioner.eigenbasis(name, device, dtype))
+                       for name, (piece, _, _) in pieces.items()}
+        else:
+            grads = {t.name: captured.example_gradients(t.name).to(dtype) for t in tracked}
+            weights = {name: DenseWeights(w) for name, w in preconditioner.apply(grads).items()}
+        total = sum(torch.diagonal(weights[t.name].scores(captured, t.name, False)[0]).double() for t in tracked)
+        order.append(index)
+        records.append((batch.ids, total.cpu()))
+    records = gather_in_order(order, records)
+    return [i for ids, _ in records for i in ids], torch.cat([values for _, values in records])
