@@ -156,26 +156,30 @@ def test_identity_queries_are_their_exact_token_factors(setup, tokenizer):
     batches = lambda: iter_batches(encode_queries(tokenizer, QUERIES, 64), 2, tokenizer.pad_token_id)  # noqa: E731
     prepared = precondition_queries(model, tracked, batches(), Identity(), query_rank=1)
     ids, grads = query_gradients(model, tracked, batches())
-    assert prepared.route == "tokens" and prepared.relative_error.abs().max() == 0  # nothing approximated, whatever query_rank says
+    assert prepared.route == "tokens" and prepared.relative_error is None  # nothing approximated, whatever query_rank says
     assert any(isinstance(w, LowRankWeights) for w in prepared.weights.values())  # narrow modules may stay dense
     for name, weights in prepared.weights.items():
         torch.testing.assert_close(weights.dense(), grads[name], rtol=1e-12, atol=1e-14 * float(grads[name].abs().max()))
 
 
-def test_several_weight_sets_in_one_pass_equal_one_pass_each(setup, tokenizer):
-    from pretrace.scores import score_weight_sets
+def test_several_weight_sets_in_one_pass_equal_one_pass_each(setup, tokenizer, tmp_path):
+    from pretrace.scores import ScoringPlan, score_weight_sets
 
     model, tracked, docs, factors = setup
     ids, grads = _query_grads(model, tracked, tokenizer)
-    sets = {"ekfac": (ids, EKFAC(factors).apply(grads)), "dot": (ids[:2], {n: g[:2] for n, g in grads.items()})}
+    sets = {"ekfac@0.1": (ids, EKFAC(factors).apply(grads)), "dot@0.01": (ids[:2], {n: g[:2] for n, g in grads.items()})}
     together = score_weight_sets(model, tracked, sets, _batches(tokenizer, docs), per_module=True, per_token=True)
-    assert together.keys() == sets.keys()
+    spilled = score_weight_sets(model, tracked, sets, _batches(tokenizer, docs), per_module=True, plan=ScoringPlan(spill_folder=tmp_path))
+    assert together.keys() == sets.keys() == spilled.keys()
+    assert len(list(tmp_path.glob("*.npy"))) == 2 * len(sets)  # one file per set and kind: none overwrites another
     for label, (query_ids, weights) in sets.items():
         alone = score_documents(model, tracked, weights, _batches(tokenizer, docs), query_ids, per_module=True, per_token=True)
         mine = together[label]
         assert mine.query_ids == alone.query_ids and mine.document_ids == alone.document_ids
         assert torch.equal(mine.scores, alone.scores) and torch.equal(mine.per_module, alone.per_module)
         assert all(torch.equal(a, b) for a, b in zip(mine.per_token, alone.per_token))
+        torch.testing.assert_close(spilled[label].scores.double(), alone.scores, rtol=1e-6, atol=1e-6 * float(alone.scores.abs().max()))  # float32 on disk
+        torch.testing.assert_close(spilled[label].per_module.double(), alone.per_module, rtol=1e-6, atol=1e-6 * float(alone.per_module.abs().max()))
 
 
 def test_self_influence_on_every_route_equals_the_dense_formula(setup, tokenizer):

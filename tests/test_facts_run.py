@@ -41,7 +41,7 @@ def tiny_benchmark() -> FactBenchmark:
     return FactBenchmark(sentences, facts, RELATIONS, split)
 
 
-SETTINGS = dict(candidates=3, random_candidates=4, sharing_candidates=2, top=6, finetune_facts=0, alphas="0.1,0.01", lr=1e-3, epochs=1,
+SETTINGS = dict(candidates=3, random_candidates=4, sharing_candidates=2, top=10, finetune_facts=0, alphas="0.1,0.01", lr=1e-3, epochs=1,
                 fit_sentences=6, preset="all", last_layers=1, batch_size=4, max_length=32, device="cpu", query_rank=0, chunk=5, bootstrap=500)
 
 
@@ -256,9 +256,9 @@ def test_scores_rankings_and_metrics_equal_a_computation_from_scratch(finished_r
             torch.testing.assert_close(scores.double(), reference, rtol=1e-3, atol=1e-4 * float(reference.abs().max()), msg=f"{method}@{label}")
             for row, fact_id in enumerate(query_ids):
                 values = {int(c): float(scores[row, j]) for j, c in enumerate(candidate_ids)}
-                by_hand = sorted(values, key=lambda i: (-values[i], i))[: settings.top]
-                assert rankings[(method, fact_id)] == by_hand, (method, fact_id)
                 evidence = set(benchmark.fact(fact_id).evidence_ids)
+                by_hand = sorted(values, key=lambda i: (-values[i], i in evidence, i))[: settings.top]  # ties: evidence last
+                assert rankings[(method, fact_id)] == by_hand, (method, fact_id)
                 hits = [position for position, i in enumerate(by_hand, start=1) if i in evidence]
                 position = results["query_ids"].index(fact_id)
                 assert results["per_query"][label][method]["rr"][position] == pytest.approx(1.0 / hits[0] if hits else 0.0, abs=1e-12)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from pretrace.bench.facts.stats import mean_interval, paired_difference, verdict
+from pretrace.bench.facts.stats import holm, mean_interval, paired_difference, verdict
 from pretrace.errors import PretraceError
 
 
@@ -35,3 +35,13 @@ def test_paired_differences_count_wins_ties_and_losses_and_say_only_what_the_int
         paired_difference([1, 2], [1])
     with pytest.raises(PretraceError, match="equally long"):
         paired_difference([], [])
+
+
+def test_holm_corrects_the_family_of_pairs_step_down():
+    differences = [{"p_value": p} for p in (0.01, 0.04, 0.03, 0.5)]
+    holm(differences)
+    # sorted 0.01, 0.03, 0.04, 0.5 -> 4×0.01, max(3×0.03, ·), max(2×0.04, ·), max(1×0.5, ·)
+    assert [d["p_holm"] for d in differences] == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert [d["significant"] for d in differences] == [True, False, False, False]
+    clear = paired_difference([1.0] * 60, [0.0] * 60, resamples=2000)
+    assert clear["p_value"] == 0.0 and paired_difference([0.3] * 5, [0.3] * 5)["p_value"] == 1.0

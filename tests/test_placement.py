@@ -15,7 +15,7 @@ from pretrace.scores.io import load_scores
 from pretrace.scores.pairwise import query_gradients, score_documents
 from pretrace.scores.plan import ScoringPlan
 from pretrace.scores.queries import precondition_queries
-from pretrace.scores.weights import DenseWeights, EigenbasisWeights
+from pretrace.scores.weights import EigenbasisWeights
 from pretrace.modeling.stage import ModelOptions, load_stage
 from pretrace.workflows.fit import fit
 from pretrace.workflows.score import ScoreSettings, score
@@ -57,7 +57,8 @@ def test_capabilities_are_declared_and_passed_on_by_wrappers(workspace):
     assert Scaled(ekfac, 2.0).kronecker_eigenbasis and Scaled(Chain([ekfac, KFAC(factors)]), 2.0).kronecker_eigenbasis  # a chain ends in its last basis
     assert PlacedPreconditioner(ekfac, names, "cpu").kronecker_eigenbasis
     assert not PlacedPreconditioner(Identity(), names, "cpu").kronecker_eigenbasis
-    assert Identity().is_identity and not any(op.is_identity for op in (Scaled(Identity(), 1.0), PlacedPreconditioner(Identity(), names, "cpu"), ekfac))
+    assert Identity().is_identity and PlacedPreconditioner(Identity(), names, "cpu").is_identity
+    assert not any(op.is_identity for op in (Scaled(Identity(), 1.0), ekfac))
     with pytest.raises(PretraceError, match="Kronecker eigenbasis"):
         Identity().eigenbasis(names[0], torch.device("cpu"), torch.float32)
 
@@ -88,8 +89,8 @@ def test_placed_factors_take_the_eigenbasis_route(workspace):
     for placed in (PlacedPreconditioner(EKFAC(factors), names, "cpu"), PlacedPreconditioner(EKFAC(factors), names, by_module=True)):
         weights = precondition_queries(stage.model, stage.tracked, stage.query_batches(queries), placed).weights
         assert {type(w) for w in weights.values()} == {EigenbasisWeights}
-    weights = precondition_queries(stage.model, stage.tracked, stage.query_batches(queries), PlacedPreconditioner(Identity(), names, "cpu")).weights
-    assert {type(w) for w in weights.values()} == {DenseWeights}
+    placed = precondition_queries(stage.model, stage.tracked, stage.query_batches(queries), PlacedPreconditioner(Identity(), names, "cpu"))
+    assert placed.route == "tokens"  # as unplaced: placing an identity changes nothing
 
 
 def test_placing_or_sharding_factors_scores_exactly_like_the_default(workspace, tmp_path):

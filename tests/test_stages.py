@@ -58,7 +58,7 @@ def run_settings(tmp_path_factory):
     tiny_benchmark().write(root / "benchmark")
     model = save_tiny_model(root / "model", "llama", dtype=torch.float32)
     return root, FactTracingSettings(out=str(root / "out"), data="folder", benchmark=str(root / "benchmark"), model=str(model),
-                                     queries=3, candidates=3, random_candidates=4, sharing_candidates=2, top=6, query_rank=2,
+                                     queries=3, candidates=3, random_candidates=4, sharing_candidates=2, top=10, query_rank=2,
                                      finetune_facts=0, alphas="0.1", lr=1e-3, epochs=1, fit_sentences=6, preset="all", last_layers=1,
                                      batch_size=4, max_length=32, device="cpu", bootstrap=100)
 
@@ -83,8 +83,8 @@ def test_fact_tracing_recomputes_exactly_the_stages_a_change_affects(run_setting
     assert _computed(changed) == finetuned
     assert changed["stage_digests"]["factors-pretrained"] == first["stage_digests"]["factors-pretrained"]
 
-    # scoring settings: only the gradient scores
-    assert _computed(run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5))) == scores
+    # scoring settings: only the gradient scores that read them (H_pt's damping: not fine-tuned-only, damped by α)
+    assert _computed(run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5))) == {"scores-pretrained/0000"}
     assert _computed(run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5, query_rank=3))) == scores
     # another α: its own fine-tune and everything of it, and the shared pre-trained pass; the first α's stages are kept
     both = run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5, query_rank=3, alphas="0.1,0.2"))

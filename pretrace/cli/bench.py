@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pretrace.cli import COMMANDS
 
-from pathlib import Path
 
 from pretrace.cli.options import add_arguments, from_arguments
 
@@ -58,6 +57,7 @@ def run_fact_tracing(args) -> int:
     settings = from_arguments(FactTracingSettings, args)
     run_benchmark(settings)
     print()
-    print((Path(settings.out) / "results.md").read_text(encoding="utf-8"))
-    print(f"results in {settings.out}/results.json and {settings.out}/results.md")
+    folder = settings.results_folder()
+    print((folder / "results.md").read_text(encoding="utf-8"))
+    print(f"results in {folder}/results.json and {folder}/results.md")
     return 0

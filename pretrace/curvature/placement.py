@@ -42,6 +42,10 @@ class PlacedPreconditioner(Preconditioner):
     def kronecker_eigenbasis(self) -> bool:
         return self.inner.kronecker_eigenbasis
 
+    @property
+    def is_identity(self) -> bool:
+        return self.inner.is_identity  # no factors to place: the same exact token-factor route as unplaced
+
     def _source(self, name: str) -> int:
         """The rank that applies `name`'s factors: its owner when sharded, else every rank itself."""
         if not self.by_module:

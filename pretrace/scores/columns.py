@@ -40,7 +40,7 @@ class ScoreColumns:
 
     def _columns_file(self, of_rank: int) -> Path:
         """The document-major file a rank writes: one shared by all ranks, or one each when queries are split."""
-        return self.path.with_suffix(f".rank{of_rank}.columns" if self.plan.splits_queries else ".columns")
+        return self.path.with_name(self.path.name + (f".rank{of_rank}.columns" if self.plan.splits_queries else ".columns"))
 
     def add(self, offset: int, block: torch.Tensor) -> None:
         self.lead, self.end = tuple(block.shape[:-1]), max(self.end, offset + block.shape[-1])
@@ -64,7 +64,7 @@ class ScoreColumns:
             sources = [(self._columns_file(r), lead) for r, (lead, _) in enumerate(shapes)]
         else:
             sources = [(self._columns_file(0), next(lead for lead, _ in shapes if lead is not None))]
-        target = self.path.with_suffix(".npy")
+        target = self.path.with_name(self.path.name + ".npy")  # appended: a name may hold dots of its own
         if is_main():
             transpose_to_npy(sources, target, total)
         barrier()

@@ -9,6 +9,7 @@ is chosen per module and batch (see `weights.py`), and the per-token route also 
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -114,7 +115,7 @@ def score_weight_sets(
     sets = {label: (list(ids), {name: as_module_weights(w).to(device, dtype) for name, w in weights.items()})
             for label, (ids, weights) in weight_sets.items()}
     names = {label: [t.name for t in tracked if t.name in weights] for label, (_, weights) in sets.items()}
-    column_name = (lambda label, kind: kind) if len(sets) == 1 else (lambda label, kind: f"{label}.{kind}")  # noqa: E731
+    column_name = (lambda label, kind: kind) if len(sets) == 1 else (lambda label, kind: f"{re.sub(r'[^A-Za-z0-9_.@-]', '_', label)}-{kind}")  # noqa: E731
     totals = {label: ScoreColumns(column_name(label, "scores"), plan) for label in sets}
     modules = {label: ScoreColumns(column_name(label, "per_module"), plan) for label in sets} if per_module else None
     settled = False

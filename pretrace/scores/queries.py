@@ -6,8 +6,8 @@ Three routes, chosen by what the preconditioner declares:
   eigenbasis through its T token factors (never as a dense matrix), is divided by the damped eigenvalues
   there, passes on through any later operators, and stays in the last one's eigenbasis: `score_documents`
   later rotates it back only if that is cheaper than rotating the documents' tokens.
-- "tokens" (`is_identity`): the gradient itself, kept exactly as its token factors (rank ≤ T) when that is
-  smaller than the dense matrix; `query_rank` does not apply (nothing is approximated).
+- "tokens" (`is_identity`, also placed): the gradient itself, kept exactly as its token factors (rank ≤ T) when
+  that is smaller than the dense matrix; `query_rank` does not apply (nothing is approximated, no error reported).
 - "dense": any other preconditioner gets the dense query gradients (`query_gradients`) and `apply`.
 Optionally each query's weights are truncated to rank r (`query_rank`), with the error reported.
 """
@@ -37,7 +37,7 @@ class PreconditionedQueries:
     weights: dict[str, ModuleWeights]  # what `score_documents` takes
     low_rank_error: dict[str, torch.Tensor] | None = None  # per module [Q]: ‖W - W_r‖_F / ‖W‖_F
     relative_error: torch.Tensor | None = None  # [Q]: the same over all modules together
-    route: str = "dense"  # "eigenbasis": from token factors, kept in the Kronecker eigenbasis; "dense": P applied to dense gradients
+    route: str = "dense"  # "eigenbasis": from token factors, kept in the Kronecker eigenbasis; "tokens": P = I, exact token factors; "dense": P applied to dense gradients
 
 
 def _factored_weights(model, tracked, batches, preconditioner, task, rank, plan, progress) -> tuple[list[str], dict[str, list]]:
@@ -67,7 +67,7 @@ def factored_batch_weights(captured: CapturedBatch, tracked: list[TrackedModule]
     for t in tracked:
         g, a = captured.output_gradients[t.name].to(dtype), captured.activations[t.name].to(dtype)
         if preconditioner.is_identity:
-            pieces[t.name] = _token_factors(g, a, rank)
+            pieces[t.name] = _token_factors(g, a)  # exact: nothing to truncate
         else:
             pieces[t.name] = _compressed(DenseWeights(preconditioner.apply_factored_in_eigenbasis(t.name, g, a)), rank)
     return pieces
@@ -82,19 +82,14 @@ def _compressed(weights: DenseWeights, rank: int | None) -> tuple[ModuleWeights,
     return low_rank, error, weights.weights.double().square().flatten(1).sum(1)
 
 
-def _token_factors(g: torch.Tensor, a: torch.Tensor, rank: int | None) -> tuple[ModuleWeights, torch.Tensor | None, torch.Tensor | None]:
-    """A batch's gradients Σ_t g_t a_tᵀ as their T token factors (exact, error 0) when T (d_out + d_in') is
-    below d_out·d_in', else dense; positions without gradient (padding) are dropped from the factors."""
+def _token_factors(g: torch.Tensor, a: torch.Tensor) -> tuple[ModuleWeights, None, None]:
+    """A batch's gradients Σ_t g_t a_tᵀ as their T token factors (exact) when T (d_out + d_in') is below
+    d_out·d_in', else dense; positions without gradient (padding) are dropped from the factors."""
     live = g.abs().amax((0, 2)) > 0  # [T]: positions any query's measurement depends on
     g, a = g[:, live], a[:, live]
-    (q, t, d_out), d_in = g.shape, a.shape[-1]
+    t, d_out, d_in = g.shape[1], g.shape[2], a.shape[-1]
     weights = LowRankWeights(g.transpose(1, 2).contiguous(), a.transpose(1, 2).contiguous())
-    if t * (d_out + d_in) >= d_out * d_in:
-        weights = DenseWeights(weights.dense())
-    if rank is None:
-        return weights, None, None
-    norms = torch.einsum("qto,qti->qoi", g, a).double().square().flatten(1).sum(1)
-    return weights, torch.zeros(q, dtype=torch.float64, device=g.device), norms
+    return (DenseWeights(weights.dense()) if t * (d_out + d_in) >= d_out * d_in else weights), None, None
 
 
 def _joined(pieces: list[ModuleWeights]) -> ModuleWeights:
@@ -135,7 +130,7 @@ def precondition_queries(
         ids, grads = query_gradients(model, tracked, batches, task, progress, plan)
         parts = {name: [_compressed(DenseWeights(w), query_rank)] for name, w in _apply_releasing(preconditioner, grads)}
         weights = {name: pieces[0][0] for name, pieces in parts.items()}
-    if query_rank is None:
+    if query_rank is None or route == "tokens":  # token factors are exact: no truncation, no error
         return PreconditionedQueries(ids, weights, route=route)
     errors = {name: torch.cat([e for _, e, _ in pieces]) for name, pieces in parts.items()}
     norms = {name: torch.cat([n for _, _, n in pieces]) for name, pieces in parts.items()}

@@ -48,7 +48,7 @@ from pretrace.bench.facts.metrics import recall_at_k, reciprocal_rank
 from pretrace.bench.facts.probe import answer_ranks
 from pretrace.bench.facts.scoring import GRADIENT_METHODS, ON_PRETRAINED, WeightSet, attributor, score_candidates, weight_bytes
 from pretrace.bench.facts.split import split_by_subject
-from pretrace.bench.facts.stats import mean_interval, paired_difference, verdict
+from pretrace.bench.facts.stats import holm, mean_interval, paired_difference, verdict
 from pretrace.config import option, to_dict, validate_choices
 from pretrace.data.records import Document, Query
 from pretrace.errors import PretraceError
@@ -113,7 +113,9 @@ class FactTracingSettings:
 
     def __post_init__(self):
         validate_choices(self)
-        positive = {"--top": self.top, "--batch-size": self.batch_size, "--epochs": self.epochs, "--fit-sentences": self.fit_sentences,
+        if self.top < RECALL_K:
+            raise PretraceError(f"--top must be at least {RECALL_K} (recall@{RECALL_K} reads the top {RECALL_K}), got {self.top}.")
+        positive = {"--batch-size": self.batch_size, "--epochs": self.epochs, "--fit-sentences": self.fit_sentences,
                     "--finetune-batch-size": self.finetune_batch_size, "--chunk": self.chunk, "--bootstrap": self.bootstrap}
         for flag, value in positive.items():
             if value < 1:
@@ -131,9 +133,14 @@ class FactTracingSettings:
             values = [float(part) for part in str(self.alphas).split(",") if part.strip()]
         except ValueError:
             raise PretraceError(f"--alphas {self.alphas!r}: pass comma-separated numbers, e.g. 1e-3,1e-5.") from None
-        if not values or min(values) <= 0 or len(set(values)) != len(values):
-            raise PretraceError(f"--alphas {self.alphas!r}: pass one or more distinct positive values (multi-stage influence divides by α).")
+        if not values or min(values) <= 0 or len({alpha_label(v) for v in values}) != len(values):
+            raise PretraceError(f"--alphas {self.alphas!r}: pass one or more distinct positive values (multi-stage influence divides by α; "
+                                "values are told apart by their 6 significant digits).")
         return values
+
+    def results_folder(self) -> Path:
+        """Where results.json/results.md go: --out for the query facts, --out/dev for the dev facts."""
+        return Path(self.out) if self.query_set == "queries" else Path(self.out) / "dev"
 
     def sizes(self) -> "FactTracingSettings":
         """These settings with --paper-sizes applied."""
@@ -156,7 +163,7 @@ class _Run:
 
     def result_path(self, name: str) -> Path:
         """Where a query-set-dependent output goes: `name` for the query facts, `dev/name` for the dev set."""
-        return self.out / name if self.settings.query_set == "queries" else self.out / "dev" / name
+        return self.settings.results_folder() / name
 
     def result_stage(self, name: str) -> str:
         """A query-set-dependent stage's name: the query facts' and the dev set's are cached side by side."""
@@ -330,20 +337,20 @@ def shared_candidates(pools: list[CandidatePool], benchmark: FactBenchmark) -> l
     return sorted({i for pool in pools for i in pool.ids}, key=lambda i: (len(benchmark.sentences[i].text), i))
 
 
-def rank_all(scores: torch.Tensor, sentence_ids: list[int], top: int) -> list[list[int]]:
-    """Per query row of `scores` `[Q, N]` (columns: `sentence_ids`), the ids by decreasing score (ties: smaller id first), cut to `top`."""
-    by_id = sorted(range(len(sentence_ids)), key=lambda c: sentence_ids[c])
-    ids = torch.tensor([sentence_ids[c] for c in by_id])
-    ordered = scores[:, by_id].double()
-    order = torch.sort(-ordered, dim=1, stable=True).indices[:, :top]
-    return ids[order].tolist()
+def rank_all(scores: torch.Tensor, sentence_ids: list[int], top: int, evidence: list[tuple[int, ...]]) -> list[list[int]]:
+    """Per query row of `scores` `[Q, N]` (columns: `sentence_ids`), the ids by decreasing score, cut to `top`. Ties
+    rank a query's evidence last (then smaller ids first): a method is never credited for a tie it did not break."""
+    return [_ranked(dict(zip(sentence_ids, row.tolist())), set(correct), top) for row, correct in zip(scores.double(), evidence)]
 
 
-def rank_pool(scores: torch.Tensor, pool: CandidatePool, column: dict[int, int], top: int) -> list[int]:
-    """The pool's sentence ids by decreasing score (ties: smaller id first), cut to `top`."""
-    values = scores[[column[i] for i in pool.ids]].tolist()
-    order = sorted(range(len(pool.ids)), key=lambda j: (-values[j], pool.ids[j]))
-    return [pool.ids[j] for j in order[:top]]
+def rank_pool(scores: torch.Tensor, pool: CandidatePool, column: dict[int, int], top: int, evidence: tuple[int, ...]) -> list[int]:
+    """The pool's sentence ids by decreasing score (ties as in `rank_all`), cut to `top`."""
+    values = scores[[column[i] for i in pool.ids]].double().tolist()
+    return _ranked(dict(zip(pool.ids, values)), set(evidence), top)
+
+
+def _ranked(values: dict[int, float], correct: set[int], top: int) -> list[int]:
+    return sorted(values, key=lambda i: (-values[i], i in correct, i))[:top]
 
 
 def spectrum(folder: Path, alpha: float | None = None) -> dict:
@@ -383,7 +390,7 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
     facts = sample_queries(query_set(benchmark, s.query_set, data), s.queries, s.seed)
     queries = [Query(f.fact_id, f.prompt, f.completion) for f in facts]
     rank = s.query_rank or None
-    needed = weight_bytes(pretrained, len(queries), rank, len(ON_PRETRAINED) * len(alphas))
+    needed = weight_bytes(pretrained, len(queries), rank, len(alphas))
     if needed > s.memory_gb * 1e9:  # before any fine-tuning or fitting
         raise PretraceError(f"{len(queries)} queries over {sum(t.num_parameters for t in pretrained.tracked):,} tracked parameters need "
                             f"{needed / 1e9:.1f} GB of prepared query weights for {len(alphas)} α (--memory-gb {s.memory_gb}); lower --query-rank, "
@@ -413,7 +420,7 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
         return WeightSet(made, ScoringContext(stages[label], document_stage, [], queries))
 
     query_key = [(q.id, q.prompt, q.completion) for q in queries]
-    scoring = dict(queries=query_key, damping_factor=s.damping_factor, query_rank=rank, modules=[t.name for t in pretrained.tracked], max_length=s.max_length)
+    scoring = dict(queries=query_key, query_rank=rank, modules=[t.name for t in pretrained.tracked], max_length=s.max_length)
     scores: dict[str, dict[str, torch.Tensor]] = {label: {} for label in stages}
     preparation: dict[str, dict] = {}
     for alpha in alphas:  # fine-tuned-only: candidates' gradients on each fine-tuned model (one set; scored first, so its weights are freed early)
@@ -426,7 +433,7 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
         preparation.update(prepared)
     sets = {f"{m}@{alpha_label(a)}": weight_set(m, a, pretrained) for a in alphas for m in ON_PRETRAINED}
     result, prepared = score_candidates(sets, pretrained, candidates, s.chunk, run.cache, run.result_stage("scores-pretrained"),
-                                        {**scoring, "alphas": alphas, "models": [run.keys[f"finetune@{a}"] for a in stages],
+                                        {**scoring, "alphas": alphas, "damping_factor": s.damping_factor, "models": [run.keys[f"finetune@{a}"] for a in stages],
                                          "factors": [run.keys["factors-pretrained"], *(run.keys[f"factors-finetuned@{a}"] for a in stages)]},
                                         run.result_path("scores/pretrained"), run.seconds)
     preparation.update(prepared)
@@ -448,8 +455,8 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
     for label, by_method in scores.items():
         per_query[label] = {}
         for method in METHODS:
-            ranked = rank_all(by_method[method], sentence_ids, s.top)
-            pooled = [rank_pool(by_method[method][row], pool, column, s.top) for row, pool in enumerate(pools)]
+            ranked = rank_all(by_method[method], sentence_ids, s.top, [evidence[f.fact_id] for f in facts])
+            pooled = [rank_pool(by_method[method][row], pool, column, s.top, evidence[f.fact_id]) for row, (pool, f) in enumerate(zip(pools, facts))]
             per_query[label][method] = {
                 "rr": [reciprocal_rank(r, evidence[f.fact_id], s.top) for r, f in zip(ranked, facts)],
                 f"recall@{RECALL_K}": [recall_at_k(r, evidence[f.fact_id], RECALL_K) for r, f in zip(ranked, facts)],
@@ -485,6 +492,8 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
             "methods": {m: {"label": LABELS[m], **{metric: mean_interval(v, s.bootstrap, s.seed) for metric, v in values[m].items()}} for m in METHODS},
             "differences": [_difference(values, first, second, s) for first, second in combinations(METHODS, 2)],
         }
+        for metric in ("rr", f"recall@{RECALL_K}"):  # significance corrected over this α's pairs, per metric
+            holm([d[metric] for d in results["alphas"][label]["differences"]])
     if len(alphas) > 1:
         results["across_alphas"] = [
             {"method": "multi-stage-ekfac", "first": alpha_label(a), "second": alpha_label(b),
@@ -566,7 +575,10 @@ def results_markdown(results: dict) -> str:
                   f"| method | MRR | {recall} | MRR, per-query pools | {recall}, per-query pools |", "| --- | --- | --- | --- | --- |"]
         for row in block["methods"].values():
             lines.append(f"| {row['label']} | {_interval(row['rr'])} | {_interval(row[recall])} | {_interval(row['pool_rr'])} | {_interval(row[f'pool_{recall}'])} |")
-        lines += ["", f"| first − second | Δ MRR | W/T/L | Δ {recall} | W/T/L | reading (95% intervals) |", "| --- | --- | --- | --- | --- | --- |"]
+        pairs = len(block["differences"])
+        lines += ["", f"Paired differences over the {sizes['queries']} queries (uncorrected 95% intervals; a difference is called only when its "
+                      f"bootstrap p-value stays below 0.05 after Holm's correction over the {pairs} pairs of this α, per metric):", "",
+                  f"| first − second | Δ MRR | W/T/L | Δ {recall} | W/T/L | reading |", "| --- | --- | --- | --- | --- | --- |"]
         for d in block["differences"]:
             first, second = LABELS[d["first"]], LABELS[d["second"]]
             lines.append(f"| {first} − {second} | {_signed(d['rr'])} | {d['rr']['wins']}/{d['rr']['ties']}/{d['rr']['losses']} | {_signed(d[recall])} | "

@@ -54,10 +54,13 @@ class WeightSet:
     context: ScoringContext
 
 
-def weight_bytes(stage: Stage, queries: int, query_rank: int | None, sets: int) -> int:
-    """Float32 bytes of `sets` prepared query weight sets (rank `query_rank` per module, or dense)."""
-    per_query = sum(t.num_parameters if query_rank is None else query_rank * (t.d_out + t.d_in_total) for t in stage.tracked)
-    return 4 * per_query * queries * sets
+def weight_bytes(stage: Stage, queries: int, query_rank: int | None, alphas: int) -> int:
+    """Float32 bytes of the prepared query weights held in the pre-trained pass: per α, the two EK-FAC sets (rank
+    `query_rank` per module, or dense) and gradient-dot's token factors (up to max_length tokens, or dense)."""
+    tokens = stage.options.max_length
+    ekfac = sum(t.num_parameters if query_rank is None else min(t.num_parameters, query_rank * (t.d_out + t.d_in_total)) for t in stage.tracked)
+    dot = sum(min(t.num_parameters, tokens * (t.d_out + t.d_in_total)) for t in stage.tracked)
+    return 4 * queries * alphas * (2 * ekfac + dot)
 
 
 def score_candidates(sets: dict[str, WeightSet], stage: Stage, candidates: Sequence[Document], chunk: int, cache: StageCache,

@@ -2,8 +2,10 @@
 
 Two methods rank the same queries, so their difference is measured per query and resampled as pairs (the
 queries are the unit of sampling): the interval of the mean difference is far narrower than the two means'
-intervals would suggest, and a difference counts as significant only when its 95% interval excludes zero.
-Percentile bootstrap (Efron & Tibshirani 1993) with a fixed seed, so a re-run gives the same intervals.
+intervals would suggest. Percentile bootstrap (Efron & Tibshirani 1993) with a fixed seed, so a re-run gives
+the same intervals. Many pairs are compared at once, so a difference is called significant only when its
+bootstrap p-value stays below 0.05 after Holm's correction over the pairs compared together (`holm`); each
+interval on its own is an uncorrected 95% one.
 """
 
 from __future__ import annotations
@@ -27,17 +29,20 @@ def _resampled_means(values: np.ndarray, resamples: int, seed: int) -> np.ndarra
 
 
 def mean_interval(values: Sequence[float], resamples: int = 10_000, seed: int = 0) -> dict:
-    """The mean over queries and its 95% percentile-bootstrap interval."""
+    """The mean over queries, its 95% percentile-bootstrap interval and the two-sided bootstrap p-value of mean = 0."""
     values = np.asarray(values, dtype=np.float64)
     if values.size == 0:
         raise PretraceError("no per-query values to summarise.")
-    low, high = np.quantile(_resampled_means(values, resamples, seed), [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
-    return {"mean": float(values.mean()), "low": float(low), "high": float(high), "n": int(values.size)}
+    means = _resampled_means(values, resamples, seed)
+    low, high = np.quantile(means, [(1 - LEVEL) / 2, (1 + LEVEL) / 2])
+    p_value = min(1.0, 2 * min(float((means <= 0).mean()), float((means >= 0).mean())))
+    return {"mean": float(values.mean()), "low": float(low), "high": float(high), "n": int(values.size), "p_value": p_value}
 
 
 def paired_difference(first: Sequence[float], second: Sequence[float], resamples: int = 10_000, seed: int = 0) -> dict:
-    """first − second over the same queries: the mean difference, its 95% paired-bootstrap interval, how many
-    queries each side wins (ties: equal values), and whether the interval excludes zero."""
+    """first − second over the same queries: the mean difference, its 95% paired-bootstrap interval and p-value,
+    how many queries each side wins (ties: equal values), and `significant` (the interval excludes zero; `holm`
+    replaces it by the corrected verdict when several pairs are compared)."""
     a, b = np.asarray(first, dtype=np.float64), np.asarray(second, dtype=np.float64)
     if a.shape != b.shape or a.ndim != 1 or a.size == 0:
         raise PretraceError(f"paired differences need two equally long, non-empty lists of per-query values, got {a.shape} and {b.shape}.")
@@ -45,6 +50,17 @@ def paired_difference(first: Sequence[float], second: Sequence[float], resamples
     summary = mean_interval(difference, resamples, seed)
     return {**summary, "wins": int((difference > 0).sum()), "ties": int((difference == 0).sum()), "losses": int((difference < 0).sum()),
             "significant": bool(summary["low"] > 0 or summary["high"] < 0)}
+
+
+def holm(differences: list[dict], level: float = 1 - LEVEL) -> None:
+    """Holm's step-down correction over differences compared together: adds `p_holm` to each and sets
+    `significant` to p_holm < level (the family-wise error rate stays below `level`)."""
+    order = sorted(range(len(differences)), key=lambda i: differences[i]["p_value"])
+    running = 0.0
+    for position, i in enumerate(order):
+        running = max(running, min(1.0, (len(differences) - position) * differences[i]["p_value"]))
+        differences[i]["p_holm"] = running
+        differences[i]["significant"] = running < level
 
 
 def verdict(difference: dict, first: str, second: str) -> str:
