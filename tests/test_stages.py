@@ -159,3 +159,22 @@ def test_demo_recomputes_exactly_the_stages_a_change_affects(tmp_path):
     assert main(["demo", "--out", str(out), *DEMO, "--candidates", "90", "--alpha", "0.02"]) == 0
     changed = {k for k, v in digests().items() if v != first[k]}
     assert changed == {"finetune", "factors_finetuned", "scores_ekfac", "scores_identity"}
+
+
+def test_trex_lama_benchmark_is_rebuilt_when_a_lama_file_changes_in_place(tmp_path):
+    """Keyed by contents: an edit that keeps the file's size and modification time is still seen."""
+    import os
+
+    lama = tmp_path / "TREx"
+    shutil.copytree(LAMA / "TREx", lama)
+    settings = FactTracingSettings(out=str(tmp_path / "out"), data="trex-lama", trex=str(TREX), lama=str(lama))
+    _Run(settings).benchmark()
+    file = sorted(lama.glob("P*.jsonl"))[0]
+    stat, text = file.stat(), file.read_text()
+    edited = text.replace("Paris", "Parix", 1)
+    assert edited != text and len(edited) == len(text)
+    file.write_text(edited)
+    os.utime(file, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    again = _Run(settings)
+    again.benchmark()
+    assert again.cache.statuses["benchmark"] == "computed"

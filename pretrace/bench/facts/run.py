@@ -197,10 +197,10 @@ class _Run:
             if stale:
                 self.cache.record(key)
         else:
-            from pretrace.bench.facts.trex_lama import build_trex_lama_benchmark, shipped_questions
+            from pretrace.bench.facts.trex_lama import build_trex_lama_benchmark, lama_files, shipped_questions, trex_files
 
-            questions = s.questions or shipped_questions()
-            inputs = {"trex": Folder(s.trex) if Path(s.trex).is_dir() else File(s.trex), "lama": Folder(s.lama), "questions": File(questions)}
+            questions = s.questions or shipped_questions()  # every file the build reads, keyed by its contents' sha256
+            inputs = {"trex": [File(f) for f in trex_files(s.trex)], "lama": [File(f) for f in lama_files(s.lama)], "questions": File(questions)}
             key = self.key("benchmark", data=s.data, seed=s.seed, **inputs)
             if self.cache.stale(key, folder):
                 benchmark, build = build_trex_lama_benchmark(s.trex, s.lama, questions)

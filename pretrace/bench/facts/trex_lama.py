@@ -135,14 +135,19 @@ def trex_sentences(documents: Iterable[tuple[Path, int, dict]], required_facts: 
     return sentences
 
 
-def read_lama_facts(folder: str | Path) -> list[LamaFact]:
-    """Every fact of LAMA's T-REx part (`<folder>/P*.jsonl`, files in name order, lines in file order)."""
+def lama_files(folder: str | Path) -> list[Path]:
+    """LAMA's T-REx relation files (`<folder>/P*.jsonl`) in name order."""
     folder = Path(folder)
     files = sorted(folder.glob("P*.jsonl")) if folder.is_dir() else []
     if not files:
         raise PretraceError(f"{folder}: no P*.jsonl files; pass the TREx folder of the extracted LAMA data.zip.")
+    return files
+
+
+def read_lama_facts(folder: str | Path) -> list[LamaFact]:
+    """Every fact of LAMA's T-REx part (`<folder>/P*.jsonl`, files in name order, lines in file order)."""
     facts = []
-    for file in files:
+    for file in lama_files(folder):
         for number, row in iter_json_objects(file):
             try:
                 facts.append(LamaFact(row["predicate_id"], row["sub_uri"], row["sub_label"], row["obj_uri"], row["obj_label"], row.get("uuid", "")))
