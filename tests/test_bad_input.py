@@ -229,6 +229,10 @@ def test_short_documents_are_skipped_in_fit_and_score_zero(ws, tmp_path, capsys)
 
     scores = load_file(str(tmp_path / "s" / "scores.safetensors"))["scores"]
     assert scores[0, 1] == 0 and torch.isfinite(scores).all() and (scores[0, [0, 2]] != 0).all()
+    # a method that reads words, not the loss, scores the one-token document like any other (declared by the method)
+    assert main(["score", "--model", str(ws / "model"), "--queries", str(ws / "q.jsonl"), "--train", docs, "--out", str(tmp_path / "b"),
+                 "--device", "cpu", "--method", "bm25"]) == 0
+    assert json.loads((tmp_path / "b" / "scores.json").read_text())["too_short"] == []
 
 
 def _nan_model(ws, folder: Path) -> Path:

@@ -162,6 +162,7 @@ class RepresentationSimilarity(Attributor):
     each document on the document stage. Documents are embedded once in `fit`."""
 
     name = "representation"
+    reads_document_loss = False
 
     def __init__(self, layer: int = -1):
         self.layer = layer

@@ -24,6 +24,8 @@ class TextRetrievalScores(Attributor):
     in memory and embeddings go to a temporary folder removed with this object.
     """
 
+    reads_document_loss = False
+
     def __init__(self, kind: str, index_folder: str | Path | None = None, model: str | Path | None = None, **options):
         self.name, self.index_folder, self.model, self.options = kind, index_folder, model, options
         self.retriever = None

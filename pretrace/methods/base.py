@@ -32,6 +32,9 @@ class Attributor:
     # declared, not probed: True for methods whose `precondition_queries(context)` gives per-query weights that the
     # shared scoring loop streams documents against (what --index, --self-influence and explanations need)
     preconditions_queries = False
+    # declared: False for methods that score a document's words or hidden states, not its loss, so a document of
+    # one token (no next-token target) is still scored and not reported as too short
+    reads_document_loss = True
 
     def fit(self, context: ScoringContext) -> None:
         """One-off work independent of the queries (fitting curvature, indexing, training an ensemble)."""

@@ -32,7 +32,6 @@ from pretrace.training.finetune import FINETUNE_RECORD, read_finetune_record
 from pretrace.modeling.stage import ModelOptions, Stage, iter_source, load_stage
 
 
-WITHOUT_DOCUMENT_LOSS = ("bm25", "embedding", "representation")  # they score a document's words or states, so one token is enough
 
 
 def require_scoring_numbers(settings) -> None:
@@ -335,7 +334,7 @@ def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringConte
     if settings.per_token and (not gradient_based or settings.index or not only_linear_modules(context.document_stage.tracked)):
         raise PretraceError("--per-token needs a gradient method over linear modules, scoring documents' own gradients: "
                             "drop --per-token, or --index / --preset all-parameters / a non-gradient --method.")
-    too_short = [] if settings.method in WITHOUT_DOCUMENT_LOSS else short_document_ids(context.document_stage.tokenizer, iter_source(context.documents, context.document_stage.options.fields()))
+    too_short = [] if not attributor.reads_document_loss else short_document_ids(context.document_stage.tokenizer, iter_source(context.documents, context.document_stage.options.fields()))
     start = time.perf_counter()
     attributor.fit(context)
     if settings.factors_device != "model" or settings.shard_factors:
