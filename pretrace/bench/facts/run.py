@@ -173,13 +173,18 @@ class _Run:
         self.keys[name] = self.cache.key(name, **inputs)
         return self.keys[name]
 
-    def timed(self, name: str, timing: Path, compute) -> None:
-        """Run `compute()` and save its seconds to `timing`; the seconds (of this run or the cached one) go to `self.seconds`."""
-        if compute is not None:
+    def timed_stage(self, key: StageKey, outputs: tuple[Path, ...], timing: Path, compute, label: str | None = None):
+        """`compute()` (its value returned) unless `key`'s outputs and `timing` are current (None returned); either
+        way the stage's seconds, this run's or the saved ones, go to `self.seconds[label or key.name]`."""
+        result = None
+        if self.cache.stale(key, *outputs, timing):
             start = time.perf_counter()
-            compute()
+            result = compute()
+            timing.parent.mkdir(parents=True, exist_ok=True)
             write_json(timing, {"seconds": time.perf_counter() - start})
-        self.seconds[name] = float(read_json(timing)["seconds"]) if timing.is_file() else 0.0
+            self.cache.record(key)
+        self.seconds[label or key.name] = float(read_json(timing)["seconds"])
+        return result
 
     # -- 1. benchmark ----------------------------------------------------------------------------
 
@@ -234,16 +239,11 @@ class _Run:
         folder, timing = self.out / f"alpha-{label}" / "finetuned", self.out / f"alpha-{label}" / "finetune.seconds.json"
         key = self.key(f"finetune@{label}", data=self.keys["finetune-data"], model=self.keys["pretrained"], alpha=alpha, lr=s.lr,
                        epochs=s.epochs, batch_size=s.finetune_batch_size, max_length=s.max_length, seed=s.seed)
-        compute = None
-        if self.cache.stale(key, folder, timing):
-            from pretrace.training.finetune import FinetuneSettings, finetune
+        from pretrace.training.finetune import FinetuneSettings, finetune
 
-            def compute():
-                finetune(FinetuneSettings(model=str(pretrained), data=str(data), out=str(folder), alpha=alpha, lr=s.lr, epochs=s.epochs,
-                                          batch_size=s.finetune_batch_size, max_length=s.max_length, seed=s.seed, device=s.device, overwrite=True))
-        self.timed(f"finetune@{label}", timing, compute)
-        if compute is not None:
-            self.cache.record(key)
+        self.timed_stage(key, (folder,), timing, lambda: finetune(FinetuneSettings(
+            model=str(pretrained), data=str(data), out=str(folder), alpha=alpha, lr=s.lr, epochs=s.epochs,
+            batch_size=s.finetune_batch_size, max_length=s.max_length, seed=s.seed, device=s.device, overwrite=True)))
         return folder
 
     def factors(self, name: str, folder: Path, model: Path, model_key: StageKey, data: Path, data_key: StageKey, options: ModelOptions) -> Path:
@@ -251,10 +251,7 @@ class _Run:
 
         timing = folder.with_name(folder.name + ".seconds.json")
         key = self.key(name, model=model_key, data=data_key, options=to_dict(options))
-        stale = self.cache.stale(key, folder, timing)
-        self.timed(name, timing, (lambda: fit(model, data, folder, options)) if stale else None)
-        if stale:
-            self.cache.record(key)
+        self.timed_stage(key, (folder,), timing, lambda: fit(model, data, folder, options))
         return folder
 
     def fit_sentences(self, benchmark: FactBenchmark) -> Path:
@@ -274,18 +271,8 @@ class _Run:
 
         folder, timing = self.out / "bm25", self.out / "bm25.seconds.json"
         key = self.key("bm25", benchmark=self.keys["benchmark"])
-        if not self.cache.stale(key, folder, timing):
-            self.timed("bm25-index", timing, None)
-            return BM25Index.open_or_build(benchmark.texts, folder)
-        index = None
-
-        def build():
-            nonlocal index
-            index = BM25Index.open_or_build(benchmark.texts, folder, show_progress=True)
-
-        self.timed("bm25-index", timing, build)
-        self.cache.record(key)
-        return index
+        built = self.timed_stage(key, (folder,), timing, lambda: BM25Index.open_or_build(benchmark.texts, folder, show_progress=True), "bm25-index")
+        return built if built is not None else BM25Index.open_or_build(benchmark.texts, folder)
 
     # -- 5. probing ------------------------------------------------------------------------------
 
@@ -533,17 +520,17 @@ def _embedding_scores(run: _Run, label: str, finetuned: Stage, queries: list[Que
     path = run.result_path(f"scores/embedding-{label}.safetensors")
     key = run.key(run.result_stage(f"embedding@{label}"), finetuned=run.keys[f"finetune@{label}"], queries=[(q.id, q.prompt, q.completion) for q in queries],
                   candidates=[(c.id, c.text) for c in candidates], max_length=run.settings.max_length)
-    if run.cache.stale(key, path):
-        start = time.perf_counter()
+
+    def compute() -> torch.Tensor:
         _, documents = pooled_hidden_states(finetuned, finetuned.document_batches(candidates)(), -1, finetuned.document_batch_count(candidates), "candidate representations")
         _, vectors = pooled_hidden_states(finetuned, finetuned.query_batches(queries), -1, desc="query representations")
-        scores = F.normalize(vectors, dim=1) @ F.normalize(documents, dim=1).T
+        scores = (F.normalize(vectors, dim=1) @ F.normalize(documents, dim=1).T).contiguous()
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_tensors(path, {"scores": scores.contiguous(), "seconds": torch.tensor([time.perf_counter() - start], dtype=torch.float64)})
-        run.cache.record(key)
-    saved = read_tensors(path)
-    run.seconds[f"embedding@{label}"] = float(saved["seconds"][0])
-    return saved["scores"]
+        write_tensors(path, {"scores": scores})
+        return scores
+
+    computed = run.timed_stage(key, (path,), path.with_name(f"embedding-{label}.seconds.json"), compute, f"embedding@{label}")
+    return computed if computed is not None else read_tensors(path)["scores"]
 
 
 def _reading(difference: dict, first: str, second: str) -> str:

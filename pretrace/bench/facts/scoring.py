@@ -96,12 +96,14 @@ def score_candidates(sets: dict[str, WeightSet], stage: Stage, candidates: Seque
             start = time.perf_counter()
             results = score_weight_sets(stage.model, stage.tracked, weights, stage.document_batches(part)(),
                                         num_batches=stage.document_batch_count(part), progress=True)
+            saved = {label: result.scores.contiguous() for label, result in results.items()}
             folder.mkdir(parents=True, exist_ok=True)
-            write_tensors(tensors, {label: result.scores.contiguous() for label, result in results.items()})
+            write_tensors(tensors, saved)
             write_json(record, {"seconds": time.perf_counter() - start, "candidate_ids": [c.id for c in part],
                                 "query_ids": {label: result.query_ids for label, result in results.items()}})
             cache.record(key)
-        saved = read_tensors(tensors)
+        else:
+            saved = read_tensors(tensors)
         total += float(read_json(record)["seconds"])
         for label in sets:
             parts[label].append(saved[label])
