@@ -281,6 +281,12 @@ def commit_folder(folder: str | Path, final: str | Path) -> None:
     _commit(Path(folder), Path(final), ())
 
 
+def checkpoint_folder(out: str | Path) -> Path:
+    """Where a resumable command (fit, score) keeps its work state for `out`: beside it, deleted in the commit."""
+    out = Path(out)
+    return out.parent / f".{out.name}.checkpoint"
+
+
 def _lock_path(final: Path) -> Path:
     return final.with_name(f".{final.name}.lock")
 

@@ -36,7 +36,8 @@ from pretrace.scores.plan import ScoringPlan, query_order
 from pretrace.training import FinetuneSettings, finetune, read_finetune_record, sequence_losses
 from pretrace.modeling.stage import ModelOptions, Stage, load_stage
 from pretrace.storage import read_tensor_metadata
-from pretrace.workflows.fit import checkpoint_folder, fit
+from pretrace.storage import checkpoint_folder
+from pretrace.workflows.fit import fit
 from pretrace.workflows.score import ScoreSettings, score
 from tiny import WORDS, save_tiny_model
 
@@ -375,3 +376,24 @@ def test_half_precision_factors_score_close_to_float32(workspace, tmp_path):
         assert {mf.lambda_.dtype for mf in factors.modules.values()} == {getattr(torch, dtype)}
         scores = score_documents(stage.model, stage.tracked, EKFAC(factors).apply(grads), documents(), ids).scores
         assert _max_relative_difference(reference["scores"], scores) < tolerance, dtype
+
+
+def test_torchrun_score_killed_mid_pass_resumes_each_rank_at_its_last_save(workspace):
+    """Both ranks save their batches; a kill at a rank's second save leaves each rank's own parts, and the rerun
+    (scores streamed to disk) replays them and scores the rest: the same scores and explanations as one process."""
+    root, out = workspace, "scores-resumed"
+    argv = ["score", "--model", "model", "--factors", "factors", "--queries", "queries.jsonl", "--train", "docs.jsonl", "--out", out,
+            "--per-module", "--scores-on-disk", "--checkpoint-every", "1", *COMMON]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]),
+           "PRETRACE_FAULT": "score-checkpoint:2"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "pretrace", *argv]
+    killed = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=240)
+    assert killed.returncode != 0 and "injected fault at 'score-checkpoint'" in killed.stderr, killed.stderr[-3000:]
+    parts = sorted(p.name for p in checkpoint_folder(root / out).iterdir())
+    assert parts and all(name.startswith(("rank0000-", "rank0001-")) for name in parts)
+    assert not (root / out).exists()
+    saved = sum(name.startswith("rank0000-") for name in parts)
+    resumed = _torchrun(*argv, cwd=root)
+    assert f"| {saved}/5 [" in resumed.stderr  # rank 0's bar (its 5 batches) starts at the batches it saved
+    _assert_same_scores(root / out, root / "scores")
+    assert not checkpoint_folder(root / out).exists()

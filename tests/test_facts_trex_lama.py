@@ -32,7 +32,8 @@ def test_files_are_read_in_numeric_order_of_their_start_index():
 
 
 def test_all_sentences_with_entity_triples_keep_every_entity_fact_once():
-    sentences = trex_sentences(iter_trex_documents(TREX))
+    sentences, left_out = trex_sentences(iter_trex_documents(TREX))
+    assert left_out == 0  # no fact required
     assert [(s.text, s.facts) for s in sentences] == [
         ("Paris is the capital and most populous city of France.", ("P1376,Q90,Q142", "P36,Q142,Q90", "P17,Q90,Q142")),
         ("The city is located on the Seine.", ("P206,Q90,Q1471",)),

@@ -115,3 +115,50 @@ def test_stale_temporaries_of_a_dead_run_are_removed(workspace, tmp_path):
     (tmp_path / ".out.lock").write_text("999999999\n")  # a dead writer's lock
     assert main(_argv(workspace, "fit", out)) == 0
     assert _leftovers(out) == []
+
+
+def _resumable_score(root: Path, out: Path, *extra: str) -> list[str]:
+    """score with explanations, per-module scores and a checkpoint after every batch of 3 documents."""
+    argv = _argv(root, "score", out)
+    return [*argv[:argv.index("--no-explain")], "--top-k", "3", "--per-module", "--checkpoint-every", "1", *extra]
+
+
+def _count_captures(monkeypatch) -> list[int]:
+    import pretrace.scores.pairwise as pairwise
+
+    calls, capture = [], pairwise.capture
+    monkeypatch.setattr(pairwise, "capture", lambda *args, **kwargs: calls.append(1) or capture(*args, **kwargs))
+    return calls
+
+
+@pytest.mark.parametrize("saved", [1, 2])
+def test_score_killed_mid_pass_resumes_at_its_last_save_to_identical_outputs(workspace, tmp_path, monkeypatch, capsys, saved):
+    from pretrace.storage import checkpoint_folder
+    from tiny import SENTENCES
+
+    batches = -(-len(SENTENCES) // 3)
+    reference = tmp_path / "reference"
+    assert main(_resumable_score(workspace, reference)) == 0
+    assert not checkpoint_folder(reference).exists()  # deleted in the commit
+    out = tmp_path / "out"
+    argv = _resumable_score(workspace, out)
+    killed = _killed(argv, f"score-checkpoint:{saved}")
+    assert killed.returncode == FAULT_EXIT_CODE, killed.stderr[-2000:]
+    assert len(list(checkpoint_folder(out).iterdir())) == saved
+    calls = _count_captures(monkeypatch)
+    assert main(argv) == 0, capsys.readouterr().err
+    assert len(calls) == batches - saved  # the saved batches are not scored again
+    match, mismatch, errors = filecmp.cmpfiles(reference, out, ["scores.safetensors", "top_k.jsonl"], shallow=False)
+    assert not mismatch and not errors, f"differ from the uninterrupted run: {mismatch + errors}"
+    assert not checkpoint_folder(out).exists() and _leftovers(out) == []
+
+
+def test_score_checkpoint_of_another_run_is_refused_and_kept(workspace, tmp_path, capsys):
+    from pretrace.storage import checkpoint_folder
+    from tiny import assert_refused
+
+    out = tmp_path / "out"
+    assert _killed(_resumable_score(workspace, out), "score-checkpoint:1").returncode == FAULT_EXIT_CODE
+    assert_refused(main(_resumable_score(workspace, out, "--damping", "0.5")), capsys, "checkpoint of a different scoring run",
+                   str(checkpoint_folder(out)))
+    assert len(list(checkpoint_folder(out).iterdir())) == 1

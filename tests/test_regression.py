@@ -26,3 +26,37 @@ def test_factors_and_every_methods_scores_equal_the_references_written_before_th
     for name, expected in reference.items():
         # float64 throughout and the same operations: equal to rounding (measured: bit-identical)
         torch.testing.assert_close(outputs[name], expected, rtol=1e-9, atol=1e-12 * float(expected.abs().max()), msg=name)
+
+
+def _assert_same_rows(actual, expected, where: str) -> None:
+    if isinstance(expected, dict):
+        assert isinstance(actual, dict) and sorted(actual) == sorted(expected), where
+        for key in expected:
+            _assert_same_rows(actual[key], expected[key], f"{where}/{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), where
+        if expected and all(isinstance(v, float) for v in expected):
+            torch.testing.assert_close(torch.tensor(actual, dtype=torch.float64), torch.tensor(expected, dtype=torch.float64),
+                                       rtol=1e-9, atol=1e-15, msg=where)
+        else:
+            for i, (a, e) in enumerate(zip(actual, expected)):
+                _assert_same_rows(a, e, f"{where}[{i}]")
+    elif isinstance(expected, float):
+        assert isinstance(actual, float) and abs(actual - expected) <= 1e-9 * abs(expected) + 1e-15, (where, actual, expected)
+    else:
+        assert actual == expected, (where, actual, expected)
+
+
+def test_explanations_equal_the_references_written_before_they_were_streamed(tmp_path):
+    """The top documents and their per-token and per-module contributions, of `score` (EK-FAC, identity, K-FAC with
+    low-rank queries, multi-stage) and of `trace` (top among each query's candidates), as the code wrote them when
+    explanations rescored the top documents in a second pass (commit 3e9c13f)."""
+    from generate import explanations
+
+    reference = json.loads((FIXTURES / "explanations.json").read_text())["rows"]
+    problem(tmp_path)
+    run(tmp_path)
+    rows = explanations(tmp_path)
+    assert sorted(rows) == sorted(reference)
+    for name, expected in reference.items():
+        _assert_same_rows(rows[name], expected, name)

@@ -12,6 +12,7 @@ from pretrace.curvature import EKFAC, KFAC, Chain, Diagonal, Factors, Identity, 
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.modeling.modules import ALL_PARAMETERS, only_linear_modules, require_linear_modules
+from pretrace.scores.explanations import Explain
 from pretrace.scores.pairwise import ScoreResult, score_documents
 from pretrace.scores.queries import precondition_queries
 
@@ -57,15 +58,17 @@ class PreconditionedGradients(Attributor):
         self._prepared = (key, (queries.ids, queries.weights))
         return queries.ids, queries.weights
 
-    def score(self, context: ScoringContext, per_module: bool = False, per_token: bool = False) -> ScoreResult:
+    def score(self, context: ScoringContext, per_module: bool = False, per_token: bool = False, explain: Explain | None = None) -> ScoreResult:
+        """`explain`: the top documents' per-token and per-module contributions, taken in the same pass (`result.explanations`)."""
         docs = context.document_stage
-        if per_token and not only_linear_modules(docs.tracked):
+        if (per_token or explain) and not only_linear_modules(docs.tracked):
             raise PretraceError(f"--method {self.name}: per-token contributions exist for linear modules only, not for the other "
                                 f"parameters --preset {ALL_PARAMETERS} tracks; score without them (--no-explain) or use --preset all.")
         ids, weights = self.precondition_queries(context)
         return score_documents(
             docs.model, docs.tracked, weights, docs.document_batches(context.documents)(), ids,
             per_module=per_module, per_token=per_token, num_batches=docs.document_batch_count(context.documents), progress=True, plan=context.plan,
+            explain=explain,
         )
 
     def hyperparameters(self) -> dict:

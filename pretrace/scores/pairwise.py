@@ -23,7 +23,9 @@ from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.parallel.collectives import gather_in_order, with_offsets
 from pretrace.parallel.group import is_main
+from pretrace.scores.checkpoint import BatchScores
 from pretrace.scores.columns import ScoreColumns
+from pretrace.scores.explanations import Explain, Explanation, TopExplanations
 from pretrace.scores.plan import ScoringPlan
 from pretrace.scores.weights import ModuleWeights, as_module_weights
 
@@ -39,6 +41,7 @@ class ScoreResult:
     document_token_ids: list[list[int]] | None = None
     self_influence: torch.Tensor | None = None  # [N]
     timings: dict = field(default_factory=dict)
+    explanations: dict[tuple[int, int], Explanation] | None = None  # (query, document): at least each query's top k asked for
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -85,11 +88,12 @@ def score_documents(
     num_batches: int | None = None,
     progress: bool = False,
     plan: ScoringPlan | None = None,
+    explain: Explain | None = None,
 ) -> ScoreResult:
     """Scores of preconditioned query gradients (tensors `[Q, d_out, d_in']` or `ModuleWeights`) against every
     document's loss gradient: `score_weight_sets` with one set."""
     return score_weight_sets(model, tracked, {"scores": (query_ids, preconditioned)}, batches, task, per_module, per_token,
-                             num_batches, progress, plan)["scores"]
+                             num_batches, progress, plan, explain)["scores"]
 
 
 def score_weight_sets(
@@ -103,13 +107,15 @@ def score_weight_sets(
     num_batches: int | None = None,
     progress: bool = False,
     plan: ScoringPlan | None = None,
+    explain: Explain | None = None,
 ) -> dict[str, ScoreResult]:
     """Each named set of preconditioned query weights (query ids, per module tensors `[Q, d_out, d_in']` or
     `ModuleWeights`) against every document's loss gradient, in one pass: a batch's gradients are captured
     once and met by every set (e.g. multi-stage, pre-trained-only and gradient-dot weights of the same
     queries). `num_batches` lets eigenbasis weights choose their cheaper form for the stream; `ModuleWeights`
     entries of each set's dict are replaced by the form chosen (on the model's device and dtype). `plan` says
-    what the ranks split and whether the scores stream to disk (default: documents, in RAM)."""
+    what the ranks split and whether the scores stream to disk (default: documents, in RAM). `explain`: each
+    query's top documents also get their per-token and per-module contributions, from this same pass."""
     task, plan = task or LanguageModelingTask(), plan or ScoringPlan()
     device, dtype = _device(model), _compute_dtype(model)
     sets = {label: (list(ids), {name: as_module_weights(w).to(device, dtype) for name, w in weights.items()})
@@ -118,49 +124,43 @@ def score_weight_sets(
     column_name = (lambda label, kind: kind) if len(sets) == 1 else (lambda label, kind: f"{re.sub(r'[^A-Za-z0-9_.@-]', '_', label)}-{kind}")  # noqa: E731
     totals = {label: ScoreColumns(column_name(label, "scores"), plan) for label in sets}
     modules = {label: ScoreColumns(column_name(label, "per_module"), plan) for label in sets} if per_module else None
+    tops = {label: TopExplanations(explain, plan.query_positions(len(ids)), _document_count(explain)) for label, (ids, _) in sets.items()} if explain else {}
+    labels = list(sets)
+    finished = _resume(plan, labels, totals, modules, tops)
+    records = [_light(done) for done in finished]  # ids and token rows only: the blocks live in the score columns
+    unsaved: list[BatchScores] = []
     settled = False
-    order, records = [], []
     start = time.perf_counter()
-    shards = plan.shard_documents(with_offsets(batches))
-    bar = tqdm(shards, total=plan.document_shard_size(num_batches), desc="scoring documents", unit="batch", disable=not (progress and is_main()))
-    for offset, batch in bar:
-        batch = batch.to(device)
+    bar = tqdm(total=plan.document_shard_size(num_batches), desc="scoring documents", unit="batch", disable=not (progress and is_main()),
+               initial=len(finished))
+    for position, (offset, batch) in enumerate(plan.shard_documents(with_offsets(batches))):
         if not settled:  # the first batch tells the padded tokens to expect: weights take their cheapest form for them
             expected = None if num_batches is None else plan.document_shard_size(num_batches) * batch.input_ids.numel()
-            for label, (ids, weights) in sets.items():
-                sets[label] = (ids, {name: w.settle(expected) for name, w in weights.items()})
-                # in the caller's dict too (plain tensors stay tensors): unsettled copies are freed, not kept beside
-                caller = weight_sets[label][1]
-                caller.update({name: w for name, w in sets[label][1].items() if isinstance(caller[name], ModuleWeights)})
+            _settle(sets, weight_sets, expected)
             settled = True
+        if position < len(finished):  # scored before the restart (the first batch still settles the weights, as then)
+            continue
+        batch = batch.to(device)
         captured = capture(model, tracked, lambda: task.document_loss(model, batch))
-        tokens = {}
-        for label, (ids, weights) in sets.items():
-            batch_total = torch.zeros(len(ids), len(batch), dtype=torch.float64, device=device)
-            batch_modules, batch_tokens = [], 0
-            for name in names[label]:
-                scores, contributions = weights[name].scores(captured, name, per_token)
-                batch_total += scores.double()
-                if per_module:
-                    batch_modules.append(scores.double().cpu())
-                if per_token:
-                    batch_tokens = batch_tokens + contributions.double()
-            totals[label].add(offset, batch_total.cpu())
-            if per_module:
-                modules[label].add(offset, torch.stack(batch_modules))
-            if per_token:
-                keep = batch.attention_mask.bool().cpu()
-                tokens[label] = [(batch_tokens[:, row].cpu()[:, keep[row]], batch.input_ids[row].cpu()[keep[row]].tolist()) for row in range(len(batch))]
+        done = _score_batch(offset, batch, captured, [sets[label] for label in labels], [names[label] for label in labels],
+                            [tops.get(label) for label in labels], per_module, per_token)
         del captured  # before the next batch is captured: never two batches' activations at once
-        order.append(offset)
-        records.append((batch.ids, tokens))
+        _keep(done, labels, totals, modules)
+        records.append(_light(done))
+        bar.update(1)
+        if plan.checkpoint is not None:
+            unsaved.append(done)
+            if len(records) % plan.checkpoint.every == 0:
+                plan.checkpoint.save(len(records), unsaved, _explain_state(labels, tops))
+                unsaved = []
+    bar.close()
     if not plan.splits_queries:
-        records = gather_in_order(order, records)  # every rank's batches, in document order
-    document_ids = [doc_id for ids, _ in records for doc_id in ids]
+        records = gather_in_order([done.offset for done in records], records)  # every rank's batches, in document order
+    document_ids = [doc_id for done in records for doc_id in done.ids]
     seconds = time.perf_counter() - start
     results = {}
-    for label, (ids, _) in sets.items():
-        rows = [row for _, tokens in records for row in tokens.get(label, ())]
+    for position, (label, (ids, _)) in enumerate(sets.items()):
+        rows = [row for done in records for row in done.tokens[position]] if per_token else []
         if per_token and plan.splits_queries:  # each document's [Q, T] contributions: the ranks' queries merged
             merged = plan.gather_queries(torch.cat([c for c, _ in rows], dim=1), dim=0).split([len(i) for _, i in rows], dim=1)
             rows = list(zip(merged, [i for _, i in rows]))
@@ -172,6 +172,85 @@ def score_weight_sets(
             per_module=modules[label].finish() if per_module else None,
             per_token=[contributions for contributions, _ in rows] if per_token else None,
             document_token_ids=[token_ids for _, token_ids in rows] if per_token else None,
-            timings={"documents_seconds": seconds},
+            timings={"documents_seconds": seconds, **({"explanation_seconds": tops[label].seconds, "explanation_cpu_seconds": tops[label].cpu_seconds} if explain else {})},
+            explanations=tops[label].finish() if explain else None,
         )
     return results
+
+
+def _settle(sets: dict, weight_sets: Mapping, expected: int | None) -> None:
+    """Every set's weights in their cheapest form for `expected` padded document tokens, in the caller's dicts too
+    (plain tensors stay tensors): the unsettled forms are freed, not kept beside."""
+    for label, (ids, weights) in sets.items():
+        sets[label] = (ids, {name: w.settle(expected) for name, w in weights.items()})
+        caller = weight_sets[label][1]
+        caller.update({name: w for name, w in sets[label][1].items() if isinstance(caller[name], ModuleWeights)})
+
+
+def _score_batch(offset: int, batch: TokenBatch, captured, sets: list[tuple[list[str], dict]], names: list[list[str]],
+                 tops: list[TopExplanations | None], per_module: bool, per_token: bool) -> BatchScores:
+    """One captured batch met by every set's weights: totals, and per module / per token / explanations if asked."""
+    done = BatchScores(offset, list(batch.ids), [], [] if per_module else None, [] if per_token else None)
+    for (ids, weights), modules, top in zip(sets, names, tops):
+        total = torch.zeros(len(ids), len(batch), dtype=torch.float64, device=batch.input_ids.device)
+        by_module, tokens = {}, 0
+        for name in modules:
+            scores, contributions = weights[name].scores(captured, name, per_token)
+            total += scores.double()
+            if per_module or top is not None:
+                by_module[name] = scores.double().cpu()
+            if per_token:
+                tokens = tokens + contributions.double()
+        done.totals.append(total.cpu())
+        if per_module:
+            done.modules.append(torch.stack(list(by_module.values())))
+        if top is not None:
+            top.offer(offset, batch, captured, total, by_module, {name: weights[name] for name in modules})
+        if per_token:
+            keep = batch.attention_mask.bool().cpu()
+            done.tokens.append([(tokens[:, row].cpu()[:, keep[row]], batch.input_ids[row].cpu()[keep[row]].tolist()) for row in range(len(batch))])
+    return done
+
+
+def _light(done: BatchScores) -> BatchScores:
+    """What the end of the pass needs of a batch: its offset, ids and token rows."""
+    return BatchScores(done.offset, done.ids, [], None, done.tokens)
+
+
+def _resume(plan: ScoringPlan, labels: list[str], totals: dict, modules: dict | None, tops: dict[str, TopExplanations]) -> list[BatchScores]:
+    """A resumed run's saved batches, placed in the score columns as if just scored, and the explanations' state."""
+    if plan.checkpoint is None:
+        return []
+    finished, state, meta = plan.checkpoint.restore()
+    for done in finished:
+        _keep(done, labels, totals, modules)
+    for position, label in enumerate(labels):
+        if label in tops and state:
+            tops[label].restore({k.partition("/")[2]: v for k, v in state.items() if k.startswith(f"{position}/")}, meta[str(position)])
+    return finished
+
+
+def _keep(done: BatchScores, labels: list[str], totals: dict[str, ScoreColumns], modules: dict[str, ScoreColumns] | None) -> None:
+    """A finished batch's blocks into the score columns of every set."""
+    for position, label in enumerate(labels):
+        totals[label].add(done.offset, done.totals[position])
+        if modules is not None:
+            modules[label].add(done.offset, done.modules[position])
+
+
+def _explain_state(labels: list[str], tops: dict[str, TopExplanations]) -> tuple[dict[str, torch.Tensor], dict]:
+    """Every set's running top-k explanations, keyed by the set's position, for a checkpoint."""
+    tensors, meta = {}, {}
+    for position, label in enumerate(labels):
+        if label in tops:
+            state, described = tops[label].state()
+            tensors.update({f"{position}/{k}": v for k, v in state.items()})
+            meta[str(position)] = described
+    return tensors, meta
+
+
+def _document_count(explain: Explain) -> int | None:
+    """Enough document indices for the candidates named (explaining among candidates)."""
+    if explain.among is None:
+        return None
+    return 1 + max((index for row in explain.among for index in row), default=-1)

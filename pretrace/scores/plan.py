@@ -3,7 +3,8 @@
 Under torchrun the ranks split either the *documents* (each rank scores every query against its batches
 of documents; the default) or the *queries* (query q goes to rank q % world, which scores it against every
 document: for many queries whose preconditioned gradients do not fit one device). Scores either stay in
-RAM or, with a spill folder, stream into float32 memory-mapped files there (`ScoreColumns`).
+RAM or, with a spill folder, stream into float32 memory-mapped files there (`ScoreColumns`); with a checkpoint the
+pass can be resumed in the middle (`ScoringCheckpoint`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
 from pretrace.parallel.collectives import all_gather_objects, shard, shard_size
 from pretrace.parallel.group import rank, world_size
+from pretrace.scores.checkpoint import ScoringCheckpoint
 
 T = TypeVar("T")
 SPLITS = ("documents", "queries")
@@ -27,10 +29,12 @@ SPLITS = ("documents", "queries")
 @dataclass(frozen=True)
 class ScoringPlan:
     """`split`: what the ranks divide ("documents" or "queries"); `spill_folder`: where score columns stream
-    to disk (a folder every rank can reach), None to keep them in RAM."""
+    to disk (a folder every rank can reach), None to keep them in RAM; `checkpoint`: where and how often the
+    pass saves its finished batches to resume from (None: it does not)."""
 
     split: str = "documents"
     spill_folder: Path | None = None
+    checkpoint: ScoringCheckpoint | None = None
 
     def __post_init__(self) -> None:
         if self.split not in SPLITS:
@@ -62,6 +66,12 @@ class ScoringPlan:
             first += len(batch)
             if rows:
                 yield TokenBatch([batch.ids[row] for row in rows], batch.input_ids[rows], batch.attention_mask[rows], batch.target_mask[rows])
+
+    def query_positions(self, count: int) -> list[int]:
+        """Where this rank's `count` queries sit among all queries (rank r holds r, r + world, ... when queries are split)."""
+        if not self.splits_queries:
+            return list(range(count))
+        return [rank() + i * world_size() for i in range(count)]
 
     def gather_queries(self, values: torch.Tensor | list, dim: int = 0) -> torch.Tensor | list:
         """When queries are split: every rank's `values` (indexed by its queries along `dim`) merged back into

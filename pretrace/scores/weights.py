@@ -1,8 +1,9 @@
 """One module's preconditioned query gradients, in the form cheapest to score documents against.
 
 A document's gradient for a linear module is Σ_t g_t a_tᵀ (output gradient × input, over its tokens),
-so a query's weights W meet it as Σ_t g_tᵀ W a_t. Three forms share one interface, `scores(captured,
-name, per_token)`:
+so a query's weights W meet it as Σ_t g_tᵀ W a_t, token t contributing g_tᵀ W a_t. Three forms share one
+interface: `scores(captured, name, per_token)` for a batch, `token_scores(g, a)` for any tokens (the one
+per-token implementation: a batch's per-token scores and a top document's explanation both use it):
 - `DenseWeights`: W `[Q, d_out, d_in']` in the parameter basis; per batch, the cheaper of materialising
   the B document gradients once (then one matrix product with all Q queries) or contracting tokens directly.
 - `LowRankWeights`: W ≈ U Vᵀ of rank r per query (Grosse et al. 2023): Q·r·(d_out + d_in') numbers
@@ -27,6 +28,14 @@ class ModuleWeights:
 
     def scores(self, captured: CapturedBatch, name: str, per_token: bool) -> Scored:
         raise NotImplementedError
+
+    def token_scores(self, output_gradients: torch.Tensor, activations: torch.Tensor, queries: list[int] | None = None) -> torch.Tensor:
+        """`[Q, N]`: g_nᵀ W_q a_n for tokens given as rows, `[N, d_out]` and `[N, d_in']`, for every query or these."""
+        raise NotImplementedError
+
+    def in_own_basis(self, output_gradients: torch.Tensor, activations: torch.Tensor) -> tuple["ModuleWeights", torch.Tensor, torch.Tensor]:
+        """The weights and these token factors in the basis the weights are kept in (tokens rotated once serve every query)."""
+        return self, output_gradients, activations
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "ModuleWeights":
         raise NotImplementedError
@@ -57,13 +66,19 @@ class DenseWeights(ModuleWeights):
         q, d_out, d_in = self.weights.shape
         return q * d_out * d_in * (qg.shape[1] + d_in)
 
+    def token_scores(self, output_gradients, activations, queries=None):
+        w = _rows(self.weights, queries)
+        g, a = output_gradients.to(w.dtype), activations.to(w.dtype)
+        if w.shape[1] >= w.shape[2]:  # the product lands on the smaller side (measured ~1.3x faster than the other)
+            return torch.einsum("qni,ni->qn", torch.matmul(g, w), a)
+        return torch.einsum("qno,no->qn", torch.matmul(a, w.transpose(1, 2)), g)
+
     def scores(self, captured, name, per_token):
         w = self.weights
         g = captured.output_gradients[name].to(w.dtype)
         a = captured.activations[name].to(w.dtype)
         if per_token:
-            contributions = torch.einsum("qbti,bti->qbt", torch.einsum("bto,qoi->qbti", g, w), a)
-            return contributions.sum(-1), contributions
+            return _per_token(self, g, a)
         (q, d_out, d_in), (b, t) = w.shape, g.shape[:2]
         materialise = (b * t + q * b) * d_out * d_in
         direct = q * b * t * d_out * d_in
@@ -112,14 +127,18 @@ class LowRankWeights(ModuleWeights):
         q, d_out, rank = self.left.shape
         return q * rank * (d_out * qg.shape[1] + qa.shape[0] ** 2)
 
+    def token_scores(self, output_gradients, activations, queries=None):
+        g, a = output_gradients.to(self.left.dtype), activations.to(self.left.dtype)
+        return (torch.einsum("no,qor->qnr", g, _rows(self.left, queries)) * torch.einsum("ni,qir->qnr", a, _rows(self.right, queries))).sum(-1)
+
     def scores(self, captured, name, per_token):
         g = captured.output_gradients[name].to(self.left.dtype)
         a = captured.activations[name].to(self.left.dtype)
         (q, d_out, rank), (b, t), d_in = self.left.shape, g.shape[:2], a.shape[-1]
         if not per_token and (q * rank + b * t + q * b) * d_out * d_in < q * b * t * rank * (d_out + d_in):
             return DenseWeights(self.dense()).scores(captured, name, per_token)  # one module's dense weights, for this batch only
-        contributions = (torch.einsum("bto,qor->qbtr", g, self.left) * torch.einsum("bti,qir->qbtr", a, self.right)).sum(-1)
-        return contributions.sum(-1), contributions if per_token else None
+        scores, contributions = _per_token(self, g, a)
+        return scores, contributions if per_token else None
 
 
 class EigenbasisWeights(ModuleWeights):
@@ -141,6 +160,13 @@ class EigenbasisWeights(ModuleWeights):
             return self
         return self.inner.rotated_back(self.qa, self.qg)
 
+    def in_own_basis(self, output_gradients, activations):
+        return self.inner, *rotate_factors(output_gradients.to(self.qa.dtype), activations.to(self.qa.dtype), self.qa, self.qg)
+
+    def token_scores(self, output_gradients, activations, queries=None):
+        inner, g, a = self.in_own_basis(output_gradients, activations)
+        return inner.token_scores(g, a, queries)
+
     def scores(self, captured, name, per_token):
         g, a = captured.output_gradients[name].to(self.qa.dtype), captured.activations[name].to(self.qa.dtype)
         live = g.abs().amax(-1) > 0  # [B, T]: padding (and positions no loss depends on) contribute nothing: not rotated
@@ -148,6 +174,20 @@ class EigenbasisWeights(ModuleWeights):
         g, a = g.new_zeros(g.shape), a.new_zeros(a.shape)
         g[live], a[live] = rotated_g, rotated_a
         return self.inner.scores(CapturedBatch({name: a}, {name: g}, captured.losses), name, per_token)
+
+
+def _rows(tensor: torch.Tensor, queries: list[int] | None) -> torch.Tensor:
+    """These queries' rows of `[Q, ...]` (a view for one query: nothing copied)."""
+    if queries is None:
+        return tensor
+    return tensor[queries[0]:queries[0] + 1] if len(queries) == 1 else tensor[queries]
+
+
+def _per_token(weights: ModuleWeights, g: torch.Tensor, a: torch.Tensor) -> Scored:
+    """A batch's `[B, T, d]` token factors through `token_scores`: scores `[Q, B]` and contributions `[Q, B, T]`."""
+    b, t = g.shape[:2]
+    contributions = weights.token_scores(g.reshape(b * t, -1), a.reshape(b * t, -1)).reshape(-1, b, t)
+    return contributions.sum(-1), contributions
 
 
 def as_module_weights(value: torch.Tensor | ModuleWeights) -> ModuleWeights:

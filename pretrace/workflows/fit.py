@@ -9,12 +9,8 @@ from pretrace.config import to_dict
 from pretrace.curvature import FitSettings, Factors, fit_factors
 from pretrace.modeling.modules import require_linear_modules
 from pretrace.data.records import check_source, source_sha256
-from pretrace.storage import atomic_directory, output_folder
+from pretrace.storage import atomic_directory, checkpoint_folder, output_folder
 from pretrace.modeling.stage import ModelOptions, load_stage
-
-
-def checkpoint_folder(out: Path) -> Path:
-    return out.parent / f".{out.name}.checkpoint"
 
 
 def fit(model: str | Path, data: str | Path, out: str | Path, options: ModelOptions | None = None,

@@ -23,11 +23,14 @@ from pretrace.methods.registry import METHODS, make_attributor
 from pretrace.modeling.modules import only_linear_modules
 from pretrace.parallel import group
 from pretrace.scores.io import save_scores, top_indices
+from pretrace.scores.explanations import Explain, Explanation
 from pretrace.scores.pairwise import ScoreResult
 from pretrace.scores.self_influence import self_influence
 from pretrace.scores.index import read_index, score_index
 from pretrace.scores.plan import SPLITS, ScoringPlan
-from pretrace.storage import atomic_directory, output_folder
+from pretrace.scores.checkpoint import ScoringCheckpoint
+from pretrace.stages import Folder, Source, digest
+from pretrace.storage import atomic_directory, checkpoint_folder, output_folder
 from pretrace.training.finetune import FINETUNE_RECORD, read_finetune_record
 from pretrace.modeling.stage import ModelOptions, Stage, iter_source, load_stage
 
@@ -99,6 +102,7 @@ class ScoreSettings:
     self_influence: bool = option(False, help="Also store each document's self-influence ∇ℓ(z)ᵀ P ∇ℓ(z) as `self_influence` [N] in scores.safetensors (single-stage gradient methods; large values flag unusual documents).")
     index: str | None = option(None, help="Gradient methods: score against a gradient index built by `pretrace index` on --train (with the document model) instead of recomputing every document's gradient: one backward pass per query plus a product over the index.")
     query_rank: int | None = option(None, help="Gradient methods: truncate each preconditioned query gradient to this rank per module (Grosse et al. 2023); the relative Frobenius error is recorded in scores.json timings.")
+    checkpoint_every: int = option(50, help="Gradient methods: save the document batches scored so far every this many batches (in .OUT.checkpoint/ beside --out), so a killed run, started again with the same command, resumes where it stopped with the same scores.")
 
     def __post_init__(self):
         validate_choices(self)
@@ -108,6 +112,8 @@ class ScoreSettings:
         require_number("--trak-subset-fraction", self.trak_subset_fraction, above=0, at_most=1)
         if self.query_rank is not None and self.query_rank < 1:
             raise PretraceError(f"--query-rank must be at least 1, got {self.query_rank}.")
+        if self.checkpoint_every < 1:
+            raise PretraceError(f"--checkpoint-every must be at least 1, got {self.checkpoint_every}.")
 
     @property
     def is_multi_stage(self) -> bool:
@@ -238,41 +244,57 @@ def _check_index(settings: ScoreSettings, documents: Stage) -> None:
                             "pass the --preset, --modules and --attention-blocks the index was built with, or rebuild it.")
 
 
-def explain_top(attributor: Attributor, context: ScoringContext, top: torch.Tensor) -> dict[int, dict]:
-    """Per-token and per-module contributions of the union of top documents, rescored as a small subset."""
-    wanted = sorted(set(top.flatten().tolist()))
+def explain_pairs(attributor: Attributor, context: ScoringContext, pairs: list[tuple[int, int]],
+                  streamed: dict[tuple[int, int], Explanation] | None = None) -> dict[tuple[int, int], Explanation]:
+    """Explanations of these (query, document) pairs: those the scoring pass kept, and the rest by rescoring their
+    documents as a small subset (pairs a pass cannot keep: scores from --index or from a cache, a tie or a float32
+    rounding at the k-th place, a too-short document scored 0 afterwards)."""
+    streamed = streamed or {}
+    found = {pair: streamed[pair] for pair in pairs if pair in streamed}
+    wanted = sorted({document for pair in pairs if pair not in found for document in [pair[1]]})
+    if not wanted:
+        return found
     chosen = set(wanted)
     subset = [doc for i, doc in enumerate(iter_documents(context.documents, context.document_stage.options.fields())) if i in chosen]
     sub = replace(context, documents=subset, plan=ScoringPlan(context.plan.split))  # split as the run, scores in RAM
     detail = attributor.score(sub, per_module=True, per_token=True)
+    column = {index: c for c, index in enumerate(wanted)}
+    for q, index in pairs:
+        if (q, index) not in found:
+            c = column[index]
+            found[(q, index)] = Explanation(detail.document_token_ids[c], detail.per_token[c][q],
+                                            {name: float(detail.per_module[m, q, c]) for m, name in enumerate(detail.module_names)})
+    return found
+
+
+def explanation_counts(pairs: list[tuple[int, int]], streamed: dict | None) -> dict[str, int]:
+    """How many explained pairs the scoring pass kept and how many needed their documents rescored."""
+    kept = sum(pair in (streamed or {}) for pair in pairs)
+    return {"pairs": len(pairs), "from_scoring_pass": kept, "rescored": len(pairs) - kept}
+
+
+def top_pairs(top: torch.Tensor) -> list[tuple[int, int]]:
+    """(query, document) for every entry of `[Q, k]` top indices."""
+    return [(q, index) for q, row in enumerate(top.tolist()) for index in row]
+
+
+def explanation_fields(explanation: Explanation, tokenizer) -> dict:
+    """A top document's `tokens`, `token_scores` and `module_scores`, as top_k.jsonl and results.jsonl store them."""
+    return {"tokens": tokenizer.convert_ids_to_tokens(explanation.token_ids), "token_scores": explanation.token_scores.tolist(),
+            "module_scores": dict(explanation.module_scores)}
+
+
+def _top_rows(context: ScoringContext, result: ScoreResult, top: torch.Tensor, details: dict[tuple[int, int], Explanation] | None) -> list[dict]:
+    wanted = set(top.flatten().tolist())
+    texts = {i: doc.text for i, doc in enumerate(iter_documents(context.documents, context.document_stage.options.fields())) if i in wanted}
     tokenizer = context.document_stage.tokenizer
-    out = {}
-    for column, index in enumerate(wanted):
-        out[index] = {
-            "text": subset[column].text,
-            "tokens": tokenizer.convert_ids_to_tokens(detail.document_token_ids[column]),
-            "token_scores": detail.per_token[column],
-            "module_scores": {name: detail.per_module[m, :, column] for m, name in enumerate(detail.module_names)},
-        }
-    return out
-
-
-def _top_rows(context: ScoringContext, result: ScoreResult, top: torch.Tensor, details: dict[int, dict] | None) -> list[dict]:
-    texts = {}
-    if details is None:
-        wanted = set(top.flatten().tolist())
-        texts = {i: doc.text for i, doc in enumerate(iter_documents(context.documents, context.document_stage.options.fields())) if i in wanted}
     rows = []
     for q, query in enumerate(context.queries):
         documents = []
         for rank, index in enumerate(top[q].tolist(), start=1):
-            entry = {"id": result.document_ids[index], "index": index, "score": float(result.scores[q, index]), "rank": rank}
-            if details is None:
-                entry["text"] = texts[index]
-            else:
-                d = details[index]
-                entry.update(text=d["text"], tokens=d["tokens"], token_scores=d["token_scores"][q].tolist(),
-                             module_scores={name: float(v[q]) for name, v in d["module_scores"].items()})
+            entry = {"id": result.document_ids[index], "index": index, "score": float(result.scores[q, index]), "rank": rank, "text": texts[index]}
+            if details is not None:
+                entry.update(explanation_fields(details[(q, index)], tokenizer))
             documents.append(entry)
         rows.append({"query_id": query.id, "prompt": query.prompt, "completion": query.completion or "", "documents": documents})
     return rows
@@ -291,6 +313,19 @@ def _index_scores(settings: ScoreSettings, attributor: Attributor, context: Scor
     return result
 
 
+def _signature(settings: ScoreSettings, context: ScoringContext, explain: Explain | None) -> str:
+    """Everything a scoring pass's batches depend on, for its checkpoint: the settings (not where the result goes),
+    the models' weights, the factor folders, the queries, the documents' contents, the ranks and the explanations asked."""
+    documents = Source(context.documents) if isinstance(context.documents, (str, Path)) else [(d.id, d.text) for d in context.documents]
+    factors = [Folder(folder) for folder in (settings.factors, settings.pretrained_factors, settings.finetuned_factors) if folder]
+    return digest(
+        settings={k: v for k, v in to_dict(settings).items() if k not in ("out", "overwrite", "checkpoint_every")},
+        options=to_dict(context.document_stage.options), models=[context.query_stage.fingerprint, context.document_stage.fingerprint],
+        factors=factors, queries=[(q.id, q.prompt, q.completion) for q in context.queries], documents=documents,
+        world=group.world_size(), explain=None if explain is None else [explain.k, explain.among],
+    )
+
+
 def _zero_documents(result: ScoreResult, ids: set[str]) -> None:
     """Score 0 for documents without a loss (a ratio such as the gradient cosine would make them NaN)."""
     columns = [i for i, doc_id in enumerate(result.document_ids) if doc_id in ids]
@@ -302,14 +337,16 @@ def _zero_documents(result: ScoreResult, ids: set[str]) -> None:
 
 
 def score(settings: ScoreSettings, options: ModelOptions | None = None, context: ScoringContext | None = None,
-          attributor: Attributor | None = None) -> ScoreResult:
+          attributor: Attributor | None = None, explain: Explain | None = None) -> ScoreResult:
     """Compute and save scores; returns the result (scores float64 `[Q, N]`, float32 memory-mapped with --scores-on-disk).
 
     A caller that passes an unfitted `attributor` (made from `settings`) gets it back fitted, to reuse without
-    fitting again. Under torchrun every rank scores its share of the documents and holds the whole result; rank 0 writes it."""
+    fitting again; one that passes `explain` (gradient methods) gets those pairs' explanations taken in the same pass,
+    in `result.explanations`, whatever top_k.jsonl holds. Under torchrun every rank scores its share of the documents
+    and holds the whole result; rank 0 writes it."""
     group.initialize()
     with output_folder(settings.out, settings.overwrite, _inputs(settings), lock=group.is_main()):
-        return _score(settings, options or ModelOptions(), context, attributor)
+        return _score(settings, options or ModelOptions(), context, attributor, explain)
 
 
 def _inputs(settings: ScoreSettings) -> dict[str, str | None]:
@@ -322,7 +359,8 @@ def _inputs(settings: ScoreSettings) -> dict[str, str | None]:
     return inputs
 
 
-def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringContext | None, attributor: Attributor | None) -> ScoreResult:
+def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringContext | None, attributor: Attributor | None,
+           explain: Explain | None) -> ScoreResult:
     out = Path(settings.out)
     context = context or build_context(settings, options)
     attributor = attributor or make_attributor(settings)
@@ -343,8 +381,19 @@ def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringConte
         attributor.preconditioner = PlacedPreconditioner(attributor.preconditioner, modules, device, settings.shard_factors)
     fitted = time.perf_counter()
     spill = out.parent / f".{out.name}.scores" if settings.scores_on_disk else None
-    context = replace(context, plan=ScoringPlan(settings.shard, spill))
-    result = _index_scores(settings, attributor, context) if settings.index else attributor.score(context, per_module=settings.per_module, per_token=settings.per_token)
+    explained = settings.explain and gradient_based and only_linear_modules(context.document_stage.tracked)
+    if settings.explain and gradient_based and not explained:
+        warnings.warn("top_k.jsonl has no per-token explanations: they exist for linear modules only, not for every parameter of --preset all-parameters.", stacklevel=2)
+    streamed = explain or (Explain(settings.top_k) if explained else None)
+    resumable = gradient_based and not settings.index
+    checkpoint = ScoringCheckpoint(checkpoint_folder(out), _signature(settings, context, streamed), settings.checkpoint_every) if resumable else None
+    context = replace(context, plan=ScoringPlan(settings.shard, spill, checkpoint))
+    if settings.index:
+        result = _index_scores(settings, attributor, context)
+    elif gradient_based:
+        result = attributor.score(context, per_module=settings.per_module, per_token=settings.per_token, explain=streamed)
+    else:
+        result = attributor.score(context, per_module=settings.per_module, per_token=settings.per_token)
     if settings.self_influence:
         docs = context.document_stage
         _, result.self_influence = self_influence(docs.model, docs.tracked, attributor.preconditioner, docs.document_batches(context.documents)(), progress=True)
@@ -354,16 +403,17 @@ def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringConte
                       "and scores.json lists them as too_short.", stacklevel=2)
     scored = time.perf_counter()
     top = top_indices(result.scores, settings.top_k)
-    explain = settings.explain and gradient_based and only_linear_modules(context.document_stage.tracked)
-    if settings.explain and gradient_based and not explain:
-        warnings.warn("top_k.jsonl has no per-token explanations: they exist for linear modules only, not for every parameter of --preset all-parameters.", stacklevel=2)
-    details = explain_top(attributor, context, top) if explain else None
+    pairs = top_pairs(top) if explained else []
+    details = explain_pairs(attributor, context, pairs, result.explanations) if explained else None
+    in_pass = result.timings.pop("explanation_seconds", 0.0)  # the explanations taken during the pass, not scoring's cost
+    in_pass_cpu = result.timings.pop("explanation_cpu_seconds", None)
     timings = {
-        "one_off_seconds": fitted - start,
-        "scoring_seconds": scored - fitted,
-        "per_query_seconds": (scored - fitted) / max(1, len(context.queries)),
-        "explanation_seconds": time.perf_counter() - scored,
         **result.timings,
+        **({} if in_pass_cpu is None else {"explanation_in_pass_cpu_seconds": in_pass_cpu}),
+        "one_off_seconds": fitted - start,
+        "scoring_seconds": scored - fitted - in_pass,
+        "per_query_seconds": (scored - fitted - in_pass) / max(1, len(context.queries)),
+        "explanation_seconds": in_pass + time.perf_counter() - scored,
     }
     result.timings = timings
     metadata = {
@@ -374,10 +424,11 @@ def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringConte
         "hyperparameters": attributor.hyperparameters(),
         "too_short": too_short,
         "timings": timings,
+        "explanations": explanation_counts(pairs, result.explanations) if explained else None,
         "score_meaning": "score(z, x) = grad m(x)^T P grad loss(z); positive: up-weighting document z lowers the query's completion loss",
     }
     if group.is_main():
-        with atomic_directory(out, overwrite=True) as tmp:
+        with atomic_directory(out, overwrite=True, discard=[checkpoint_folder(out)]) as tmp:
             save_scores(tmp, result, metadata, _top_rows(context, result, top, details))
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)  # the result's memory maps stay valid

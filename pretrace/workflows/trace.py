@@ -32,8 +32,9 @@ from pretrace.stages import File, Folder, Source, StageCache, StageKey
 from pretrace.storage import output_folder, read_json, read_jsonl_rows, write_json, write_jsonl
 from pretrace.training.finetune import read_finetune_record
 from pretrace.modeling.stage import ModelOptions
+from pretrace.scores.explanations import Explain
 from pretrace.workflows.fit import fit
-from pretrace.workflows.score import ScoreSettings, build_context, explain_top, require_scoring_numbers, score
+from pretrace.workflows.score import ScoreSettings, build_context, explain_pairs, explanation_counts, explanation_fields, require_scoring_numbers, score, top_pairs
 
 RETRIEVERS = ("embedding", "bm25", "none")
 RESULTS_FILE = "results.jsonl"
@@ -249,22 +250,21 @@ def rank_candidates(scores: torch.Tensor, candidates: list[list[int]], union: li
 
 def _result_rows(queries: list[TraceQuery], documents: list[Document], union: list[int], candidates: list[list[int]],
                  retrieval_scores: list[list[float]], scores: torch.Tensor, top: torch.Tensor, details: dict,
-                 relevant: list[list[int]] | None, ranked_retrieval: bool) -> list[dict]:
+                 relevant: list[list[int]] | None, ranked_retrieval: bool, tokenizer) -> list[dict]:
     rows = []
     for q, item in enumerate(queries):
         retrieval_rank = {index: rank for rank, index in enumerate(candidates[q], start=1)}
         evidence = set(relevant[q]) if relevant is not None else set()
         listed = []
         for rank, col in enumerate(top[q].tolist(), start=1):
-            index, detail = union[col], details[col]
+            index = union[col]
             listed.append({
                 "id": documents[index].id, "index": index, "text": documents[index].text,
                 "score": float(scores[q, col]), "rank": rank,
                 "retrieval_rank": retrieval_rank[index] if ranked_retrieval else None,
                 "retrieval_score": retrieval_scores[q][retrieval_rank[index] - 1] if ranked_retrieval else None,
                 "is_evidence": index in evidence if relevant is not None else None,
-                "tokens": detail["tokens"], "token_scores": detail["token_scores"][q].tolist(),
-                "module_scores": {name: float(v[q]) for name, v in detail["module_scores"].items()},
+                **explanation_fields(details[(q, col)], tokenizer),
             })
         row = {"query_id": item.query.id, "prompt": item.query.prompt, "completion": item.query.completion,
                "completion_generated": item.generated, "documents": listed}
@@ -303,13 +303,14 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
     timings: dict[str, float] = {}
     clock = (time.perf_counter(), time.process_time())
 
-    def lap(name: str) -> None:
-        """Wall and CPU seconds of a stage: on a shared machine CPU time is what the stage would take alone (one thread)."""
+    def lap(name: str, moved: tuple[float, float] = (0.0, 0.0)) -> None:
+        """Wall and CPU seconds of a stage: on a shared machine CPU time is what the stage would take alone (one thread).
+        `moved`: (wall, CPU) seconds of this stage that belong to the next (the explanations taken during scoring)."""
         nonlocal clock
         now = (time.perf_counter(), time.process_time())
-        timings[name] = round(now[0] - clock[0], 3)
-        timings[name.replace("_seconds", "_cpu_seconds")] = round(now[1] - clock[1], 3)
-        clock = now
+        timings[name] = round(now[0] - clock[0] - moved[0], 3)
+        timings[name.replace("_seconds", "_cpu_seconds")] = round(now[1] - clock[1] - moved[1], 3)
+        clock = (now[0] - moved[0], now[1] - moved[1])
 
     queries_file = out / "queries.jsonl"
     queries_key = cache.key("queries", queries=Source(settings.queries), finetuned=Folder(settings.finetuned),
@@ -363,21 +364,30 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
     scores_key = cache.key("scores", **inputs)
     results_key = cache.key("results", scores=scores_key)  # the explanations read exactly what the scores did
     results_file = out / RESULTS_FILE
+    explained = None  # counts of the explanations made in this run (None: results.jsonl reused)
     if not cache.stale(results_key, results_file):
         rows = read_jsonl_rows(results_file)
     else:
         context, attributor = build_context(score_settings, options), make_attributor(score_settings)
+        column = {index: c for c, index in enumerate(union)}
+        explain = Explain(settings.top_k, among=[[column[i] for i in row] for row in candidates])
+        streamed, in_pass = None, (0.0, 0.0)
         if cache.stale(scores_key, out / "scores"):
-            scores = score(score_settings, options, context, attributor).scores  # fits the attributor, reused below
+            # fits the attributor (reused below) and explains each query's top candidates in the same pass
+            result = score(score_settings, options, context, attributor, explain=explain)
+            scores, streamed = result.scores, result.explanations
+            in_pass = (result.timings["explanation_seconds"], result.timings["explanation_in_pass_cpu_seconds"])
             cache.record(scores_key)
         else:
             scores = load_scores(out / "scores")[0]["scores"].double()
             attributor.fit(context)
-        lap("scoring_seconds")
+        lap("scoring_seconds", moved=in_pass)
         top = rank_candidates(scores, candidates, union, settings.top_k)
-        details = explain_top(attributor, context, top)
+        pairs = top_pairs(top)
+        details = explain_pairs(attributor, context, pairs, streamed)
+        explained = explanation_counts(pairs, streamed)
         rows = _result_rows(queries, documents, union, candidates, retrieval_scores, scores, top, details, relevant,
-                            settings.retriever != "none")
+                            settings.retriever != "none", context.document_stage.tokenizer)
         write_jsonl(results_file, rows)
         cache.record(results_key)
     lap("explanation_seconds")
@@ -386,6 +396,7 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
         "settings": to_dict(settings), "options": to_dict(options), "queries": len(queries),
         "candidates_per_query": len(candidates[0]), "distinct_candidates": len(union), "retrieval_recall": recall,
         "evidence_in_top_k": _top_k_recall(rows, relevant), "timings": timings, "stages": cache.statuses,
+        "explanations": explained,
     }
     write_report_files(out, rows, candidates, union, summary)
     lap("report_seconds")

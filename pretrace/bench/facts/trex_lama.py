@@ -107,10 +107,11 @@ def iter_trex_documents(path: str | Path) -> Iterator[tuple[Path, int, dict]]:
             yield file, index, document
 
 
-def trex_sentences(documents: Iterable[tuple[Path, int, dict]], required_facts: set[str] | None = None, counts: dict | None = None) -> list[Sentence]:
-    """The sentence-level attribution set: sentences with an entity triple (and, if given, a required fact;
-    `counts["sentences_without_lama_fact"]` then counts those left out for lacking one)."""
+def trex_sentences(documents: Iterable[tuple[Path, int, dict]], required_facts: set[str] | None = None) -> tuple[list[Sentence], int]:
+    """The sentence-level attribution set: sentences with an entity triple (and, if given, a required fact), and how
+    many sentences with an entity triple were left out for lacking a required fact."""
     sentences: list[Sentence] = []
+    left_out = 0
     for file, index, document in documents:
         text, bounds = document["text"], document["sentences_boundaries"]
         facts_by_sentence: dict[int, list[str]] = {}
@@ -127,12 +128,11 @@ def trex_sentences(documents: Iterable[tuple[Path, int, dict]], required_facts: 
         for sentence_id in sorted(facts_by_sentence):
             keys = facts_by_sentence[sentence_id]
             if required_facts is not None and not any(k in required_facts for k in keys):
-                if counts is not None:
-                    counts["sentences_without_lama_fact"] = counts.get("sentences_without_lama_fact", 0) + 1
+                left_out += 1
                 continue
             start, end = bounds[sentence_id]
             sentences.append(Sentence(len(sentences), text[start:end], tuple(keys), f"{document.get('docid', document.get('uri', ''))}#{sentence_id}"))
-    return sentences
+    return sentences, left_out
 
 
 def lama_files(folder: str | Path) -> list[Path]:
@@ -179,12 +179,12 @@ def build_trex_lama_benchmark(trex_path: str | Path, lama_trex_folder: str | Pat
     lama = read_lama_facts(lama_trex_folder)
     required = {fact.key for fact in lama}
     documents = tqdm(iter_trex_documents(trex_path), desc="T-REx documents", unit="doc", leave=False)
-    counts = {"sentences_without_lama_fact": 0}
-    sentences = trex_sentences(documents, required, counts)
+    sentences, without_lama_fact = trex_sentences(documents, required)
     facts, dropped = attach_evidence(sentences, ((f.key, f.subject_label, f.relation, f.object_label) for f in lama), templates)
     used = {fact.relation for fact in facts}
     benchmark = FactBenchmark(sentences, facts, {r: t for r, t in templates.items() if r in used})
-    return benchmark, {"lama_facts": len(required), "facts_without_evidence": dropped, "facts": len(facts), "sentences": len(sentences), **counts}
+    return benchmark, {"lama_facts": len(required), "facts_without_evidence": dropped, "facts": len(facts), "sentences": len(sentences),
+                       "sentences_without_lama_fact": without_lama_fact}
 
 
 def shipped_questions() -> Path:
