@@ -376,82 +376,24 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
 
     facts = sample_queries(query_set(benchmark, s.query_set, data), s.queries, s.seed)
     queries = [Query(f.fact_id, f.prompt, f.completion) for f in facts]
-    rank = s.query_rank or None
-    needed = weight_bytes(pretrained, len(queries), rank, len(alphas))
-    if needed > s.memory_gb * 1e9:  # before any fine-tuning or fitting
-        raise PretraceError(f"{len(queries)} queries over {sum(t.num_parameters for t in pretrained.tracked):,} tracked parameters need "
-                            f"{needed / 1e9:.1f} GB of prepared query weights for {len(alphas)} α (--memory-gb {s.memory_gb}); lower --query-rank, "
-                            "track fewer modules (--last-layers, --modules), score fewer --queries or --alphas, or raise --memory-gb.")
+    _check_memory(s, pretrained, len(queries), len(alphas))  # before any fine-tuning or fitting
     finetuned_paths = {alpha_label(a): run.finetuned_model(a, pretrained_path, data) for a in alphas}
-
-    index = run.bm25(benchmark)
-    pools = candidate_pools(benchmark, facts, lambda text, k: index.search([text], k)[0][0].tolist(),
-                            random_count=s.random_candidates, bm25_count=s.candidates, sharing_count=s.sharing_candidates, seed=s.seed)
-    write_jsonl(run.result_path("pools.jsonl"), (pool.to_dict() for pool in pools))
-    sentence_ids = shared_candidates(pools, benchmark)
+    pools, sentence_ids, bm25 = _candidates(run, benchmark, facts)
     candidates = [Document(str(i), benchmark.sentences[i].text) for i in sentence_ids]
-    write_jsonl(run.result_path("candidates.jsonl"), ({"id": str(i), "text": benchmark.sentences[i].text} for i in sentence_ids))
-    start = time.perf_counter()
-    bm25 = index.scores([f.retrieval_query for f in facts])[:, sentence_ids].double()
-    run.seconds["bm25-search"] = time.perf_counter() - start
 
     fit_data = run.fit_sentences(benchmark)
     pt_factors = run.factors("factors-pretrained", out / "factors-pretrained", pretrained_path, run.keys["pretrained"], fit_data, run.keys["fit-sentences"], options)
     stages = {label: load_stage(path, options) for label, path in finetuned_paths.items()}
     ft_factors = {label: run.factors(f"factors-finetuned@{label}", out / f"alpha-{label}" / "factors-finetuned", finetuned_paths[label],
                                      run.keys[f"finetune@{label}"], data, run.keys["finetune-data"], options) for label in stages}
-
-    def weight_set(method: str, alpha: float, document_stage: Stage) -> WeightSet:
-        label = alpha_label(alpha)
-        made = attributor(method, pt_factors, ft_factors[label], alpha, s.damping_factor, rank)
-        return WeightSet(made, ScoringContext(stages[label], document_stage, [], queries))
-
-    query_key = [(q.id, q.prompt, q.completion) for q in queries]
-    scoring = dict(queries=query_key, query_rank=rank, modules=[t.name for t in pretrained.tracked], max_length=s.max_length)
-    scores: dict[str, dict[str, torch.Tensor]] = {label: {} for label in stages}
-    preparation: dict[str, dict] = {}
-    for alpha in alphas:  # fine-tuned-only: candidates' gradients on each fine-tuned model (one set; scored first, so its weights are freed early)
-        label = alpha_label(alpha)
-        sets = {f"finetuned-ekfac@{label}": weight_set("finetuned-ekfac", alpha, stages[label])}
-        result, prepared = score_candidates(sets, stages[label], candidates, s.chunk, run.cache, run.result_stage(f"scores-finetuned@{label}"),
-                                            {**scoring, "alpha": alpha, "model": run.keys[f"finetune@{label}"], "factors": run.keys[f"factors-finetuned@{label}"]},
-                                            run.result_path(f"scores/finetuned-{label}"), run.seconds)
-        scores[label]["finetuned-ekfac"] = result[f"finetuned-ekfac@{label}"]
-        preparation.update(prepared)
-    sets = {f"{m}@{alpha_label(a)}": weight_set(m, a, pretrained) for a in alphas for m in ON_PRETRAINED}
-    result, prepared = score_candidates(sets, pretrained, candidates, s.chunk, run.cache, run.result_stage("scores-pretrained"),
-                                        {**scoring, "alphas": alphas, "damping_factor": s.damping_factor, "models": [run.keys[f"finetune@{a}"] for a in stages],
-                                         "factors": [run.keys["factors-pretrained"], *(run.keys[f"factors-finetuned@{a}"] for a in stages)]},
-                                        run.result_path("scores/pretrained"), run.seconds)
-    preparation.update(prepared)
-    for name, values in result.items():
-        method, label = name.split("@")
-        scores[label][method] = values
+    scores, preparation = _gradient_scores(run, pretrained, stages, queries, candidates, pt_factors, ft_factors)
     for label, stage in stages.items():
         scores[label]["embedding"] = _embedding_scores(run, label, stage, queries, candidates)
         scores[label]["bm25"] = bm25
-
     ranks = {"pretrained": run.probe("pretrained", pretrained, run.keys["pretrained"], queries)}
     for label, stage in stages.items():
         ranks[f"finetuned@{label}"] = run.probe(f"finetuned-{label}", stage, run.keys[f"finetune@{label}"], queries)
-
-    evidence = {f.fact_id: f.evidence_ids for f in facts}
-    column = {i: c for c, i in enumerate(sentence_ids)}
-    per_query: dict[str, dict[str, dict[str, list[float]]]] = {}
-    ranking_rows = []
-    for label, by_method in scores.items():
-        per_query[label] = {}
-        for method in METHODS:
-            ranked = rank_all(by_method[method], sentence_ids, s.top, [evidence[f.fact_id] for f in facts])
-            pooled = [rank_pool(by_method[method][row], pool, column, s.top, evidence[f.fact_id]) for row, (pool, f) in enumerate(zip(pools, facts))]
-            per_query[label][method] = {
-                "rr": [reciprocal_rank(r, evidence[f.fact_id], s.top) for r, f in zip(ranked, facts)],
-                f"recall@{RECALL_K}": [recall_at_k(r, evidence[f.fact_id], RECALL_K) for r, f in zip(ranked, facts)],
-                "pool_rr": [reciprocal_rank(r, evidence[f.fact_id], s.top) for r, f in zip(pooled, facts)],
-                f"pool_recall@{RECALL_K}": [recall_at_k(r, evidence[f.fact_id], RECALL_K) for r, f in zip(pooled, facts)],
-            }
-            ranking_rows.extend({"alpha": label, "method": method, "fact_id": f.fact_id, "ranking": r, "pool_ranking": p} for r, p, f in zip(ranked, pooled, facts))
-    write_jsonl(run.result_path("rankings.jsonl"), ranking_rows)
+    per_query = _per_query_metrics(run, scores, facts, pools, sentence_ids)
 
     results = {
         "benchmark": "fact-tracing",
@@ -463,24 +405,11 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
         "sizes": {"queries": len(queries), "candidates": len(candidates), "attribution_sentences": len(benchmark.sentences),
                   "mean_pool_size": float(np.mean([len(p.ids) for p in pools])), "mean_ground_truth": float(np.mean([len(p.ground_truth) for p in pools]))},
         "pretrained_spectrum": spectrum(pt_factors),
-        "alphas": {},
+        "alphas": {alpha_label(a): _alpha_results(s, a, per_query[alpha_label(a)], ft_factors[alpha_label(a)], finetuned_paths[alpha_label(a)], ranks, facts)
+                   for a in alphas},
         "query_rank_error": {name: _quantiles(entry["relative_error"]) for name, entry in preparation.items()},
         "query_routes": {name: entry["route"] for name, entry in preparation.items()},
     }
-    for alpha in alphas:
-        label = alpha_label(alpha)
-        values = per_query[label]
-        results["alphas"][label] = {
-            "alpha": alpha,
-            "finetuned_spectrum": spectrum(ft_factors[label], alpha),
-            "finetune_record": read_json(finetuned_paths[label] / "pretrace_finetune.json") if (finetuned_paths[label] / "pretrace_finetune.json").is_file() else None,
-            "probe": {model: {f"top{k}": mean_interval([float(model_ranks[f.fact_id] <= k) for f in facts], s.bootstrap, s.seed) for k in PROBE_KS}
-                      for model, model_ranks in ranks.items() if model in ("pretrained", f"finetuned@{label}")},
-            "methods": {m: {"label": LABELS[m], **{metric: mean_interval(v, s.bootstrap, s.seed) for metric, v in values[m].items()}} for m in METHODS},
-            "differences": [_difference(values, first, second, s) for first, second in combinations(METHODS, 2)],
-        }
-        for metric in ("rr", f"recall@{RECALL_K}"):  # significance corrected over this α's pairs, per metric
-            holm([d[metric] for d in results["alphas"][label]["differences"]])
     if len(alphas) > 1:
         results["across_alphas"] = [
             {"method": "multi-stage-ekfac", "first": alpha_label(a), "second": alpha_label(b),
@@ -499,6 +428,111 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
     write_json(run.result_path("results.json"), results)
     run.result_path("results.md").write_text(results_markdown(results), encoding="utf-8")
     return results
+
+
+def _check_memory(s: FactTracingSettings, pretrained: Stage, queries: int, alphas: int) -> None:
+    """Refuse a run whose prepared query weights would not fit --memory-gb, naming the knobs that shrink them."""
+    needed = weight_bytes(pretrained, queries, s.query_rank or None, alphas)
+    if needed > s.memory_gb * 1e9:
+        raise PretraceError(f"{queries} queries over {sum(t.num_parameters for t in pretrained.tracked):,} tracked parameters need "
+                            f"{needed / 1e9:.1f} GB of prepared query weights for {alphas} α (--memory-gb {s.memory_gb}); lower --query-rank, "
+                            "track fewer modules (--last-layers, --modules), score fewer --queries or --alphas, or raise --memory-gb.")
+
+
+def _candidates(run: _Run, benchmark: FactBenchmark, facts: list[Fact]) -> tuple[list[CandidatePool], list[int], torch.Tensor]:
+    """Each query's pool, the shared candidate set (sentence ids; written to candidates.jsonl) and BM25's `[Q, N]` scores on it."""
+    s = run.settings
+    index = run.bm25(benchmark)
+    pools = candidate_pools(benchmark, facts, lambda text, k: index.search([text], k)[0][0].tolist(),
+                            random_count=s.random_candidates, bm25_count=s.candidates, sharing_count=s.sharing_candidates, seed=s.seed)
+    write_jsonl(run.result_path("pools.jsonl"), (pool.to_dict() for pool in pools))
+    sentence_ids = shared_candidates(pools, benchmark)
+    write_jsonl(run.result_path("candidates.jsonl"), ({"id": str(i), "text": benchmark.sentences[i].text} for i in sentence_ids))
+    start = time.perf_counter()
+    bm25 = index.scores([f.retrieval_query for f in facts])[:, sentence_ids].double()
+    run.seconds["bm25-search"] = time.perf_counter() - start
+    return pools, sentence_ids, bm25
+
+
+def _gradient_scores(run: _Run, pretrained: Stage, stages: dict[str, Stage], queries: list[Query], candidates: list[Document],
+                     pt_factors: Path, ft_factors: dict[str, Path]) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """Every gradient method's `[Q, N]` scores per α (by α label, then method) and each weight set's preparation
+    record: one pass per fine-tuned model (fine-tuned-only), then one pass on the pre-trained model for the rest."""
+    s = run.settings
+    rank = s.query_rank or None
+
+    def weight_set(method: str, alpha: float, document_stage: Stage) -> WeightSet:
+        label = alpha_label(alpha)
+        made = attributor(method, pt_factors, ft_factors[label], alpha, s.damping_factor, rank)
+        return WeightSet(made, ScoringContext(stages[label], document_stage, [], queries))
+
+    scoring = dict(queries=[(q.id, q.prompt, q.completion) for q in queries], query_rank=rank, modules=[t.name for t in pretrained.tracked],
+                   max_length=s.max_length)
+    scores: dict[str, dict[str, torch.Tensor]] = {label: {} for label in stages}
+    preparation: dict[str, dict] = {}
+    for alpha in s.alpha_values():  # fine-tuned-only: candidates' gradients on each fine-tuned model (one set; scored first, so its weights are freed early)
+        label = alpha_label(alpha)
+        sets = {f"finetuned-ekfac@{label}": weight_set("finetuned-ekfac", alpha, stages[label])}
+        result, prepared = score_candidates(sets, stages[label], candidates, s.chunk, run.cache, run.result_stage(f"scores-finetuned@{label}"),
+                                            {**scoring, "alpha": alpha, "model": run.keys[f"finetune@{label}"], "factors": run.keys[f"factors-finetuned@{label}"]},
+                                            run.result_path(f"scores/finetuned-{label}"), run.seconds)
+        scores[label]["finetuned-ekfac"] = result[f"finetuned-ekfac@{label}"]
+        preparation.update(prepared)
+    sets = {f"{m}@{alpha_label(a)}": weight_set(m, a, pretrained) for a in s.alpha_values() for m in ON_PRETRAINED}
+    result, prepared = score_candidates(sets, pretrained, candidates, s.chunk, run.cache, run.result_stage("scores-pretrained"),
+                                        {**scoring, "alphas": s.alpha_values(), "damping_factor": s.damping_factor,
+                                         "models": [run.keys[f"finetune@{a}"] for a in stages],
+                                         "factors": [run.keys["factors-pretrained"], *(run.keys[f"factors-finetuned@{a}"] for a in stages)]},
+                                        run.result_path("scores/pretrained"), run.seconds)
+    preparation.update(prepared)
+    for name, values in result.items():
+        method, label = name.split("@")
+        scores[label][method] = values
+    return scores, preparation
+
+
+def _per_query_metrics(run: _Run, scores: dict[str, dict[str, torch.Tensor]], facts: list[Fact], pools: list[CandidatePool],
+                       sentence_ids: list[int]) -> dict[str, dict[str, dict[str, list[float]]]]:
+    """Per α label and method, each query's reciprocal rank and recall@10 over the shared set and over its own
+    pool; every ranking goes to rankings.jsonl."""
+    top = run.settings.top
+    evidence = {f.fact_id: f.evidence_ids for f in facts}
+    column = {i: c for c, i in enumerate(sentence_ids)}
+    per_query: dict[str, dict[str, dict[str, list[float]]]] = {}
+    ranking_rows = []
+    for label, by_method in scores.items():
+        per_query[label] = {}
+        for method in METHODS:
+            ranked = rank_all(by_method[method], sentence_ids, top, [evidence[f.fact_id] for f in facts])
+            pooled = [rank_pool(by_method[method][row], pool, column, top, evidence[f.fact_id]) for row, (pool, f) in enumerate(zip(pools, facts))]
+            per_query[label][method] = {
+                "rr": [reciprocal_rank(r, evidence[f.fact_id], top) for r, f in zip(ranked, facts)],
+                f"recall@{RECALL_K}": [recall_at_k(r, evidence[f.fact_id], RECALL_K) for r, f in zip(ranked, facts)],
+                "pool_rr": [reciprocal_rank(r, evidence[f.fact_id], top) for r, f in zip(pooled, facts)],
+                f"pool_recall@{RECALL_K}": [recall_at_k(r, evidence[f.fact_id], RECALL_K) for r, f in zip(pooled, facts)],
+            }
+            ranking_rows.extend({"alpha": label, "method": method, "fact_id": f.fact_id, "ranking": r, "pool_ranking": p} for r, p, f in zip(ranked, pooled, facts))
+    write_jsonl(run.result_path("rankings.jsonl"), ranking_rows)
+    return per_query
+
+
+def _alpha_results(s: FactTracingSettings, alpha: float, values: dict, ft_factors: Path, finetuned: Path, ranks: dict, facts: list[Fact]) -> dict:
+    """One α's results: H_ft's spectrum, the fine-tune record, probe accuracy, each method's means and every pair's
+    paired difference (significance corrected over this α's pairs, per metric, by Holm)."""
+    label = alpha_label(alpha)
+    record = finetuned / "pretrace_finetune.json"
+    entry = {
+        "alpha": alpha,
+        "finetuned_spectrum": spectrum(ft_factors, alpha),
+        "finetune_record": read_json(record) if record.is_file() else None,
+        "probe": {model: {f"top{k}": mean_interval([float(model_ranks[f.fact_id] <= k) for f in facts], s.bootstrap, s.seed) for k in PROBE_KS}
+                  for model, model_ranks in ranks.items() if model in ("pretrained", f"finetuned@{label}")},
+        "methods": {m: {"label": LABELS[m], **{metric: mean_interval(v, s.bootstrap, s.seed) for metric, v in values[m].items()}} for m in METHODS},
+        "differences": [_difference(values, first, second, s) for first, second in combinations(METHODS, 2)],
+    }
+    for metric in ("rr", f"recall@{RECALL_K}"):
+        holm([d[metric] for d in entry["differences"]])
+    return entry
 
 
 def _difference(values: dict, first: str, second: str, s: FactTracingSettings) -> dict:
