@@ -14,6 +14,8 @@ Fault injection (for tests): `PRETRACE_FAULT=NAME[:N]` makes the process exit at
 `FAULT_EXIT_CODE` the N-th time (default 1) it reaches the write boundary NAME:
 - `write`: a file's temporary is complete and fsynced, not yet renamed over its final name;
 - `checkpoint`: a fit checkpoint was just saved;
+- `score-checkpoint-part`: a scoring checkpoint part was just saved, its explanation state not yet;
+- `score-checkpoint`: a scoring checkpoint (part and explanation state) was just saved;
 - `commit`: a result folder is complete (and any old result renamed aside), not yet renamed in;
 - `committed`: the result folder is in, the old result and the leftovers not yet deleted.
 Unset, each boundary costs one environment lookup.

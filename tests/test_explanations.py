@@ -29,7 +29,7 @@ QUERIES = [Query("q0", "paris is the capital of", " france ."), Query("q1", "the
 def _stream(scores: torch.Tensor, explain: Explain, batch: int) -> set[tuple[int, int]]:
     """The pairs a tracker keeps when `scores` `[Q, N]` arrive `batch` documents at a time (explanations of a fake module)."""
     q, n = scores.shape
-    tracker = TopExplanations(explain, list(range(q)), n)
+    tracker = TopExplanations(explain, list(range(q)))
     weights = {"m": DenseWeights(torch.ones(q, 1, 1, dtype=torch.float64))}
     for offset in range(0, n, batch):
         width = min(batch, n - offset)

@@ -1,10 +1,12 @@
 """Resume a scoring pass in the middle: this rank's finished batches, saved as it goes.
 
 Every `every` batches the batches finished since the last save go into one new part file (safetensors: the
-score blocks, and in its header the run's signature, the batches' offsets and document ids), with the state of
-the running top-k explanations. A killed run started again with the same signature replays the parts (the same
-blocks, so the same scores) and scores only the batches after them; one with another signature is refused.
-Parts are written atomically, so a kill during a save leaves the previous saves intact.
+score blocks, and in its header the run's signature, the batches' offsets and document ids); then the state of
+the running top-k explanations, if any, replaces this rank's one explanation file, stamped with the batches it
+covers. A killed run started again with the same signature replays the parts (the same blocks, so the same
+scores; parts newer than the explanation state, from a kill between the two writes, are scored again) and
+scores only the batches after them (their documents are read again, not scored); one with another signature is
+refused, on every rank. Files are written atomically, so a kill during a save leaves the previous saves intact.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 import torch
 
 from pretrace.errors import PretraceError
+from pretrace.parallel.collectives import all_gather_objects
 from pretrace.parallel.group import rank
 from pretrace.storage import fault_point, read_tensor_metadata, read_tensors, write_tensors
 
@@ -43,33 +46,61 @@ class ScoringCheckpoint:
     every: int = 50
 
     def _parts(self) -> list[Path]:
-        return sorted(self.folder.glob(f"rank{rank():04d}-*.safetensors")) if self.folder.is_dir() else []
+        return sorted(self.folder.glob(f"rank{rank():04d}-part-*.safetensors")) if self.folder.is_dir() else []
 
-    def restore(self) -> tuple[list[BatchScores], dict[str, torch.Tensor], dict]:
-        """This rank's saved batches in order, and the latest explanation state (tensors, metadata; empty if none)."""
-        batches: list[BatchScores] = []
+    @property
+    def _explanations(self) -> Path:
+        return self.folder / f"rank{rank():04d}-explanations.safetensors"
+
+    def restore(self, explained: bool) -> tuple[list[BatchScores], dict[str, torch.Tensor], dict]:
+        """This rank's saved batches in order, and the explanation state they come with (tensors, metadata; empty if
+        none). `explained`: whether the pass keeps explanations (then only the batches their state covers count).
+        Collective: a checkpoint any rank cannot use is refused on every rank."""
+        try:
+            restored, problem = self._restore(explained), None
+        except PretraceError as error:
+            restored, problem = ([], {}, {}), str(error)
+        problems = [p for p in all_gather_objects(problem) if p is not None]
+        if problems:
+            raise PretraceError(problems[0])
+        return restored
+
+    def _restore(self, explained: bool) -> tuple[list[BatchScores], dict[str, torch.Tensor], dict]:
         state: tuple[dict, dict] = ({}, {})
+        covered = None
+        if explained:
+            covered = 0
+            if self._explanations.is_file():
+                meta = self._header(self._explanations)
+                state, covered = (read_tensors(self._explanations), meta["explain"]), meta["done"]
+        batches: list[BatchScores] = []
         for path in self._parts():
-            try:
-                meta = json.loads(read_tensor_metadata(path)[KEY])
-            except (KeyError, ValueError):
-                raise PretraceError(f"{path}: not a scoring checkpoint of this pretrace version; delete {self.folder} to start over.") from None
-            if meta.get("signature") != self.signature:
-                raise PretraceError(f"{self.folder}: holds a checkpoint of a different scoring run (other models, factors, documents, "
-                                    "queries or settings); delete that folder to start over, or rerun with the settings it was made with.")
+            meta = self._header(path)
             if meta.get("first") != len(batches):
                 raise PretraceError(f"{path}: a checkpoint part is missing before it; delete {self.folder} to start over.")
-            tensors = read_tensors(path)
-            batches.extend(_batches_from(tensors, meta))
-            state = ({k.removeprefix("explain/"): v for k, v in tensors.items() if k.startswith("explain/")}, meta.get("explain", {}))
+            if covered is not None and meta["first"] + len(meta["batches"]) > covered:
+                break  # saved after the explanation state: scored again
+            batches.extend(_batches_from(read_tensors(path), meta))
         return batches, *state
 
-    def save(self, done: int, batches: list[BatchScores], explain: tuple[dict[str, torch.Tensor], dict]) -> None:
-        """The batches finished since the last save (`done` in all, this one included) and the explanation state."""
+    def _header(self, path: Path) -> dict:
+        try:
+            meta = json.loads(read_tensor_metadata(path)[KEY])
+        except (KeyError, ValueError):
+            raise PretraceError(f"{path}: not a scoring checkpoint of this pretrace version; delete {self.folder} to start over.") from None
+        if meta.get("signature") != self.signature:
+            raise PretraceError(f"{self.folder}: holds a checkpoint of a different scoring run (other models, factors, documents, "
+                                "queries or settings); delete that folder to start over, or rerun with the settings it was made with.")
+        return meta
+
+    def save(self, done: int, batches: list[BatchScores], explain: tuple[dict[str, torch.Tensor], dict] | None) -> None:
+        """The batches finished since the last save (`done` in all, these included), then the explanation state."""
         tensors, meta = _batches_to(batches)
-        tensors.update({f"explain/{k}": v for k, v in explain[0].items()})
-        meta.update(signature=self.signature, first=done - len(batches), explain=explain[1])
-        write_tensors(self.folder / f"rank{rank():04d}-{done:010d}.safetensors", tensors, metadata={KEY: json.dumps(meta)})
+        meta.update(signature=self.signature, first=done - len(batches))
+        write_tensors(self.folder / f"rank{rank():04d}-part-{done:010d}.safetensors", tensors, metadata={KEY: json.dumps(meta)})
+        fault_point("score-checkpoint-part")
+        if explain is not None:
+            write_tensors(self._explanations, explain[0], metadata={KEY: json.dumps({"signature": self.signature, "done": done, "explain": explain[1]})})
         fault_point("score-checkpoint")
 
 
@@ -104,6 +135,6 @@ def _batches_from(tensors: dict[str, torch.Tensor], meta: dict) -> list[BatchSco
                     tokens.append([])
                     continue
                 scores, ids = tensors[f"{i}/{s}/token_scores"].split(lengths, dim=1), tensors[f"{i}/{s}/token_ids"].split(lengths)
-                tokens.append([(c, t.tolist()) for c, t in zip(scores, ids)])
+                tokens.append([(c.clone(), t.tolist()) for c, t in zip(scores, ids)])  # clones: a view carries its whole buffer
         batches.append(BatchScores(entry["offset"], entry["ids"], [tensors[f"{i}/{s}/total"] for s in sets], modules, tokens))
     return batches

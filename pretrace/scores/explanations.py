@@ -33,8 +33,8 @@ class Explain:
 
 @dataclass
 class Explanation:
-    """Why one document scores what it does for one query: its kept tokens' ids and contributions (summing to
-    the score) and each module's part of the score."""
+    """Why one document scores what it does for one query: its kept tokens' ids and contributions and each module's
+    part of the score (each sums to the score, up to rounding: they are computed by different contractions)."""
 
     token_ids: list[int]
     token_scores: torch.Tensor  # [T] float64
@@ -45,19 +45,18 @@ class TopExplanations:
     """The running top `explain.k` of this rank's queries (global positions `positions`) over the documents it
     scores, with the explanations of the pairs in it."""
 
-    def __init__(self, explain: Explain, positions: list[int], documents: int | None):
+    def __init__(self, explain: Explain, positions: list[int]):
         self.k, self.positions = explain.k, positions
         self.values = torch.full((len(positions), explain.k), -torch.inf, dtype=torch.float64)
         self.keys = torch.full((len(positions), explain.k), NOT_CANDIDATE, dtype=torch.int64)  # tie-break keys
         self.documents = torch.full((len(positions), explain.k), -1, dtype=torch.int64)
-        self.order: torch.Tensor | None = None  # [Q, N]: a document's place in each query's candidates (NOT_CANDIDATE: none)
+        # with `among`: every (document, query row, place in that query's candidates), sorted by document
+        self.candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         if explain.among is not None:
-            if documents is None:
-                raise ValueError("explaining among candidates needs the number of documents")
-            self.order = torch.full((len(positions), documents), NOT_CANDIDATE, dtype=torch.int64)
-            for row, q in enumerate(positions):
-                place = torch.as_tensor(explain.among[q], dtype=torch.int64)
-                self.order[row, place] = torch.arange(len(place))
+            triples = torch.tensor([(d, row, place) for row, q in enumerate(positions) for place, d in enumerate(explain.among[q])],
+                                   dtype=torch.int64).reshape(-1, 3)
+            triples = triples[triples[:, 0].argsort(stable=True)]
+            self.candidates = (triples[:, 0].contiguous(), triples[:, 1].contiguous(), triples[:, 2].contiguous())
         self.kept: dict[tuple[int, int], Explanation] = {}
         self.seconds = self.cpu_seconds = 0.0  # spent here: what explaining adds to the pass (wall, CPU)
 
@@ -68,12 +67,13 @@ class TopExplanations:
         start, cpu = time.perf_counter(), time.process_time()
         width = scores.shape[1]
         columns = torch.arange(offset, offset + width)
-        if self.order is None:
+        if self.candidates is None:
             keys = columns.expand(len(self.positions), width)
-        else:  # documents past the last candidate are no query's candidates
+        else:  # the candidates among these documents, found by binary search; the rest are no query's
+            documents, rows, places = self.candidates
+            first, last = torch.searchsorted(documents, torch.tensor([offset, offset + width])).tolist()
             keys = torch.full((len(self.positions), width), NOT_CANDIDATE, dtype=torch.int64)
-            known = self.order[:, offset:offset + width]
-            keys[:, :known.shape[1]] = known
+            keys[rows[first:last], documents[first:last] - offset] = places[first:last]
         values = torch.where(keys == NOT_CANDIDATE, -torch.inf, scores.double().cpu())
         self.values, self.keys, self.documents = _best(
             torch.cat([self.values, values], 1), torch.cat([self.keys, keys], 1),
@@ -81,11 +81,11 @@ class TopExplanations:
         entering: dict[int, list[int]] = {}  # query row -> the batch rows entering its top k
         for query_row, column in zip(*torch.nonzero((self.documents >= offset) & (self.keys != NOT_CANDIDATE), as_tuple=True)):
             entering.setdefault(int(query_row), []).append(int(self.documents[query_row, column]) - offset)
-        if entering:
+        if entering:  # (nothing entering: nothing pushed out either)
             for (query_row, row), explanation in _explain(batch, captured, entering, module_scores, weights).items():
                 self.kept[(self.positions[query_row], offset + row)] = explanation
-        held = {(self.positions[row], int(d)) for row in range(len(self.positions)) for d in self.documents[row].tolist() if d >= 0}
-        self.kept = {pair: e for pair, e in self.kept.items() if pair in held}
+            held = set(zip((self.positions[r] for r in range(len(self.positions)) for _ in range(self.k)), self.documents.flatten().tolist()))
+            self.kept = {pair: e for pair, e in self.kept.items() if pair in held}
         self.seconds += time.perf_counter() - start
         self.cpu_seconds += time.process_time() - cpu
 
@@ -106,7 +106,8 @@ class TopExplanations:
         self.values, self.keys, self.documents = tensors["values"], tensors["keys"], tensors["documents"]
         lengths = meta["token_lengths"]
         scores, ids = tensors["token_scores"].split(lengths), tensors["token_ids"].split(lengths)
-        self.kept = {(int(q), int(d)): Explanation(t.tolist(), c, dict(zip(meta["modules"], m.tolist())))
+        # clones, not views of one buffer: a view would carry (and gather across ranks) the whole buffer
+        self.kept = {(int(q), int(d)): Explanation(t.tolist(), c.clone(), dict(zip(meta["modules"], m.tolist())))
                      for (q, d), c, t, m in zip(tensors["pairs"].tolist(), scores, ids, tensors["module_scores"])}
 
     def finish(self) -> dict[tuple[int, int], Explanation]:
@@ -138,17 +139,21 @@ def _explain(batch: TokenBatch, captured: CapturedBatch, entering: dict[int, lis
     place = {row: i for i, row in enumerate(rows)}
     spans = {q: None if len(chosen) == len(rows) else torch.cat([torch.arange(starts[place[r]], starts[place[r]] + lengths[place[r]]) for r in chosen])
              for q, chosen in entering.items()}
+    every = [q for q, span in spans.items() if span is None]  # queries for which every entering row enters: one product
     tokens = {q: 0 for q in entering}
     for name, w in weights.items():
         # [tokens, d] of the entering rows only, rotated once if the weights are kept in an eigenbasis
         w, g, a = w.in_own_basis(captured.output_gradients[name][rows][keep], captured.activations[name][rows][keep])
+        if every:
+            for q, values in zip(every, w.token_scores(g, a, every)):
+                tokens[q] = tokens[q] + values.double()
         for q, span in spans.items():
-            mine = (g, a) if span is None else (g[span.to(g.device)], a[span.to(a.device)])
-            tokens[q] = tokens[q] + w.token_scores(*mine, [q])[0].double()
+            if span is not None:
+                tokens[q] = tokens[q] + w.token_scores(g[span.to(g.device)], a[span.to(a.device)], [q])[0].double()
     token_ids = batch.input_ids[rows][keep].cpu().split(lengths)
     explained = {}
     for q, chosen in entering.items():
         parts = tokens[q].cpu().split([lengths[place[r]] for r in chosen])
-        for row, part in zip(chosen, parts):
-            explained[(q, row)] = Explanation(token_ids[place[row]].tolist(), part, {name: float(s[q, row]) for name, s in module_scores.items()})
+        for row, part in zip(chosen, parts):  # clones: a view would keep (and gather across ranks) the whole buffer
+            explained[(q, row)] = Explanation(token_ids[place[row]].tolist(), part.clone(), {name: float(s[q, row]) for name, s in module_scores.items()})
     return explained

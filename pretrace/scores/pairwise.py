@@ -124,21 +124,21 @@ def score_weight_sets(
     column_name = (lambda label, kind: kind) if len(sets) == 1 else (lambda label, kind: f"{re.sub(r'[^A-Za-z0-9_.@-]', '_', label)}-{kind}")  # noqa: E731
     totals = {label: ScoreColumns(column_name(label, "scores"), plan) for label in sets}
     modules = {label: ScoreColumns(column_name(label, "per_module"), plan) for label in sets} if per_module else None
-    tops = {label: TopExplanations(explain, plan.query_positions(len(ids)), _document_count(explain)) for label, (ids, _) in sets.items()} if explain else {}
+    tops = {label: TopExplanations(explain, plan.query_positions(len(ids))) for label, (ids, _) in sets.items()} if explain else {}
     labels = list(sets)
-    finished = _resume(plan, labels, totals, modules, tops)
-    records = [_light(done) for done in finished]  # ids and token rows only: the blocks live in the score columns
+    records = [_light(done) for done in _resume(plan, labels, totals, modules, tops)]  # ids and token rows: the blocks are in the columns
+    resumed = len(records)
     unsaved: list[BatchScores] = []
     settled = False
     start = time.perf_counter()
     bar = tqdm(total=plan.document_shard_size(num_batches), desc="scoring documents", unit="batch", disable=not (progress and is_main()),
-               initial=len(finished))
+               initial=resumed)
     for position, (offset, batch) in enumerate(plan.shard_documents(with_offsets(batches))):
         if not settled:  # the first batch tells the padded tokens to expect: weights take their cheapest form for them
             expected = None if num_batches is None else plan.document_shard_size(num_batches) * batch.input_ids.numel()
             _settle(sets, weight_sets, expected)
             settled = True
-        if position < len(finished):  # scored before the restart (the first batch still settles the weights, as then)
+        if position < resumed:  # scored before the restart (the first batch still settles the weights, as then)
             continue
         batch = batch.to(device)
         captured = capture(model, tracked, lambda: task.document_loss(model, batch))
@@ -151,7 +151,7 @@ def score_weight_sets(
         if plan.checkpoint is not None:
             unsaved.append(done)
             if len(records) % plan.checkpoint.every == 0:
-                plan.checkpoint.save(len(records), unsaved, _explain_state(labels, tops))
+                plan.checkpoint.save(len(records), unsaved, _explain_state(labels, tops) if tops else None)
                 unsaved = []
     bar.close()
     if not plan.splits_queries:
@@ -172,10 +172,16 @@ def score_weight_sets(
             per_module=modules[label].finish() if per_module else None,
             per_token=[contributions for contributions, _ in rows] if per_token else None,
             document_token_ids=[token_ids for _, token_ids in rows] if per_token else None,
-            timings={"documents_seconds": seconds, **({"explanation_seconds": tops[label].seconds, "explanation_cpu_seconds": tops[label].cpu_seconds} if explain else {})},
+            timings=_timings(seconds, resumed, tops.get(label)),
             explanations=tops[label].finish() if explain else None,
         )
     return results
+
+
+def _timings(seconds: float, resumed: int, top: TopExplanations | None) -> dict:
+    """The pass's seconds without the explanations' (given apart), and how many batches a resumed run did not redo."""
+    spent = {} if top is None else {"explanation_seconds": top.seconds, "explanation_cpu_seconds": top.cpu_seconds}
+    return {"documents_seconds": seconds - spent.get("explanation_seconds", 0.0), "resumed_batches": resumed, **spent}
 
 
 def _settle(sets: dict, weight_sets: Mapping, expected: int | None) -> None:
@@ -221,7 +227,7 @@ def _resume(plan: ScoringPlan, labels: list[str], totals: dict, modules: dict | 
     """A resumed run's saved batches, placed in the score columns as if just scored, and the explanations' state."""
     if plan.checkpoint is None:
         return []
-    finished, state, meta = plan.checkpoint.restore()
+    finished, state, meta = plan.checkpoint.restore(explained=bool(tops))
     for done in finished:
         _keep(done, labels, totals, modules)
     for position, label in enumerate(labels):
@@ -247,10 +253,3 @@ def _explain_state(labels: list[str], tops: dict[str, TopExplanations]) -> tuple
             tensors.update({f"{position}/{k}": v for k, v in state.items()})
             meta[str(position)] = described
     return tensors, meta
-
-
-def _document_count(explain: Explain) -> int | None:
-    """Enough document indices for the candidates named (explaining among candidates)."""
-    if explain.among is None:
-        return None
-    return 1 + max((index for row in explain.among for index in row), default=-1)

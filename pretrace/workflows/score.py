@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from pretrace import __version__
 from pretrace.curvature.placement import PlacedPreconditioner
 from pretrace.config import option, require_number, to_dict, validate_choices
 from pretrace.data.batching import encode_queries, short_document_ids
@@ -247,11 +248,11 @@ def _check_index(settings: ScoreSettings, documents: Stage) -> None:
 def explain_pairs(attributor: Attributor, context: ScoringContext, pairs: list[tuple[int, int]],
                   streamed: dict[tuple[int, int], Explanation] | None = None) -> dict[tuple[int, int], Explanation]:
     """Explanations of these (query, document) pairs: those the scoring pass kept, and the rest by rescoring their
-    documents as a small subset (pairs a pass cannot keep: scores from --index or from a cache, a tie or a float32
-    rounding at the k-th place, a too-short document scored 0 afterwards)."""
+    documents as a small subset (pairs a pass cannot keep: scores from --index or from a cache, a float32 rounding
+    at the k-th place with --scores-on-disk, a too-short document scored 0 afterwards, another top asked of the pass)."""
     streamed = streamed or {}
     found = {pair: streamed[pair] for pair in pairs if pair in streamed}
-    wanted = sorted({document for pair in pairs if pair not in found for document in [pair[1]]})
+    wanted = sorted({document for _, document in (pair for pair in pairs if pair not in found)})
     if not wanted:
         return found
     chosen = set(wanted)
@@ -317,12 +318,14 @@ def _signature(settings: ScoreSettings, context: ScoringContext, explain: Explai
     """Everything a scoring pass's batches depend on, for its checkpoint: the settings (not where the result goes),
     the models' weights, the factor folders, the queries, the documents' contents, the ranks and the explanations asked."""
     documents = Source(context.documents) if isinstance(context.documents, (str, Path)) else [(d.id, d.text) for d in context.documents]
-    factors = [Folder(folder) for folder in (settings.factors, settings.pretrained_factors, settings.finetuned_factors) if folder]
+    folders = [settings.factors, settings.pretrained_factors, settings.finetuned_factors, context.query_stage.path, context.document_stage.path]
+    data = [Source(source) for source in (settings.fit_data, settings.trak_train_data) if source]  # curvature data of exact/cg/lissa/arnoldi
     return digest(
         settings={k: v for k, v in to_dict(settings).items() if k not in ("out", "overwrite", "checkpoint_every")},
         options=to_dict(context.document_stage.options), models=[context.query_stage.fingerprint, context.document_stage.fingerprint],
-        factors=factors, queries=[(q.id, q.prompt, q.completion) for q in context.queries], documents=documents,
-        world=group.world_size(), explain=None if explain is None else [explain.k, explain.among],
+        folders=[Folder(folder) for folder in folders if folder and Path(folder).is_dir()],  # factors, and the models' tokenizers
+        data=data, queries=[(q.id, q.prompt, q.completion) for q in context.queries], documents=documents,
+        world=group.world_size(), explain=None if explain is None else [explain.k, explain.among], version=__version__,
     )
 
 
@@ -374,6 +377,13 @@ def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringConte
                             "drop --per-token, or --index / --preset all-parameters / a non-gradient --method.")
     too_short = [] if not attributor.reads_document_loss else short_document_ids(context.document_stage.tokenizer, iter_source(context.documents, context.document_stage.options.fields()))
     start = time.perf_counter()
+    explained = settings.explain and gradient_based and only_linear_modules(context.document_stage.tracked)
+    if settings.explain and gradient_based and not explained:
+        warnings.warn("top_k.jsonl has no per-token explanations: they exist for linear modules only, not for every parameter of --preset all-parameters.", stacklevel=2)
+    # a caller's `explain` (trace: among each query's candidates) is what the pass keeps; top_k.jsonl's pairs it misses are rescored
+    streamed = explain or (Explain(settings.top_k) if explained else None)
+    resumable = gradient_based and not settings.index  # the signature hashes the documents: one-off cost, before fitting
+    checkpoint = ScoringCheckpoint(checkpoint_folder(out), _signature(settings, context, streamed), settings.checkpoint_every) if resumable else None
     attributor.fit(context)
     if settings.factors_device != "model" or settings.shard_factors:
         device = None if settings.factors_device == "model" else settings.factors_device
@@ -381,12 +391,6 @@ def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringConte
         attributor.preconditioner = PlacedPreconditioner(attributor.preconditioner, modules, device, settings.shard_factors)
     fitted = time.perf_counter()
     spill = out.parent / f".{out.name}.scores" if settings.scores_on_disk else None
-    explained = settings.explain and gradient_based and only_linear_modules(context.document_stage.tracked)
-    if settings.explain and gradient_based and not explained:
-        warnings.warn("top_k.jsonl has no per-token explanations: they exist for linear modules only, not for every parameter of --preset all-parameters.", stacklevel=2)
-    streamed = explain or (Explain(settings.top_k) if explained else None)
-    resumable = gradient_based and not settings.index
-    checkpoint = ScoringCheckpoint(checkpoint_folder(out), _signature(settings, context, streamed), settings.checkpoint_every) if resumable else None
     context = replace(context, plan=ScoringPlan(settings.shard, spill, checkpoint))
     if settings.index:
         result = _index_scores(settings, attributor, context)
