@@ -116,6 +116,28 @@ def test_gradient_accumulation_gives_the_same_fine_tune(setup):
     _assert_same_fine_tune(root, data, "accumulated", trainer)
 
 
+def test_the_callback_under_torchrun_gives_the_same_fine_tune(setup):
+    """2 processes with half of each batch each (DDP over gloo): the all-reduced data and proximity gradients, the
+    Trainer's loss scaling and the record written by rank 0 equal one process on the whole batch."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root, data = setup
+    tests = Path(__file__).parent
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(tests.parent), str(tests)])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(tests / "trainer_ddp.py"),
+               str(root), str(root / "ddp")]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    class Logged:  # what _assert_same_fine_tune reads of the trainer: its logged losses, one per step
+        state = type("state", (), {"log_history": [{"loss": 0.0}] * EPOCHS})
+
+    _assert_same_fine_tune(root, data, "ddp", Logged)
+
+
 def test_the_callback_refuses_a_trainer_without_its_loss_and_weight_decay(setup, tmp_path):
     root, data = setup
     model = load_model(root / "pretrained", "float64", torch.device("cpu"))

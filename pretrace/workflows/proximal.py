@@ -26,6 +26,7 @@ from pretrace.data.records import DEFAULT_FIELDS, Fields, read_queries
 from pretrace.errors import PretraceError
 from pretrace.modeling.loading import model_fingerprint
 from pretrace.modeling.stage import ModelOptions
+from pretrace.parallel.collectives import all_gather_objects
 from pretrace.training.finetune import FINETUNE_RECORD, ProximityPenalty, finetune_record
 from pretrace.training.output import save_model_folder
 from pretrace.workflows.fit import fit
@@ -149,6 +150,10 @@ class PretraceCallback(_callback_base()):
         tokenizer = processing_class if processing_class is not None else tokenizer
         if tokenizer is None:
             raise PretraceError("the Trainer has no tokenizer to save with the model; pass Trainer(processing_class=tokenizer, ...).")
+        # each process's losses are means over its share of every batch (equal shares: the sampler pads them), so the
+        # batch's mean is the mean over processes; gathered on every process (a collective), written by the first
+        per_process = all_gather_objects(self._step_losses)
+        step_losses = [sum(losses) / len(losses) for losses in zip(*per_process)]
         if args.process_index == 0:
-            self.proximal.save(model, tokenizer, self.out, self.data, step_losses=self._step_losses, settings=settings,
+            self.proximal.save(model, tokenizer, self.out, self.data, step_losses=step_losses, settings=settings,
                                factors=self.factors, options=self.options, fields=self.fields, overwrite=self.overwrite)
