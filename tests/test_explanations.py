@@ -172,3 +172,32 @@ def test_pairs_a_pass_did_not_keep_are_rescored_to_the_same_explanation(workspac
         assert streamed[pair].token_ids == rescored[pair].token_ids
         torch.testing.assert_close(streamed[pair].token_scores, rescored[pair].token_scores, rtol=1e-9, atol=1e-12)
         assert streamed[pair].module_scores == pytest.approx(rescored[pair].module_scores, rel=1e-9, abs=1e-12)
+
+
+def test_a_document_listed_twice_among_a_querys_candidates_ties_at_its_first_place():
+    scores = torch.zeros(1, 5, dtype=torch.float64)  # every document ties
+    assert _stream(scores, Explain(1, [[3, 1, 3]]), 2) == {(0, 3)}
+    assert _stream(scores, Explain(1, [[1, 3, 1]]), 2) == {(0, 1)}
+
+
+def test_a_part_saved_after_the_explanation_state_is_scored_again_whatever_the_save_interval(tmp_path):
+    """Saved every 4 batches, killed between the part of batches 4-7 and its explanation state, resumed saving every
+    3: the restore stops at the state's batches each time, never at the stale part."""
+    from pretrace.scores.checkpoint import BatchScores, ScoringCheckpoint
+
+    def batches(first, last):
+        return [BatchScores(2 * i, [f"d{2 * i}", f"d{2 * i + 1}"], [torch.full((1, 2), float(i), dtype=torch.float64)]) for i in range(first, last)]
+
+    def state(done):
+        return {"values": torch.full((1,), float(done))}, {"done": done}
+
+    every4 = ScoringCheckpoint(tmp_path, "signature", every=4)
+    every4.save(4, batches(0, 4), state(4))
+    every4.save(8, batches(4, 8), None)  # the part of batches 4-7 is in; its state never came
+    restored, tensors, meta = every4.restore(explained=True)
+    assert [b.offset for b in restored] == [0, 2, 4, 6] and meta == {"done": 4}
+    every3 = ScoringCheckpoint(tmp_path, "signature", every=3)
+    every3.save(6, batches(4, 6), state(6))
+    restored, tensors, meta = every3.restore(explained=True)
+    assert [float(b.totals[0][0, 0]) for b in restored] == [0, 1, 2, 3, 4, 5] and meta == {"done": 6}
+    assert float(tensors["values"]) == 6

@@ -118,7 +118,8 @@ def test_gradient_accumulation_gives_the_same_fine_tune(setup):
 
 def test_the_callback_under_torchrun_gives_the_same_fine_tune(setup):
     """2 processes with half of each batch each (DDP over gloo): the all-reduced data and proximity gradients, the
-    Trainer's loss scaling and the record written by rank 0 equal one process on the whole batch."""
+    Trainer's loss scaling, the record written by rank 0 and the factors both processes fit equal one process on the
+    whole batch."""
     import os
     import subprocess
     import sys
@@ -132,10 +133,15 @@ def test_the_callback_under_torchrun_gives_the_same_fine_tune(setup):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
 
-    class Logged:  # what _assert_same_fine_tune reads of the trainer: its logged losses, one per step
-        state = type("state", (), {"log_history": [{"loss": 0.0}] * EPOCHS})
+    class Logged:  # what _assert_same_fine_tune reads of the trainer: the log history rank 0 wrote
+        state = type("state", (), {"log_history": json.loads((root / "ddp-log.json").read_text())})
 
     _assert_same_fine_tune(root, data, "ddp", Logged)
+    mine, reference = Factors.load(root / "ddp-factors"), Factors.load(root / "ours-factors")  # fitted by both processes
+    assert mine.metadata["documents"] == reference.metadata["documents"] == len(EXAMPLES)
+    for name in reference.module_names():
+        for field in ("activation_covariance", "gradient_covariance"):
+            torch.testing.assert_close(getattr(mine.modules[name], field), getattr(reference.modules[name], field), rtol=1e-6, atol=1e-10)
 
 
 def test_the_callback_refuses_a_trainer_without_its_loss_and_weight_decay(setup, tmp_path):

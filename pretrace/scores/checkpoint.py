@@ -57,12 +57,14 @@ class ScoringCheckpoint:
         none). `explained`: whether the pass keeps explanations (then only the batches their state covers count).
         Collective: a checkpoint any rank cannot use is refused on every rank."""
         try:
-            restored, problem = self._restore(explained), None
-        except PretraceError as error:
-            restored, problem = ([], {}, {}), str(error)
-        problems = [p for p in all_gather_objects(problem) if p is not None]
+            restored, failure = self._restore(explained), None
+        except Exception as error:  # any failure: told to every rank before it is raised, so none waits on the others
+            restored, failure = ([], {}, {}), error
+        problems = [p for p in all_gather_objects(None if failure is None else f"rank {rank()}: {failure}") if p is not None]
+        if failure is not None:
+            raise failure
         if problems:
-            raise PretraceError(problems[0])
+            raise PretraceError(f"another rank cannot resume from {self.folder} ({problems[0]}).")
         return restored
 
     def _restore(self, explained: bool) -> tuple[list[BatchScores], dict[str, torch.Tensor], dict]:
@@ -76,10 +78,10 @@ class ScoringCheckpoint:
         batches: list[BatchScores] = []
         for path in self._parts():
             meta = self._header(path)
+            if covered is not None and meta["first"] + len(meta["batches"]) > covered:
+                break  # saved after the explanation state (a kill between the two writes): scored again
             if meta.get("first") != len(batches):
                 raise PretraceError(f"{path}: a checkpoint part is missing before it; delete {self.folder} to start over.")
-            if covered is not None and meta["first"] + len(meta["batches"]) > covered:
-                break  # saved after the explanation state: scored again
             batches.extend(_batches_from(read_tensors(path), meta))
         return batches, *state
 

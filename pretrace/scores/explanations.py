@@ -53,8 +53,8 @@ class TopExplanations:
         # with `among`: every (document, query row, place in that query's candidates), sorted by document
         self.candidates: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         if explain.among is not None:
-            triples = torch.tensor([(d, row, place) for row, q in enumerate(positions) for place, d in enumerate(explain.among[q])],
-                                   dtype=torch.int64).reshape(-1, 3)
+            first_place = {(row, d): place for row, q in enumerate(positions) for place, d in reversed(list(enumerate(explain.among[q])))}
+            triples = torch.tensor([(d, row, place) for (row, d), place in first_place.items()], dtype=torch.int64).reshape(-1, 3)
             triples = triples[triples[:, 0].argsort(stable=True)]
             self.candidates = (triples[:, 0].contiguous(), triples[:, 1].contiguous(), triples[:, 2].contiguous())
         self.kept: dict[tuple[int, int], Explanation] = {}

@@ -26,6 +26,7 @@ from pretrace.data.records import DEFAULT_FIELDS, Fields, read_queries
 from pretrace.errors import PretraceError
 from pretrace.modeling.loading import model_fingerprint
 from pretrace.modeling.stage import ModelOptions
+from pretrace.parallel import group
 from pretrace.parallel.collectives import all_gather_objects
 from pretrace.training.finetune import FINETUNE_RECORD, ProximityPenalty, finetune_record
 from pretrace.training.output import save_model_folder
@@ -153,7 +154,12 @@ class PretraceCallback(_callback_base()):
         # each process's losses are means over its share of every batch (equal shares: the sampler pads them), so the
         # batch's mean is the mean over processes; gathered on every process (a collective), written by the first
         per_process = all_gather_objects(self._step_losses)
+        if len({len(losses) for losses in per_process}) != 1:
+            raise PretraceError(f"the processes logged different numbers of steps ({[len(losses) for losses in per_process]}); they must train in step.")
         step_losses = [sum(losses) / len(losses) for losses in zip(*per_process)]
         if args.process_index == 0:
             self.proximal.save(model, tokenizer, self.out, self.data, step_losses=step_losses, settings=settings,
-                               factors=self.factors, options=self.options, fields=self.fields, overwrite=self.overwrite)
+                               options=self.options, fields=self.fields, overwrite=self.overwrite)
+        if self.factors is not None:  # every process fits its share of the batches (`fit` is collective); the first writes
+            group.barrier()  # the model folder is in place
+            fit(self.out, self.data, self.factors, self.options, overwrite=self.overwrite, progress=False)
