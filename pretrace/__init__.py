@@ -25,6 +25,8 @@ _EXPORTS = {
     "score": "pretrace.workflows.score",
     "ScoreSettings": "pretrace.workflows.score",
     "ScoreResult": "pretrace.scores",
+    "Explain": "pretrace.scores.explanations",
+    "Explanation": "pretrace.scores.explanations",
     "ModelOptions": "pretrace.modeling.stage",
     "FitSettings": "pretrace.curvature",
     "Factors": "pretrace.curvature",
