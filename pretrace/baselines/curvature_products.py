@@ -27,6 +27,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from pretrace.curvature.operators import Gradients, Preconditioner
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
+from pretrace.gradients.capture import compute_dtype
 from pretrace.gradients.task import summed_cross_entropy, token_logits
 from pretrace.modeling.modules import Tracked
 
@@ -102,8 +103,7 @@ class CurvatureProducts:
             raise PretraceError("no fitting documents for the curvature; pass a non-empty --fit-data (or --train) file.")
         self.model, self.kind = model, kind
         self.layout = ParameterLayout(tracked)
-        parameter = next(model.parameters())
-        self.device, self.dtype = parameter.device, torch.promote_types(parameter.dtype, torch.float32)
+        self.device, self.dtype = next(model.parameters()).device, compute_dtype(model)
         self.batches = [batch.to(self.device) for batch in batches]
         self.num_documents = sum(len(batch) for batch in self.batches)
         self.document_products = 0  # (document, vector) curvature products so far: what the solvers cost

@@ -27,16 +27,12 @@ from pretrace.curvature import Identity
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
 from pretrace.gradients import CapturedBatch, LanguageModelingTask, capture
+from pretrace.gradients.capture import compute_dtype
 from pretrace.gradients.task import model_inputs
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.gradient import PreconditionedGradients
 from pretrace.scores.pairwise import ScoreResult, query_gradients
 from pretrace.modeling.stage import DocumentSource, Stage
-
-
-def compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    """Gradients are combined in at least float32, whatever the model's precision."""
-    return torch.promote_types(next(model.parameters()).dtype, torch.float32)
 
 
 def check_details(method: str, per_module: bool, per_token: bool, module_scores: bool) -> None:

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import torch
 
-from pretrace.baselines.similarity import check_details, compute_dtype, document_captures, require_fitted
+from pretrace.baselines.similarity import check_details, document_captures, require_fitted
+from pretrace.gradients.capture import compute_dtype
 from pretrace.baselines.trak_ensemble import EnsembleSettings, Member, train_ensemble
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext

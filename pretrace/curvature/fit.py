@@ -25,7 +25,7 @@ from pretrace.config import option, to_dict, validate_choices
 from pretrace.curvature.factors import Factors, ModuleFactors
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
-from pretrace.gradients.capture import capture
+from pretrace.gradients.capture import capture, compute_dtype
 from pretrace.gradients.task import LanguageModelingTask, Task, dtype_hint
 from pretrace.modeling.loading import parse_dtype
 from pretrace.modeling.modules import TrackedModule
@@ -81,11 +81,6 @@ class _Checkpoint:
             return
         write_tensors(self.path, sums, metadata={self.KEY: json.dumps({"signature": self.signature, **counts})})
         fault_point("checkpoint")
-
-
-def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    dtype = next(model.parameters()).dtype
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _run_pass(
@@ -169,7 +164,7 @@ def fit_factors(
     summed = {k: v for k, v in to_dict(settings).items() if k not in ("checkpoint_every", "factor_dtype")}
     signature = {"settings": summed, "modules": [t.name for t in tracked], **(signature or {})}
     signature = json.loads(json.dumps(signature, default=str))
-    compute = _compute_dtype(model)
+    compute = compute_dtype(model)
 
     def init_cov():
         sums = {}

@@ -52,6 +52,11 @@ class CapturedBatch:
         return torch.einsum("bto,bti->boi", self.output_gradients[name], self.activations[name])
 
 
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype gradients, factors and scores are combined in: the model's, but at least float32."""
+    return torch.promote_types(next(model.parameters()).dtype, torch.float32)
+
+
 def rank_one_factors(gradients: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(output factors `[B, r, d_out]`, input factors `[B, r, d_in]`) with Σ_r o_r i_rᵀ = the gradient,
     r = min(d_out, d_in): the gradient's rows against an identity, or its columns. No memory is copied."""

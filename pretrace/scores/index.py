@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from pretrace.config import option, to_dict, validate_choices
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
-from pretrace.gradients.capture import CapturedBatch, capture
+from pretrace.gradients.capture import CapturedBatch, capture, compute_dtype
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.scores.pairwise import ScoreResult
@@ -129,8 +129,7 @@ def build_index(
     `signature` (model fingerprint, documents' hash, ...) must equal the one a partial index was started
     with, so a resumed build never mixes two corpora."""
     settings, task, folder = settings or IndexSettings(), task or LanguageModelingTask(), Path(folder)
-    parameter = next(model.parameters())
-    dtype = torch.promote_types(parameter.dtype, torch.float32)
+    device, dtype = next(model.parameters()).device, compute_dtype(model)
     signature = {"settings": to_dict(settings), "modules": {t.name: [t.d_out, t.d_in_total] for t in tracked}, **(signature or {})}
     if (folder / INDEX_FILE).is_file():
         meta = read_json_object(folder / INDEX_FILE, _REBUILD)
@@ -147,7 +146,7 @@ def build_index(
         if not path.is_file():  # shards already written by an interrupted build are kept
             parts = []
             for batch in chunk:
-                batch = batch.to(parameter.device)
+                batch = batch.to(device)
                 captured = capture(model, tracked, lambda: task.document_loss(model, batch))
                 parts.append({k: v.to(dtype) if v.is_floating_point() else v for k, v in _batch_entries(captured, batch, tracked, settings, sketches).items()})
             write_tensors(path, _merge(parts, [len(b) for b in chunk]), metadata={"documents": str(len(chunk_ids))})

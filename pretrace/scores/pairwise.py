@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pretrace.data.batching import TokenBatch
-from pretrace.gradients.capture import capture
+from pretrace.gradients.capture import capture, compute_dtype
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.parallel.collectives import gather_in_order, with_offsets
@@ -44,14 +44,6 @@ class ScoreResult:
     explanations: dict[tuple[int, int], Explanation] | None = None  # (query, document): at least each query's top k asked for
 
 
-def _device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def _compute_dtype(model: torch.nn.Module) -> torch.dtype:
-    return torch.promote_types(next(model.parameters()).dtype, torch.float32)
-
-
 def query_gradients(
     model: torch.nn.Module,
     tracked: list[TrackedModule],
@@ -63,7 +55,7 @@ def query_gradients(
     """Gradients of each query's measurement: ids and per module `[Q, d_out, d_in']` (this rank's queries
     only when `plan` splits queries)."""
     task, plan = task or LanguageModelingTask(), plan or ScoringPlan()
-    device, dtype = _device(model), _compute_dtype(model)
+    device, dtype = next(model.parameters()).device, compute_dtype(model)
     ids: list[str] = []
     parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in tracked}
     for batch in tqdm(plan.shard_queries(batches), desc="query gradients", unit="batch", disable=not progress):
@@ -117,7 +109,7 @@ def score_weight_sets(
     what the ranks split and whether the scores stream to disk (default: documents, in RAM). `explain`: each
     query's top documents also get their per-token and per-module contributions, from this same pass."""
     task, plan = task or LanguageModelingTask(), plan or ScoringPlan()
-    device, dtype = _device(model), _compute_dtype(model)
+    device, dtype = next(model.parameters()).device, compute_dtype(model)
     sets = {label: (list(ids), {name: as_module_weights(w).to(device, dtype) for name, w in weights.items()})
             for label, (ids, weights) in weight_sets.items()}
     names = {label: [t.name for t in tracked if t.name in weights] for label, (_, weights) in sets.items()}

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
-from pretrace.gradients.capture import CapturedBatch, capture
+from pretrace.gradients.capture import CapturedBatch, capture, compute_dtype
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.scores.plan import ScoringPlan
@@ -44,8 +44,7 @@ def _factored_weights(model, tracked, batches, preconditioner, task, rank, plan,
     """Per module, per query batch: eigenbasis weights (rank-truncated right away when `rank` is set, so
     full-rank weights of all queries never coexist), with their errors and squared norms; for P = I the
     token factors themselves (exact)."""
-    parameter = next(model.parameters())
-    device, dtype = parameter.device, torch.promote_types(parameter.dtype, torch.float32)
+    device, dtype = next(model.parameters()).device, compute_dtype(model)
     ids: list[str] = []
     parts: dict[str, list] = {t.name: [] for t in tracked}
     for batch in tqdm(plan.shard_queries(batches), desc="query gradients", unit="batch", disable=not progress):
@@ -122,8 +121,7 @@ def precondition_queries(
         ids, parts = _factored_weights(model, tracked, batches, preconditioner, task, query_rank, plan, progress)
         weights = {name: _joined([w for w, _, _ in pieces]) for name, pieces in parts.items()}
     elif route == "eigenbasis":
-        parameter = next(model.parameters())
-        device, dtype = parameter.device, torch.promote_types(parameter.dtype, torch.float32)
+        device, dtype = next(model.parameters()).device, compute_dtype(model)
         ids, parts = _factored_weights(model, tracked, batches, preconditioner, task, query_rank, plan, progress)
         weights = {name: EigenbasisWeights(_joined([w for w, _, _ in pieces]), *preconditioner.eigenbasis(name, device, dtype)) for name, pieces in parts.items()}
     else:

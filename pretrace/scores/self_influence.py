@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 
 from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
-from pretrace.gradients.capture import capture
+from pretrace.gradients.capture import capture, compute_dtype
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.parallel.collectives import gather_in_order, shard
@@ -33,8 +33,7 @@ def self_influence(
 ) -> tuple[list[str], torch.Tensor]:
     """Document ids and ∇ℓ(z)ᵀ P ∇ℓ(z) `[N]` float64, in document order (documents split over ranks)."""
     task = task or LanguageModelingTask()
-    parameter = next(model.parameters())
-    device, dtype = parameter.device, torch.promote_types(parameter.dtype, torch.float32)
+    device, dtype = next(model.parameters()).device, compute_dtype(model)
     order, records = [], []
     for index, batch in tqdm(shard(enumerate(batches)), desc="self-influence", unit="batch", disable=not (progress and is_main())):
         batch = batch.to(device)
