@@ -237,14 +237,19 @@ def candidate_union(candidates: list[list[int]], documents: list[Document]) -> l
     return by_length({index for row in candidates for index in row}, documents)
 
 
-def rank_candidates(scores: torch.Tensor, candidates: list[list[int]], union: list[int], top_k: int) -> torch.Tensor:
-    """[Q, top_k] columns of `scores` ([Q, len(union)]): each query's best among its own candidates."""
+def candidate_columns(candidates: list[list[int]], union: list[int]) -> list[list[int]]:
+    """Each query's candidates (corpus indices, best retrieved first) as columns of the union's scores, in that order."""
     column = {index: c for c, index in enumerate(union)}
+    return [[column[i] for i in row] for row in candidates]
+
+
+def rank_candidates(scores: torch.Tensor, columns: list[list[int]], top_k: int) -> torch.Tensor:
+    """[Q, top_k] columns of `scores` ([Q, len(union)]): each query's best among its own candidate `columns`."""
     rows = []
-    for q, row in enumerate(candidates):
-        columns = torch.tensor([column[i] for i in row])
-        best = top_indices(scores[q, columns].unsqueeze(0), top_k)[0]
-        rows.append(columns[best])
+    for q, row in enumerate(columns):
+        own = torch.tensor(row)
+        best = top_indices(scores[q, own].unsqueeze(0), top_k)[0]
+        rows.append(own[best])
     return torch.stack(rows)
 
 
@@ -369,8 +374,8 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
         rows = read_jsonl_rows(results_file)
     else:
         context, attributor = build_context(score_settings, options), make_attributor(score_settings)
-        column = {index: c for c, index in enumerate(union)}
-        explain = Explain(settings.top_k, among=[[column[i] for i in row] for row in candidates])
+        columns = candidate_columns(candidates, union)  # the ranking below and the pass's explanations: the same order
+        explain = Explain(settings.top_k, among=columns)
         streamed, in_pass = None, (0.0, 0.0)
         if cache.stale(scores_key, out / "scores"):
             # fits the attributor (reused below) and explains each query's top candidates in the same pass
@@ -382,7 +387,7 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
             scores = load_scores(out / "scores")[0]["scores"].double()
             attributor.fit(context)
         lap("scoring_seconds", moved=in_pass)
-        top = rank_candidates(scores, candidates, union, settings.top_k)
+        top = rank_candidates(scores, columns, settings.top_k)
         pairs = top_pairs(top)
         details = explain_pairs(attributor, context, pairs, streamed)
         explained = explanation_counts(pairs, streamed)
@@ -420,7 +425,6 @@ def write_report_files(out: Path, rows: list[dict], candidates: list[list[int]],
     info["preset"] = summary["options"]["preset"]
     write_report(rows, out / REPORT_FILE, title="pretrace trace: pre-training documents behind the fine-tuned model's answers", run_info=info)
     scores = load_scores(out / "scores")[0]["scores"]
-    column = {index: c for c, index in enumerate(union)}
-    candidate_scores = torch.stack([scores[q, [column[i] for i in row]] for q, row in enumerate(candidates)])
+    candidate_scores = torch.stack([scores[q, row] for q, row in enumerate(candidate_columns(candidates, union))])
     plot_score_distributions(candidate_scores, out / "score_distributions.png", query_ids=[row["query_id"] for row in rows])
     plot_layer_influence(rows, out / "layer_influence.png")
