@@ -191,19 +191,20 @@ def _score_batch(offset: int, batch: TokenBatch, captured, sets: list[tuple[list
     done = BatchScores(offset, list(batch.ids), [], [] if per_module else None, [] if per_token else None)
     for (ids, weights), modules, top in zip(sets, names, tops):
         total = torch.zeros(len(ids), len(batch), dtype=torch.float64, device=batch.input_ids.device)
-        by_module, tokens = {}, 0
+        by_module, tokens = [], 0
         for name in modules:
             scores, contributions = weights[name].scores(captured, name, per_token)
             total += scores.double()
             if per_module or top is not None:
-                by_module[name] = scores.double().cpu()
+                by_module.append(scores.double())
             if per_token:
                 tokens = tokens + contributions.double()
         done.totals.append(total.cpu())
+        stacked = torch.stack(by_module).cpu() if by_module else None  # [M, Q, B]: one transfer, not one per module
         if per_module:
-            done.modules.append(torch.stack(list(by_module.values())))
+            done.modules.append(stacked)
         if top is not None:
-            top.offer(offset, batch, captured, total, by_module, {name: weights[name] for name in modules})
+            top.offer(offset, batch, captured, done.totals[-1], dict(zip(modules, stacked)), {name: weights[name] for name in modules})
         if per_token:
             keep = batch.attention_mask.bool().cpu()
             done.tokens.append([(tokens[:, row].cpu()[:, keep[row]], batch.input_ids[row].cpu()[keep[row]].tolist()) for row in range(len(batch))])
