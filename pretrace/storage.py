@@ -283,6 +283,19 @@ def commit_folder(folder: str | Path, final: str | Path) -> None:
     _commit(Path(folder), Path(final), ())
 
 
+def read_signed_header(path: Path, key: str, signature: Any, folder: Path, run: str) -> dict:
+    """The JSON object a resumable command (fit, score) keeps under `key` in a checkpoint's safetensors header,
+    refused with the fix unless this version wrote it for a run with this `signature` (`run` names what may differ)."""
+    try:
+        meta = json.loads(read_tensor_metadata(path)[key])
+    except (KeyError, ValueError):
+        raise PretraceError(f"{path}: not a checkpoint of this pretrace version; delete {folder} to start over.") from None
+    if not isinstance(meta, dict) or meta.get("signature") != signature:
+        raise PretraceError(f"{folder}: holds a checkpoint of a different {run}; delete that folder to start over, "
+                            "or rerun with the inputs and settings it was made with.")
+    return meta
+
+
 def checkpoint_folder(out: str | Path) -> Path:
     """Where a resumable command (fit, score) keeps its work state for `out`: beside it, deleted in the commit."""
     out = Path(out)

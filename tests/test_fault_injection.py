@@ -163,3 +163,15 @@ def test_score_checkpoint_of_another_run_is_refused_and_kept(workspace, tmp_path
     assert_refused(main(_resumable_score(workspace, out, "--damping", "0.5")), capsys, "checkpoint of a different scoring run",
                    str(checkpoint_folder(out)))
     assert len(list(checkpoint_folder(out).glob("*-part-*"))) == 1
+
+
+def test_fit_checkpoint_of_another_run_is_refused_and_kept(workspace, tmp_path, capsys):
+    from pretrace.storage import checkpoint_folder
+    from tiny import assert_refused
+
+    out = tmp_path / "out"
+    argv = _argv(workspace, "fit", out)
+    assert _killed(argv, "checkpoint:1").returncode == FAULT_EXIT_CODE
+    saved = sorted(p.name for p in checkpoint_folder(out).iterdir())
+    assert_refused(main([*argv, "--max-length", "16"]), capsys, "checkpoint of a different fit", str(checkpoint_folder(out)))
+    assert sorted(p.name for p in checkpoint_folder(out).iterdir()) == saved

@@ -29,7 +29,7 @@ from pretrace.gradients.capture import capture, compute_dtype
 from pretrace.gradients.task import LanguageModelingTask, Task, dtype_hint
 from pretrace.modeling.loading import parse_dtype
 from pretrace.modeling.modules import TrackedModule
-from pretrace.storage import fault_point, read_tensor_metadata, read_tensors, write_tensors
+from pretrace.storage import fault_point, read_signed_header, read_tensors, write_tensors
 
 
 @dataclass
@@ -65,15 +65,11 @@ class _Checkpoint:
     def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
         if self.folder is None or not self.path.is_file():
             return None
+        meta = read_signed_header(self.path, self.KEY, self.signature, self.folder, "fit (other model, data or settings)")
         try:
-            meta = json.loads(read_tensor_metadata(self.path)[self.KEY])
             counts = {k: int(meta[k]) for k in ("batches", "documents", "tokens")}
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError):
+        except (KeyError, TypeError, ValueError):
             raise PretraceError(f"{self.path}: not a checkpoint of this pretrace version; delete {self.folder} to start over.") from None
-        if meta.get("signature") != self.signature:
-            raise PretraceError(
-                f"{self.folder}: holds a checkpoint of a different fit (other model, data or settings); delete that folder to start over."
-            )
         return read_tensors(self.path), counts
 
     def save(self, sums: dict[str, torch.Tensor], counts: dict) -> None:

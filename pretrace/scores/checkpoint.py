@@ -20,7 +20,7 @@ import torch
 from pretrace.errors import PretraceError
 from pretrace.parallel.collectives import all_gather_objects
 from pretrace.parallel.group import rank
-from pretrace.storage import fault_point, read_tensor_metadata, read_tensors, write_tensors
+from pretrace.storage import fault_point, read_signed_header, read_tensors, write_tensors
 
 KEY = "pretrace_scoring_checkpoint"
 
@@ -86,14 +86,7 @@ class ScoringCheckpoint:
         return batches, *state
 
     def _header(self, path: Path) -> dict:
-        try:
-            meta = json.loads(read_tensor_metadata(path)[KEY])
-        except (KeyError, ValueError):
-            raise PretraceError(f"{path}: not a scoring checkpoint of this pretrace version; delete {self.folder} to start over.") from None
-        if meta.get("signature") != self.signature:
-            raise PretraceError(f"{self.folder}: holds a checkpoint of a different scoring run (other models, factors, documents, "
-                                "queries or settings); delete that folder to start over, or rerun with the settings it was made with.")
-        return meta
+        return read_signed_header(path, KEY, self.signature, self.folder, "scoring run (other models, factors, documents, queries or settings)")
 
     def save(self, done: int, batches: list[BatchScores], explain: tuple[dict[str, torch.Tensor], dict] | None) -> None:
         """The batches finished since the last save (`done` in all, these included), then the explanation state."""
