@@ -13,13 +13,14 @@ import dataclasses
 import hashlib
 import json
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pretrace.data.records import check_source, source_sha256
-from pretrace.errors import PretraceError
-from pretrace.storage import file_sha256, read_json, write_json
+from pretrace.errors import CorruptFile, PretraceError
+from pretrace.storage import file_sha256, read_record, write_record
 
 STAGES_FILE = "stages.json"
 
@@ -98,33 +99,70 @@ def digest(**inputs: Any) -> str:
     return _sha256(_normalise(inputs))
 
 
+def content_digest(path: Path) -> str:
+    """sha256 of a file's bytes, or of a folder's files (relative names and their sha256s): what a stage wrote."""
+    if path.is_file():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_sha256(file)}\0".encode())
+    return digest.hexdigest()
+
+
 class StageCache:
-    """The stages of one run folder: which were reused and which computed in this run (`statuses`)."""
+    """The stages of one run folder: which were reused and which computed in this run (`statuses`).
+
+    `stages.json` is sealed, and records the digest of every output a finished stage wrote: a stage is reused only
+    when its outputs still match (a damaged or edited output is said, and the stage computed again)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         self.path = self.folder / STAGES_FILE
-        self._recorded: dict = read_json(self.path) if self.path.is_file() else {}
+        self._recorded: dict = {}
+        self._outputs: dict[str, tuple[Path, ...]] = {}
         self.statuses: dict[str, str] = {}
+        if self.path.is_file():
+            try:
+                self._recorded = read_record(self.path, "its stages are computed again")
+            except CorruptFile as error:
+                warnings.warn(f"{error}: every stage of {self.folder} is computed again.", stacklevel=2)
 
     def key(self, name: str, **inputs: Any) -> StageKey:
         normalised = _normalise(inputs)  # once: it hashes every input file
         return StageKey(name, normalised, _sha256(normalised))
 
+    def _intact(self, name: str, recorded: dict, outputs: tuple[Path, ...]) -> bool:
+        """Whether a finished stage's outputs exist and match the digests recorded when it finished."""
+        written = recorded.get("outputs")
+        if not all(p.exists() for p in outputs) or not isinstance(written, dict):
+            return False
+        for output in outputs:
+            if written.get(self._name(output)) != content_digest(output):
+                warnings.warn(f"{output}: stage {name!r} wrote other contents than it holds now (modified or corrupted on disk); "
+                              "the stage is computed again.", stacklevel=3)
+                return False
+        return True
+
+    def _name(self, output: Path) -> str:
+        return Path(output).resolve().relative_to(self.folder.resolve()).as_posix() if Path(output).resolve().is_relative_to(self.folder.resolve()) else str(output)
+
     def stale(self, key: StageKey, *outputs: Path) -> bool:
-        """True when the stage must be computed: its inputs changed, it never finished, or an output is missing.
+        """True when the stage must be computed: its inputs changed, it never finished, or an output is missing or
+        no longer what it wrote.
 
         Outputs of other inputs (inside the run folder) are removed first, so nothing of an older run is mixed
         in; those of an unfinished run with the same inputs are kept, for a stage that resumes on its own."""
+        outputs = tuple(Path(p) for p in outputs)
         recorded = self._recorded.get(key.name, {})
         same = recorded.get("digest") == key.digest
-        if same and recorded.get("done") and all(Path(p).exists() for p in outputs):
+        self._outputs[key.name] = outputs
+        if same and recorded.get("done") and self._intact(key.name, recorded, outputs):
             self.statuses[key.name] = "reused"
             return False
         self.statuses[key.name] = "computed"
         if not (same and not recorded.get("done")):
             root = self.folder.resolve()
-            for output in map(Path, outputs):
+            for output in outputs:
                 if not output.resolve().is_relative_to(root):
                     raise PretraceError(f"{output}: a stage output outside its run folder {self.folder}; refusing to remove it.")
                 if output.is_dir():
@@ -132,11 +170,11 @@ class StageCache:
                 elif output.exists():
                     output.unlink()
         self._recorded[key.name] = {"digest": key.digest, "inputs": key.inputs, "done": False}
-        write_json(self.path, self._recorded)
+        write_record(self.path, self._recorded)
         return True
 
     def record(self, key: StageKey) -> None:
-        """Mark the stage finished with these inputs (after its outputs are written)."""
-        self._recorded[key.name] = {"digest": key.digest, "inputs": key.inputs, "done": True}
-        write_json(self.path, self._recorded)
-
+        """Mark the stage finished with these inputs (after its outputs are written), with its outputs' digests."""
+        written = {self._name(p): content_digest(p) for p in self._outputs.get(key.name, ()) if p.exists()}
+        self._recorded[key.name] = {"digest": key.digest, "inputs": key.inputs, "done": True, "outputs": written}
+        write_record(self.path, self._recorded)

@@ -8,7 +8,13 @@ every command enters before any work) restores an `.old` folder whose result is 
 stale temporaries of a dead run. Work state the commit makes obsolete (a fit's checkpoint) is renamed to a
 temporary just before it, so a kill from then on recomputes rather than resumes from it. It also holds an exclusive lock `.OUT.lock` (an flock on a file holding
 the writer's pid) for the whole command: a second live writer is refused, a dead one's lock is taken over.
-A result's JSON is written last and names every other file with its sha256, verified on load.
+Ownership and integrity. Every folder pretrace writes holds `.pretrace.json`: the command that wrote it and,
+for a committed result folder, the size and sha256 of every file in it (written at the commit, verified by
+`verify_folder` when the result is read back). `--overwrite` replaces only a folder whose marker names the same
+command; any other non-empty folder is refused. Work state that is read back before a commit (checkpoints,
+partial builds) carries its own seal instead: a safetensors file's header holds the sha256 of its tensors and
+metadata (`write_tensors(seal=True)`), a JSON record a `checksum` key (`write_record`). A mismatch raises
+`CorruptFile`: work state is then recomputed (and said), a result refused.
 
 Fault injection (for tests): `PRETRACE_FAULT=NAME[:N]` makes the process exit at once with code
 `FAULT_EXIT_CODE` the N-th time (default 1) it reaches the write boundary NAME:
@@ -39,7 +45,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pretrace.errors import PretraceError
+from pretrace.errors import CorruptFile, PretraceError
 
 FAULT_ENV = "PRETRACE_FAULT"
 FAULT_EXIT_CODE = 86
@@ -74,6 +80,20 @@ def _fsync(path: Path) -> None:
         os.close(descriptor)
 
 
+def disk_full(error: BaseException) -> bool:
+    """Whether a write failed because the disk (or quota) is full: an OSError says so by its errno, the writers
+    of other libraries (safetensors' SafetensorError, a tokenizer's save) only in their message."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left on device" in text or "StorageFull" in text or "Disk quota exceeded" in text
+
+
+def no_space(path: str | Path) -> OSError:
+    """The one error every writer raises for a full disk, whatever library was writing (the CLI turns it into a refusal)."""
+    return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+
 def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """`write(tmp)` then fsync, rename over `path` and fsync the folder: `path` is the old or the whole new file."""
     created = not path.parent.exists()
@@ -82,14 +102,31 @@ def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     try:
         write(tmp)
         _fsync(tmp)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
         if created and not any(path.parent.iterdir()):  # a folder made for this file alone (a first checkpoint) goes too
             path.parent.rmdir()
+        if disk_full(error):
+            raise no_space(path) from None
         raise
     fault_point("write")
     os.replace(tmp, path)
     _fsync(path.parent)
+
+
+def allocate(path: str | Path) -> None:
+    """Reserve the disk blocks of a (sparse) file about to be written through a memory map: a full disk then fails
+    here, as a refusal, instead of killing the process with SIGBUS at the first page it cannot write."""
+    descriptor = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(descriptor, 0, os.fstat(descriptor).st_size)
+    except OSError as error:
+        if disk_full(error):
+            raise no_space(path) from None
+        if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: written as it goes
+            raise
+    finally:
+        os.close(descriptor)
 
 
 def write_json(path: str | Path, obj) -> None:
@@ -134,19 +171,95 @@ def read_json_object(path: str | Path, fix: str) -> dict:
     return value
 
 
-def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+CHECKSUM_KEY = "checksum"
+SEAL_KEY = "pretrace_sealed"
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_json_default).encode("utf-8", "surrogatepass")
+
+
+def write_record(path: str | Path, obj: dict) -> None:
+    """A JSON object pretrace reads back as state (stage cache, pipeline digests, build progress), sealed with the
+    sha256 of its content under `checksum`, so `read_record` notices any change made on disk."""
+    stored = json.loads(json.dumps(obj, default=_json_default))  # the checksum is over what is stored (Paths as strings, ...)
+    write_json(path, {**stored, CHECKSUM_KEY: hashlib.sha256(_canonical(stored)).hexdigest()})
+
+
+def read_record(path: str | Path, fix: str) -> dict:
+    """A `write_record` object, its checksum verified (`CorruptFile` names `fix` when it does not match)."""
+    try:
+        value = read_json_object(path, fix)
+    except CorruptFile:
+        raise
+    except PretraceError as error:
+        if Path(path).is_file():  # unreadable JSON is corruption too
+            raise CorruptFile(str(error)) from None
+        raise
+    recorded = value.pop(CHECKSUM_KEY, None)
+    if recorded != hashlib.sha256(_canonical(value)).hexdigest():
+        raise CorruptFile(f"{path}: does not match the checksum written with it (modified or corrupted on disk); {fix}.")
+    return value
+
+
+def _tensors_digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 over the metadata and every tensor's name, dtype, shape and bytes: a seal no bit can change unnoticed."""
+    digest = hashlib.sha256(_canonical(metadata))
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().contiguous().cpu()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+    return digest.hexdigest()
+
+
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
+                  seal: bool = False) -> None:
+    """Tensors as safetensors, atomically; `seal=True` (work state read back before any manifest covers it) stores
+    the sha256 of tensors and metadata in the header, which `read_tensors` and `read_sealed` verify. A sealed file's
+    metadata is kept under one header key (safetensors orders several keys differently from run to run: one key
+    keeps a resumed run's files byte-identical to an uninterrupted one's)."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _write_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    metadata = dict(metadata or {})
+    if seal:
+        metadata = {SEAL_KEY: json.dumps({"metadata": metadata, "sha256": _tensors_digest(tensors, metadata)}, sort_keys=True)}
+    _write_atomically(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata or None))
 
 
-def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
+def _unseal(path: Path, tensors: dict[str, torch.Tensor], header: dict[str, str]) -> dict[str, str]:
+    """The metadata a sealed file was written with, after checking its seal (`CorruptFile` if anything changed)."""
+    try:
+        sealed = json.loads(header[SEAL_KEY])
+        metadata, recorded = sealed["metadata"], sealed["sha256"]
+    except (KeyError, TypeError, ValueError):
+        raise CorruptFile(f"{path}: has no readable seal (not written by this pretrace version, or corrupted on disk)") from None
+    if not isinstance(metadata, dict) or recorded != _tensors_digest(tensors, metadata):
+        raise CorruptFile(f"{path}: does not match the seal written with it (modified or corrupted on disk)")
+    return metadata
+
+
+def _load(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if not path.is_file():
         raise PretraceError(f"{path}: missing; is this the right folder?")
     try:
-        return load_file(str(path))
+        with safe_open(str(path), framework="pt") as handle:
+            return {name: handle.get_tensor(name) for name in handle.keys()}, handle.metadata() or {}
     except Exception as exc:  # safetensors raises several types for corrupt files
-        raise PretraceError(f"{path}: not a readable safetensors file ({exc}); delete it and recompute.") from None
+        raise CorruptFile(f"{path}: not a readable safetensors file ({exc}); delete it and recompute.") from None
+
+
+def read_sealed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """A sealed safetensors file's tensors and metadata, verified: `CorruptFile` for an unreadable file, a missing
+    seal or any changed bit."""
+    tensors, header = _load(Path(path))
+    return tensors, _unseal(Path(path), tensors, header)
+
+
+def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors file; a sealed one's seal is verified (`CorruptFile` if it does not match)."""
+    tensors, header = _load(Path(path))
+    if SEAL_KEY in header:
+        _unseal(Path(path), tensors, header)
+    return tensors
 
 
 def read_tensor_metadata(path: str | Path) -> dict[str, str]:
@@ -155,7 +268,7 @@ def read_tensor_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(path), framework="pt") as handle:
             return handle.metadata() or {}
     except Exception as exc:  # safetensors raises several types for corrupt files
-        raise PretraceError(f"{path}: not a readable safetensors file ({exc}); delete it and recompute.") from None
+        raise CorruptFile(f"{path}: not a readable safetensors file ({exc}); delete it and recompute.") from None
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -180,15 +293,17 @@ def verify_file(path: str | Path, record: dict | None, fix: str) -> None:
     if not path.is_file():
         raise PretraceError(f"{path}: missing; the folder is incomplete, {fix}.")
     if path.stat().st_size != record.get("bytes") or file_sha256(path) != record["sha256"]:
-        raise PretraceError(f"{path}: content does not match the sha256 recorded beside it (corrupted or modified on disk); {fix}.")
+        raise CorruptFile(f"{path}: content does not match the sha256 recorded beside it (corrupted or modified on disk); {fix}.")
 
 
 def _temporary_kind(entry: str, name: str) -> str | None:
-    """'tmp' or 'old' if `entry` is a temporary of the result folder `name` (`.NAME.XXXX.tmp` / `.old`), else None."""
+    """'tmp' or 'old' if `entry` is a temporary of the result folder `name`, else None: exactly the names pretrace
+    makes (`.NAME.` + 8 characters of `tempfile.mkdtemp` or `secrets.token_hex(4)` + `.tmp`/`.old`), so a file of the
+    user's that merely looks alike is never deleted."""
     prefix = f".{name}."
     for kind in ("tmp", "old"):
         middle = entry[len(prefix):-len(kind) - 1] if entry.startswith(prefix) and entry.endswith(f".{kind}") else ""
-        if middle and "." not in middle:
+        if len(middle) == 8 and all(c in "abcdefghijklmnopqrstuvwxyz0123456789_" for c in middle):
             return kind
     return None
 
@@ -233,8 +348,79 @@ def _fsync_tree(folder: Path) -> None:
         _fsync(Path(root))
 
 
-def _commit(tmp: Path, final: Path, discard: Iterable[Path]) -> None:
+# -- ownership: the marker every folder pretrace writes holds -----------------------------------------------------
+
+OWNER_FILE = ".pretrace.json"
+OWNER_FORMAT = 1
+
+
+def _folder_files(folder: Path) -> dict[str, dict]:
+    """Size and sha256 of every file below `folder` but the marker, by path relative to it."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in sorted(names):
+            path = Path(root) / name
+            relative = path.relative_to(folder).as_posix()
+            if relative != OWNER_FILE:
+                files[relative] = file_record(path)
+    return dict(sorted(files.items()))
+
+
+def mark_folder(folder: str | Path, command: str, manifest: bool) -> None:
+    """Write the marker that says pretrace `command` wrote `folder`; `manifest=True` (a complete result) also
+    records every file's size and sha256 for `verify_folder`."""
+    from pretrace import __version__
+
+    record = {"written_by": "pretrace", "command": command, "format": OWNER_FORMAT, "version": __version__}
+    if manifest:
+        record["files"] = _folder_files(Path(folder))
+    write_record(Path(folder) / OWNER_FILE, record)
+
+
+def folder_owner(folder: str | Path) -> dict | None:
+    """The marker of a folder pretrace wrote (None when there is none); a damaged marker is `CorruptFile`."""
+    path = Path(folder) / OWNER_FILE
+    if not path.is_file():
+        return None
+    return read_record(path, f"the folder {folder} cannot be trusted; delete it and recompute it")
+
+
+def verify_folder(folder: str | Path, command: str, fix: str) -> dict:
+    """Refuse a result folder that `pretrace command` did not write, or whose files differ from its manifest
+    (missing, truncated, edited, bit rot): each file's size and sha256 is checked. Returns the marker."""
+    folder = Path(folder)
+    owner = folder_owner(folder)
+    if owner is None or not isinstance(owner.get("files"), dict):
+        raise PretraceError(f"{folder}: not a complete `pretrace {command}` folder of this version (no {OWNER_FILE} manifest); {fix}.")
+    if owner.get("command") != command or owner.get("format") != OWNER_FORMAT:
+        raise PretraceError(f"{folder}: written by `pretrace {owner.get('command')}` (format {owner.get('format')}), not `pretrace {command}` "
+                            f"(format {OWNER_FORMAT}); {fix}.")
+    for name, record in owner["files"].items():
+        verify_file(folder / name, record, fix)
+    return owner
+
+
+def refuse_foreign(folder: Path, command: str, flag: str) -> None:
+    """Refuse a non-empty folder unless pretrace `command` wrote it: pretrace never deletes what it did not write."""
+    if not folder.is_dir() or not any(folder.iterdir()):
+        return
+    try:
+        owner = folder_owner(folder)
+    except CorruptFile:
+        owner = None
+    if owner is None:
+        raise PretraceError(f"{flag} {folder}: exists, is not empty and was not written by pretrace (it has no {OWNER_FILE}); "
+                            f"pretrace never replaces such a folder: choose another {flag}, or empty it yourself.")
+    if owner.get("command") != command:
+        raise PretraceError(f"{flag} {folder}: holds the output of `pretrace {owner.get('command')}`, which `pretrace {command}` "
+                            f"does not replace; choose another {flag}, or delete that folder yourself.")
+
+
+# -- committing result folders ------------------------------------------------------------------------------------
+
+def _commit(tmp: Path, final: Path, discard: Iterable[Path], command: str) -> None:
     """Rename the complete `tmp` to `final`: old result aside, new one in, then old result and `discard` deleted."""
+    mark_folder(tmp, command, manifest=True)
     _fsync_tree(tmp)
     trash = []
     for path in discard:  # renamed to temporary names first: a kill from here on leaves nothing a rerun would trust
@@ -243,6 +429,7 @@ def _commit(tmp: Path, final: Path, discard: Iterable[Path]) -> None:
             os.rename(path, trash[-1])
     old = None
     if final.exists():
+        refuse_foreign(final, command, "--out")  # checked again at the last moment: the folder may have changed since
         old = _sibling(final, "old")
         os.rename(final, old)
     fault_point("commit")
@@ -259,12 +446,14 @@ def _commit(tmp: Path, final: Path, discard: Iterable[Path]) -> None:
 
 
 @contextmanager
-def atomic_directory(final: str | Path, overwrite: bool = False, discard: Iterable[str | Path] = ()) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces `final` (see the commit protocol above) and the
-    paths in `discard` (e.g. a checkpoint) are deleted with the old result; on failure it is deleted."""
+def atomic_directory(final: str | Path, command: str, overwrite: bool = False, discard: Iterable[str | Path] = ()) -> Iterator[Path]:
+    """Yield a temporary sibling folder; on success it replaces `final` (see the commit protocol above), marked as
+    written by pretrace `command` with its manifest, and the paths in `discard` (e.g. a checkpoint) are deleted
+    with the old result; on failure it is deleted. An existing `final` is replaced only if `command` wrote it."""
     final = Path(final)
-    if final.exists() and not final.is_dir():
+    if final.is_symlink() or (final.exists() and not final.is_dir()):
         raise PretraceError(f"{final}: exists and is not a folder; choose another --out.")
+    refuse_foreign(final, command, "--out")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     tmp.chmod(0o755)
@@ -272,28 +461,32 @@ def atomic_directory(final: str | Path, overwrite: bool = False, discard: Iterab
         yield tmp
         if final.exists() and not overwrite and any(final.iterdir()):
             raise PretraceError(f"{final}: already exists and is not empty; pass --overwrite or choose another --out.")
-        _commit(tmp, final, [Path(p) for p in discard])
-    except BaseException:
+        _commit(tmp, final, [Path(p) for p in discard], command)
+    except BaseException as error:
         shutil.rmtree(tmp, ignore_errors=True)
+        if disk_full(error):
+            raise no_space(final) from None
         raise
 
 
-def commit_folder(folder: str | Path, final: str | Path) -> None:
+def commit_folder(folder: str | Path, final: str | Path, command: str) -> None:
     """Rename a complete work folder (e.g. a finished resumable build) to `final` by the commit protocol above."""
-    _commit(Path(folder), Path(final), ())
+    _commit(Path(folder), Path(final), (), command)
 
 
-def read_signed_header(path: Path, key: str, signature: Any, folder: Path, run: str) -> dict:
-    """The JSON object a resumable command (fit, score) keeps under `key` in a checkpoint's safetensors header,
-    refused with the fix unless this version wrote it for a run with this `signature` (`run` names what may differ)."""
+def read_signed(path: Path, key: str, signature: Any, folder: Path, run: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """A resumable command's (fit, score) sealed checkpoint file and the JSON object it keeps under `key` in its
+    header: `CorruptFile` when a bit changed (the caller recomputes that part), refused with the fix unless this
+    version wrote it for a run with this `signature` (`run` names what may differ)."""
+    tensors, metadata = read_sealed(path)
     try:
-        meta = json.loads(read_tensor_metadata(path)[key])
+        meta = json.loads(metadata[key])
     except (KeyError, ValueError):
         raise PretraceError(f"{path}: not a checkpoint of this pretrace version; delete {folder} to start over.") from None
     if not isinstance(meta, dict) or meta.get("signature") != signature:
         raise PretraceError(f"{folder}: holds a checkpoint of a different {run}; delete that folder to start over, "
                             "or rerun with the inputs and settings it was made with.")
-    return meta
+    return tensors, meta
 
 
 def checkpoint_folder(out: str | Path) -> Path:
@@ -343,27 +536,47 @@ def _within(path: Path, folder: Path) -> bool:
     return path == folder or folder in path.parents
 
 
-def check_output(out: str | Path, inputs: dict[str, str | Path | None] | None = None) -> Path:
-    """Refuse an --out that is a file, an input folder or inside one, or that holds an input; return it resolved."""
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise PretraceError(f"{out}: exists and is not a folder; choose another --out.")
-    resolved = out.resolve()
-    if out.name in ("", "..") or resolved.parent == resolved:
-        raise PretraceError(f"--out {out}: name the output folder itself (e.g. ./factors), not '.', '..' or a root; it is replaced as a whole.")
-    for flag, given in (inputs or {}).items():
-        if given is None:
-            continue
-        source = Path(given).resolve()
-        if source.is_dir() and _within(resolved, source):
-            where = "is" if resolved == source else "is inside"
-            raise PretraceError(f"--out {out} {where} the input folder {flag} {given}; choose an --out outside the inputs.")
-        if _within(source, resolved):
-            raise PretraceError(f"--out {out} contains the input {flag} {given}, which writing the result would replace; choose another --out.")
+def resolve_path(path: str | Path, flag: str) -> Path:
+    """`path` with every symbolic link resolved; a link loop or a link to nothing is refused, naming the flag."""
+    path = Path(path)
+    try:
+        resolved = path.resolve(strict=False)
+        if path.is_symlink() and not path.exists():
+            raise PretraceError(f"{flag} {path}: is a symbolic link to {os.readlink(path)}, which does not exist; "
+                                f"pass an existing path or remove the link.")
+    except (RuntimeError, OSError) as exc:  # a link loop: RuntimeError before Python 3.13, OSError (ELOOP) after
+        if isinstance(exc, OSError) and exc.errno not in (errno.ELOOP, None):
+            raise PretraceError(f"{flag} {path}: cannot be resolved ({exc.strerror}).") from None
+        raise PretraceError(f"{flag} {path}: is a loop of symbolic links; pass a real path.") from None
     return resolved
 
 
-def _check_writable(out: Path) -> None:
+def check_output(out: str | Path, inputs: dict[str, str | Path | None] | None = None, flag: str = "--out") -> Path:
+    """Refuse an output folder that is a file or a link, an input folder or inside one, or that holds an input;
+    return it resolved. `inputs` maps flags to the paths they name (every file and folder the run reads)."""
+    out = Path(out)
+    if out.is_symlink():
+        resolve_path(out, flag)  # a dangling link or a loop: said as such
+        raise PretraceError(f"{flag} {out}: is a symbolic link (to {os.readlink(out)}); pass the real folder, or another {flag}: "
+                            "pretrace replaces its output folder as a whole, which would replace the link, not its target.")
+    resolved = resolve_path(out, flag)
+    if resolved.exists() and not resolved.is_dir():
+        raise PretraceError(f"{flag} {out}: exists and is not a folder; choose another {flag}.")
+    if out.name in ("", "..") or resolved.parent == resolved:
+        raise PretraceError(f"{flag} {out}: name the output folder itself (e.g. ./factors), not '.', '..' or a root; it is replaced as a whole.")
+    for name, given in (inputs or {}).items():
+        if given is None:
+            continue
+        source = resolve_path(given, name)
+        if source.is_dir() and _within(resolved, source):
+            where = "is" if resolved == source else "is inside"
+            raise PretraceError(f"{flag} {out} {where} the input folder {name} {given}; choose an {flag} outside the inputs.")
+        if _within(source, resolved):
+            raise PretraceError(f"{flag} {out} contains the input {name} {given}, which writing the result would replace; choose another {flag}.")
+    return resolved
+
+
+def _check_writable(out: Path, flag: str) -> None:
     """Create the parent and a scratch file in it now, not after the work: a read-only --out fails here."""
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -371,29 +584,56 @@ def _check_writable(out: Path) -> None:
         os.close(descriptor)
         Path(scratch).unlink(missing_ok=True)
     except OSError as exc:
-        raise PretraceError(f"--out {out}: cannot write in {out.parent} ({exc.strerror}); choose a writable --out.") from None
+        if disk_full(exc):
+            raise no_space(out.parent) from None
+        raise PretraceError(f"{flag} {out}: cannot write in {out.parent} ({exc.strerror}); choose a writable {flag}.") from None
+
+
+def check_cache(folder: str | Path, command: str, flag: str, inputs: dict[str, str | Path | None], outputs: dict[str, str | Path]) -> Path:
+    """A folder a run both reads and writes (a TRAK ensemble, a retrieval index): refused when it is, holds or lies
+    in an input or an output of the run, or is a non-empty folder another command (or no pretrace) wrote."""
+    resolved = check_output(folder, inputs, flag)
+    for name, other in outputs.items():
+        other = resolve_path(other, name)
+        if _within(resolved, other) or _within(other, resolved):
+            raise PretraceError(f"{flag} {folder} overlaps the output {name} {other}; choose a {flag} outside it.")
+    refuse_foreign(Path(folder), command, flag)
+    _check_writable(Path(folder), flag)
+    return resolved
 
 
 @contextmanager
-def output_folder(out: str | Path, overwrite: bool, inputs: dict[str, str | Path | None] | None = None,
+def output_folder(out: str | Path, overwrite: bool, inputs: dict[str, str | Path | None] | None = None, *, command: str,
                   lock: bool = True, resume: bool = False) -> Iterator[Path]:
     """Every command's first step for its --out, before loading anything: refuse unsafe outputs (see
-    `check_output`), check it is writable, lock it for the whole command, recover a killed run's commit,
-    and refuse a non-empty existing folder without `overwrite`. `inputs` maps flags to the paths they name.
+    `check_output`), check it is writable, lock it for the whole command, recover a killed run's commit, refuse a
+    non-empty folder that `pretrace command` did not write, and one it did without `overwrite`. `inputs` maps flags
+    to the paths they name.
 
     `lock=False` on the ranks of a distributed job other than the writer: they validate only. `resume=True` for
-    run folders whose cached stages a rerun reuses in place (trace, demo): a non-empty one is expected, not refused."""
+    run folders whose cached stages a rerun reuses in place (trace, demo, bench): such a folder is marked as
+    `command`'s when it is created, and a rerun continues it."""
     out = Path(out)
     check_output(out, inputs)
-    _check_writable(out)
+    _check_writable(out, "--out")
     if not lock:
         yield out
         return
     with _exclusive_lock(out):
         recover_output(out)
+        refuse_foreign(out, command, "--out")
         if out.is_dir() and any(out.iterdir()) and not (overwrite or resume):
             raise PretraceError(f"{out}: already exists and is not empty; pass --overwrite or choose another --out.")
-        yield out
+        created = resume and folder_owner(out) is None
+        if created:
+            out.mkdir(parents=True, exist_ok=True)
+            mark_folder(out, command, manifest=False)
+        try:
+            yield out
+        except BaseException:
+            if created and [p.name for p in out.iterdir()] == [OWNER_FILE]:  # refused before writing anything: leave nothing
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
 def read_jsonl_rows(path: str | Path) -> list[dict]:

@@ -295,7 +295,7 @@ def test_overflowing_factors_suggest_a_wider_model_dtype_than_float32(ws, tmp_pa
 def test_trace_checks_and_locks_its_run_folder_but_resumes_a_non_empty_one(ws, tmp_path, capsys):
     """trace's --out goes through the shared pre-flight check (never an input folder) and lock, in the mode for run
     folders: a second trace on the same --out is refused, while an existing run folder is not refused as non-empty."""
-    from pretrace.storage import output_folder
+    from pretrace.storage import mark_folder, output_folder
 
     before = _fingerprint(ws)
     code = main([*_trace(ws), "--out", str(ws / "model")])
@@ -309,13 +309,14 @@ def test_trace_checks_and_locks_its_run_folder_but_resumes_a_non_empty_one(ws, t
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("a previous run's folder")
-    with output_folder(out, False, resume=True):  # another live trace holds the run folder
+    mark_folder(out, "trace", manifest=False)
+    with output_folder(out, False, command="trace", resume=True):  # another live trace holds the run folder
         code = main([*_trace(ws), "--out", str(out)])
         err = capsys.readouterr().err
     assert code == 2 and "Traceback" not in err, err
     assert re.search(r"another pretrace process \(pid \d+\) is writing this --out; wait for it to finish or choose another --out", err), err
-    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"], "the refused trace wrote into the locked run folder"
-    with output_folder(out, False, resume=True) as checked:  # unlocked again, and non-empty is fine for a run folder
+    assert sorted(p.name for p in out.iterdir()) == [".pretrace.json", "notes.txt"], "the refused trace wrote into the locked run folder"
+    with output_folder(out, False, command="trace", resume=True) as checked:  # unlocked again, and non-empty is fine for a run folder
         assert checked == out
 
 
@@ -355,12 +356,9 @@ def test_a_nan_score_folder_is_flagged_by_inspect_and_refused_by_report(ws, tmp_
     tensors = load_file(str(folder / "scores.safetensors"))
     tensors["scores"][0, 0] = float("nan")
     save_file(tensors, str(folder / "scores.safetensors"))
-    meta = json.loads((folder / "scores.json").read_text())
-    if "files" in meta:  # a matching hash: the NaN itself must be caught
-        from pretrace.storage import file_record
+    from pretrace.storage import mark_folder
 
-        meta["files"]["scores.safetensors"] = file_record(folder / "scores.safetensors")
-        (folder / "scores.json").write_text(json.dumps(meta))
+    mark_folder(folder, "score", manifest=True)  # a matching manifest: the NaN itself must be caught
     capsys.readouterr()
     assert main(["inspect", str(folder)]) == 0
     out = capsys.readouterr().out

@@ -90,27 +90,24 @@ def test_factors_of_another_model_are_refused(workspace, tmp_path, capsys):
 
 
 def test_existing_output_needs_overwrite(workspace, tmp_path, capsys):
-    (tmp_path / "s").mkdir()
-    (tmp_path / "s" / "keep.txt").write_text("x")
+    assert _score(workspace, tmp_path / "s") == 0
     assert _score(workspace, tmp_path / "s") == 2
     assert "--overwrite" in capsys.readouterr().err
-    assert (tmp_path / "s" / "keep.txt").exists()
+    assert _score(workspace, tmp_path / "s", "--overwrite") == 0
 
 
 def test_nan_factors_are_refused(workspace, tmp_path, capsys):
     import shutil
     from safetensors.torch import load_file, save_file
 
-    from pretrace.storage import file_record
+    from pretrace.storage import mark_folder
 
     shutil.copytree(workspace / "factors", tmp_path / "f")
     tensors = load_file(str(tmp_path / "f" / "factors.safetensors"))
     key = next(k for k in tensors if k.endswith(".lambda"))
     tensors[key][0, 0] = float("nan")
     save_file(tensors, str(tmp_path / "f" / "factors.safetensors"))
-    meta = json.loads((tmp_path / "f" / "factors.json").read_text())  # a matching hash: the NaN itself must be caught
-    meta["files"]["factors.safetensors"] = file_record(tmp_path / "f" / "factors.safetensors")
-    (tmp_path / "f" / "factors.json").write_text(json.dumps(meta))
+    mark_folder(tmp_path / "f", "fit", manifest=True)  # a matching manifest: the NaN itself must be caught
     code = main(["score", "--model", str(workspace / "model"), "--factors", str(tmp_path / "f"), "--queries", str(workspace / "q.jsonl"),
                  "--train", str(workspace / "docs.jsonl"), "--out", str(tmp_path / "s")])
     assert code == 2 and "NaN" in capsys.readouterr().err

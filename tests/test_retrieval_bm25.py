@@ -107,5 +107,5 @@ def test_open_or_build_reuses_and_refuses_other_corpus(tmp_path):
     torch.testing.assert_close(reopened.scores(QUERIES), built.scores(QUERIES))
     with pytest.raises(PretraceError, match="different corpus"):
         BM25Index.open_or_build(list(reversed(DISTINCT)), folder)
-    with pytest.raises(PretraceError, match="not a pretrace BM25|missing"):
+    with pytest.raises(PretraceError, match="not a complete `pretrace bm25-index` folder"):
         BM25Index.load(tmp_path)

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pretrace.cli import main
-from pretrace.storage import file_record, file_sha256
+from pretrace.storage import OWNER_FILE, file_sha256, mark_folder
 from tiny import assert_refused, tiny_workspace
 
 MLP = "gpt_neox.layers.1.mlp.dense_h_to_4h"
@@ -52,13 +52,14 @@ def _rewrite_factors(folder: Path, edit) -> None:
     tensors = load_file(str(folder / "factors.safetensors"))
     edit(tensors)
     save_file(tensors, str(folder / "factors.safetensors"))
-    meta = json.loads((folder / "factors.json").read_text())
-    meta["files"]["factors.safetensors"] = file_record(folder / "factors.safetensors")
-    (folder / "factors.json").write_text(json.dumps(meta))
+    mark_folder(folder, "fit", manifest=True)
 
 
-def _edit_json(path: Path, edit) -> None:
+def _edit_json(path: Path, edit, command: str | None = None) -> None:
+    """Edit a JSON file; with `command`, record the folder's new manifest, so the check under test is not the sha256 one."""
     path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+    if command is not None:
+        mark_folder(path.parent, command, manifest=True)
 
 
 def test_finite_bit_flips_in_factors_are_detected(workspace, tmp_path, capsys):
@@ -82,7 +83,7 @@ def test_invalid_factor_tensors_areassert_refused(workspace, tmp_path, capsys, e
 
 def test_factors_without_a_model_fingerprint_areassert_refused(workspace, tmp_path, capsys):
     factors = _copy(workspace, tmp_path, "factors")
-    _edit_json(factors / "factors.json", lambda meta: {k: v for k, v in meta.items() if k != "model_fingerprint"})
+    _edit_json(factors / "factors.json", lambda meta: {k: v for k, v in meta.items() if k != "model_fingerprint"}, "fit")
     assert_refused(_score(workspace, tmp_path / "s", factors), capsys, "no model fingerprint")
 
 
@@ -91,12 +92,19 @@ def test_factors_without_a_model_fingerprint_areassert_refused(workspace, tmp_pa
     (lambda meta: {**meta, "modules": list(meta["modules"])}, "'modules' is missing or not an object"),
     (lambda meta: {**meta, "modules": {k: {"shape": v["shape"]} for k, v in meta["modules"].items()}}, "'n_blocks'"),
     (lambda meta: {**meta, "format_version": 1}, "recompute the factors"),
-    (lambda meta: {k: v for k, v in meta.items() if k != "files"}, "no content hash"),
 ])
 def test_malformed_factors_json_isassert_refused(workspace, tmp_path, capsys, edit, needle):
     factors = _copy(workspace, tmp_path, "factors")
-    _edit_json(factors / "factors.json", edit)
-    assert_refused(main(["inspect", str(factors)]), capsys, "factors.json" if needle != "no content hash" else "factors.safetensors", needle)
+    _edit_json(factors / "factors.json", edit, "fit")
+    assert_refused(main(["inspect", str(factors)]), capsys, "factors.json", needle)
+
+
+def test_an_edited_factors_json_or_a_missing_manifest_is_refused(workspace, tmp_path, capsys):
+    factors = _copy(workspace, tmp_path, "factors")
+    _edit_json(factors / "factors.json", lambda meta: {**meta, "documents": meta["documents"] + 1})
+    assert_refused(main(["inspect", str(factors)]), capsys, "factors.json", "sha256", "recompute the factors")
+    (factors / OWNER_FILE).unlink()
+    assert_refused(main(["inspect", str(factors)]), capsys, str(factors), "no .pretrace.json manifest", "recompute the factors")
 
 
 def test_damaged_scores_areassert_refused(workspace, tmp_path, capsys):
@@ -108,13 +116,13 @@ def test_damaged_scores_areassert_refused(workspace, tmp_path, capsys):
 def test_damaged_index_shard_isassert_refused(workspace, tmp_path, capsys):
     index = _copy(workspace, tmp_path, "index")
     _flip_bits(index / "shard-00000.safetensors", 1)
-    assert_refused(_score(workspace, tmp_path / "s", workspace / "factors", "--index", str(index)), capsys, "shard-00000.safetensors", "sha256", "rebuild the index")
+    assert_refused(_score(workspace, tmp_path / "s", workspace / "factors", "--index", str(index)), capsys, "shard-00000.safetensors", "does not match the seal")
 
 
-@pytest.mark.parametrize("edit,needle", [(lambda meta: [meta], "JSON list, not an object"), (lambda meta: {**meta, "shards": {}}, "malformed")])
+@pytest.mark.parametrize("edit,needle", [(lambda meta: [meta], "JSON list, not an object"), (lambda meta: {**meta, "shards": {}}, "checksum")])
 def test_malformed_index_json_isassert_refused(workspace, tmp_path, capsys, edit, needle):
     index = _copy(workspace, tmp_path, "index")
-    _edit_json(index / "index.json", edit)
+    _edit_json(index / "index.json", edit, "index")
     assert_refused(_score(workspace, tmp_path / "s", workspace / "factors", "--index", str(index)), capsys, "index.json", needle, "rebuild the index")
 
 
@@ -162,6 +170,7 @@ def test_a_failed_swap_keeps_the_old_result(tmp_path, monkeypatch):
     final = tmp_path / "out"
     final.mkdir()
     (final / "old.txt").write_text("old")
+    mark_folder(final, "fit", manifest=True)
     def guarded(real):
         def rename(source, target, *args, **kwargs):
             if str(source).endswith(".tmp") and Path(target) == final:
@@ -173,6 +182,7 @@ def test_a_failed_swap_keeps_the_old_result(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "rename", guarded(os.rename))
     monkeypatch.setattr(os, "replace", guarded(os.replace))
     with pytest.raises(OSError):
-        with atomic_directory(final, overwrite=True) as tmp:
+        with atomic_directory(final, "fit", overwrite=True) as tmp:
             (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (final / "old.txt").read_text() == "old"
+    assert sorted(p.name for p in final.iterdir()) == [OWNER_FILE, "old.txt"]

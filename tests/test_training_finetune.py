@@ -170,12 +170,18 @@ def test_existing_output_is_refused_before_training(pretrained):
     pretrained.out.mkdir()
     (pretrained.out / "keep.txt").write_text("mine")
     settings = FinetuneSettings(model=str(pretrained.folder), data=str(pretrained.data), out=str(pretrained.out), alpha=0.1, device="cpu")
-    with pytest.raises(PretraceError, match="--overwrite"):
+    settings.overwrite, settings.epochs = True, 1
+    with pytest.raises(PretraceError, match="not written by pretrace"):  # a folder of the user's: never replaced
         finetune(settings, progress=False)
     assert [p.name for p in pretrained.out.iterdir()] == ["keep.txt"]
-    settings.overwrite, settings.epochs = True, 1
+    (pretrained.out / "keep.txt").unlink()
     finetune(settings, progress=False)
-    assert (pretrained.out / FINETUNE_RECORD).is_file() and not (pretrained.out / "keep.txt").exists()
+    settings.overwrite = False
+    with pytest.raises(PretraceError, match="--overwrite"):
+        finetune(settings, progress=False)
+    settings.overwrite = True
+    finetune(settings, progress=False)  # a folder `pretrace finetune` wrote: replaced
+    assert (pretrained.out / FINETUNE_RECORD).is_file()
 
 
 def test_bad_input_is_refused(pretrained, tmp_path):

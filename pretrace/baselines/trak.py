@@ -255,12 +255,16 @@ class TRAK(Attributor):
         }
 
 
+def ensemble_folder(settings) -> str:
+    """Where the ensemble's members are cached: --trak-ensemble-dir, by default OUT.trak-ensemble beside --out."""
+    return settings.trak_ensemble_dir or str(Path(settings.out).with_name(Path(settings.out).name + ".trak-ensemble"))
+
+
 def ensemble_settings(settings) -> EnsembleSettings | None:
     """The ensemble to train from the score settings, or None (--trak-ensemble 0)."""
     if not settings.trak_ensemble:
         return None
-    folder = settings.trak_ensemble_dir or str(Path(settings.out).with_name(Path(settings.out).name + ".trak-ensemble"))
-    return EnsembleSettings(settings.trak_ensemble, folder, settings.trak_train_data or settings.train, settings.trak_subset_fraction,
+    return EnsembleSettings(settings.trak_ensemble, ensemble_folder(settings), settings.trak_train_data or settings.train, settings.trak_subset_fraction,
                             settings.trak_epochs, settings.trak_lr, settings.trak_batch_size, settings.trak_seed, settings.trak_init)
 
 

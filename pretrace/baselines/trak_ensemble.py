@@ -23,12 +23,13 @@ import torch
 from pretrace.data.records import iter_documents
 from pretrace.errors import PretraceError
 from pretrace.modeling.loading import parse_dtype
-from pretrace.storage import file_sha256, read_json, write_json
+from pretrace.storage import file_sha256, mark_folder, read_json, read_record, refuse_foreign, verify_folder, write_record
 from pretrace.training import PRETRAIN_RECORD, TrainSettings, pretrain
 from pretrace.modeling.stage import Stage
 
 INITIALISATIONS = ("scratch", "model")
 MANIFEST = "ensemble.json"
+ENSEMBLE_COMMAND = "trak-ensemble"
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,16 @@ def _signature(settings: EnsembleSettings, base: Stage) -> dict:
 def _check_manifest(folder: Path, signature: dict) -> None:
     manifest = folder / MANIFEST
     if manifest.is_file():
-        recorded = read_json(manifest)
+        recorded = read_record(manifest, "delete that folder to retrain the ensemble")
         if recorded != signature:
             changed = sorted(k for k in signature.keys() | recorded.keys() if recorded.get(k) != signature.get(k))
             raise PretraceError(f"{folder} holds a TRAK ensemble trained differently ({', '.join(changed)} differ); "
                                 "pass another --trak-ensemble-dir or delete that folder to retrain.")
     else:
-        write_json(manifest, signature)
+        refuse_foreign(folder, ENSEMBLE_COMMAND, "--trak-ensemble-dir")
+        folder.mkdir(parents=True, exist_ok=True)
+        mark_folder(folder, ENSEMBLE_COMMAND, manifest=False)
+        write_record(manifest, signature)
 
 
 def _initial_model(settings: EnsembleSettings, base: Stage, member: int) -> torch.nn.Module:
@@ -117,7 +121,8 @@ def train_ensemble(settings: EnsembleSettings, base: Stage, progress: bool = Tru
             pretrain(_initial_model(settings, base, m), base.tokenizer, [documents[i] for i in chosen], train,
                      out=path, dtype=base.options.dtype, progress=progress)  # saved atomically: a crash leaves no half member
             seconds = time.perf_counter() - started
-        else:
+        else:  # a member trained earlier: used only if its files are those it was saved with
+            verify_folder(path, "pretrain", f"delete {path} to train that member again")
             seconds = float(read_json(path / PRETRAIN_RECORD).get("seconds", 0.0))
         members.append(Member(path, len(chosen), trained_now, seconds))
     return members

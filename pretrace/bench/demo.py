@@ -148,7 +148,7 @@ def finetune_model(settings: DemoSettings, folder: Path, pretrained: Path, cache
 
 def run_demo(settings: DemoSettings) -> dict:
     """Run (or resume) every stage in --out, checked and locked first like every command's output; returns the table."""
-    with output_folder(settings.out, False, resume=True):
+    with output_folder(settings.out, False, command="demo", resume=True):
         return _run_demo(settings)
 
 

@@ -50,7 +50,7 @@ from pretrace.config import option
 from pretrace.errors import PretraceError
 from pretrace.metrics import pearson, spearman
 from pretrace.stages import StageCache, StageKey
-from pretrace.storage import read_json, write_json, write_jsonl
+from pretrace.storage import output_folder, read_json, write_json, write_jsonl
 
 SCOPES = ("all", "mlp")
 # (color, marker) per method family, as in the seed's results file
@@ -491,11 +491,17 @@ def check_same_run(folder: Path, settings: QualityVsCostSettings) -> None:
 
 
 def run_quality_vs_cost(settings: QualityVsCostSettings) -> list[dict]:
-    """Run (or resume) every stage; returns the rows written to `results.json`."""
-    from pretrace.scores.io import load_scores
-
+    """Run (or resume) every stage in --out, checked and locked first like every command's output; returns the rows
+    written to `results.json`."""
     if settings.preset not in PRESETS:
         raise PretraceError(f"unknown --preset {settings.preset!r}; choose one of {sorted(PRESETS)}.")
+    with output_folder(settings.out, False, command="bench quality-vs-cost", resume=True):
+        return _run_quality_vs_cost(settings)
+
+
+def _run_quality_vs_cost(settings: QualityVsCostSettings) -> list[dict]:
+    from pretrace.scores.io import load_scores
+
     folder = Path(settings.out)
     check_same_run(folder, settings)
     timings_path = folder / "timings.json"

@@ -114,7 +114,7 @@ def resolve(pipeline: dict, root: argparse.ArgumentParser) -> list[tuple[str, ar
     """Each step's command, parsed arguments and resolved keys (defaults filled in); nothing runs."""
     if not isinstance(pipeline, dict) or not isinstance(pipeline.get("step"), list) or not pipeline["step"]:
         raise PretraceError("a pipeline needs at least one [[step]] table, each with run = \"COMMAND\".")
-    unknown = sorted(set(pipeline) - {"defaults", "step", "step_digests"})
+    unknown = sorted(set(pipeline) - {"defaults", "step", "step_digests", "checksum"})
     if unknown:
         raise PretraceError(f"unknown pipeline tables {unknown}; a pipeline has [defaults] and [[step]] tables.")
     defaults = pipeline.get("defaults", {})
@@ -165,7 +165,7 @@ def _output(command: str, keys: dict) -> Path | None:
 
 def run(args) -> int:
     from pretrace.cli import build_parser
-    from pretrace.storage import read_json_object, write_json
+    from pretrace.storage import read_record, write_record
 
     steps = resolve(read_pipeline(args.pipeline), build_parser())
     resolved = {"step": [{"run": command, **keys} for command, _, keys in steps]}
@@ -176,7 +176,7 @@ def run(args) -> int:
     for number, (command, step_args, keys) in enumerate(steps, 1):
         name, out = f"{command}:{keys.get('out') or keys.get('scores')}", _output(command, keys)  # not its position: steps may be inserted
         step_digest = _step_digest(command, keys, out)
-        record = read_json_object(out / RESOLVED, FIX_RECORD) if out is not None and (out / RESOLVED).is_file() else {}
+        record = read_record(out / RESOLVED, FIX_RECORD) if out is not None and (out / RESOLVED).is_file() else {}
         if record.get("step_digests", {}).get(name) == step_digest:
             print(f"[pipeline] step {number}/{len(steps)}: pretrace {command} -> {out} (unchanged, skipped)", flush=True)
             continue
@@ -187,7 +187,7 @@ def run(args) -> int:
             return code
         if out is not None and out.is_dir():
             # read again: the step may have replaced the folder (and with it an older record)
-            done = read_json_object(out / RESOLVED, FIX_RECORD).get("step_digests", {}) if (out / RESOLVED).is_file() else {}
-            write_json(out / RESOLVED, {**resolved, "step_digests": {**done, name: step_digest}})
+            done = read_record(out / RESOLVED, FIX_RECORD).get("step_digests", {}) if (out / RESOLVED).is_file() else {}
+            write_record(out / RESOLVED, {**resolved, "step_digests": {**done, name: step_digest}})
     print(f"[pipeline] {len(steps)} steps in {time.perf_counter() - started:.1f} s")
     return 0

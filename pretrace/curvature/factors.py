@@ -9,16 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
 from pretrace.errors import PretraceError
 from pretrace.modeling.modules import TrackedModule
-from pretrace.storage import file_record, read_json_object, read_tensors, verify_file, write_json, write_tensors
+from pretrace.storage import atomic_directory, read_json_object, read_tensors, verify_folder, write_json, write_tensors
 
 FACTORS_FILE = "factors.safetensors"
 METADATA_FILE = "factors.json"
-FORMAT_VERSION = 2  # 2: factors.json holds the tensors' sha256 (format 1 folders are refused: recompute them)
+FORMAT_VERSION = 3  # 3: the folder's .pretrace.json manifest holds every file's sha256 (older folders are refused: recompute them)
 _RECOMPUTE = "recompute the factors with `pretrace fit`"
 
 
@@ -94,9 +95,14 @@ class Factors:
     def module_names(self) -> list[str]:
         return list(self.modules)
 
-    def save(self, folder: str | Path) -> None:
-        """Tensors first, then `factors.json` naming their file's sha256 and every module's shape."""
-        folder = Path(folder)
+    def save(self, folder: str | Path, overwrite: bool = False, discard: Iterable[str | Path] = ()) -> None:
+        """`factors.safetensors` and `factors.json` (every module's shape), committed as one folder with its manifest
+        of sha256s (see `pretrace.storage`): `folder` holds the old factors or the new, never a mix. `discard` (a fit's
+        checkpoint) is deleted in the same commit."""
+        with atomic_directory(folder, "fit", overwrite=overwrite, discard=discard) as tmp:
+            self._write(tmp)
+
+    def _write(self, folder: Path) -> None:
         tensors = {}
         for name, mf in self.modules.items():
             for attr, disk in _DISK_NAMES.items():
@@ -109,7 +115,6 @@ class Factors:
         write_tensors(folder / FACTORS_FILE, tensors)
         meta = dict(self.metadata)
         meta["format_version"] = FORMAT_VERSION
-        meta["files"] = {FACTORS_FILE: file_record(folder / FACTORS_FILE)}
         meta["modules"] = {name: {"n_blocks": mf.n_blocks, "shape": list(mf.lambda_.shape[1:])} for name, mf in self.modules.items()}
         write_json(folder / METADATA_FILE, meta)
 
@@ -119,13 +124,12 @@ class Factors:
         folder = Path(folder)
         if not folder.is_dir():
             raise PretraceError(f"{folder}: no such factor folder; create it with `pretrace fit`.")
+        verify_folder(folder, "fit", _RECOMPUTE)
         meta = read_json_object(folder / METADATA_FILE, _RECOMPUTE)
         if meta.get("format_version") != FORMAT_VERSION:
             raise PretraceError(f"{folder / METADATA_FILE}: not a factor folder of this pretrace version (format {meta.get('format_version')!r}, "
                                 f"expected {FORMAT_VERSION}); {_RECOMPUTE}.")
         shapes = _module_shapes(folder, meta)
-        files = meta.get("files")
-        verify_file(folder / FACTORS_FILE, files.get(FACTORS_FILE) if isinstance(files, dict) else None, _RECOMPUTE)
         tensors = read_tensors(folder / FACTORS_FILE)
         modules = {}
         for name, (n_blocks, block_size, d_in) in shapes.items():

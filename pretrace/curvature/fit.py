@@ -13,6 +13,7 @@ Stored factors stay on the CPU; only the two eigenbases go to the model's device
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -24,12 +25,12 @@ from pretrace.parallel import collectives, group
 from pretrace.config import option, to_dict, validate_choices
 from pretrace.curvature.factors import Factors, ModuleFactors
 from pretrace.data.batching import TokenBatch
-from pretrace.errors import PretraceError
+from pretrace.errors import CorruptFile, PretraceError
 from pretrace.gradients.capture import capture, compute_dtype
 from pretrace.gradients.task import LanguageModelingTask, Task, dtype_hint
 from pretrace.modeling.loading import parse_dtype
 from pretrace.modeling.modules import TrackedModule
-from pretrace.storage import fault_point, read_signed_header, read_tensors, write_tensors
+from pretrace.storage import fault_point, read_signed, write_tensors
 
 
 @dataclass
@@ -63,19 +64,26 @@ class _Checkpoint:
         return self.folder / f"{self.stage}.safetensors"
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """The saved sums and counts; None when there are none, or when the file no longer matches its seal (said:
+        the pass then starts over, so a damaged checkpoint never enters the factors)."""
         if self.folder is None or not self.path.is_file():
             return None
-        meta = read_signed_header(self.path, self.KEY, self.signature, self.folder, "fit (other model, data or settings)")
+        try:
+            sums, meta = read_signed(self.path, self.KEY, self.signature, self.folder, "fit (other model, data or settings)")
+        except CorruptFile as error:
+            warnings.warn(f"{error}; the {self.stage.split('.')[0]} pass starts over.", stacklevel=3)
+            self.path.unlink()
+            return None
         try:
             counts = {k: int(meta[k]) for k in ("batches", "documents", "tokens")}
         except (KeyError, TypeError, ValueError):
             raise PretraceError(f"{self.path}: not a checkpoint of this pretrace version; delete {self.folder} to start over.") from None
-        return read_tensors(self.path), counts
+        return sums, counts
 
     def save(self, sums: dict[str, torch.Tensor], counts: dict) -> None:
         if self.folder is None:
             return
-        write_tensors(self.path, sums, metadata={self.KEY: json.dumps({"signature": self.signature, **counts})})
+        write_tensors(self.path, sums, metadata={self.KEY: json.dumps({"signature": self.signature, **counts})}, seal=True)
         fault_point("checkpoint")
 
 

@@ -26,6 +26,18 @@ def is_adapter_folder(path: str | Path) -> bool:
     return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
 
 
+def model_folders(flag: str, path: str | Path | None, base: str | Path | None = None) -> dict[str, str | Path | None]:
+    """The folders a model flag makes a run read: the folder itself and, for an adapter, its base model folder,
+    which is as much an input (an output must never replace it) as the adapter."""
+    folders: dict[str, str | Path | None] = {flag: path}
+    if path is not None and is_adapter_folder(path):
+        try:
+            folders[f"{flag} (the adapter's base model)"] = adapter_base(path, base)
+        except PretraceError:
+            pass  # no base found: loading the model says so, before any work
+    return folders
+
+
 def adapter_base(path: str | Path, fallback: str | Path | None = None) -> Path:
     """The base model folder: the one the adapter records, when it is a local folder, else `fallback`
     (--pretrained: an adapter trained from a hub name records that name)."""

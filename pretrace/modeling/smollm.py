@@ -48,7 +48,7 @@ def ensure_smollm2(cache_dir: str | Path | None = None) -> Path:
     gguf = smollm2_gguf()
     if importlib.util.find_spec("gguf") is None:
         raise PretraceError("package 'gguf' is not installed; transformers needs it to read GGUF files: `pip install gguf`.")
-    with atomic_directory(target) as tmp:
+    with atomic_directory(target, "smollm2-convert") as tmp:
         _convert(gguf, tmp)
     return target
 

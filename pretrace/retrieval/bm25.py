@@ -27,11 +27,12 @@ from tqdm.auto import tqdm
 
 from pretrace.errors import PretraceError
 from pretrace.retrieval.base import check_k, check_same_corpus, corpus_sha256, top_k
-from pretrace.storage import atomic_directory, read_json, write_json
+from pretrace.storage import atomic_directory, read_json, verify_folder, write_json
 
 WORD_PATTERN = re.compile(r"\w+")
 METHODS = ("lucene", "robertson", "atire", "bm25l", "bm25+")
 MANIFEST = "manifest.json"
+INDEX_COMMAND = "bm25-index"
 FORMAT = "pretrace-bm25"
 
 
@@ -92,7 +93,7 @@ class BM25Index:
         return indices, values
 
     def save(self, folder: str | Path, overwrite: bool = False) -> None:
-        with atomic_directory(folder, overwrite=overwrite) as tmp:
+        with atomic_directory(folder, INDEX_COMMAND, overwrite=overwrite) as tmp:
             self.engine.save(str(tmp), allow_pickle=False, show_progress=False)
             write_json(
                 tmp / MANIFEST,
@@ -113,6 +114,7 @@ class BM25Index:
     @classmethod
     def load(cls, folder: str | Path) -> BM25Index:
         folder = Path(folder)
+        verify_folder(folder, INDEX_COMMAND, "delete the folder and rebuild the index")
         manifest = read_json(folder / MANIFEST)
         if manifest.get("format") != FORMAT or manifest.get("token_pattern") != WORD_PATTERN.pattern:
             raise PretraceError(f"{folder}: not a pretrace BM25 index of this version; rebuild it.")

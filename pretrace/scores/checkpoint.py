@@ -7,20 +7,24 @@ covers. A killed run started again with the same signature replays the parts (th
 scores; parts newer than the explanation state, from a kill between the two writes, are scored again) and
 scores only the batches after them (their documents are read again, not scored); one with another signature is
 refused, on every rank. Files are written atomically, so a kill during a save leaves the previous saves intact.
+Every file is sealed (the sha256 of its tensors and header, verified when read back): a damaged part, and every
+part after it, is deleted and scored again, a damaged explanation state is dropped and its batches scored again,
+each said in a warning, so corruption never enters the scores.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from pretrace.errors import PretraceError
+from pretrace.errors import CorruptFile, PretraceError
 from pretrace.parallel.collectives import all_gather_objects
 from pretrace.parallel.group import rank
-from pretrace.storage import fault_point, read_signed_header, read_tensors, write_tensors
+from pretrace.storage import fault_point, read_signed, write_tensors
 
 KEY = "pretrace_scoring_checkpoint"
 
@@ -73,29 +77,41 @@ class ScoringCheckpoint:
         if explained:
             covered = 0
             if self._explanations.is_file():
-                meta = self._header(self._explanations)
-                state, covered = (read_tensors(self._explanations), meta["explain"]), meta["done"]
+                try:
+                    tensors, meta = self._read(self._explanations)
+                    state, covered = (tensors, meta["explain"]), meta["done"]
+                except CorruptFile as error:
+                    warnings.warn(f"{error}; the explanation state is dropped and every saved batch is scored again.", stacklevel=3)
+                    self._explanations.unlink()
         batches: list[BatchScores] = []
-        for path in self._parts():
-            meta = self._header(path)
+        parts = self._parts()
+        for number, path in enumerate(parts):
+            try:
+                tensors, meta = self._read(path)
+            except CorruptFile as error:
+                warnings.warn(f"{error}; it and the {len(parts) - number - 1} saved part(s) after it are deleted and their batches scored again.", stacklevel=3)
+                for later in parts[number:]:
+                    later.unlink()
+                break
             if covered is not None and meta["first"] + len(meta["batches"]) > covered:
                 break  # saved after the explanation state (a kill between the two writes): scored again
             if meta.get("first") != len(batches):
                 raise PretraceError(f"{path}: a checkpoint part is missing before it; delete {self.folder} to start over.")
-            batches.extend(_batches_from(read_tensors(path), meta))
+            batches.extend(_batches_from(tensors, meta))
         return batches, *state
 
-    def _header(self, path: Path) -> dict:
-        return read_signed_header(path, KEY, self.signature, self.folder, "scoring run (other models, factors, documents, queries or settings)")
+    def _read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
+        return read_signed(path, KEY, self.signature, self.folder, "scoring run (other models, factors, documents, queries or settings)")
 
     def save(self, done: int, batches: list[BatchScores], explain: tuple[dict[str, torch.Tensor], dict] | None) -> None:
         """The batches finished since the last save (`done` in all, these included), then the explanation state."""
         tensors, meta = _batches_to(batches)
         meta.update(signature=self.signature, first=done - len(batches))
-        write_tensors(self.folder / f"rank{rank():04d}-part-{done:010d}.safetensors", tensors, metadata={KEY: json.dumps(meta)})
+        write_tensors(self.folder / f"rank{rank():04d}-part-{done:010d}.safetensors", tensors, metadata={KEY: json.dumps(meta)}, seal=True)
         fault_point("score-checkpoint-part")
         if explain is not None:
-            write_tensors(self._explanations, explain[0], metadata={KEY: json.dumps({"signature": self.signature, "done": done, "explain": explain[1]})})
+            write_tensors(self._explanations, explain[0], metadata={KEY: json.dumps({"signature": self.signature, "done": done, "explain": explain[1]})},
+                          seal=True)
         fault_point("score-checkpoint")
 
 

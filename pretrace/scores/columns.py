@@ -12,6 +12,7 @@ import torch
 from pretrace.parallel.collectives import all_gather_objects, gather_in_order
 from pretrace.parallel.group import barrier, is_main, rank
 from pretrace.scores.plan import ScoringPlan, query_order
+from pretrace.storage import allocate
 
 
 class ScoreColumns:
@@ -80,6 +81,7 @@ def transpose_to_npy(sources: list[tuple[Path, tuple[int, ...]]], target: Path, 
     parts = [np.memmap(path, dtype=np.float32, mode="r", shape=(total, *shape)) if size else None
              for (path, shape), size in zip(sources, sizes)]
     out = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=(*lead, total))
+    allocate(target)
     step = max(1, chunk_bytes // max(1, 4 * int(np.prod(lead))))
     for begin in range(0, total, step):
         blocks = [np.zeros((min(step, total - begin), *shape), np.float32) if part is None else np.asarray(part[begin:begin + step])

@@ -15,6 +15,7 @@ atomically: an interrupted build resumes after its last complete shard. Per modu
 from __future__ import annotations
 
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +26,16 @@ from tqdm.auto import tqdm
 
 from pretrace.config import option, to_dict, validate_choices
 from pretrace.data.batching import TokenBatch
-from pretrace.errors import PretraceError
+from pretrace.errors import CorruptFile, PretraceError
 from pretrace.gradients.capture import CapturedBatch, capture, compute_dtype
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.scores.pairwise import ScoreResult
 from pretrace.scores.weights import DenseWeights, ModuleWeights, as_module_weights
-from pretrace.storage import file_record, read_json_object, read_tensors, verify_file, write_json, write_tensors
+from pretrace.storage import read_record, read_sealed, write_record, write_tensors
 
 INDEX_FILE = "index.json"
-FORMAT_VERSION = 2  # 2: index.json records each shard's sha256 (format 1 indexes are refused: rebuild them)
+FORMAT_VERSION = 3  # 3: sealed shards and index.json (older indexes are refused: rebuild them)
 _REBUILD = "rebuild the index with `pretrace index`"
 STORAGES = ("exact", "factored", "projected")
 
@@ -132,33 +133,45 @@ def build_index(
     device, dtype = next(model.parameters()).device, compute_dtype(model)
     signature = {"settings": to_dict(settings), "modules": {t.name: [t.d_out, t.d_in_total] for t in tracked}, **(signature or {})}
     if (folder / INDEX_FILE).is_file():
-        meta = read_json_object(folder / INDEX_FILE, _REBUILD)
+        meta = read_record(folder / INDEX_FILE, _REBUILD)
         if meta.get("signature") != signature:
             raise PretraceError(f"{folder}: holds an index of other documents, model or settings; choose another folder or delete it.")
         if meta.get("complete"):
             return meta
-    write_json(folder / INDEX_FILE, {"format_version": FORMAT_VERSION, "signature": signature, "complete": False})
+    write_record(folder / INDEX_FILE, {"format_version": FORMAT_VERSION, "signature": signature, "complete": False})
     sketches = projections(signature["modules"], settings.projection_dim, settings.projection_seed) if settings.storage == "projected" else {}
     total = None if num_batches is None else -(-num_batches // settings.batches_per_shard)
     shards, ids = [], []
     for number, chunk in enumerate(tqdm(_chunks(batches, settings.batches_per_shard), total=total, desc="indexing documents", unit="shard", disable=not progress)):
         path, chunk_ids = _shard_path(folder, number), [i for batch in chunk for i in batch.ids]
-        if not path.is_file():  # shards already written by an interrupted build are kept
+        if not _intact(path):  # shards already written by an interrupted build are kept, if their seal holds
             parts = []
             for batch in chunk:
                 batch = batch.to(device)
                 captured = capture(model, tracked, lambda: task.document_loss(model, batch))
                 parts.append({k: v.to(dtype) if v.is_floating_point() else v for k, v in _batch_entries(captured, batch, tracked, settings, sketches).items()})
-            write_tensors(path, _merge(parts, [len(b) for b in chunk]), metadata={"documents": str(len(chunk_ids))})
-        shards.append({"file": path.name, "documents": len(chunk_ids), **file_record(path)})
+            write_tensors(path, _merge(parts, [len(b) for b in chunk]), metadata={"documents": str(len(chunk_ids))}, seal=True)
+        shards.append({"file": path.name, "documents": len(chunk_ids)})
         ids.extend(chunk_ids)
     if not ids:
         raise PretraceError("no documents to index.")
     meta = {"format_version": FORMAT_VERSION, "signature": signature, "complete": True, "storage": settings.storage,
             "projection_dim": settings.projection_dim, "projection_seed": settings.projection_seed,
             "modules": signature["modules"], "shards": shards, "document_ids": ids}
-    write_json(folder / INDEX_FILE, meta)
+    write_record(folder / INDEX_FILE, meta)
     return meta
+
+
+def _intact(shard: Path) -> bool:
+    """Whether an interrupted build's shard can be kept: present and matching its seal (a damaged one is said, and rebuilt)."""
+    if not shard.is_file():
+        return False
+    try:
+        read_sealed(shard)
+        return True
+    except CorruptFile as error:
+        warnings.warn(f"{error}; the shard is computed again.", stacklevel=3)
+        return False
 
 
 def read_index(folder: str | Path) -> dict:
@@ -166,7 +179,7 @@ def read_index(folder: str | Path) -> dict:
     folder = Path(folder)
     if not (folder / INDEX_FILE).is_file():
         raise PretraceError(f"{folder}: not a gradient index (no {INDEX_FILE}); build one with `pretrace index`.")
-    meta = read_json_object(folder / INDEX_FILE, _REBUILD)
+    meta = read_record(folder / INDEX_FILE, _REBUILD)  # sealed, like every shard (each checked as it is read)
     if meta.get("format_version") != FORMAT_VERSION:
         raise PretraceError(f"{folder}: index format {meta.get('format_version')!r} is not {FORMAT_VERSION}; {_REBUILD}.")
     if not meta.get("complete"):
@@ -230,8 +243,7 @@ def score_index(
         stored[name] = dense
     columns, module_columns = [], []
     for entry in tqdm(meta["shards"], desc="scoring the index", unit="shard", disable=not progress):
-        verify_file(folder / entry["file"], entry, _REBUILD)
-        shard = read_tensors(folder / entry["file"])
+        shard, _ = read_sealed(folder / entry["file"])
         per = torch.stack([_shard_scores(shard, name, stored[name], storage, entry["documents"]) for name in names])
         columns.append(per.sum(0))
         module_columns.append(per)

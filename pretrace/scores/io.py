@@ -9,12 +9,13 @@ import torch
 
 from pretrace.errors import PretraceError
 from pretrace.scores.pairwise import ScoreResult
-from pretrace.storage import file_record, read_json_object, read_tensors, verify_file, write_json, write_jsonl, write_tensors
+from pretrace.storage import read_json_object, read_tensors, verify_folder, write_json, write_jsonl, write_tensors
 
 SCORES_FILE = "scores.safetensors"
 METADATA_FILE = "scores.json"
 TOP_K_FILE = "top_k.jsonl"
 _RECOMPUTE = "recompute the scores with `pretrace score`"
+FORMAT_VERSION = 3  # 3: the folder's .pretrace.json manifest holds every file's sha256 (older folders are refused: recompute them)
 
 
 def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -36,7 +37,7 @@ def require_finite(tensors: dict[str, torch.Tensor], method: str | None = None) 
 
 
 def save_scores(folder: Path, result: ScoreResult, metadata: dict, top_k_rows: list[dict]) -> None:
-    """Tensors and top-k rows first, then `scores.json` naming both files' sha256 (the folder's manifest)."""
+    """Tensors, top-k rows and `scores.json` (the commit adds the folder's manifest of sha256s)."""
     tensors = {"scores": result.scores.float()}
     if result.per_module is not None:
         tensors["per_module"] = result.per_module.float()
@@ -56,7 +57,7 @@ def save_scores(folder: Path, result: ScoreResult, metadata: dict, top_k_rows: l
         "document_ids": result.document_ids,
         "module_names": result.module_names,
         "shape": list(result.scores.shape),
-        "files": {name: file_record(folder / name) for name in (SCORES_FILE, TOP_K_FILE)},
+        "format_version": FORMAT_VERSION,
     })
 
 
@@ -65,10 +66,11 @@ def load_scores(folder: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     folder = Path(folder)
     if not (folder / METADATA_FILE).is_file():
         raise PretraceError(f"{folder}: not a score folder (no {METADATA_FILE}); create one with `pretrace score`.")
+    verify_folder(folder, "score", _RECOMPUTE)
     meta = read_json_object(folder / METADATA_FILE, _RECOMPUTE)
-    files = meta.get("files") if isinstance(meta.get("files"), dict) else {}
-    for name in (SCORES_FILE, TOP_K_FILE):
-        verify_file(folder / name, files.get(name), _RECOMPUTE)
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise PretraceError(f"{folder / METADATA_FILE}: not a score folder of this pretrace version (format {meta.get('format_version')!r}, "
+                            f"expected {FORMAT_VERSION}); {_RECOMPUTE}.")
     tensors = read_tensors(folder / SCORES_FILE)
     if "scores" not in tensors or list(tensors["scores"].shape) != meta.get("shape"):
         raise PretraceError(f"{folder / SCORES_FILE}: its scores do not have the shape {meta.get('shape')} recorded in {METADATA_FILE}; {_RECOMPUTE}.")

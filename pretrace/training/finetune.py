@@ -27,6 +27,7 @@ from pretrace.parallel import group
 from pretrace.config import option, require_number, to_dict, validate_choices
 from pretrace.data.batching import encode_queries
 from pretrace.data.records import FieldOptions, Query, read_queries, source_sha256
+from pretrace.modeling.adapters import model_folders
 from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_device, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
 from pretrace.storage import output_folder, read_json
 from pretrace.training.loop import TrainHistory, TrainSettings, train
@@ -90,7 +91,8 @@ def finetune_model(model: torch.nn.Module, tokenizer, queries: Sequence[Query], 
 def finetune(settings: FinetuneSettings, progress: bool = True) -> torch.nn.Module:
     """Load `settings.model`, fine-tune it on `settings.data`, save model + tokenizer + record to `settings.out`."""
     group.initialize()
-    with output_folder(settings.out, settings.overwrite, {"--model": settings.model, "--data": settings.data}, lock=group.is_main()):
+    with output_folder(settings.out, settings.overwrite, {**model_folders("--model", settings.model), "--data": settings.data},
+                       command="finetune", lock=group.is_main()):
         return _finetune(settings, progress)
 
 
@@ -103,7 +105,7 @@ def _finetune(settings: FinetuneSettings, progress: bool) -> torch.nn.Module:
     history = finetune_model(model, tokenizer, queries, settings, settings.alpha, settings.dropout, progress)
     record = finetune_record(settings.alpha, settings.model, pretrained_fingerprint, settings.data, len(queries), history.losses, to_dict(settings))
     if group.is_main():
-        save_model_folder(settings.out, model, tokenizer, FINETUNE_RECORD, record, settings.overwrite)
+        save_model_folder(settings.out, model, tokenizer, FINETUNE_RECORD, record, "finetune", settings.overwrite)
     group.barrier()  # the folder is complete before any rank returns
     return model
 

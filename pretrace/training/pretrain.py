@@ -71,7 +71,7 @@ def pretrain(
     from transformers import PreTrainedModel
 
     if out is not None:
-        refuse_existing(out, overwrite)
+        refuse_existing(out, overwrite, "pretrain")
     if isinstance(config_or_model, (str, Path)):
         config_or_model = load_config(config_or_model)
     if isinstance(config_or_model, PreTrainedModel):
@@ -97,5 +97,5 @@ def pretrain(
         "validation_documents": len(held_out) if held_out else 0,
     }
     if out is not None:
-        save_model_folder(out, model, tokenizer, PRETRAIN_RECORD, record, overwrite)
+        save_model_folder(out, model, tokenizer, PRETRAIN_RECORD, record, "pretrain", overwrite)
     return model

@@ -7,9 +7,10 @@ from pathlib import Path
 from pretrace.parallel import group
 from pretrace.config import to_dict
 from pretrace.curvature import FitSettings, Factors, fit_factors
+from pretrace.modeling.adapters import model_folders
 from pretrace.modeling.modules import require_linear_modules
 from pretrace.data.records import check_source, source_sha256
-from pretrace.storage import atomic_directory, checkpoint_folder, output_folder
+from pretrace.storage import checkpoint_folder, output_folder
 from pretrace.modeling.stage import ModelOptions, load_stage
 
 
@@ -22,7 +23,7 @@ def fit(model: str | Path, data: str | Path, out: str | Path, options: ModelOpti
     group.initialize()
     options, settings = options or ModelOptions(), settings or FitSettings()
     out = Path(out)
-    with output_folder(out, overwrite, {"--model": model, "--data": data}, lock=group.is_main()):
+    with output_folder(out, overwrite, {**model_folders("--model", model), "--data": data}, command="fit", lock=group.is_main()):
         check_source(data, "fitting documents")
         stage = load_stage(model, options)
         require_linear_modules(stage.tracked, "pretrace fit")
@@ -42,7 +43,6 @@ def fit(model: str | Path, data: str | Path, out: str | Path, options: ModelOpti
             "options": to_dict(options),
         })
         if group.is_main():
-            with atomic_directory(out, overwrite=True, discard=[checkpoint]) as tmp:
-                factors.save(tmp)
+            factors.save(out, overwrite=True, discard=[checkpoint])
         group.barrier()
     return factors

@@ -7,6 +7,7 @@ from pathlib import Path
 from pretrace.scores.index import IndexSettings, build_index
 from pretrace.data.records import check_source, source_sha256
 from pretrace.storage import commit_folder, output_folder
+from pretrace.modeling.adapters import model_folders
 from pretrace.modeling.stage import ModelOptions, load_stage
 
 
@@ -19,7 +20,7 @@ def index(model: str | Path, train: str | Path, out: str | Path, options: ModelO
           settings: IndexSettings | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """Index the documents of `train` under the model folder `model` into `out`; returns the index's metadata."""
     options, out = options or ModelOptions(), Path(out)
-    with output_folder(out, overwrite, {"--model": model, "--train": train}):
+    with output_folder(out, overwrite, {**model_folders("--model", model), "--train": train}, command="index"):
         check_source(train, "training documents")
         stage = load_stage(model, options)
         used = stage.options  # as used: the default --max-length resolved against the model
@@ -32,5 +33,5 @@ def index(model: str | Path, train: str | Path, out: str | Path, options: ModelO
         work = build_folder(out)
         meta = build_index(stage.model, stage.tracked, stage.document_batches(train)(), work, settings, signature,
                            num_batches=stage.document_batch_count(train), progress=progress)
-        commit_folder(work, out)
+        commit_folder(work, out, "index")
     return meta

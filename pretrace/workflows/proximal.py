@@ -58,7 +58,7 @@ class ProximalFinetuning:
         `data` (the fine-tuning examples, completion tokens only), as `pretrace fit` would."""
         examples = read_queries(data, "fine-tuning example", fields)
         record = finetune_record(self.alpha, self.pretrained, self.pretrained_fingerprint, data, len(examples), step_losses, settings or {})
-        folder = save_model_folder(out, model, tokenizer, FINETUNE_RECORD, record, overwrite)
+        folder = save_model_folder(out, model, tokenizer, FINETUNE_RECORD, record, "finetune", overwrite)
         if factors is not None:
             fit(folder, data, factors, options, overwrite=overwrite, progress=False)
         return folder

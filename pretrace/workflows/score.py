@@ -18,7 +18,9 @@ from pretrace.config import option, require_number, to_dict, validate_choices
 from pretrace.data.batching import encode_queries, short_document_ids
 from pretrace.data.records import check_source, iter_documents, read_queries, source_sha256, validate_documents
 from pretrace.errors import PretraceError
-from pretrace.modeling.adapters import MERGED
+from pretrace.modeling.adapters import MERGED, model_folders
+from pretrace.baselines.trak import ensemble_folder
+from pretrace.baselines.trak_ensemble import ENSEMBLE_COMMAND
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.registry import METHODS, make_attributor
 from pretrace.modeling.modules import only_linear_modules
@@ -31,7 +33,7 @@ from pretrace.scores.index import read_index, score_index
 from pretrace.scores.plan import SPLITS, ScoringPlan
 from pretrace.scores.checkpoint import ScoringCheckpoint
 from pretrace.stages import Folder, Source, digest
-from pretrace.storage import atomic_directory, checkpoint_folder, output_folder
+from pretrace.storage import atomic_directory, check_cache, checkpoint_folder, output_folder
 from pretrace.training.finetune import FINETUNE_RECORD, read_finetune_record
 from pretrace.modeling.stage import ModelOptions, Stage, iter_source, load_stage
 
@@ -348,18 +350,33 @@ def score(settings: ScoreSettings, options: ModelOptions | None = None, context:
     in `result.explanations`, whatever top_k.jsonl holds. Under torchrun every rank scores its share of the documents
     and holds the whole result; rank 0 writes it."""
     group.initialize()
-    with output_folder(settings.out, settings.overwrite, _inputs(settings), lock=group.is_main()):
+    with output_folder(settings.out, settings.overwrite, _inputs(settings), command="score", lock=group.is_main()):
+        _check_caches(settings)
         return _score(settings, options or ModelOptions(), context, attributor, explain)
 
 
 def _inputs(settings: ScoreSettings) -> dict[str, str | None]:
-    """The paths `score` reads, which its --out must neither be, lie inside (folders) nor contain."""
-    inputs = {flag: getattr(settings, flag.removeprefix("--").replace("-", "_")) for flag in (
-        "--model", "--factors", "--pretrained", "--pretrained-factors", "--finetuned", "--finetuned-factors", "--index",
-        "--queries", "--train", "--fit-data", "--trak-train-data", "--embedding-model", "--text-index")}
+    """The paths `score` only reads (an adapter's base model included), which no folder it writes may be, lie
+    inside (folders) or contain."""
+    inputs = {}
+    for flag in ("--model", "--pretrained", "--finetuned"):
+        inputs.update(model_folders(flag, getattr(settings, flag.removeprefix("--")), base=settings.pretrained))
+    inputs.update({flag: getattr(settings, flag.removeprefix("--").replace("-", "_")) for flag in (
+        "--factors", "--pretrained-factors", "--finetuned-factors", "--index",
+        "--queries", "--train", "--fit-data", "--trak-train-data", "--embedding-model")})
     for number, folder in enumerate((settings.trak_models or "").split(",")):
-        inputs[f"--trak-models[{number}]"] = folder.strip() or None
+        inputs.update(model_folders(f"--trak-models[{number}]", folder.strip() or None))
     return inputs
+
+
+def _check_caches(settings: ScoreSettings) -> None:
+    """The folders `score` both reads and writes (a TRAK ensemble, a BM25 or embedding index), checked before any work
+    like --out: never an input, never inside --out, never a folder pretrace did not write."""
+    caches = {"--trak-ensemble-dir": (ENSEMBLE_COMMAND, ensemble_folder(settings) if settings.trak_ensemble else None),
+              "--text-index": (f"{settings.method}-index", settings.text_index)}
+    for flag, (command, folder) in caches.items():
+        if folder is not None:
+            check_cache(folder, command, flag, _inputs(settings), {"--out": settings.out})
 
 
 def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringContext | None, attributor: Attributor | None,
@@ -432,7 +449,7 @@ def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringConte
         "score_meaning": "score(z, x) = grad m(x)^T P grad loss(z); positive: up-weighting document z lowers the query's completion loss",
     }
     if group.is_main():
-        with atomic_directory(out, overwrite=True, discard=[checkpoint_folder(out)]) as tmp:
+        with atomic_directory(out, "score", overwrite=True, discard=[checkpoint_folder(out)]) as tmp:
             save_scores(tmp, result, metadata, _top_rows(context, result, top, details))
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)  # the result's memory maps stay valid

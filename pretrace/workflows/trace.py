@@ -25,11 +25,12 @@ from pretrace.curvature import FitSettings
 from pretrace.data.records import DEFAULT_FIELDS, Document, Fields, Query, UniqueIds, iter_documents, iter_records
 from pretrace.errors import PretraceError
 from pretrace.methods.registry import make_attributor
+from pretrace.modeling.adapters import model_folders
 from pretrace.modeling.loading import check_model_dir, load_model, load_tokenizer
 from pretrace.retrieval import make_retriever, retrieval_recall
 from pretrace.scores.io import load_scores, top_indices
 from pretrace.stages import File, Folder, Source, StageCache, StageKey
-from pretrace.storage import output_folder, read_json, read_jsonl_rows, write_json, write_jsonl
+from pretrace.storage import check_cache, output_folder, read_json, read_jsonl_rows, write_json, write_jsonl
 from pretrace.training.finetune import read_finetune_record
 from pretrace.modeling.stage import ModelOptions
 from pretrace.scores.explanations import Explain
@@ -287,14 +288,18 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
     """Run every stage (reusing finished ones) and write results.jsonl, report.html and the plots; returns the summary.
 
     --out is checked and locked first, like every command's, but as a run folder: its cached stages are reused, not refused."""
-    with output_folder(settings.out, False, _inputs(settings), resume=True):
+    with output_folder(settings.out, False, _inputs(settings), command="trace", resume=True):
+        if settings.index is not None:
+            check_cache(settings.index, f"{settings.retriever}-index", "--index", _inputs(settings), {"--out": settings.out})
         return _trace(settings, options or ModelOptions(), progress)
 
 
 def _inputs(settings: TraceSettings) -> dict[str, str | None]:
-    """The paths `trace` reads, which its --out must neither be, lie inside (folders) nor contain (stale stages are removed)."""
-    return {flag: getattr(settings, flag.removeprefix("--").replace("-", "_")) for flag in (
-        "--pretrained", "--finetuned", "--corpus", "--queries", "--pretrained-factors", "--finetuned-factors", "--finetune-data", "--embedding-model")}
+    """The paths `trace` only reads (adapters' base models included), which its --out must neither be, lie inside
+    (folders) nor contain (stale stages are removed)."""
+    inputs = {**model_folders("--pretrained", settings.pretrained), **model_folders("--finetuned", settings.finetuned, base=settings.pretrained)}
+    return inputs | {flag: getattr(settings, flag.removeprefix("--").replace("-", "_")) for flag in (
+        "--corpus", "--queries", "--pretrained-factors", "--finetuned-factors", "--finetune-data", "--embedding-model")}
 
 
 def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> dict:

@@ -80,7 +80,7 @@ def build_bundled_benchmark(out: str | Path | None = None, *, query_fraction: fl
         return benchmark
     out = Path(out)
     try:
-        with atomic_directory(out) as tmp:
+        with atomic_directory(out, "bench fact-tracing benchmark") as tmp:
             benchmark.write(tmp)
             write_json(tmp / MANIFEST, {"format": FORMAT, "version": VERSION, "options": options, "build": counts, "stats": benchmark.stats()})
     except PretraceError:

@@ -57,7 +57,7 @@ from pretrace.modeling.modules import find_blocks_container, select_modules
 from pretrace.modeling.smollm import cache_root, ensure_smollm2
 from pretrace.modeling.stage import ModelOptions, Stage, load_stage
 from pretrace.stages import File, Folder, StageCache, StageKey
-from pretrace.storage import atomic_directory, read_json, read_jsonl_rows, read_tensors, write_json, write_jsonl, write_tensors
+from pretrace.storage import atomic_directory, output_folder, read_json, read_jsonl_rows, read_tensors, write_json, write_jsonl, write_tensors
 
 DATA_SOURCES = ("bundled", "trex-lama", "folder")
 QUERY_SETS = ("queries", "dev")
@@ -210,7 +210,7 @@ class _Run:
             if self.cache.stale(key, folder):
                 benchmark, build = build_trex_lama_benchmark(s.trex, s.lama, questions)
                 benchmark.split = split_by_subject(benchmark.facts, seed=s.seed)
-                with atomic_directory(folder) as tmp:
+                with atomic_directory(folder, "bench fact-tracing benchmark") as tmp:
                     benchmark.write(tmp)
                     write_json(tmp / "build.json", build)
                 self.cache.record(key)
@@ -360,7 +360,15 @@ def _machine() -> dict:
 
 
 def run_fact_tracing(settings: FactTracingSettings) -> dict:
-    """Run (or resume) every stage and return the results written to `<out>/results.json`."""
+    """Run (or resume) every stage in --out, checked and locked first like every command's output; return the
+    results written to `<out>/results.json`."""
+    inputs = {"--model": settings.model, "--trex": settings.trex, "--lama": settings.lama, "--questions": settings.questions,
+              "--benchmark": settings.benchmark}
+    with output_folder(settings.out, False, inputs, command="bench fact-tracing", resume=True):
+        return _run_fact_tracing(settings)
+
+
+def _run_fact_tracing(settings: FactTracingSettings) -> dict:
     started, machine_at_start = time.perf_counter(), _machine()
     s = settings.sizes()
     run = _Run(s)

@@ -27,7 +27,7 @@ from pretrace.methods.gradient import PreconditionedGradients, multi_stage, sing
 from pretrace.modeling.stage import Stage
 from pretrace.scores.pairwise import score_weight_sets
 from pretrace.stages import StageCache
-from pretrace.storage import read_json, read_tensors, write_json, write_tensors
+from pretrace.storage import read_json, read_record, read_tensors, write_json, write_record, write_tensors
 
 GRADIENT_METHODS = ("multi-stage-ekfac", "pretrained-ekfac", "finetuned-ekfac", "gradient-dot")
 ON_PRETRAINED = ("multi-stage-ekfac", "pretrained-ekfac", "gradient-dot")  # candidates' gradients on θ_pt; the rest on θ_ft
@@ -82,7 +82,7 @@ def score_candidates(sets: dict[str, WeightSet], stage: Stage, candidates: Seque
                 record[label] = {"seconds": time.perf_counter() - start, "route": weight_set.attributor.query_route,
                                  "query_rank": weight_set.attributor.query_rank, "relative_error": weight_set.attributor.query_rank_error}
             folder.mkdir(parents=True, exist_ok=True)
-            write_json(folder / "queries.json", record)
+            write_record(folder / "queries.json", record)
         return prepared
 
     parts: dict[str, list[torch.Tensor]] = {label: [] for label in sets}
@@ -107,7 +107,7 @@ def score_candidates(sets: dict[str, WeightSet], stage: Stage, candidates: Seque
         total += float(read_json(record)["seconds"])
         for label in sets:
             parts[label].append(saved[label])
-    preparation = read_json(folder / "queries.json")
+    preparation = read_record(folder / "queries.json", "delete the run folder to recompute it")
     seconds[f"{name}.queries"] = sum(float(entry["seconds"]) for entry in preparation.values())
     seconds[f"{name}.candidates"] = total
     return {label: torch.cat(chunks, dim=1) for label, chunks in parts.items()}, preparation
