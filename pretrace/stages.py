@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pretrace.config import to_dict
 from pretrace.data.records import check_source, source_sha256
 from pretrace.errors import CorruptFile, PretraceError
 from pretrace.storage import file_sha256, read_record, write_record
@@ -78,7 +79,7 @@ def _normalise(value: Any) -> Any:
     if isinstance(value, Folder):
         return {"folder": folder_stamp(value.path, value.exclude)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return _normalise(dataclasses.asdict(value))
+        return _normalise(to_dict(value))  # settings with their groups, a method config with its name
     if isinstance(value, dict):
         return {str(k): _normalise(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from pretrace.config import from_flags
 from pretrace.bench.demo import DemoSettings
 from pretrace.cli import main
 from pretrace.errors import PretraceError
@@ -193,7 +194,7 @@ def test_non_finite_scores_are_never_written(ws, tmp_path):
     from pretrace.modeling.stage import ModelOptions
     from pretrace.workflows.score import score
 
-    from pretrace.methods import Attributor
+    from pretrace.methods.base import Attributor
 
     class NaNScores(Attributor):
         def fit(self, context):
@@ -206,9 +207,9 @@ def test_non_finite_scores_are_never_written(ws, tmp_path):
         def hyperparameters(self):
             return {}
 
-    settings = ScoreSettings(model=str(ws / "model"), factors=str(ws / "factors"), queries=str(ws / "q.jsonl"), train=str(ws / "docs.jsonl"),
-                             out=str(tmp_path / "out"), method="bm25")
-    with pytest.raises(PretraceError, match=r"8 of 8 values in 'scores' \(--method bm25\) are NaN or infinite.*nothing was written.*--dtype float32"):
+    settings = from_flags(ScoreSettings, model=str(ws / "model"), queries=str(ws / "q.jsonl"), train=str(ws / "docs.jsonl"),
+                          out=str(tmp_path / "out"), method="gradient-cosine")
+    with pytest.raises(PretraceError, match=r"8 of 8 values in 'scores' \(--method gradient-cosine\) are NaN or infinite.*nothing was written.*--dtype float32"):
         score(settings, ModelOptions(device="cpu"), attributor=NaNScores())
     assert not (tmp_path / "out").exists()
 
@@ -221,7 +222,7 @@ def test_short_documents_are_skipped_in_fit_and_score_zero(ws, tmp_path, capsys)
         assert main(["fit", "--model", str(ws / "model"), "--data", docs, "--out", str(tmp_path / "f"), "--device", "cpu"]) == 0
     assert json.loads((tmp_path / "f" / "factors.json").read_text())["documents"] == 2
     with pytest.warns(UserWarning, match=r"1 of 3 documents have fewer than 2 tokens.*scores are 0"):
-        assert main(["score", "--model", str(ws / "model"), "--factors", str(tmp_path / "f"), "--queries", str(ws / "q.jsonl"),
+        assert main(["score", "--model", str(ws / "model"), "--queries", str(ws / "q.jsonl"),
                      "--train", docs, "--out", str(tmp_path / "s"), "--device", "cpu", "--method", "gradient-cosine"]) == 0
     meta = json.loads((tmp_path / "s" / "scores.json").read_text())
     assert meta["too_short"] == ["short"] and meta["options"]["max_length"] == 64
@@ -230,8 +231,7 @@ def test_short_documents_are_skipped_in_fit_and_score_zero(ws, tmp_path, capsys)
     scores = load_file(str(tmp_path / "s" / "scores.safetensors"))["scores"]
     assert scores[0, 1] == 0 and torch.isfinite(scores).all() and (scores[0, [0, 2]] != 0).all()
     # a method that reads words, not the loss, scores the one-token document like any other (declared by the method)
-    assert main(["score", "--model", str(ws / "model"), "--queries", str(ws / "q.jsonl"), "--train", docs, "--out", str(tmp_path / "b"),
-                 "--device", "cpu", "--method", "bm25"]) == 0
+    assert main(["score", "--queries", str(ws / "q.jsonl"), "--train", docs, "--out", str(tmp_path / "b"), "--method", "bm25"]) == 0
     assert json.loads((tmp_path / "b" / "scores.json").read_text())["too_short"] == []
 
 
@@ -370,12 +370,12 @@ def test_a_nan_score_folder_is_flagged_by_inspect_and_refused_by_report(ws, tmp_
 
 
 @pytest.mark.parametrize("build,pattern", [
-    (lambda: ScoreSettings(queries="q", train="t", out="o", damping=float("nan")), r"--damping must be a finite number > 0"),
-    (lambda: ScoreSettings(queries="q", train="t", out="o", trak_subset_fraction=1.5), r"--trak-subset-fraction must be a finite number > 0 and <= 1"),
+    (lambda: from_flags(ScoreSettings, queries="q", train="t", out="o", damping=float("nan")), r"--damping must be a finite number > 0"),
+    (lambda: from_flags(ScoreSettings, queries="q", train="t", out="o", method="trak", trak_subset_fraction=1.5), r"--trak-subset-fraction must be a finite number > 0 and <= 1"),
     (lambda: FinetuneSettings(model="m", data="d", out="o", alpha=float("inf")), r"--alpha must be a finite number >= 0"),
-    (lambda: DemoSettings(query_facts=60), r"--query-facts must be at least 1 and below --facts=60"),
-    (lambda: TraceSettings(pretrained="p", finetuned="f", corpus="c", queries="q", out="o", alpha=float("nan")), r"--alpha must be a finite number > 0"),
-    (lambda: TraceSettings(pretrained="p", finetuned="f", corpus="c", queries="q", out="o", damping=-0.5), r"--damping must be a finite number > 0"),
+    (lambda: DemoSettings(query_facts=60), r"--query-facts must be below --facts=60"),
+    (lambda: from_flags(TraceSettings, pretrained="p", finetuned="f", corpus="c", queries="q", out="o", alpha=float("nan")), r"--alpha must be a finite number > 0"),
+    (lambda: from_flags(TraceSettings, pretrained="p", finetuned="f", corpus="c", queries="q", out="o", damping=-0.5), r"--damping must be a finite number > 0"),
 ], ids=["score-damping", "score-subset-fraction", "finetune-alpha", "demo-query-facts", "trace-alpha", "trace-damping"])
 def test_the_python_api_gets_the_same_checks(build, pattern):
     """The checks live in the settings dataclasses, so the API and pipeline files get them as well as the CLI."""

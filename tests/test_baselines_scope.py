@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from dense import autograd_document_gradients
+from pretrace.config import from_flags
 from pretrace.baselines.trak import TRAK
 from pretrace.data import Document, Query
 from pretrace.data.batching import collate, encode_documents, encode_queries
@@ -39,7 +40,7 @@ def _run(root, arch, method, queries, train, regex=None, **settings):
     model = save_tiny_model(root / arch, arch=arch) if not (root / arch).exists() else root / arch
     options = ModelOptions(device="cpu", dtype="float64", batch_size=3, preset=ALL_PARAMETERS, modules=regex, max_length=64)
     out = root / f"{arch}-{method}-{len(list(root.iterdir()))}"
-    result = score(ScoreSettings(queries=queries, train=train, out=str(out), model=str(model), method=method, top_k=2, explain=False, **settings), options)
+    result = score(from_flags(ScoreSettings, queries=queries, train=train, out=str(out), model=str(model), method=method, top_k=2, explain=False, **settings), options)
     return result, load_scores(out)[1], model
 
 
@@ -110,14 +111,14 @@ def test_exact_and_cg_over_all_parameters_equal_a_dense_solve(workspace, method,
 def test_kronecker_methods_refuse_and_explanations_are_left_out(workspace):
     root, queries, train, _ = workspace
     with pytest.raises(PretraceError, match="--method ekfac needs Kronecker-factored linear modules.*--preset all"):
-        _run(root, "gpt2", "ekfac", queries, train)
+        _run(root, "gpt2", "ekfac", queries, train, factors=str(root / "any-factors"))  # refused before the factors are read
     with pytest.raises(PretraceError, match="pretrace fit needs Kronecker-factored linear modules"):
         fit(str(root / "gpt2"), train, str(root / "refused-factors"), ModelOptions(device="cpu", preset=ALL_PARAMETERS))
     assert not (root / "refused-factors").exists()
     folder = root / "gpt2"
     options = ModelOptions(device="cpu", dtype="float64", preset=ALL_PARAMETERS)
     with pytest.warns(UserWarning, match="no per-token explanations"):
-        score(ScoreSettings(queries=queries, train=train, out=str(root / "explained"), model=str(folder), method="identity", top_k=2), options)
+        score(from_flags(ScoreSettings, queries=queries, train=train, out=str(root / "explained"), model=str(folder), method="identity", top_k=2), options)
     assert "token_scores" not in json.loads((root / "explained" / "top_k.jsonl").read_text().splitlines()[0])["documents"][0]
 
 

@@ -8,6 +8,8 @@ import pytest
 import torch
 
 from dense import autograd_document_gradients, hand_query_gradients
+from pretrace.config import from_flags
+from pretrace.methods.config import METHODS
 from pretrace.baselines.similarity import GradientCosine, RepresentationSimilarity, build_gradient_dot
 from pretrace.data import Document, Query
 from pretrace.data.batching import encode_queries
@@ -72,7 +74,7 @@ def test_multi_stage_takes_queries_from_the_query_stage_and_documents_from_the_d
     context = ScoringContext(finetuned, pretrained, docs, QUERIES)
     queries = autograd_query_gradients(finetuned.model, finetuned.tracked, tokenizer, QUERIES)
     documents = autograd_document_gradients(pretrained.model, pretrained.tracked, tokenizer, docs)
-    dot = build_gradient_dot(None)
+    dot = build_gradient_dot()
     dot.fit(context)
     torch.testing.assert_close(dot.score(context).scores, queries @ documents.T, rtol=1e-9, atol=1e-12)
     cosine = (queries @ documents.T) / (queries.norm(dim=1)[:, None] * documents.norm(dim=1)[None, :])
@@ -132,8 +134,10 @@ def run_workflow(tmp_path, method, documents=None, **settings):
     queries = write_jsonl(tmp_path / "queries.jsonl", [query_record(q) for q in QUERIES])
     train = write_jsonl(tmp_path / "train.jsonl", documents)
     out = tmp_path / f"scores-{method}"
-    result = score(ScoreSettings(queries=str(queries), train=str(train), out=str(out), model=str(model), method=method, top_k=3, **settings),
-                   ModelOptions(device="cpu", batch_size=4))
+    uses_model = METHODS[method].uses_model  # the text methods load no model
+    stage = {"model": str(model)} if uses_model else {}
+    result = score(from_flags(ScoreSettings, queries=str(queries), train=str(train), out=str(out), method=method, top_k=3, **stage, **settings),
+                   ModelOptions(device="cpu", batch_size=4) if uses_model else ModelOptions())
     tensors, metadata = load_scores(out)
     assert tensors["scores"].shape == (len(QUERIES), len(documents)) == tuple(metadata["shape"])
     torch.testing.assert_close(tensors["scores"], result.scores.float())
@@ -141,7 +145,7 @@ def run_workflow(tmp_path, method, documents=None, **settings):
     assert metadata["method"] == method and metadata["document_ids"] == [d["id"] for d in documents]
     timings = metadata["timings"]
     assert timings["one_off_seconds"] >= 0 and timings["per_query_seconds"] > 0
-    assert metadata["settings"]["method"] == method
+    assert metadata["settings"]["method"]["name"] == method
     rows = [json.loads(line) for line in (out / "top_k.jsonl").read_text().splitlines()]
     assert [row["query_id"] for row in rows] == ["q0", "q1", "q2"] and all(len(row["documents"]) == 3 for row in rows)
     return tensors, metadata
@@ -154,7 +158,7 @@ def run_workflow(tmp_path, method, documents=None, **settings):
     ("representation", {"layer": 1}),
 ])
 def test_similarity_methods_through_the_score_workflow(tmp_path, method, expected):
-    tensors, metadata = run_workflow(tmp_path, method, representation_layer=1)
+    tensors, metadata = run_workflow(tmp_path, method, **({"representation_layer": 1} if method == "representation" else {}))
     assert expected.items() <= metadata["hyperparameters"].items()
     expected = _workflow_reference(tmp_path / "model", method)
     torch.testing.assert_close(tensors["scores"].double(), expected, rtol=1e-4, atol=1e-6)  # the workflow ran in float32

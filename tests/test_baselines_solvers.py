@@ -6,6 +6,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from dense import dense_gauss_newton, flatten, unflatten
+from pretrace.config import from_flags
 from pretrace.baselines.arnoldi import ArnoldiInverse, ritz_pairs
 from pretrace.baselines.cg import ConjugateGradient
 from pretrace.baselines.curvature_products import CurvatureProducts
@@ -226,7 +227,7 @@ def test_solvers_through_the_score_workflow(workspace, method, settings):
     settings = {**settings, **({"fit_data": pairs} if settings.get("fit_data") == "pairs" else {})}
     out = root / f"{method}-{len(settings)}"
     options = ModelOptions(device="cpu", dtype="float64", batch_size=4, modules=r"layers\.1\.mlp")
-    result = score(ScoreSettings(queries=queries, train=train, out=str(out), model=model, method=method, top_k=2, **settings), options)
+    result = score(from_flags(ScoreSettings, queries=queries, train=train, out=str(out), model=model, method=method, top_k=2, **settings), options)
     tensors, metadata = load_scores(out)
     assert tensors["scores"].shape == (2, 8) and torch.isfinite(result.scores).all()
     assert metadata["timings"]["one_off_seconds"] > 0 and metadata["timings"]["per_query_seconds"] > 0
@@ -241,8 +242,8 @@ def test_solvers_through_the_score_workflow(workspace, method, settings):
 def test_solvers_refuse_multi_stage_and_missing_fit_data(workspace):
     root, model, queries, train, _ = workspace
     with pytest.raises(PretraceError, match="single-stage only"):
-        score(ScoreSettings(queries=queries, train=train, out=str(root / "multi"), pretrained=model, finetuned=model, alpha=1.0, method="cg"),
+        score(from_flags(ScoreSettings, queries=queries, train=train, out=str(root / "multi"), pretrained=model, finetuned=model, alpha=1.0, method="cg"),
               ModelOptions(device="cpu", dtype="float64"))
     with pytest.raises(PretraceError, match="--fit-data"):
-        score(ScoreSettings(queries=queries, train=train, out=str(root / "missing"), model=model, method="cg", fit_data=str(root / "nope.jsonl")),
+        score(from_flags(ScoreSettings, queries=queries, train=train, out=str(root / "missing"), model=model, method="cg", fit_data=str(root / "nope.jsonl")),
               ModelOptions(device="cpu", dtype="float64"))

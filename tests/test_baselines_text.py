@@ -7,7 +7,7 @@ import pytest
 import torch
 from rank_bm25 import BM25Okapi, BM25Plus
 
-from pretrace.baselines.text import TextRetrievalScores, build_bm25
+from pretrace.baselines.text import TextRetrievalScores
 from pretrace.data import Document, Query
 from pretrace.errors import PretraceError
 from pretrace.methods.base import ScoringContext
@@ -57,8 +57,11 @@ def test_bm25_scores_are_rank_bm25_scores():
 
 
 def test_unknown_bm25_method_is_refused():
-    with pytest.raises(PretraceError, match="bm25-method"):
-        build_bm25(SimpleNamespace(bm25_method="okapi", text_index=None))
+    from pretrace.methods.config import BM25
+    from pretrace.workflows.score import ScoreSettings
+
+    with pytest.raises(PretraceError, match="--bm25-method 'okapi' is not one of"):
+        ScoreSettings(queries="q", train="t", out="o", method=BM25(variant="okapi"))
 
 
 @pytest.fixture(scope="module")

@@ -6,19 +6,19 @@ import time
 import pytest
 
 from pretrace.curvature import FitSettings
-from pretrace.methods.registry import METHODS
+from pretrace.methods.config import CG, METHODS, TRAK, Arnoldi, Damping, LiSSA
 from pretrace.scores.io import load_scores
 from pretrace.modeling.stage import ModelOptions
 from pretrace.workflows.fit import fit
-from pretrace.workflows.score import ScoreSettings, score
+from pretrace.workflows.score import Outputs, ScoreSettings, score
 from test_baselines_similarity import QUERIES, query_record
 from tiny import save_tiny_model, write_jsonl
 
 SETTINGS = {  # small enough for a second each on the tiny model's last MLP
-    "trak": {"projection_dim": 8},
-    "cg": {"iterations": 50, "tolerance": 0.05},
-    "lissa": {"lissa_depth": 3, "damping": 1.0},
-    "arnoldi": {"arnoldi_rank": 2, "arnoldi_iterations": 4},
+    "trak": {"method": TRAK(projection_dim=8)},
+    "cg": {"method": CG(iterations=50, tolerance=0.05)},
+    "lissa": {"method": LiSSA(depth=3), "damping": Damping(absolute=1.0)},
+    "arnoldi": {"method": Arnoldi(rank=2, iterations=4)},
 }
 
 
@@ -37,9 +37,12 @@ def workspace(tmp_path_factory, sentences):
 def test_every_method_reports_its_time_split(workspace, method):
     root, model, train, queries, options = workspace
     out = root / method
+    stage = {} if method in ("bm25", "embedding") else {"model": model}  # the text methods load no model
     factors = {"factors": str(root / "factors")} if method in ("ekfac", "kfac", "diagonal") else {}
+    settings = {"method": method, **SETTINGS.get(method, {})}
     started = time.perf_counter()
-    score(ScoreSettings(queries=queries, train=train, out=str(out), model=model, method=method, top_k=2, **factors, **SETTINGS.get(method, {})), options)
+    score(ScoreSettings(queries=queries, train=train, out=str(out), outputs=Outputs(top_k=2), **stage, **factors, **settings),
+          options if stage else ModelOptions())
     wall = time.perf_counter() - started
     _, metadata = load_scores(out)
     timings = metadata["timings"]

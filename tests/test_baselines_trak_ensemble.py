@@ -5,6 +5,7 @@ reused from their folder, the same scores as --trak-models on those folders, and
 import pytest
 import torch
 
+from pretrace.config import from_flags
 from pretrace.baselines import trak_ensemble
 from pretrace.baselines.trak_ensemble import subset
 from pretrace.errors import PretraceError
@@ -29,7 +30,7 @@ def workspace(tmp_path_factory, sentences):
 def _score(workspace, name, **settings):
     root, model, queries, train = workspace
     out = root / name
-    result = score(ScoreSettings(queries=queries, train=train, out=str(out), model=model, method="trak", top_k=2, **settings),
+    result = score(from_flags(ScoreSettings, queries=queries, train=train, out=str(out), model=model, method="trak", top_k=2, **settings),
                    ModelOptions(device="cpu", dtype="float64", batch_size=4, max_length=64))
     return result, load_scores(out)[1]
 

@@ -20,8 +20,11 @@ def workspace(tmp_path_factory):
 
 
 def _score(root, out, *extra, model="model", factors="factors", queries="q.jsonl", train="docs.jsonl"):
-    return main(["score", "--model", str(root / model), "--factors", str(root / factors), "--queries", str(root / queries),
-                 "--train", str(root / train), "--out", str(out), *extra])
+    """`pretrace score` of the workspace: --model and --factors for a curvature method, only what the method reads otherwise."""
+    method = extra[extra.index("--method") + 1] if "--method" in extra else "ekfac"
+    stage = [] if method in ("bm25", "embedding") else ["--model", str(root / model)]
+    curvature = ["--factors", str(root / factors)] if method in ("ekfac", "kfac", "diagonal") else []
+    return main(["score", *stage, *curvature, "--queries", str(root / queries), "--train", str(root / train), "--out", str(out), *extra])
 
 
 def test_fit_score_inspect(workspace, tmp_path, capsys):
@@ -113,7 +116,7 @@ def test_nan_factors_are_refused(workspace, tmp_path, capsys):
     assert code == 2 and "NaN" in capsys.readouterr().err
 
 
-def test_self_influence_is_the_preconditioned_squared_norm(workspace, tmp_path):
+def test_self_influence_is_the_preconditioned_squared_norm(workspace, tmp_path, capsys):
     from safetensors.torch import load_file
 
     from dense import autograd_document_gradients
@@ -128,3 +131,4 @@ def test_self_influence_is_the_preconditioned_squared_norm(workspace, tmp_path):
                                         [Document(str(i), s) for i, s in enumerate(SENTENCES)])
     torch.testing.assert_close(values, grads.square().sum(1), rtol=1e-4, atol=1e-6)
     assert _score(workspace, tmp_path / "s2", "--method", "bm25", "--self-influence") == 2
+    assert "--self-influence has no effect with --method bm25" in capsys.readouterr().err

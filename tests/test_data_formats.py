@@ -116,5 +116,5 @@ def test_bad_sources_are_refused_with_their_place(baseline, tmp_path, capsys):
 
 
 def test_fields_leave_other_columns_and_default_records_untouched():
-    assert Fields().canonical({"text": "a", "x": 1}) == {"text": "a", "x": 1}
-    assert Fields(text="body").canonical({"body": "a", "text": "other", "evidence_ids": [1]}) == {"text": "a", "evidence_ids": [1]}
+    assert Fields().canonical({"text": "a", "x": 1}, "f:1") == {"text": "a", "x": 1}
+    assert Fields(text="body").canonical({"body": "a", "text": "other", "evidence_ids": [1]}, "f:1") == {"text": "a", "evidence_ids": [1]}

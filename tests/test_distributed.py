@@ -23,6 +23,7 @@ import torch
 import torch.multiprocessing as mp
 from torch.multiprocessing.spawn import ProcessException
 
+from pretrace.config import from_flags
 from pretrace.curvature import EKFAC, KFAC, Chain, FitSettings, Factors, PlacedPreconditioner, Preconditioner, Scaled, fit_factors
 from pretrace.data.batching import collate, encode_queries
 from pretrace.data.records import read_queries
@@ -68,7 +69,7 @@ def workspace(tmp_path_factory):
     queries = _write_jsonl(root / "queries.jsonl", QUERIES)
     options = ModelOptions(batch_size=BATCH_SIZE, device="cpu")
     fit(model, docs, root / "factors", options, FitSettings(checkpoint_every=1), progress=False)
-    score(ScoreSettings(queries=str(queries), train=str(docs), out=str(root / "scores"), model=str(model),
+    score(from_flags(ScoreSettings, queries=str(queries), train=str(docs), out=str(root / "scores"), model=str(model),
                         factors=str(root / "factors"), per_module=True), options)
     return root
 
@@ -127,15 +128,15 @@ def _assert_same_scores(folder: Path, reference: Path, explained: bool = True) -
 
 def test_torchrun_score_equals_single_process(workspace):
     """Scores streamed to disk by both ranks, and explanations gathered in RAM, match a single process; each
-    rank applies only its own modules' factors (kept on the CPU) and broadcasts the preconditioned gradients."""
+    rank applies only its own modules' factors and broadcasts the preconditioned gradients."""
     root = workspace
     scored = _torchrun("score", "--model", "model", "--factors", "factors", "--queries", "queries.jsonl", "--train", "docs.jsonl",
-                       "--out", "scores-2", "--per-module", "--scores-on-disk", "--shard-factors", "--factors-device", "cpu", *COMMON, cwd=root)
+                       "--out", "scores-2", "--per-module", "--scores-on-disk", "--shard-factors", *COMMON, cwd=root)
     assert scored.stdout.count("scores [") == 1  # only rank 0 prints
     _assert_same_scores(root / "scores-2", root / "scores")
     hyperparameters = load_scores(root / "scores-2")[1]["hyperparameters"]
     placement = hyperparameters["preconditioner"]
-    assert placement["factors_sharded_by_module"] and placement["factors_device"] == "cpu"
+    assert placement["factors_sharded_by_module"] and placement["factors_device"] is None  # on the CPU already: no device to keep them on
     assert hyperparameters["query_route"] == "eigenbasis"  # as with the factors beside the model: placing them never changes the route
 
 
@@ -210,13 +211,16 @@ def test_placed_preconditioner_on_cpu_matches_and_refuses_coupled_modules(worksp
         PlacedPreconditioner(Chain([EKFAC(factors), _Coupled()]), list(grads))
 
 
-def test_split_settings_refused_where_they_cannot_work(workspace, tmp_path):
+def test_split_settings_refused_where_they_cannot_work(workspace, tmp_path, monkeypatch):
     root = workspace
-    base = dict(queries=str(root / "queries.jsonl"), train=str(root / "docs.jsonl"), out=str(tmp_path / "s"), model=str(root / "model"))
-    with pytest.raises(PretraceError, match="--shard-factors"):
-        score(ScoreSettings(**base, factors=str(root / "factors"), shard="queries", shard_factors=True))
-    with pytest.raises(PretraceError, match="gradient methods"):
-        score(ScoreSettings(**base, method="bm25", shard="queries"), ModelOptions(batch_size=BATCH_SIZE, device="cpu"))
+    base = dict(queries=str(root / "queries.jsonl"), train=str(root / "docs.jsonl"), out=str(tmp_path / "s"))
+    with pytest.raises(PretraceError, match="--shard, --shard-factors have no effect without torchrun"):
+        from_flags(ScoreSettings, **base, model=str(root / "model"), factors=str(root / "factors"), shard="queries", shard_factors=True)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it: the settings are checked before the process group is joined
+    with pytest.raises(PretraceError, match="--shard-factors needs every rank to precondition the same queries"):
+        from_flags(ScoreSettings, **base, model=str(root / "model"), factors=str(root / "factors"), shard="queries", shard_factors=True)
+    with pytest.raises(PretraceError, match="--shard has no effect with --method bm25: they concern preconditioned gradient methods"):
+        from_flags(ScoreSettings, **base, method="bm25", shard="queries")
 
 
 def _values(entry) -> list[float]:
@@ -304,7 +308,7 @@ def test_killed_rank_does_not_hang_and_fit_resumes_to_same_factors(workspace):
 
 def test_scores_on_disk_equal_in_memory_scores(workspace, tmp_path):
     root = workspace
-    settings = ScoreSettings(queries=str(root / "queries.jsonl"), train=str(root / "docs.jsonl"), out=str(tmp_path / "scores"),
+    settings = from_flags(ScoreSettings, queries=str(root / "queries.jsonl"), train=str(root / "docs.jsonl"), out=str(tmp_path / "scores"),
                              model=str(root / "model"), factors=str(root / "factors"), per_module=True, scores_on_disk=True, explain=False)
     result = score(settings, ModelOptions(batch_size=BATCH_SIZE, device="cpu"))
     reference, _ = load_scores(root / "scores")

@@ -9,6 +9,7 @@ import json
 import pytest
 import torch
 
+from pretrace.config import from_flags
 from pretrace.cli import main
 from pretrace.curvature import EKFAC, FitSettings, Identity, fit_factors
 from pretrace.data import Document, Query
@@ -159,7 +160,7 @@ def test_pairs_a_pass_did_not_keep_are_rescored_to_the_same_explanation(workspac
     from pretrace.methods.registry import make_attributor
 
     root, _ = workspace
-    settings = ScoreSettings(queries=str(root / "q.jsonl"), train=str(root / "docs.jsonl"), out=str(root / "unused"),
+    settings = from_flags(ScoreSettings, queries=str(root / "q.jsonl"), train=str(root / "docs.jsonl"), out=str(root / "unused"),
                              model=str(root / "model"), factors=str(root / "f"))
     options = ModelOptions(device="cpu", dtype="float64", max_length=32)
     context, attributor = build_context(settings, options), make_attributor(settings)

@@ -101,6 +101,6 @@ def test_mismatches_are_refused(setup, tokenizer, tmp_path):
         score_index(tmp_path, {tracked[0].name: queries.weights[tracked[0].name]}, queries.ids)
     with pytest.raises(PretraceError, match="not a gradient index"):
         score_index(tmp_path / "nothing", queries.weights, queries.ids)
-    with pytest.raises(PretraceError, match=r"storage='zip' is not one of \['exact', 'factored', 'projected'\]"):
+    with pytest.raises(PretraceError, match=r"--storage 'zip' is not one of \['exact', 'factored', 'projected'\]"):
         IndexSettings(storage="zip")
     assert (tmp_path / INDEX_FILE).is_file()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dense import autograd_document_gradients, damped, dense_curvature, hand_query_gradients, predicted_tokens_per_document
+from pretrace.config import from_flags
 from pretrace.curvature import Factors
 from pretrace.data import Document
 from pretrace.errors import PretraceError
@@ -44,7 +45,7 @@ def _settings(root, **kw):
                 pretrained=str(root / "pt"), finetuned=str(root / "ft"), pretrained_factors=str(root / "f_pt"),
                 finetuned_factors=str(root / "f_ft"), overwrite=True, top_k=3)
     base.update(kw)
-    return ScoreSettings(**base)
+    return from_flags(ScoreSettings, **base)
 
 
 @pytest.mark.parametrize("method,finetuned_damping", [("ekfac", None), ("kfac", None), ("diagonal", None), ("ekfac", 0.02)])

@@ -8,6 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pretrace.config import from_flags
 from pretrace.cli import main
 from pretrace.modeling.loading import load_tokenizer
 from tiny import SENTENCES, save_tiny_model, write_jsonl
@@ -45,12 +46,13 @@ def test_per_token_contributions_sum_to_each_documents_score_and_name_its_tokens
 
 def test_per_token_is_refused_where_it_has_no_meaning(run, capsys):
     assert main(["index", "--model", str(run / "model"), "--train", str(run / "docs.jsonl"), "--out", str(run / "index"), *COMMON]) == 0
-    for name, extra in (("bm25", ["--method", "bm25"]), ("index", ["--index", str(run / "index")])):
+    model = ["--model", str(run / "model"), "--factors", str(run / "f"), *COMMON]
+    for name, extra, why in (("bm25", ["--method", "bm25"], "--per-token has no effect with --method bm25"),
+                             ("index", ["--index", str(run / "index"), *model], "--per-token has no effect with --index")):
         out = run / f"refused-{name}"
-        assert main(["score", "--model", str(run / "model"), "--factors", str(run / "f"), "--queries", str(run / "q.jsonl"),
-                     "--train", str(run / "docs.jsonl"), "--out", str(out), "--per-token", *extra, *COMMON]) == 2
+        assert main(["score", "--queries", str(run / "q.jsonl"), "--train", str(run / "docs.jsonl"), "--out", str(out), "--per-token", *extra]) == 2
         err = capsys.readouterr().err
-        assert "--per-token needs a gradient method over linear modules, scoring documents' own gradients" in err and "Traceback" not in err
+        assert why in err and "Traceback" not in err
         assert not out.exists()
 
 
@@ -63,7 +65,7 @@ def test_explanations_reuse_the_preconditioned_queries(run, monkeypatch):
     calls = []
     original = gradient.precondition_queries
     monkeypatch.setattr(gradient, "precondition_queries", lambda *a, **k: calls.append(1) or original(*a, **k))
-    settings = ScoreSettings(queries=str(run / "q.jsonl"), train=str(run / "docs.jsonl"), out=str(run / "explained"),
+    settings = from_flags(ScoreSettings, queries=str(run / "q.jsonl"), train=str(run / "docs.jsonl"), out=str(run / "explained"),
                              model=str(run / "model"), factors=str(run / "f"), top_k=3)
     result = score(settings, ModelOptions(device="cpu", dtype="float64", max_length=32))
     assert len(calls) == 1

@@ -62,7 +62,7 @@ def test_a_pipeline_equals_the_separate_commands_and_resumes(workspace, capsys):
     assert (workspace / "scores" / "report.html").is_file()
     record = json.loads((workspace / "scores" / RESOLVED).read_text())
     assert [s["run"] for s in record["step"]] == ["fit", "score", "report"] and set(record["step_digests"]) == {"score:scores", "report:scores"}
-    assert record["step"][1]["damping_factor"] == 0.1  # defaults are filled in
+    assert record["step"][1]["checkpoint_every"] == 50 and record["step"][1]["damping_factor"] is None  # defaults are filled in
 
     capsys.readouterr()
     assert main(["run", "pipeline.toml"]) == 0  # nothing changed: every step skipped

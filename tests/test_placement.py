@@ -8,6 +8,7 @@ import random
 import pytest
 import torch
 
+from pretrace.config import from_flags
 from pretrace.curvature import EKFAC, KFAC, Chain, Diagonal, Factors, FitSettings, Identity, PlacedPreconditioner, Scaled
 from pretrace.data.records import read_queries
 from pretrace.errors import PretraceError
@@ -18,7 +19,8 @@ from pretrace.scores.queries import precondition_queries
 from pretrace.scores.weights import EigenbasisWeights
 from pretrace.modeling.stage import ModelOptions, load_stage
 from pretrace.workflows.fit import fit
-from pretrace.workflows.score import ScoreSettings, score
+from pretrace.methods.registry import make_attributor
+from pretrace.workflows.score import ScoreSettings, build_context, score
 from tiny import WORDS, save_tiny_model, write_jsonl
 
 OPTIONS = ModelOptions(batch_size=4, device="cpu")
@@ -45,7 +47,18 @@ def workspace(tmp_path_factory):
 
 def _scores(root, out, **settings):
     common = dict(queries=str(root / "queries.jsonl"), train=str(root / "docs.jsonl"), out=str(out), per_module=True, explain=False)
-    return score(ScoreSettings(**common, **settings), OPTIONS)
+    return score(from_flags(ScoreSettings, **common, **settings), OPTIONS)
+
+
+def _placed(root, device, by_module, **settings):
+    """The scores `score` gives when it places the fitted factors (on a device, one module per rank): the same
+    wrapping, in one process on the CPU, where the flags themselves would have no effect and are refused."""
+    chosen = from_flags(ScoreSettings, queries=str(root / "queries.jsonl"), train=str(root / "docs.jsonl"), out="unused", **settings)
+    context = build_context(chosen, OPTIONS)
+    attributor = make_attributor(chosen, context.alpha)
+    attributor.fit(context)
+    attributor.preconditioner = PlacedPreconditioner(attributor.preconditioner, [t.name for t in context.document_stage.tracked], device, by_module)
+    return attributor.score(context, per_module=True), attributor.query_route
 
 
 def test_capabilities_are_declared_and_passed_on_by_wrappers(workspace):
@@ -102,11 +115,11 @@ def test_placing_or_sharding_factors_scores_exactly_like_the_default(workspace, 
                  finetuned_factors=str(root / "factors_ft"), alpha=0.5, force=True)
     for kind, settings, route in (("single", single, "eigenbasis"), ("multi", multi, "eigenbasis")):  # a chain ends in its last eigenbasis
         default = _scores(root, tmp_path / kind, **settings)
-        for placement in (dict(factors_device="cpu"), dict(shard_factors=True), dict(shard_factors=True, factors_device="cpu")):
-            placed = _scores(root, tmp_path / f"{kind}-{len(placement)}-{placement.get('factors_device')}", **settings, **placement)
-            assert torch.equal(placed.scores, default.scores), (kind, placement)
-            assert torch.equal(placed.per_module, default.per_module), (kind, placement)
-            assert load_scores(tmp_path / f"{kind}-{len(placement)}-{placement.get('factors_device')}")[1]["hyperparameters"]["query_route"] == route
+        for device, by_module in (("cpu", False), (None, True), ("cpu", True)):
+            placed, placed_route = _placed(root, device, by_module, **settings)
+            assert torch.equal(placed.scores, default.scores), (kind, device, by_module)
+            assert torch.equal(placed.per_module, default.per_module), (kind, device, by_module)
+            assert placed_route == route
     stage = load_stage(root / "model", OPTIONS)
     ids, grads = query_gradients(stage.model, stage.tracked, stage.query_batches(read_queries(root / "queries.jsonl")))
     dense = score_documents(stage.model, stage.tracked, EKFAC(Factors.load(root / "factors")).apply(grads), stage.document_batches(root / "docs.jsonl")(), ids)

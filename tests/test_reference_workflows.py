@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dense import autograd_document_gradients, hand_query_gradients
+from pretrace.config import from_flags
 from pretrace.cli import main
 from pretrace.metrics import pearson, spearman
 from pretrace.modeling.loading import load_model, load_tokenizer
@@ -49,7 +50,7 @@ def test_sequences_longer_than_max_length_are_truncated_with_a_counted_warning(w
     assert 0 < long_docs < len(LONG + SENTENCES) and long_queries == 1  # the case really has both kinds
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        result = score(ScoreSettings(queries=str(workspace / "q.jsonl"), train=str(workspace / "docs.jsonl"), out=str(tmp_path / "s"),
+        result = score(from_flags(ScoreSettings, queries=str(workspace / "q.jsonl"), train=str(workspace / "docs.jsonl"), out=str(tmp_path / "s"),
                                      model=str(workspace / "model"), method="identity", top_k=2),
                        ModelOptions(dtype="float64", device="cpu", batch_size=3, max_length=limit))
     messages = {str(w.message) for w in caught}

@@ -140,10 +140,12 @@ def test_trace_recomputes_exactly_the_stages_a_change_affects(tmp_path):
     everything = {"queries", "index", "retrieval", "factors-pretrained", "factors-finetuned", "scores", "results"}
     assert computed(trace(settings, OPTIONS, progress=False)) == everything
     assert computed(trace(settings, OPTIONS, progress=False)) == set()
-    assert computed(trace(replace(settings, candidates=5), OPTIONS, progress=False)) == {"retrieval", "scores", "results"}
-    assert computed(trace(replace(settings, candidates=5, damping_factor=0.5), OPTIONS, progress=False)) == {"scores", "results"}
+    fewer = _settings(tmp_path, "out", retriever="bm25", candidates=5)
+    damped = _settings(tmp_path, "out", retriever="bm25", candidates=5, damping_factor=0.5)
+    assert computed(trace(fewer, OPTIONS, progress=False)) == {"retrieval", "scores", "results"}
+    assert computed(trace(damped, OPTIONS, progress=False)) == {"scores", "results"}
     write_jsonl(tmp_path / "corpus.jsonl", [{"id": f"d{i}", "text": t} for i, t in enumerate(CORPUS[:-1])])  # same file name
-    assert computed(trace(replace(settings, candidates=5, damping_factor=0.5), OPTIONS, progress=False)) == \
+    assert computed(trace(damped, OPTIONS, progress=False)) == \
         {"index", "retrieval", "factors-pretrained", "scores", "results"}
 
 

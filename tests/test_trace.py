@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from pretrace.config import from_flags
 from pretrace.errors import PretraceError
 from pretrace.modeling.loading import load_model, load_tokenizer
 from pretrace.report import find_chromium, load_page
@@ -43,8 +44,10 @@ def world(tmp_path_factory):
 
 def _settings(root, out, **kw):
     base = dict(pretrained=str(root / "pt"), finetuned=str(root / "ft"), corpus=str(root / "corpus.jsonl"),
-                queries=str(root / "queries.jsonl"), out=str(root / out), candidates=6, top_k=4, max_new_tokens=3)
-    return TraceSettings(**{**base, **kw})
+                queries=str(root / "queries.jsonl"), out=str(root / out), top_k=4, max_new_tokens=3)
+    if kw.get("retriever") != "none":
+        base["candidates"] = 6
+    return from_flags(TraceSettings, **{**base, **kw})
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,6 @@ that of the document model, averaged over --fit-data (default: the scored docume
 
 from __future__ import annotations
 
-from functools import partial
-from pathlib import Path
 from typing import Callable
 
 from pretrace.baselines.arnoldi import ArnoldiInverse
@@ -17,7 +15,7 @@ from pretrace.baselines.cg import ConjugateGradient
 from pretrace.baselines.curvature_products import CurvatureProducts, FlatInverse
 from pretrace.baselines.exact import ExactInverse
 from pretrace.baselines.lissa import LiSSA
-from pretrace.errors import PretraceError
+from pretrace.data.records import check_source
 from pretrace.methods.base import ScoringContext
 from pretrace.methods.gradient import PreconditionedGradients
 
@@ -31,32 +29,24 @@ def fitting_products(context: ScoringContext, kind: str, fit_data: str | None = 
     return CurvatureProducts(stage.model, stage.tracked, list(batches()), kind)
 
 
-def _common(settings) -> dict:
-    return {"damping": settings.damping, "damping_factor": settings.damping_factor}
+def _damping(damping) -> dict:
+    return {"damping": damping.absolute, "damping_factor": damping.relative}
 
 
-SOLVERS: dict[str, Callable[[CurvatureProducts, object], FlatInverse]] = {
-    "exact": lambda products, s: ExactInverse(products, max_parameters=s.exact_max_parameters, progress=True, **_common(s)),
-    "cg": lambda products, s: ConjugateGradient(products, s.iterations, s.tolerance, seed=s.solver_seed, progress=True, **_common(s)),
-    "lissa": lambda products, s: LiSSA(products, s.lissa_depth, s.lissa_repeats, s.lissa_scale, seed=s.solver_seed, progress=True, **_common(s)),
-    "arnoldi": lambda products, s: ArnoldiInverse(products, s.arnoldi_rank, s.arnoldi_iterations, seed=s.solver_seed, progress=True, **_common(s)),
+SOLVERS: dict[str, Callable[[CurvatureProducts, object, object], FlatInverse]] = {
+    "exact": lambda products, m, d: ExactInverse(products, max_parameters=m.max_parameters, progress=True, **_damping(d)),
+    "cg": lambda products, m, d: ConjugateGradient(products, m.iterations, m.tolerance, seed=m.solver_seed, progress=True, **_damping(d)),
+    "lissa": lambda products, m, d: LiSSA(products, m.depth, m.repeats, m.scale, seed=m.solver_seed, progress=True, **_damping(d)),
+    "arnoldi": lambda products, m, d: ArnoldiInverse(products, m.rank, m.iterations, seed=m.solver_seed, progress=True, **_damping(d)),
 }
 
 
-def build_solver_method(name: str, settings) -> PreconditionedGradients:
-    if settings.is_multi_stage:
-        raise PretraceError(f"--method {name} is single-stage only; pass --model instead of --pretrained/--finetuned "
-                            "(or use --method ekfac for multi-stage influence).")
-    if settings.fit_data is not None and not Path(settings.fit_data).is_file():
-        raise PretraceError(f"--fit-data {settings.fit_data}: no such file; pass a JSONL of documents or prompt/completion pairs.")
+def build_solver_method(method, damping) -> PreconditionedGradients:
+    """A curvature solver from its config (`pretrace.methods.config.CurvatureSolver`) and the run's damping."""
+    if method.fit_data is not None:
+        check_source(method.fit_data, "fitting documents (--fit-data)")
 
     def make(context: ScoringContext) -> FlatInverse:
-        return SOLVERS[name](fitting_products(context, settings.curvature, settings.fit_data), settings)
+        return SOLVERS[method.name](fitting_products(context, method.curvature, method.fit_data), method, damping)
 
-    return PreconditionedGradients(name, make, {"fit_data": settings.fit_data or "the scored documents"})
-
-
-build_exact = partial(build_solver_method, "exact")
-build_cg = partial(build_solver_method, "cg")
-build_lissa = partial(build_solver_method, "lissa")
-build_arnoldi = partial(build_solver_method, "arnoldi")
+    return PreconditionedGradients(method.name, make, {"fit_data": method.fit_data or "the scored documents"})

@@ -86,7 +86,7 @@ def gradient_products(stage: Stage, query_grads: dict[str, torch.Tensor], docume
     return ids, torch.cat(dots, dim=2), torch.cat(norms)
 
 
-def build_gradient_dot(settings) -> PreconditionedGradients:
+def build_gradient_dot() -> PreconditionedGradients:
     """∇m(x)ᵀ ∇ℓ(z): identity preconditioning under the name the paper uses."""
     return PreconditionedGradients("gradient-dot", lambda context: Identity(), {"alias_of": "identity"})
 
@@ -122,14 +122,6 @@ class GradientCosine(Attributor):
     def hyperparameters(self) -> dict:
         similarity = "squared cosine of gradients (linear CKA of single gradient vectors, uncentred)" if self.squared else "cosine of gradients"
         return {"similarity": similarity, "zero_gradient_score": 0.0}
-
-
-def build_gradient_cosine(settings) -> GradientCosine:
-    return GradientCosine(squared=False)
-
-
-def build_cka(settings) -> GradientCosine:
-    return GradientCosine(squared=True)
 
 
 def pooled_hidden_states(stage: Stage, batches: Iterable[TokenBatch], layer: int, total: int | None = None,
@@ -184,7 +176,3 @@ class RepresentationSimilarity(Attributor):
     def hyperparameters(self) -> dict:
         return {"layer": self.layer, "pooling": "mean over non-padding tokens", "similarity": "cosine",
                 "query_tokens": "prompt + completion"}
-
-
-def build_representation(settings) -> RepresentationSimilarity:
-    return RepresentationSimilarity(settings.representation_layer)

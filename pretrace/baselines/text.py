@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from pretrace.baselines.similarity import check_details, require_fitted
+from pretrace.baselines.similarity import require_fitted
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.retrieval import make_retriever
@@ -34,7 +34,7 @@ class TextRetrievalScores(Attributor):
         self._fitted_on: DocumentSource | None = None
 
     def fit(self, context: ScoringContext) -> None:
-        documents = list(iter_source(context.documents, context.document_stage.options.fields()))
+        documents = list(iter_source(context.documents, context.options.fields()))
         self.document_ids = [doc.id for doc in documents]
         texts = [doc.text for doc in documents]
         if self.name == "embedding":
@@ -42,14 +42,13 @@ class TextRetrievalScores(Attributor):
             if folder is None:
                 self._scratch = tempfile.TemporaryDirectory(prefix="pretrace-embeddings-")
                 folder = self._scratch.name
-            device = str(context.document_stage.options.torch_device())
+            device = str(context.options.torch_device())
             self.retriever = make_retriever("embedding", texts, folder=folder, model=self.model, device=device, **self.options)
         else:
             self.retriever = make_retriever(self.name, texts, folder=self.index_folder, **self.options)
         self._fitted_on = context.documents
 
     def score(self, context: ScoringContext, per_module: bool = False, per_token: bool = False) -> ScoreResult:
-        check_details(self.name, per_module, per_token, module_scores=False)
         require_fitted(self._fitted_on, context)
         count = len(self.document_ids)
         indices, values = self.retriever.search([query.text for query in context.queries], count)
@@ -61,15 +60,3 @@ class TextRetrievalScores(Attributor):
         if self.name == "embedding":
             described["model"] = str(self.retriever.manifest["model"]) if self.retriever is not None else self.model
         return described
-
-
-def build_bm25(settings) -> TextRetrievalScores:
-    from pretrace.retrieval.bm25 import METHODS  # imports bm25s: only when BM25 is used
-
-    if settings.bm25_method not in METHODS:
-        raise PretraceError(f"unknown --bm25-method {settings.bm25_method!r}; choose one of {', '.join(METHODS)}.")
-    return TextRetrievalScores("bm25", settings.text_index, method=settings.bm25_method)
-
-
-def build_embedding(settings) -> TextRetrievalScores:
-    return TextRetrievalScores("embedding", settings.text_index, model=settings.embedding_model)

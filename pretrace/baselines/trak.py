@@ -255,20 +255,17 @@ class TRAK(Attributor):
         }
 
 
-def ensemble_folder(settings) -> str:
+def ensemble_folder(method, out: str) -> str:
     """Where the ensemble's members are cached: --trak-ensemble-dir, by default OUT.trak-ensemble beside --out."""
-    return settings.trak_ensemble_dir or str(Path(settings.out).with_name(Path(settings.out).name + ".trak-ensemble"))
+    return method.ensemble_dir or str(Path(out).with_name(Path(out).name + ".trak-ensemble"))
 
 
-def ensemble_settings(settings) -> EnsembleSettings | None:
-    """The ensemble to train from the score settings, or None (--trak-ensemble 0)."""
-    if not settings.trak_ensemble:
-        return None
-    return EnsembleSettings(settings.trak_ensemble, ensemble_folder(settings), settings.trak_train_data or settings.train, settings.trak_subset_fraction,
-                            settings.trak_epochs, settings.trak_lr, settings.trak_batch_size, settings.trak_seed, settings.trak_init)
-
-
-def build_trak(settings) -> TRAK:
-    paths = [p.strip() for p in (settings.trak_models or "").split(",") if p.strip()]
-    return TRAK(paths, settings.projection_dim, settings.projection, settings.projection_seed, settings.damping, settings.damping_factor,
-                ensemble=ensemble_settings(settings))
+def build_trak(method, damping, train: str, out: str) -> TRAK:
+    """TRAK from its config (`pretrace.methods.config.TRAK`): the kernel damped by the run's --damping/--damping-factor,
+    the ensemble (if any) trained on --trak-train-data (default: the scored documents) and cached beside --out."""
+    ensemble = None
+    if method.ensemble:
+        ensemble = EnsembleSettings(method.ensemble, ensemble_folder(method, out), method.train_data or train, method.subset_fraction,
+                                    method.epochs, method.lr, method.batch_size, method.seed, method.init)
+    paths = [p.strip() for p in (method.models or "").split(",") if p.strip()]
+    return TRAK(paths, method.projection_dim, method.projection, method.projection_seed, damping.absolute, damping.relative, ensemble=ensemble)

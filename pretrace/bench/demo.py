@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pretrace.bench.facts.metrics import mean_reciprocal_rank, mean_recall_at_k
-from pretrace.config import option, require_number
+from pretrace.config import option, validate
 from pretrace.data.records import read_documents, read_queries
 from pretrace.errors import PretraceError
 from pretrace.stages import File, Folder, StageCache
@@ -32,31 +32,23 @@ STATEMENTS = ("{capital} is the capital of {country} .", "the capital city of {c
 @dataclass
 class DemoSettings:
     out: str = option("runs/demo", help="Working folder; every stage is cached there.")
-    ptb_sentences: int = option(8000, help="Penn Treebank training sentences in the pre-training corpus.")
-    facts: int = option(60, help="Capital facts stated in the pre-training corpus.")
-    query_facts: int = option(20, help="Facts held out of fine-tuning and asked as queries.")
-    fact_repeats: int = option(4, help="Copies of each fact sentence in the pre-training corpus.")
-    candidates: int = option(500, help="Random pre-training sentences scored besides the fact sentences.")
-    epochs: int = option(3, help="Pre-training epochs.")
-    fit_documents: int = option(2000, help="Pre-training documents (a random sample) the pre-trained curvature is fitted on.")
-    alpha: float = option(0.01, help="Proximity strength α of fine-tuning.")
+    ptb_sentences: int = option(8000, at_least=1, help="Penn Treebank training sentences in the pre-training corpus.")
+    facts: int = option(60, at_least=2, help="Capital facts stated in the pre-training corpus (some fine-tuned on, some asked).")
+    query_facts: int = option(20, at_least=1, help="Facts held out of fine-tuning and asked as queries.")
+    fact_repeats: int = option(4, at_least=1, help="Copies of each fact sentence in the pre-training corpus.")
+    candidates: int = option(500, at_least=0, help="Random pre-training sentences scored besides the fact sentences.")
+    epochs: int = option(3, at_least=1, help="Pre-training epochs.")
+    fit_documents: int = option(2000, at_least=1, help="Pre-training documents (a random sample) the pre-trained curvature is fitted on.")
+    alpha: float = option(0.01, above=0, help="Proximity strength α of fine-tuning.")
     seed: int = option(0, help="Seed for sampling, training and fitting.")
 
     def __post_init__(self):
         """Checked before pre-training starts: a bad value would otherwise fail (or slice the corpus) minutes later."""
-        checks = [
-            (self.ptb_sentences >= 1, f"--ptb-sentences must be at least 1, got {self.ptb_sentences}."),
-            (self.facts >= 2, f"--facts must be at least 2 (some fine-tuned on, some asked), got {self.facts}."),
-            (1 <= self.query_facts < self.facts, f"--query-facts must be at least 1 and below --facts={self.facts}, got {self.query_facts}."),
-            (self.fact_repeats >= 1, f"--fact-repeats must be at least 1, got {self.fact_repeats}."),
-            (0 <= self.candidates <= self.ptb_sentences, f"--candidates must be between 0 and --ptb-sentences={self.ptb_sentences}, got {self.candidates}."),
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}."),
-            (self.fit_documents >= 1, f"--fit-documents must be at least 1, got {self.fit_documents}."),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise PretraceError(message)
-        require_number("--alpha", self.alpha, above=0)
+        validate(self)
+        if self.query_facts >= self.facts:
+            raise PretraceError(f"--query-facts must be below --facts={self.facts} (the rest are fine-tuned on), got {self.query_facts}.")
+        if self.candidates > self.ptb_sentences:
+            raise PretraceError(f"--candidates must be at most --ptb-sentences={self.ptb_sentences}, got {self.candidates}.")
 
 
 def _words(name: str) -> str:
@@ -157,7 +149,7 @@ def _run_demo(settings: DemoSettings) -> dict:
     from pretrace.scores.io import load_scores, top_indices
     from pretrace.modeling.stage import ModelOptions
     from pretrace.workflows.fit import fit
-    from pretrace.workflows.score import ScoreSettings, score
+    from pretrace.workflows.score import Outputs, ScoreSettings, score
 
     folder = Path(settings.out)
     folder.mkdir(parents=True, exist_ok=True)
@@ -174,17 +166,16 @@ def _run_demo(settings: DemoSettings) -> dict:
         if cache.stale(factors[out], folder / out):
             fit(model, data, folder / out, options)
             cache.record(factors[out])
-    methods = {
-        "multi-stage EK-FAC": dict(method="ekfac"),
+    methods = {  # the curvature method with both stages' factors; the dot product needs none
+        "multi-stage EK-FAC": dict(method="ekfac", pretrained_factors=str(folder / "factors_pretrained"),
+                                   finetuned_factors=str(folder / "factors_finetuned")),
         "gradient dot product": dict(method="identity"),
     }
     rankings = {}
     for label, extra in methods.items():
         out = folder / f"scores_{extra['method']}"
         scoring = ScoreSettings(queries=str(folder / "queries.jsonl"), train=str(folder / "candidates.jsonl"), out=str(out),
-                                pretrained=str(pretrained), finetuned=str(finetuned),
-                                pretrained_factors=str(folder / "factors_pretrained"), finetuned_factors=str(folder / "factors_finetuned"),
-                                top_k=10, **extra)
+                                pretrained=str(pretrained), finetuned=str(finetuned), outputs=Outputs(top_k=10), **extra)
         key = cache.key(f"scores_{extra['method']}", models=[Folder(pretrained), Folder(finetuned)], factors=list(factors.values()),
                         world=File(folder / "world.json"), settings=scoring, options=options)
         if cache.stale(key, out):

@@ -245,26 +245,28 @@ class MethodRun:
 
 def method_runs(run: Run, halves: list[Path], ekfac_damping: dict[str, float]) -> list[MethodRun]:
     """Every row; `ekfac_damping[scope]` is EK-FAC's held-out choice (a second row keeps the library's default)."""
+    from pretrace.methods.config import CG, CKA, EKFAC, TRAK, Arnoldi, Damping, GradientDot, LiSSA
+
     p = run.preset
-    solver = {"damping": p.damping, "fit_data": str(run.folder / "fit.jsonl")}
-    runs = [MethodRun("ground-truth-all", "ground-truth", "all",
-                      {"method": "cg", "iterations": p.ground_truth_iterations, "tolerance": p.tolerance, **solver})]
+    fitting = {"fit_data": str(run.folder / "fit.jsonl"), "solver_seed": run.seed}
+    solver = {"damping": Damping(absolute=p.damping)}
+    converged = lambda: CG(iterations=p.ground_truth_iterations, tolerance=p.tolerance, **fitting)  # noqa: E731
+    runs = [MethodRun("ground-truth-all", "ground-truth", "all", {"method": converged(), **solver})]
     for scope in SCOPES:
         factors = str(run.folder / f"factors-{scope}")
-        runs.append(MethodRun(f"ekfac-{scope}", "ekfac", scope, {"method": "ekfac", "factors": factors, "damping": ekfac_damping[scope]}))
-        runs.append(MethodRun(f"ekfac-{scope}-default-damping", "ekfac", scope, {"method": "ekfac", "factors": factors}))
+        runs.append(MethodRun(f"ekfac-{scope}", "ekfac", scope, {"method": EKFAC(), "factors": factors, "damping": Damping(absolute=ekfac_damping[scope])}))
+        runs.append(MethodRun(f"ekfac-{scope}-default-damping", "ekfac", scope, {"method": EKFAC(), "factors": factors}))
         if scope == "mlp":
-            runs.append(MethodRun("cg-mlp", "cg", scope, {"method": "cg", "iterations": p.ground_truth_iterations, "tolerance": p.tolerance, **solver}))
+            runs.append(MethodRun("cg-mlp", "cg", scope, {"method": converged(), **solver}))
         for budget in p.cg_iterations:
-            runs.append(MethodRun(f"cg-{scope}-iters={budget}", "cg", scope, {"method": "cg", "iterations": budget, "tolerance": 1e-12, **solver}, budgeted=True))
+            runs.append(MethodRun(f"cg-{scope}-iters={budget}", "cg", scope, {"method": CG(iterations=budget, tolerance=1e-12, **fitting), **solver}, budgeted=True))
         for depth in p.lissa_depths:
-            runs.append(MethodRun(f"lissa-{scope}-iters={depth}", "lissa", scope, {"method": "lissa", "lissa_depth": depth, **solver}))
-        runs.append(MethodRun(f"arnoldi-{scope}", "arnoldi", scope, {"method": "arnoldi", "arnoldi_rank": p.arnoldi_rank,
-                                                                      "arnoldi_iterations": p.arnoldi_iterations, **solver}))
-        runs.append(MethodRun(f"gdp-{scope}", "gdp", scope, {"method": "gradient-dot"}))
-        runs.append(MethodRun(f"cka-{scope}", "cka", scope, {"method": "cka"}))
-        runs.append(MethodRun(f"trak-{scope}", "trak", scope, {"method": "trak", "projection_dim": p.projection_dim,
-                                                                "trak_models": ",".join(str(h) for h in halves), "projection_seed": run.seed}))
+            runs.append(MethodRun(f"lissa-{scope}-iters={depth}", "lissa", scope, {"method": LiSSA(depth=depth, **fitting), **solver}))
+        runs.append(MethodRun(f"arnoldi-{scope}", "arnoldi", scope, {"method": Arnoldi(rank=p.arnoldi_rank, iterations=p.arnoldi_iterations, **fitting), **solver}))
+        runs.append(MethodRun(f"gdp-{scope}", "gdp", scope, {"method": GradientDot()}))
+        runs.append(MethodRun(f"cka-{scope}", "cka", scope, {"method": CKA()}))
+        runs.append(MethodRun(f"trak-{scope}", "trak", scope, {"method": TRAK(projection_dim=p.projection_dim, projection_seed=run.seed,
+                                                                              models=",".join(str(h) for h in halves))}))
     return runs
 
 
@@ -369,7 +371,7 @@ def stage_halves(run: Run) -> list[Path]:
 
 def stage_scores(run: Run, model: Path, method: MethodRun) -> Path:
     """Scores of one method (cached: its folder is skipped when complete)."""
-    from pretrace.workflows.score import ScoreSettings, score
+    from pretrace.workflows.score import Outputs, ScoreSettings, score
 
     out, cache = run.folder / "scores" / method.alg, run.cache
     if method.family == "ekfac":
@@ -380,7 +382,7 @@ def stage_scores(run: Run, model: Path, method: MethodRun) -> Path:
                   upstream=[run.keys[name] for name in upstream])
     if cache.stale(key, out):
         settings = ScoreSettings(queries=str(run.folder / "queries.jsonl"), train=str(run.folder / "candidates.jsonl"), out=str(out),
-                                 model=str(model), explain=False, solver_seed=run.seed, **method.settings)
+                                 model=str(model), outputs=Outputs(explain=False), **method.settings)
         with warnings.catch_warnings():
             if method.budgeted:
                 warnings.filterwarnings("ignore", message="CG: ")

@@ -17,15 +17,23 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from pretrace.report import plot_layer_influence, plot_score_distributions, write_report
-    from pretrace.scores.io import TOP_K_FILE, load_scores, require_finite
-    from pretrace.storage import read_jsonl_rows
+    from pretrace.scores.io import load_scores, require_finite
+    from pretrace.storage import output_folder
 
     folder = Path(args.scores)
     tensors, meta = load_scores(folder)
     require_finite({"scores": tensors["scores"]}, meta.get("method"))  # before any file of the report is written
-    out = Path(args.out) if args.out else folder
-    out.mkdir(parents=True, exist_ok=True)
+    if args.out is None:  # beside the scores: files the score folder's manifest does not list, never its own
+        return _write(args, folder, folder, tensors, meta)
+    with output_folder(args.out, False, {"SCORES": folder}, command="report", resume=True) as out:
+        return _write(args, folder, out, tensors, meta)
+
+
+def _write(args, folder: Path, out: Path, tensors: dict, meta: dict) -> int:
+    from pretrace.report import plot_layer_influence, plot_score_distributions, write_report
+    from pretrace.scores.io import TOP_K_FILE
+    from pretrace.storage import read_jsonl_rows
+
     run_info = {"method": meta["method"], "multi_stage": meta.get("multi_stage"), "timings": meta.get("timings"), "settings": meta.get("settings")}
     page = write_report(folder / TOP_K_FILE, out / "report.html", title=args.title, run_info=run_info, max_documents=args.max_documents)
     plot_score_distributions(tensors["scores"], out / "score_distributions.png", query_ids=meta["query_ids"])

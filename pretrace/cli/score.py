@@ -28,6 +28,6 @@ def run(args) -> int:
     print(f"scores [{result.scores.shape[0]} queries x {result.scores.shape[1]} documents] -> {settings.out}")
     for row in read_jsonl_rows(f"{settings.out}/top_k.jsonl"):
         print(f"\nquery {row['query_id']}: {row['prompt']!r} -> {row['completion']!r}")
-        for doc in row["documents"][: min(5, settings.top_k)]:
+        for doc in row["documents"][: min(5, settings.outputs.top_k)]:
             print(f"  {doc['rank']:>3}. {doc['score']:+.4g}  {doc['text'][:100]!r}")
     return 0

@@ -15,7 +15,7 @@ import torch
 
 from pretrace.errors import PretraceError
 from pretrace.modeling.modules import TrackedModule
-from pretrace.storage import atomic_directory, read_json_object, read_tensors, verify_folder, write_json, write_tensors
+from pretrace.storage import atomic_directory, folder_owner, read_json_object, read_tensors, verify_folder, write_json, write_tensors
 
 FACTORS_FILE = "factors.safetensors"
 METADATA_FILE = "factors.json"
@@ -85,6 +85,19 @@ def _disk_shapes(n_blocks: int, block_size: int, d_in: int) -> dict[str, tuple[i
         "gradient_covariance": (*blocks, block_size, block_size), "gradient_eigenvectors": (*blocks, block_size, block_size),
         "gradient_eigenvalues": (*blocks, block_size), "lambda_": (*blocks, block_size, d_in), "diagonal": (n_blocks * block_size, d_in),
     }
+
+
+def factors_metadata(folder: str | Path) -> dict:
+    """`factors.json` of a factor folder, refused unless `pretrace fit` wrote the folder: what a run checks before any
+    work (the model it was fitted on, its settings); the tensors are verified when `Factors.load` reads them."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PretraceError(f"{folder}: no such factor folder; create it with `pretrace fit`.")
+    owner = folder_owner(folder)
+    if owner is None or owner.get("command") != "fit":
+        written = "not written by pretrace" if owner is None else f"written by `pretrace {owner.get('command')}`"
+        raise PretraceError(f"{folder}: not a factor folder ({written}); pass a folder made by `pretrace fit`.")
+    return read_json_object(folder / METADATA_FILE, _RECOMPUTE)
 
 
 @dataclass

@@ -46,21 +46,25 @@ BLOCK_ROWS = 1024
 
 @dataclass(frozen=True)
 class Fields:
-    """Which column holds each canonical field (--text-field, --prompt-field, --completion-field, --id-field)."""
+    """Which column holds each canonical field (--text-field, --prompt-field, --completion-field, --id-field). `id`
+    None: the 'id' column where a record has one, else the record's position; a column named must be in every record."""
 
     text: str = "text"
     prompt: str = "prompt"
     completion: str = "completion"
-    id: str = "id"
+    id: str | None = None
 
-    def canonical(self, obj: dict) -> dict:
+    def canonical(self, obj: dict, where: str) -> dict:
         """The record with its columns renamed to the canonical names; other columns kept (e.g. evidence_ids)."""
+        if self.id is not None and self.id not in obj:
+            raise PretraceError(f"{where}: has no column {self.id!r}, which --id-field names (found: {sorted(obj)}); "
+                                "name the column that holds the ids, or drop --id-field to number records by position.")
         if self == DEFAULT_FIELDS:
             return obj
-        columns = {getattr(self, name) for name in CANONICAL_FIELDS}
+        columns = {getattr(self, name) or name for name in CANONICAL_FIELDS}
         out = {k: v for k, v in obj.items() if k not in CANONICAL_FIELDS and k not in columns}
         for name in CANONICAL_FIELDS:
-            column = getattr(self, name)
+            column = getattr(self, name) or name
             if column in obj:
                 out[name] = obj[column]
         return out
@@ -76,10 +80,13 @@ class FieldOptions:
     text_field: str = option("text", help="Column holding a document's text (or a query's whole text).")
     prompt_field: str = option("prompt", help="Column holding a query's or fine-tuning example's prompt.")
     completion_field: str = option("completion", help="Column holding the completion whose loss is measured.")
-    id_field: str = option("id", help="Column holding a record's id (default: its 0-based position).")
+    id_field: str | None = option(None, help="Column holding a record's id, which every record must then have (default: the 'id' column where there is one, else the record's 0-based position).")
 
     def fields(self) -> Fields:
         return Fields(self.text_field, self.prompt_field, self.completion_field, self.id_field)
+
+
+FIELD_FLAGS = ("--text-field", "--prompt-field", "--completion-field", "--id-field")  # read by every command that reads records
 
 
 def _is_dataset_folder(path: Path) -> bool:
@@ -99,6 +106,9 @@ def check_source(source: str | Path, what: str = "records") -> None:
     path = Path(source)
     if path.is_file() or _is_dataset_folder(path):
         return
+    if path.exists() and not path.is_dir():
+        raise PretraceError(f"{path}: not a regular file (a pipe, socket or device), which pretrace must read more than once; "
+                            f"save the {what} to a file and pass that.")
     if path.is_dir():
         raise PretraceError(f"{path}: a folder, but not one written by datasets' save_to_disk (no dataset_info.json); pass a JSONL, JSON, CSV or Parquet file of {what}.")
     if _hub_name(str(source)) is None:
@@ -136,7 +146,7 @@ def iter_records(source: str | Path, fields: Fields = DEFAULT_FIELDS) -> Iterato
         check_source(source)
         rows = _dataset_rows(_load_hub_dataset(*_hub_name(str(source))), str(source))
     for where, obj in rows:
-        yield where, fields.canonical(obj)
+        yield where, fields.canonical(obj, where)
 
 
 def _starts_with(path: Path, prefix: bytes) -> bool:
@@ -210,7 +220,11 @@ def _datasets():
 
 def _load_dataset_folder(path: Path):
     datasets = _datasets()
-    loaded = datasets.load_from_disk(str(path))
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as exc:  # a damaged folder: datasets and pyarrow raise many types
+        raise PretraceError(f"{path}: a damaged `datasets` folder ({exc.__class__.__name__}: {str(exc)[:200]}); "
+                            "save the dataset again with dataset.save_to_disk(folder).") from None
     if isinstance(loaded, datasets.DatasetDict):
         raise PretraceError(f"{path}: holds the splits {sorted(loaded)}; pass one of them, e.g. {path / sorted(loaded)[0]}.")
     return loaded
@@ -263,6 +277,16 @@ def _string_field(where: str, obj: dict, key: str, required: bool) -> str | None
         raise PretraceError(f"{where}: field '{key}' is null; give it a string{'' if required else ' or leave the field out'}.")
     if not isinstance(value, str):
         raise PretraceError(f"{where}: field '{key}' must be a string, got {type(value).__name__}.")
+    return _encodable(where, key, value)
+
+
+def _encodable(where: str, key: str, value: str) -> str:
+    """Refuse text that no tokenizer or UTF-8 file can hold: an unpaired surrogate (a JSON escape such as \\ud800)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise PretraceError(f"{where}: field '{key}' holds an unpaired surrogate ({value[error.start]!r} at character {error.start}), "
+                            "which is no text; fix the record (a lone \\ud800-\\udfff escape is usually half of a broken emoji).") from None
     return value
 
 
@@ -274,7 +298,9 @@ class UniqueIds:
 
     def __call__(self, obj: dict, index: int, where: str) -> str:
         value = obj.get("id")
-        record_id = str(index) if value is None else str(value)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
+            raise PretraceError(f"{where}: its id must be a string or an integer, got {type(value).__name__} {value!r:.60}.")
+        record_id = str(index) if value is None else _encodable(where, "id", str(value))
         if record_id in self.seen:
             raise PretraceError(
                 f"{where}: {self.what} id {record_id!r} already appears at {self.seen[record_id]}; "

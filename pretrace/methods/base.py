@@ -8,21 +8,28 @@ from pathlib import Path
 from pretrace.data.records import Query
 from pretrace.scores.pairwise import ScoreResult
 from pretrace.scores.plan import ScoringPlan
-from pretrace.modeling.stage import Stage
+from pretrace.modeling.stage import ModelOptions, Stage
 
 
 @dataclass
 class ScoringContext:
     """What a method may use: the stage queries are measured on, the stage documents are scored on
-    (the same stage for single-stage influence), the documents, the queries, optional curvature data, and
-    how scoring is laid out over ranks and memory (`plan`: gradient methods follow it)."""
+    (the same stage for single-stage influence; none for the text methods, which load no model), the documents,
+    the queries, how records are read and where models run (`options`), the multi-stage α, optional curvature
+    data, and how scoring is laid out over ranks and memory (`plan`: gradient methods follow it)."""
 
-    query_stage: Stage
-    document_stage: Stage
+    query_stage: Stage | None
+    document_stage: Stage | None
     documents: Path
     queries: list[Query]
     extra: dict = field(default_factory=dict)
     plan: ScoringPlan = field(default_factory=ScoringPlan)
+    options: ModelOptions | None = None
+    alpha: float | None = None
+
+    def __post_init__(self):
+        if self.options is None:
+            self.options = self.document_stage.options
 
 
 class Attributor:

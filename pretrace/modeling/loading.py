@@ -75,12 +75,6 @@ def load_tokenizer(path: str | Path, base: str | Path | None = None):
     return tokenizer
 
 
-def check_device(name: str) -> None:
-    """Refuse a CUDA device on a machine without CUDA before any model is loaded (torch would fail deep inside)."""
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise PretraceError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); pass --device cpu or auto.")
-
-
 def _check_causal_architecture(path: Path) -> None:
     """A folder saved from a non-causal head (e.g. BertForMaskedLM) would load as a causal LM with a new head or
     bidirectional attention; influence of such a model on next-token losses means nothing."""

@@ -11,11 +11,11 @@ from typing import Callable, Iterator
 import torch
 
 from pretrace.parallel import group
-from pretrace.config import option, validate_choices
+from pretrace.config import option, validate
 from pretrace.data.batching import TokenBatch, encode_documents, encode_queries, iter_batches
 from pretrace.data.records import DEFAULT_FIELDS, Document, FieldOptions, Fields, iter_documents, iter_queries, scan_records
 from pretrace.errors import PretraceError
-from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_device, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
+from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
 from pretrace.modeling.adapters import ADAPTER_MODES, ADAPTER_MODULES, ADAPTER_PARAMETERS, MERGED, is_adapter_folder
 from pretrace.modeling.modules import ATTENTION_BLOCKS, PRESETS, TrackedModule, select_modules
 
@@ -30,20 +30,16 @@ class ModelOptions(FieldOptions):
     dtype: str = option("float32", choices=tuple(DTYPES), help="Model precision.")
     device: str = option("auto", help="'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available).")
     device_map: str | None = option(None, help="Spread a model too large for one device over all of them (Hugging Face device_map, e.g. 'auto'; needs accelerate); --device is then ignored. Not with torchrun.")
-    max_length: int | None = option(None, help=f"Longer sequences are truncated (with a warning that counts them); at most the model's positions. Default: the model's positions, at most {DEFAULT_MAX_LENGTH}.")
-    batch_size: int = option(8, help="Sequences per forward/backward pass.")
+    max_length: int | None = option(None, at_least=2, help=f"Longer sequences are truncated (with a warning that counts them); at most the model's positions. Default: the model's positions, at most {DEFAULT_MAX_LENGTH}.")
+    batch_size: int = option(8, at_least=1, help="Sequences per forward/backward pass.")
     padding_side: str = option("right", choices=("right", "left"), help="Padding side of batches (scores do not depend on it).")
     adapter: str = option(MERGED, choices=ADAPTER_MODES, help="A PEFT adapter folder given as a model: 'merged' into its base (influence over the full weights, as the merged model; what multi-stage needs) or 'adapter' (track only the adapter's own matrices, e.g. LoRA A and B).")
 
     def __post_init__(self):
-        validate_choices(self)
-        if self.max_length is not None and self.max_length < 2:
-            raise PretraceError(f"--max-length must be at least 2, got {self.max_length}.")
-        if self.batch_size < 1:
-            raise PretraceError("--batch-size must be at least 1.")
+        validate(self)
         if self.device_map is not None and group.requested_world_size() > 1:
             raise PretraceError("--device-map spreads one model over the devices of one process; under torchrun use one device per process instead.")
-        check_device(self.device)
+        group.check_device(self.device)
 
     def torch_device(self) -> torch.device:
         return group.resolve_device(self.device)

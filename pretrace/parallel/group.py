@@ -56,12 +56,30 @@ def local_device() -> torch.device:
 def resolve_device(name: str) -> torch.device:
     """A --device value as a torch device: 'auto' (and 'cuda' when available) take this process's own GPU,
     cuda:LOCAL_RANK under torchrun, or the CPU."""
+    check_device(name)
     if name == "auto" or (name == "cuda" and torch.cuda.is_available()):
         return local_device()
+    return torch.device(name)
+
+
+def check_device(name: str) -> None:
+    """Refuse, before any model is loaded, a --device this machine cannot run on: not a device, a CUDA device it lacks,
+    or a kind pretrace does not run on (torch would otherwise fail deep inside loading or copying)."""
+    if name == "auto":
+        return
     try:
-        return torch.device(name)
-    except RuntimeError:
-        raise PretraceError(f"unknown --device {name!r}; use cpu, cuda, cuda:N or auto.") from None
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise PretraceError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto.") from None
+    if device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise PretraceError(f"--device {name}: pretrace runs models on cpu or cuda devices, not {device.type}; use cpu, cuda, cuda:N or auto.")
+    if not torch.cuda.is_available():
+        raise PretraceError(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__}); pass --device cpu or auto.")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise PretraceError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0 to "
+                            f"cuda:{torch.cuda.device_count() - 1}); pass one of them.")
 
 
 def initialize() -> None:

@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from pretrace.config import option, to_dict, validate_choices
+from pretrace.config import changed, option, to_dict, validate
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import CorruptFile, PretraceError
 from pretrace.gradients.capture import CapturedBatch, capture, compute_dtype
@@ -43,14 +43,15 @@ STORAGES = ("exact", "factored", "projected")
 @dataclass
 class IndexSettings:
     storage: str = option("exact", choices=STORAGES, help="How each document's module gradients are kept: 'exact' (the [d_out, d_in'] gradient), 'factored' (its per-token factors: exact, smaller for short documents) or 'projected' (a k x k random sketch: approximate scores, k² numbers per module).")
-    projection_dim: int = option(32, help="--storage projected: k, the dimension both sides of each module's gradient are projected to.")
+    projection_dim: int = option(32, at_least=1, at_most=1 << 16, help="--storage projected: k, the dimension both sides of each module's gradient are projected to.")
     projection_seed: int = option(0, help="--storage projected: seed of the projection matrices.")
-    batches_per_shard: int = option(16, help="Document batches per shard file; an interrupted build resumes after its last complete shard.")
+    batches_per_shard: int = option(16, at_least=1, help="Document batches per shard file; an interrupted build resumes after its last complete shard.")
 
     def __post_init__(self):
-        validate_choices(self)
-        if self.projection_dim < 1 or self.batches_per_shard < 1:
-            raise PretraceError("--projection-dim and --batches-per-shard must be at least 1.")
+        validate(self)
+        unread = [flag for flag in changed(self) if flag in ("--projection-dim", "--projection-seed")]
+        if unread and self.storage != "projected":
+            raise PretraceError(f"{', '.join(unread)} only shape --storage projected, not --storage {self.storage}; drop them.")
 
 
 def projections(shapes: dict[str, tuple[int, int]], dim: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -24,12 +24,12 @@ from typing import Sequence
 import torch
 
 from pretrace.parallel import group
-from pretrace.config import option, require_number, to_dict, validate_choices
+from pretrace.config import option, to_dict
 from pretrace.data.batching import encode_queries
 from pretrace.data.records import FieldOptions, Query, read_queries, source_sha256
 from pretrace.modeling.adapters import model_folders
-from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_device, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
-from pretrace.storage import output_folder, read_json
+from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
+from pretrace.storage import output_folder, read_json_object
 from pretrace.training.loop import TrainHistory, TrainSettings, train
 from pretrace.training.output import save_model_folder
 
@@ -45,25 +45,19 @@ class _FinetuneInputs:
     model: str = option(help="Pre-trained Hugging Face model folder (config.json, weights, tokenizer).")
     data: str = option(help="JSONL fine-tuning examples: {'prompt', 'completion'} (loss on the completion only) or {'text'}.")
     out: str = option(help="Output folder for the fine-tuned model, its tokenizer and pretrace_finetune.json.")
-    alpha: float = option(help="Proximity strength α of the term α/2‖θ − θ_pt‖², on the scale of the mean over examples of each example's summed completion loss; `pretrace score` reads it back.")
+    alpha: float = option(at_least=0, help="Proximity strength α of the term α/2‖θ − θ_pt‖², on the scale of the mean over examples of each example's summed completion loss; `pretrace score` reads it back (0: no proximity term).")
 
 
 @dataclass
 class FinetuneSettings(FieldOptions, TrainSettings, _FinetuneInputs):
-    lr: float = option(1e-4, help="Peak learning rate of AdamW.")
-    epochs: int = option(3, help="Passes over the fine-tuning data.")
-    batch_size: int = option(8, help="Examples per optimizer step.")
-    weight_decay: float = option(0.0, help="AdamW's decoupled weight decay (keep 0: it changes the stationary point the influence formula assumes).")
+    lr: float = option(1e-4, above=0, help="Peak learning rate of AdamW.")
+    epochs: int = option(3, at_least=1, help="Passes over the fine-tuning data.")
+    batch_size: int = option(8, at_least=1, help="Examples per optimizer step.")
+    weight_decay: float = option(0.0, at_least=0, help="AdamW's decoupled weight decay (keep 0: it changes the stationary point the influence formula assumes).")
     dtype: str = option("float32", choices=tuple(DTYPES), help="Precision of the weights during fine-tuning and on disk.")
     dropout: bool = option(False, help="Keep the model's dropout on while fine-tuning (off by default: influence assumes the deterministic objective).")
-    overwrite: bool = option(False, help="Replace an existing non-empty --out folder.")
-    max_length: int | None = option(None, help=f"Longer sequences are truncated (with a warning that counts them); at most the model's positions. Default: the model's positions, at most {DEFAULT_MAX_LENGTH}.")
-
-    def __post_init__(self):
-        super().__post_init__()
-        require_number("--alpha", self.alpha, at_least=0)  # 0: no proximity term
-        check_device(self.device)
-        validate_choices(self)
+    overwrite: bool = option(False, help="Replace an earlier `pretrace finetune` result in --out.")
+    max_length: int | None = option(None, at_least=2, help=f"Longer sequences are truncated (with a warning that counts them); at most the model's positions. Default: the model's positions, at most {DEFAULT_MAX_LENGTH}.")
 
 
 class ProximityPenalty:
@@ -133,4 +127,4 @@ def finetune_record(alpha: float, pretrained: str | Path, pretrained_fingerprint
 def read_finetune_record(folder: str | Path) -> dict | None:
     """The record `finetune` wrote in `folder`, or None for a model fine-tuned elsewhere."""
     path = Path(folder) / FINETUNE_RECORD
-    return read_json(path) if path.is_file() else None
+    return read_json_object(path, f"fine-tune {folder} again with `pretrace finetune`") if path.is_file() else None

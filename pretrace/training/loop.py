@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pretrace.parallel import collectives, group
-from pretrace.config import option
+from pretrace.config import option, validate
 from pretrace.data.batching import Encoded, TokenBatch, collate
 from pretrace.errors import PretraceError
 from pretrace.gradients.task import LanguageModelingTask
@@ -40,29 +40,19 @@ NORMALISATIONS = ("token", "sequence")
 class TrainSettings:
     """Optimisation settings; `pretrace finetune` extends them with its paths and α."""
 
-    lr: float = option(1e-3, help="Peak learning rate of AdamW.")
-    epochs: int = option(1, help="Passes over the training data.")
-    batch_size: int = option(16, help="Sequences per optimizer step.")
-    max_length: int = option(512, help="Longer sequences are truncated (with a warning that counts them).")
-    warmup: float = option(0.05, help="Fraction of the optimizer steps over which the learning rate rises linearly to --lr; it then decays to 0 along a cosine, stepped every optimizer step.")
-    weight_decay: float = option(0.0, help="AdamW's decoupled weight decay, applied to every trainable parameter.")
-    grad_clip: float = option(1.0, help="Clip the gradient's global norm to this value (0: no clipping).")
+    lr: float = option(1e-3, above=0, help="Peak learning rate of AdamW.")
+    epochs: int = option(1, at_least=1, help="Passes over the training data.")
+    batch_size: int = option(16, at_least=1, help="Sequences per optimizer step.")
+    max_length: int | None = option(512, at_least=2, help="Longer sequences are truncated (with a warning that counts them).")
+    warmup: float = option(0.05, at_least=0, below=1, help="Fraction of the optimizer steps over which the learning rate rises linearly to --lr; it then decays to 0 along a cosine, stepped every optimizer step.")
+    weight_decay: float = option(0.0, at_least=0, help="AdamW's decoupled weight decay, applied to every trainable parameter.")
+    grad_clip: float = option(1.0, at_least=0, help="Clip the gradient's global norm to this value (0: no clipping).")
     seed: int = option(0, help="Seed for shuffling, dropout and initialisation; the same seed gives the same model.")
     device: str = option("auto", help="'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available).")
 
     def __post_init__(self):
-        checks = [
-            (self.lr > 0, f"--lr must be positive, got {self.lr}."),
-            (self.epochs >= 1, f"--epochs must be at least 1, got {self.epochs}."),
-            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}."),
-            (self.max_length is None or self.max_length >= 2, f"--max-length must be at least 2, got {self.max_length}."),  # None: FinetuneSettings' model default
-            (0 <= self.warmup < 1, f"--warmup is a fraction of the steps in [0, 1), got {self.warmup}."),
-            (self.weight_decay >= 0, f"--weight-decay must be non-negative, got {self.weight_decay}."),
-            (self.grad_clip >= 0, f"--grad-clip must be non-negative (0 disables it), got {self.grad_clip}."),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise PretraceError(message)
+        validate(self)
+        group.check_device(self.device)
 
     def torch_device(self) -> torch.device:
         return group.resolve_device(self.device)

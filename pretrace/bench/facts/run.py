@@ -49,7 +49,7 @@ from pretrace.bench.facts.probe import answer_ranks
 from pretrace.bench.facts.scoring import GRADIENT_METHODS, ON_PRETRAINED, WeightSet, attributor, score_candidates, weight_bytes
 from pretrace.bench.facts.split import split_by_subject
 from pretrace.bench.facts.stats import holm, mean_interval, paired_difference, verdict
-from pretrace.config import option, to_dict, validate_choices
+from pretrace.config import option, to_dict, validate
 from pretrace.data.records import Document, Query
 from pretrace.errors import PretraceError
 from pretrace.methods.base import ScoringContext
@@ -112,7 +112,7 @@ class FactTracingSettings:
     query_set: str = option("queries", choices=QUERY_SETS, help="Facts queried: the query facts, or 'dev' (fine-tuning-split facts left out of --finetune-facts, never fine-tuned on) for choosing settings without touching the query facts; dev outputs go to --out/dev/.")
 
     def __post_init__(self):
-        validate_choices(self)
+        validate(self)
         if self.top < RECALL_K:
             raise PretraceError(f"--top must be at least {RECALL_K} (recall@{RECALL_K} reads the top {RECALL_K}), got {self.top}.")
         positive = {"--batch-size": self.batch_size, "--epochs": self.epochs, "--fit-sentences": self.fit_sentences,
