@@ -136,6 +136,7 @@ def _chosen(field: dataclasses.Field, method: Any, given: dict[str, Any]):
     return chosen(**{f.name: given[key_of(f)] for f in dataclasses.fields(chosen) if key_of(f) in given})
 
 
+MAX_SEED = 2**32 - 1  # what every random generator pretrace seeds (torch, numpy, Python's) accepts, with room for offsets
 LARGEST_INTEGER = 2**53  # the largest integer every JSON reader keeps exactly; no count or seed needs more
 
 
@@ -214,6 +215,13 @@ def require_instance(name: str, value: Any, cls: type | tuple[type, ...]) -> Any
         expected = " or ".join(c.__name__ for c in (cls if isinstance(cls, tuple) else (cls,)))
         raise TypeError(f"{name} must be a {expected}, got {type(value).__name__} {value!r:.80}.")
     return value
+
+
+def require_path(name: str, value: Any) -> str:
+    """A public entry point's path argument (a str or a `Path`), refused with a `TypeError` naming it otherwise."""
+    if not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or pathlib.Path), got {type(value).__name__} {value!r:.80}.")
+    return os.fspath(value)
 
 
 def to_dict(config) -> dict:

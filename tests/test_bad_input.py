@@ -331,7 +331,7 @@ def test_demo_checks_its_run_folder_before_any_work(tmp_path, capsys):
     assert out.read_text() == "not a folder"
 
 
-@pytest.mark.parametrize("command,resumes", [("score", False), ("finetune", False), ("fit", True)])
+@pytest.mark.parametrize("command,resumes", [("score", True), ("finetune", False), ("fit", True)])  # score resumes from its checkpoint parts
 def test_interrupt_promises_a_resume_only_where_there_is_one(ws, tmp_path, capsys, monkeypatch, command, resumes):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

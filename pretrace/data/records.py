@@ -54,6 +54,11 @@ class Fields:
     completion: str = "completion"
     id: str | None = None
 
+    def column(self, key: str) -> str:
+        """How a message names the column of canonical field `key`: its name, and the flag that chose it when not the default."""
+        name = getattr(self, key) or key
+        return f"'{name}'" if name == key else f"'{name}' (--{key}-field)"
+
     def canonical(self, obj: dict, where: str) -> dict:
         """The record with its columns renamed to the canonical names; other columns kept (e.g. evidence_ids)."""
         if self.id is not None and self.id not in obj:
@@ -83,6 +88,12 @@ class FieldOptions:
     id_field: str | None = option(None, help="Column holding a record's id, which every record must then have (default: the 'id' column where there is one, else the record's 0-based position).")
 
     def fields(self) -> Fields:
+        columns = {"--text-field": self.text_field, "--prompt-field": self.prompt_field, "--completion-field": self.completion_field,
+                   "--id-field": self.id_field}
+        for flag, column in columns.items():
+            shared = [other for other, value in columns.items() if other != flag and value == column and column is not None]
+            if shared:
+                raise PretraceError(f"{flag} and {shared[0]} both name the column {column!r}; each field needs its own column.")
         return Fields(self.text_field, self.prompt_field, self.completion_field, self.id_field)
 
 
@@ -267,10 +278,10 @@ def iter_json_objects(path: str | Path) -> Iterator[tuple[int, dict]]:
             yield line_number, obj
 
 
-def _string_field(where: str, obj: dict, key: str, required: bool) -> str | None:
+def _string_field(where: str, obj: dict, key: str, required: bool, fields: Fields = DEFAULT_FIELDS) -> str | None:
     if key not in obj:
         if required:
-            raise PretraceError(f"{where}: missing field '{key}' (found: {sorted(obj)}; --{key}-field names another column).")
+            raise PretraceError(f"{where}: missing field {fields.column(key)} (found: {sorted(obj)}; --{key}-field names another column).")
         return None
     value = obj[key]
     if value is None:
@@ -321,7 +332,7 @@ def iter_documents(source: str | Path, fields: Fields = DEFAULT_FIELDS) -> Itera
         if "prompt" in obj or "completion" in obj:
             raise PretraceError(f"{where}: has 'prompt'/'completion' where a training document is expected; documents are {{'text', optional 'id'}} "
                                 "(prompt/completion pairs are fine-tuning data or queries).")
-        text = _string_field(where, obj, "text", required=True)
+        text = _string_field(where, obj, "text", required=True, fields=fields)
         if not text.strip():
             raise PretraceError(f"{where}: field 'text' is empty; drop the record or give the document's text.")
         yield Document(id=unique(obj, index, where), text=text)
@@ -340,12 +351,14 @@ def _located_queries(source: str | Path, what: str, fields: Fields) -> Iterator[
             raise PretraceError(f"{where}: has both 'text' and 'prompt'/'completion'; give either 'prompt' + 'completion' or 'text' alone.")
         if prompt is not None:
             if completion is None:
-                raise PretraceError(f"{where}: {what} has 'prompt' but no 'completion'; add the completion to measure, or give the whole string as 'text'.")
+                raise PretraceError(f"{where}: {what} has the prompt column {fields.column('prompt')} but not the completion column "
+                                    f"{fields.column('completion')}; add the completion to measure, or give the whole string as 'text'.")
             if not completion.strip():
                 raise PretraceError(f"{where}: 'completion' is empty; the measurement is the loss of the completion tokens, so it needs at least one.")
             query = Query(id=unique(obj, index, where), prompt=prompt, completion=completion)
         elif completion is not None:
-            raise PretraceError(f"{where}: {what} has 'completion' but no 'prompt'; add the prompt it completes, or give the whole string as 'text'.")
+            raise PretraceError(f"{where}: {what} has the completion column {fields.column('completion')} but not the prompt column "
+                                f"{fields.column('prompt')}; add the prompt it completes, or give the whole string as 'text'.")
         elif text is not None:
             if not text.strip():
                 raise PretraceError(f"{where}: field 'text' is empty; drop the record or give the text.")

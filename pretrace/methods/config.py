@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from pretrace.config import Variant, option
+from pretrace.config import MAX_SEED, Variant, option
 from pretrace.errors import PretraceError
 
 CURVATURE_KINDS = ("ggn", "hessian")
@@ -95,7 +95,7 @@ class TRAK(MethodConfig):
     damped = True
     projection_dim: int = option(2048, at_least=1, at_most=1 << 24, help="Dimension k of the random projection of per-example gradients.")
     projection: str = option("rademacher", choices=("rademacher", "gaussian"), help="Entries of the projection matrix (scaled by 1/sqrt(k)).")
-    projection_seed: int = option(0, help="Seed of the projection matrices (each ensemble model gets its own).")
+    projection_seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed of the projection matrices (each ensemble model gets its own).")
     models: str | None = option(None, flag="--trak-models", help="Comma-separated model folders forming the ensemble (the paper: models trained on random halves of the data); default: the scored model alone. Uses --damping / --damping-factor for the kernel.")
     ensemble: int = option(0, flag="--trak-ensemble", at_least=0, help="Train this many models of --model's architecture, each on a random --trak-subset-fraction of --trak-train-data, and use them as the ensemble (the paper's TRAK; training counts in the one-off cost); 0: --trak-models or the scored model.")
     train_data: str | None = option(None, flag="--trak-train-data", help="With --trak-ensemble: JSONL documents the members train on; default: the --train documents.")
@@ -103,7 +103,7 @@ class TRAK(MethodConfig):
     epochs: int = option(1, flag="--trak-epochs", at_least=1, help="With --trak-ensemble: training epochs per member.")
     lr: float = option(1e-3, flag="--trak-lr", above=0, help="With --trak-ensemble: peak AdamW learning rate of the members (warm-up, then cosine).")
     batch_size: int = option(8, flag="--trak-batch-size", at_least=1, help="With --trak-ensemble: documents per optimizer step.")
-    seed: int = option(0, flag="--trak-seed", help="With --trak-ensemble: member m uses seed + m (subset, initialisation, order).")
+    seed: int = option(0, at_least=0, at_most=MAX_SEED, flag="--trak-seed", help="With --trak-ensemble: member m uses seed + m (subset, initialisation, order).")
     init: str = option("scratch", flag="--trak-init", choices=("scratch", "model"), help="With --trak-ensemble: members start from a fresh initialisation of --model's config (the paper) or from --model's weights.")
     ensemble_dir: str | None = option(None, flag="--trak-ensemble-dir", help="With --trak-ensemble: folder caching the trained members (reused, also to resume; refused if trained differently); default: OUT.trak-ensemble beside --out.")
 
@@ -118,6 +118,8 @@ class TRAK(MethodConfig):
                                 "(--trak-ensemble 0); pass --trak-ensemble N, or drop them.")
         if self.ensemble and self.models:
             raise PretraceError("give either --trak-models (trained ensemble folders) or --trak-ensemble N (train them now), not both.")
+        if self.models is not None and any(not part.strip() for part in self.models.split(",")):
+            raise PretraceError(f"--trak-models {self.models!r} has an empty entry; list model folders separated by single commas.")
 
 
 @dataclass(frozen=True)
@@ -156,7 +158,7 @@ class Exact(CurvatureSolver):
 
 @dataclass(frozen=True)
 class SeededSolver(CurvatureSolver):
-    solver_seed: int = option(0, help="Seed of the trace probes behind --damping-factor, the Arnoldi start vector and LiSSA's minibatch order.")
+    solver_seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed of the trace probes behind --damping-factor, the Arnoldi start vector and LiSSA's minibatch order.")
 
 
 @dataclass(frozen=True)

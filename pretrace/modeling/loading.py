@@ -50,7 +50,21 @@ def check_model_dir(path: str | Path) -> Path:
         raise PretraceError(f"{path}: is a file; pass the Hugging Face model folder that contains it.")
     if not (path / "config.json").is_file() and not is_adapter_folder(path):
         raise PretraceError(f"{path}: not a model folder (no config.json, nor a PEFT adapter_config.json); save one with model.save_pretrained(folder).")
+    if (path / "config.json").is_file():
+        model_config(path)  # a broken config.json is said as such, before the tokenizer (which reads it too) is loaded
     return path
+
+
+def model_config(path: Path) -> dict:
+    """The folder's config.json, refused unless it is a readable JSON object."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise PretraceError(f"{path}/config.json: unreadable ({exc.__class__.__name__}: {exc}); save the model again with model.save_pretrained(folder).") from None
+    if not isinstance(config, dict):
+        raise PretraceError(f"{path}/config.json: holds a JSON {type(config).__name__}, not the object of a model's configuration; "
+                            "save the model again with model.save_pretrained(folder).")
+    return config
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
@@ -80,10 +94,9 @@ def _check_causal_architecture(path: Path) -> None:
     bidirectional attention; influence of such a model on next-token losses means nothing."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    try:
-        architectures = json.loads((path / "config.json").read_text(encoding="utf-8")).get("architectures") or []
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise PretraceError(f"{path}/config.json: unreadable ({exc.__class__.__name__}: {exc}); save the model again with model.save_pretrained(folder).") from None
+    architectures = model_config(path).get("architectures") or []
+    if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
+        raise PretraceError(f"{path}/config.json: 'architectures' must be a list of class names; save the model again with model.save_pretrained(folder).")
     causal = {name for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in ((value,) if isinstance(value, str) else value)}
     if architectures and not any(name in causal for name in architectures):
         raise PretraceError(f"{path}: is a {', '.join(architectures)}, not a causal language model; pass a model with a causal LM head (e.g. *ForCausalLM).")

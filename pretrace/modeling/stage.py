@@ -15,7 +15,7 @@ from pretrace.config import option, validate
 from pretrace.data.batching import TokenBatch, encode_documents, encode_queries, iter_batches
 from pretrace.data.records import DEFAULT_FIELDS, Document, FieldOptions, Fields, iter_documents, iter_queries, scan_records
 from pretrace.errors import PretraceError
-from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
+from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_dir, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
 from pretrace.modeling.adapters import ADAPTER_MODES, ADAPTER_MODULES, ADAPTER_PARAMETERS, MERGED, is_adapter_folder
 from pretrace.modeling.modules import ATTENTION_BLOCKS, PRESETS, TrackedModule, select_modules
 
@@ -37,6 +37,10 @@ class ModelOptions(FieldOptions):
 
     def __post_init__(self):
         validate(self)
+        if self.device_map is not None and not self.device_map.strip():
+            raise PretraceError("--device-map '' names no placement; pass e.g. auto, balanced or sequential, or drop it.")
+        if self.device_map is not None and self.device != "auto":
+            raise PretraceError(f"--device {self.device} has no effect with --device-map (the map places the layers); drop one.")
         if self.device_map is not None and group.requested_world_size() > 1:
             raise PretraceError("--device-map spreads one model over the devices of one process; under torchrun use one device per process instead.")
         group.check_device(self.device)
@@ -106,6 +110,9 @@ def load_stage(path: str | Path, options: ModelOptions, modules: list[str] | Non
     options hold the sequence length actually used (the default resolved against the model's positions).
     `base`: the base model of an adapter folder whose recorded base is not a local folder (--pretrained)."""
     device = options.torch_device()
+    if options.adapter == ADAPTER_PARAMETERS and not is_adapter_folder(check_model_dir(path)):
+        raise PretraceError(f"--adapter adapter tracks a PEFT adapter's own matrices, but {path} is a full model, not an adapter folder; "
+                            "drop --adapter (or pass the adapter folder).")
     tokenizer = load_tokenizer(path, base)
     model = load_model(path, options.dtype, device, options.device_map, base=base, adapter=options.adapter)
     options = dataclasses.replace(options, max_length=check_model_tokenizer(path, model, tokenizer, options.max_length))

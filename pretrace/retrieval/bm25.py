@@ -132,6 +132,12 @@ class BM25Index:
             index = cls.load(folder)
             if texts is not None:
                 check_same_corpus(index.corpus_sha256, texts, folder)
+            built = {"method": index.engine.method, "k1": index.engine.k1, "b": index.engine.b, "stopwords": index.stopwords}
+            asked = {key: value for key, value in options.items() if key in built}
+            differ = sorted(key for key, value in asked.items() if built[key] != value)
+            if differ:
+                raise PretraceError(f"{folder}: holds a BM25 index built with {', '.join(f'{k}={built[k]!r}' for k in differ)}, not "
+                                    f"{', '.join(f'{k}={asked[k]!r}' for k in differ)}; choose another index folder, or the settings it was built with.")
             return index
         if texts is None:
             raise PretraceError(f"{folder}: no saved BM25 index there; pass the corpus texts to build one.")

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
+from pretrace.errors import PretraceError
+
 from pretrace.data.batching import TokenBatch
 from pretrace.gradients.capture import CapturedBatch
 from pretrace.parallel.collectives import all_gather_objects
@@ -29,6 +31,10 @@ class Explain:
 
     k: int
     among: list[list[int]] | None = None
+
+    def __post_init__(self):
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise PretraceError(f"Explain.k must be an integer of at least 1 (the documents explained per query), got {self.k!r}.")
 
 
 @dataclass

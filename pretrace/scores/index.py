@@ -24,7 +24,7 @@ from typing import Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
-from pretrace.config import changed, option, to_dict, validate
+from pretrace.config import MAX_SEED, changed, option, to_dict, validate
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import CorruptFile, PretraceError
 from pretrace.gradients.capture import CapturedBatch, capture, compute_dtype
@@ -44,7 +44,7 @@ STORAGES = ("exact", "factored", "projected")
 class IndexSettings:
     storage: str = option("exact", choices=STORAGES, help="How each document's module gradients are kept: 'exact' (the [d_out, d_in'] gradient), 'factored' (its per-token factors: exact, smaller for short documents) or 'projected' (a k x k random sketch: approximate scores, k² numbers per module).")
     projection_dim: int = option(32, at_least=1, at_most=1 << 16, help="--storage projected: k, the dimension both sides of each module's gradient are projected to.")
-    projection_seed: int = option(0, help="--storage projected: seed of the projection matrices.")
+    projection_seed: int = option(0, at_least=0, at_most=MAX_SEED, help="--storage projected: seed of the projection matrices.")
     batches_per_shard: int = option(16, at_least=1, help="Document batches per shard file; an interrupted build resumes after its last complete shard.")
 
     def __post_init__(self):

@@ -24,8 +24,9 @@ from typing import Sequence
 import torch
 
 from pretrace.parallel import group
-from pretrace.config import option, to_dict
+from pretrace.config import option, require_instance, to_dict
 from pretrace.data.batching import encode_queries
+from pretrace.errors import PretraceError
 from pretrace.data.records import FieldOptions, Query, read_queries, source_sha256
 from pretrace.modeling.adapters import model_folders
 from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
@@ -50,10 +51,10 @@ class _FinetuneInputs:
 
 @dataclass
 class FinetuneSettings(FieldOptions, TrainSettings, _FinetuneInputs):
-    lr: float = option(1e-4, above=0, help="Peak learning rate of AdamW.")
+    lr: float = option(1e-4, above=0, at_most=1e3, help="Peak learning rate of AdamW.")
     epochs: int = option(3, at_least=1, help="Passes over the fine-tuning data.")
     batch_size: int = option(8, at_least=1, help="Examples per optimizer step.")
-    weight_decay: float = option(0.0, at_least=0, help="AdamW's decoupled weight decay (keep 0: it changes the stationary point the influence formula assumes).")
+    weight_decay: float = option(0.0, at_least=0, at_most=1e3, help="AdamW's decoupled weight decay (keep 0: it changes the stationary point the influence formula assumes).")
     dtype: str = option("float32", choices=tuple(DTYPES), help="Precision of the weights during fine-tuning and on disk.")
     dropout: bool = option(False, help="Keep the model's dropout on while fine-tuning (off by default: influence assumes the deterministic objective).")
     overwrite: bool = option(False, help="Replace an earlier `pretrace finetune` result in --out.")
@@ -84,6 +85,7 @@ def finetune_model(model: torch.nn.Module, tokenizer, queries: Sequence[Query], 
 
 def finetune(settings: FinetuneSettings, progress: bool = True) -> torch.nn.Module:
     """Load `settings.model`, fine-tune it on `settings.data`, save model + tokenizer + record to `settings.out`."""
+    require_instance("settings", settings, FinetuneSettings)
     group.initialize()
     with output_folder(settings.out, settings.overwrite, {**model_folders("--model", settings.model), "--data": settings.data},
                        command="finetune", lock=group.is_main()):
@@ -94,6 +96,8 @@ def _finetune(settings: FinetuneSettings, progress: bool) -> torch.nn.Module:
     queries = read_queries(settings.data, "fine-tuning example", settings.fields())
     tokenizer = load_tokenizer(settings.model)
     model = load_model(settings.model, settings.dtype, settings.torch_device())
+    if settings.dropout and not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
+        raise PretraceError(f"--dropout has no effect: {settings.model} has no dropout layer with a rate above 0; drop it.")
     settings = dataclasses.replace(settings, max_length=check_model_tokenizer(settings.model, model, tokenizer, settings.max_length))
     pretrained_fingerprint = model_fingerprint(model)
     history = finetune_model(model, tokenizer, queries, settings, settings.alpha, settings.dropout, progress)

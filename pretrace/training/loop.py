@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from pretrace.parallel import collectives, group
-from pretrace.config import option, validate
+from pretrace.config import MAX_SEED, option, validate
 from pretrace.data.batching import Encoded, TokenBatch, collate
 from pretrace.errors import PretraceError
 from pretrace.gradients.task import LanguageModelingTask
@@ -40,14 +40,14 @@ NORMALISATIONS = ("token", "sequence")
 class TrainSettings:
     """Optimisation settings; `pretrace finetune` extends them with its paths and α."""
 
-    lr: float = option(1e-3, above=0, help="Peak learning rate of AdamW.")
+    lr: float = option(1e-3, above=0, at_most=1e3, help="Peak learning rate of AdamW.")
     epochs: int = option(1, at_least=1, help="Passes over the training data.")
     batch_size: int = option(16, at_least=1, help="Sequences per optimizer step.")
     max_length: int | None = option(512, at_least=2, help="Longer sequences are truncated (with a warning that counts them).")
     warmup: float = option(0.05, at_least=0, below=1, help="Fraction of the optimizer steps over which the learning rate rises linearly to --lr; it then decays to 0 along a cosine, stepped every optimizer step.")
-    weight_decay: float = option(0.0, at_least=0, help="AdamW's decoupled weight decay, applied to every trainable parameter.")
+    weight_decay: float = option(0.0, at_least=0, at_most=1e3, help="AdamW's decoupled weight decay, applied to every trainable parameter.")
     grad_clip: float = option(1.0, at_least=0, help="Clip the gradient's global norm to this value (0: no clipping).")
-    seed: int = option(0, help="Seed for shuffling, dropout and initialisation; the same seed gives the same model.")
+    seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed for shuffling, dropout and initialisation; the same seed gives the same model.")
     device: str = option("auto", help="'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available).")
 
     def __post_init__(self):
@@ -139,6 +139,17 @@ def evaluate(model: torch.nn.Module, items: Sequence[Encoded], batch_size: int, 
     return total / loss_denominator(items, normalisation)
 
 
+def _require_finite(model: torch.nn.Module, loss: float, step: int, settings: TrainSettings) -> None:
+    """Stop at the first step whose loss or weights are NaN or infinite: training on from there would only save a
+    broken model (and every influence score of it would be NaN)."""
+    broken = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if math.isfinite(loss) and not broken:
+        return
+    what = f"weights ({', '.join(broken[:2])}{', ...' if len(broken) > 2 else ''})" if broken else "loss"
+    raise PretraceError(f"training diverged at step {step}: its {what} became NaN or infinite, so nothing was saved; lower --lr "
+                        f"({settings.lr:g}) or the proximity --alpha, or train in --dtype float32 (float16 overflows easily).")
+
+
 def train(
     model: torch.nn.Module,
     items: Sequence[Encoded],
@@ -187,6 +198,7 @@ def train(
             history.learning_rates.append(optimizer.param_groups[0]["lr"])
             optimizer.step()
             schedule.step()
+            _require_finite(model, data_loss, len(history.losses) + 1, settings)
             history.losses.append(data_loss)
             bar.update()
             bar.set_postfix(loss=f"{history.losses[-1]:.4f}", lr=f"{history.learning_rates[-1]:.2e}")

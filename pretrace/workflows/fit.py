@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pretrace.parallel import group
-from pretrace.config import to_dict
+from pretrace.config import require_instance, require_path, to_dict
 from pretrace.curvature import FitSettings, Factors, fit_factors
 from pretrace.modeling.adapters import model_folders
 from pretrace.modeling.modules import require_linear_modules
@@ -20,9 +20,10 @@ def fit(model: str | Path, data: str | Path, out: str | Path, options: ModelOpti
 
     `out` is checked and locked before the model is loaded; the running sums checkpoint to `.<out>.checkpoint/`,
     which is deleted in the same commit that renames the finished factor folder in."""
+    model, data, out = require_path("model", model), require_path("data", data), Path(require_path("out", out))
+    options = require_instance("options", options or ModelOptions(), ModelOptions)
+    settings = require_instance("settings", settings or FitSettings(), FitSettings)
     group.initialize()
-    options, settings = options or ModelOptions(), settings or FitSettings()
-    out = Path(out)
     with output_folder(out, overwrite, {**model_folders("--model", model), "--data": data}, command="fit", lock=group.is_main()):
         check_source(data, "fitting documents")
         stage = load_stage(model, options)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pretrace.config import require_instance, require_path
 from pretrace.scores.index import IndexSettings, build_index
 from pretrace.data.records import check_source, source_sha256
 from pretrace.storage import commit_folder, output_folder
@@ -19,7 +20,9 @@ def build_folder(out: Path) -> Path:
 def index(model: str | Path, train: str | Path, out: str | Path, options: ModelOptions | None = None,
           settings: IndexSettings | None = None, overwrite: bool = False, progress: bool = True) -> dict:
     """Index the documents of `train` under the model folder `model` into `out`; returns the index's metadata."""
-    options, out = options or ModelOptions(), Path(out)
+    model, train, out = require_path("model", model), require_path("train", train), Path(require_path("out", out))
+    options = require_instance("options", options or ModelOptions(), ModelOptions)
+    settings = require_instance("settings", settings or IndexSettings(), IndexSettings)
     with output_folder(out, overwrite, {**model_folders("--model", model), "--train": train}, command="index"):
         check_source(train, "training documents")
         stage = load_stage(model, options)

@@ -48,7 +48,7 @@ from pretrace.modeling.stage import ModelOptions, Stage, iter_source, load_stage
 class Outputs:
     """What `score` writes beside the [queries, documents] scores, and how often it saves its progress."""
 
-    top_k: int = option(10, at_least=1, help="Documents kept per query in top_k.jsonl.")
+    top_k: int = option(10, at_least=1, at_most=100_000, help="Documents kept per query in top_k.jsonl (each with its text: for more, read scores.safetensors).")
     explain: bool = option(True, help="Add per-token and per-module contributions of the top documents to top_k.jsonl (gradient methods).")
     per_module: bool = option(False, help="Also store per-module scores for all documents ([modules, queries, documents]).")
     per_token: bool = option(False, help="Also store every document's per-token contributions (they sum to its score): token_scores [queries, all tokens], token_ids and token_offsets [documents + 1] in scores.safetensors (gradient methods over linear modules).")

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from pretrace.config import nested, option, to_dict, validate, variants
+from pretrace.config import MAX_SEED, nested, option, require_instance, to_dict, validate, variants
 from pretrace.curvature import FitSettings
 from pretrace.data.records import DEFAULT_FIELDS, Document, Fields, Query, UniqueIds, iter_documents, iter_records
 from pretrace.errors import PretraceError
 from pretrace.methods.registry import make_attributor
 from pretrace.modeling.adapters import model_folders
-from pretrace.modeling.loading import check_model_dir, load_model, load_tokenizer
+from pretrace.modeling.loading import check_model_dir, check_model_tokenizer, load_model, load_tokenizer
 from pretrace.retrieval import make_retriever, retrieval_recall
 from pretrace.scores.io import load_scores, top_indices
 from pretrace.stages import File, Folder, Source, StageCache, StageKey
@@ -78,12 +78,12 @@ class TraceSettings:
     finetune_data: str | None = option(None, help="Prompt/completion pairs --finetuned was trained on, to fit its factors (default: the file `pretrace finetune` recorded). Needed only without --finetuned-factors.")
     fit_documents: int = option(64, at_least=1, help="Corpus documents sampled (uniformly, --seed) to fit the pre-trained factors when --pretrained-factors is not given: two forward+backward passes each. 64 Wikipedia paragraphs are ~7k tokens, more than the largest Kronecker factor's dimension (1536 for SmolLM2's MLP), so every factor has full rank; damping absorbs the eigenvalue noise.")
     retrieval: Retrieval = nested(Retrieval)
-    top_k: int = option(16, at_least=1, help="Top documents per query written to results.jsonl and shown in the report (the paper: 16).")
+    top_k: int = option(16, at_least=1, at_most=100_000, help="Top documents per query written to results.jsonl and shown in the report (the paper: 16).")
     max_new_tokens: int = option(16, at_least=1, help="Longest greedy completion generated for a query without one (generation also stops at the end-of-sequence token and at the first line break after some text).")
     method: MethodConfig = variants({"ekfac": EKFAC, "kfac": KFAC}, "ekfac", help="Curvature approximation of both stages.")
     alpha: float | None = option(None, above=0, help="Proximity strength α of fine-tuning (default: the value `pretrace finetune` recorded).")
     damping: Damping = nested(Damping)
-    seed: int = option(0, help="Seed of the fitting sample and of the sampled labels of the true Fisher.")
+    seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed of the fitting sample and of the sampled labels of the true Fisher.")
     force: bool = option(False, help="Trace even if the fine-tuned model's recorded base is not --pretrained.")
 
     def __post_init__(self):
@@ -150,11 +150,16 @@ def generate_completions(model_path: str | Path, queries: list[TraceQuery], max_
         return queries
     tokenizer = load_tokenizer(model_path)
     model = load_model(model_path, options.dtype, options.torch_device())
+    length = check_model_tokenizer(model_path, model, tokenizer, options.max_length)
     device = next(model.parameters()).device
     answers = {}
     for item in tqdm(missing, desc="generate completions", unit="query"):
         prompt_ids = torch.tensor([tokenizer(item.query.prompt, add_special_tokens=True)["input_ids"]], device=device)
-        output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=max_new_tokens,
+        room = length - prompt_ids.shape[1]  # the model's positions (or --max-length) bound prompt and answer together
+        if room < 1:
+            raise PretraceError(f"query {item.query.id!r}: its prompt fills all {length} positions (--max-length), leaving none "
+                                "to answer in; shorten the prompt, or give the query a 'completion'.")
+        output = model.generate(prompt_ids, attention_mask=torch.ones_like(prompt_ids), max_new_tokens=min(max_new_tokens, room),
                                 do_sample=False, pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
         text = first_line(tokenizer.decode(output[0, prompt_ids.shape[1]:], skip_special_tokens=True))
         if not text.strip():
@@ -312,6 +317,8 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
     """Run every stage (reusing finished ones) and write results.jsonl, report.html and the plots; returns the summary.
 
     --out is checked and locked first, like every command's, but as a run folder: its cached stages are reused, not refused."""
+    require_instance("settings", settings, TraceSettings)
+    options = require_instance("options", options or ModelOptions(), ModelOptions)
     with output_folder(settings.out, False, _inputs(settings), command="trace", resume=True):
         retrieval = settings.retrieval
         if retrieval.index is not None:
@@ -330,6 +337,8 @@ def _inputs(settings: TraceSettings) -> dict[str, str | None]:
 def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> dict:
     out = Path(settings.out)
     source = read_trace_queries(settings.queries, options.fields())  # bad inputs are refused before anything is written
+    if all(q.query.completion is not None for q in source) and settings.max_new_tokens != TraceSettings.max_new_tokens:
+        raise PretraceError("--max-new-tokens has no effect: every query has a 'completion', so none is generated; drop it.")
     documents = read_corpus(settings.corpus, options.fields())
     for folder in (settings.pretrained, settings.finetuned):
         check_model_dir(folder)

