@@ -414,6 +414,27 @@ def refuse_foreign(folder: Path, command: str, flag: str) -> None:
     if owner.get("command") != command:
         raise PretraceError(f"{flag} {folder}: holds the output of `pretrace {owner.get('command')}`, which `pretrace {command}` "
                             f"does not replace; choose another {flag}, or delete that folder yourself.")
+    foreign = _unlisted(folder, owner)
+    if foreign:
+        raise PretraceError(f"{flag} {folder}: holds {len(foreign)} file(s) pretrace did not write ({', '.join(foreign[:3])}"
+                            f"{', ...' if len(foreign) > 3 else ''}), which replacing the folder would delete; move them out, or choose another {flag}.")
+
+
+def _unlisted(folder: Path, owner: dict) -> list[str]:
+    """Files in a result folder that its manifest does not list (nor a later pretrace step recorded): the user's."""
+    if not isinstance(owner.get("files"), dict):
+        return []  # a run folder: never replaced as a whole
+    known = set(owner["files"]) | set(owner.get("added", [])) | {OWNER_FILE}
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.relative_to(folder).as_posix() not in known)
+
+
+def note_added(folder: str | Path, *names: str) -> None:
+    """Record files a later step wrote into a committed result folder (a pipeline's record, a report beside the
+    scores), so replacing the folder knows them for pretrace's own."""
+    owner = folder_owner(folder)
+    if owner is not None and isinstance(owner.get("files"), dict):
+        owner["added"] = sorted(set(owner.get("added", [])) | set(names))
+        write_record(Path(folder) / OWNER_FILE, owner)
 
 
 # -- committing result folders ------------------------------------------------------------------------------------

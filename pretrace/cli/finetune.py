@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pretrace.cli import COMMANDS
 
+from pretrace.cli.checks import check_models, check_records
 from pretrace.cli.options import add_arguments, from_arguments
 from pretrace.training.finetune import FinetuneSettings
 
@@ -14,7 +15,14 @@ from pretrace.training.finetune import FinetuneSettings
 def register(subparsers) -> None:
     parser = subparsers.add_parser("finetune", help=COMMANDS["finetune"], description=__doc__)
     add_arguments(parser, FinetuneSettings)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, check=check)
+
+
+def check(args, produced) -> None:
+    """The settings and every input, before any work (see `pretrace.cli.checks`)."""
+    settings = from_arguments(FinetuneSettings, args)
+    check_models(produced, settings.model)
+    check_records(produced, settings.fields(), fine_tuning_examples=settings.data)
 
 
 def run(args) -> int:

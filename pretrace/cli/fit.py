@@ -6,6 +6,7 @@ from pretrace.cli import COMMANDS
 
 from dataclasses import dataclass
 
+from pretrace.cli.checks import check_models, check_records
 from pretrace.cli.options import add_arguments, from_arguments
 from pretrace.config import option
 from pretrace.curvature.fit import FitSettings
@@ -24,7 +25,15 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("fit", help=COMMANDS["fit"], description=__doc__)
     for cls in (FitPaths, ModelOptions, FitSettings):
         add_arguments(parser, cls)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, check=check)
+
+
+def check(args, produced) -> None:
+    """The settings and every input, before any work (see `pretrace.cli.checks`)."""
+    paths, options = from_arguments(FitPaths, args), from_arguments(ModelOptions, args)
+    from_arguments(FitSettings, args)
+    check_models(produced, paths.model)
+    check_records(produced, options.fields(), fitting_data=paths.data)
 
 
 def run(args) -> int:

@@ -6,6 +6,7 @@ from pretrace.cli import COMMANDS
 
 from dataclasses import dataclass
 
+from pretrace.cli.checks import check_models, check_records
 from pretrace.cli.options import add_arguments, from_arguments
 from pretrace.config import option
 from pretrace.scores.index import IndexSettings
@@ -27,7 +28,15 @@ def register(subparsers) -> None:
     )
     for cls in (IndexPaths, ModelOptions, IndexSettings):
         add_arguments(parser, cls)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, check=check)
+
+
+def check(args, produced) -> None:
+    """The settings and every input, before any work (see `pretrace.cli.checks`)."""
+    paths, options = from_arguments(IndexPaths, args), from_arguments(ModelOptions, args)
+    from_arguments(IndexSettings, args)
+    check_models(produced, paths.model)
+    check_records(produced, options.fields(), documents=paths.train)
 
 
 def run(args) -> int:

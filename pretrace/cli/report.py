@@ -15,7 +15,18 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default=None, help="Folder for report.html and the PNG plots (default: the score folder).")
     parser.add_argument("--title", default="pretrace: influential training documents", help="Page title.")
     parser.add_argument("--max-documents", type=int, default=None, help="Show at most this many documents per query.")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, check=check)
+
+
+def check(args, produced) -> None:
+    """The score folder, before any work (see `pretrace.cli.checks`)."""
+    from pretrace.cli.checks import produced_by_earlier
+    from pretrace.scores.io import load_scores
+
+    if args.max_documents is not None and args.max_documents < 1:
+        raise PretraceError(f"--max-documents must be at least 1, got {args.max_documents}.")
+    if not produced_by_earlier(args.scores, produced):
+        load_scores(args.scores)
 
 
 def run(args) -> int:
@@ -34,15 +45,36 @@ def run(args) -> int:
 
 
 def _write(args, folder: Path, out: Path, tensors: dict, meta: dict) -> int:
+    """Render the page and plots into a temporary sibling folder, then rename each into `out`: a failure (a full disk)
+    leaves no part of a new report; beside the scores, the files are recorded in the score folder's marker."""
+    import os
+    import shutil
+    import tempfile
+
+    from pretrace.storage import note_added
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        names = _render(args, folder, staging, tensors, meta)
+        for name in names:
+            os.replace(staging / name, out / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if out == folder:
+        note_added(folder, *names)
+    print(f"report -> {out / 'report.html'}")
+    return 0
+
+
+def _render(args, folder: Path, out: Path, tensors: dict, meta: dict) -> list[str]:
     from pretrace.report import plot_layer_influence, plot_score_distributions, write_report
     from pretrace.scores.io import TOP_K_FILE
     from pretrace.storage import read_jsonl_rows
 
     run_info = {"method": meta["method"], "multi_stage": meta.get("multi_stage"), "timings": meta.get("timings"), "settings": meta.get("settings")}
-    page = write_report(folder / TOP_K_FILE, out / "report.html", title=args.title, run_info=run_info, max_documents=args.max_documents)
+    write_report(folder / TOP_K_FILE, out / "report.html", title=args.title, run_info=run_info, max_documents=args.max_documents)
     plot_score_distributions(tensors["scores"], out / "score_distributions.png", query_ids=meta["query_ids"])
     rows = read_jsonl_rows(folder / TOP_K_FILE)
     if any("module_scores" in doc for row in rows for doc in row["documents"]):
         plot_layer_influence(rows, out / "layer_influence.png")
-    print(f"report -> {page}")
-    return 0
+    return sorted(p.name for p in out.iterdir())

@@ -133,7 +133,7 @@ def resolve(pipeline: dict, root: argparse.ArgumentParser) -> list[tuple[str, ar
         used_defaults |= set(keys)
         keys.update({k: v for k, v in step.items() if k != "run"})
         args = _parse(parser, _arguments(command, parser, keys, where), where)
-        resolved = {k: v for k, v in vars(args).items() if k != "handler"}
+        resolved = {k: v for k, v in vars(args).items() if k not in ("handler", "check")}
         steps.append((command, args, resolved))
     unused = sorted(set(defaults) - used_defaults)
     if unused:
@@ -159,15 +159,67 @@ def _step_digest(command: str, keys: dict, out: Path | None) -> str:
 
 
 def _output(command: str, keys: dict) -> Path | None:
+    """Where a step's digest is recorded: its --out, or the score folder a report without --out writes beside."""
     out = keys.get("out") or (keys.get("scores") if command == "report" else None)
     return Path(out) if out else None
 
 
+def _within(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def _reads(keys: dict, produced: list[Path]) -> dict[str, Path]:
+    """The step's settings that name a path it reads: one that exists, or lies in an earlier step's output."""
+    paths = {}
+    for key, value in keys.items():
+        if key == "out" or not isinstance(value, str) or not value:
+            continue
+        path = Path(value).resolve()
+        if path.exists() or any(_within(path, out) for out in produced):
+            paths[key] = path
+    return paths
+
+
+def check_pipeline(steps: list[tuple[str, argparse.Namespace, dict]]) -> None:
+    """Every step checked before the first one runs: its settings and inputs (records included; inputs an earlier
+    step produces are checked when it has), and the graph of outputs: no two steps write one --out, and no step
+    writes over what another step reads."""
+    writes = [Path(keys["out"]).resolve() if keys.get("out") else None for _, _, keys in steps]
+    seen: dict[Path, int] = {}
+    for number, out in enumerate(writes, 1):
+        if out is not None and out in seen:
+            raise PretraceError(f"steps {seen[out]} and {number} both write --out {out}; the second would replace the first's result. "
+                                "Give each step its own out.")
+        if out is not None:
+            seen[out] = number
+    for number, (command, args, keys) in enumerate(steps, 1):
+        produced = [out for out in writes[:number - 1] if out is not None]
+        for key, path in _reads(keys, produced).items():
+            for later, out in enumerate(writes[number:], number + 1):
+                if out is not None and (_within(path, out) or _within(out, path)):
+                    raise PretraceError(f"step {later} ({steps[later - 1][0]}) writes --out {out}, which {'holds' if _within(path, out) else 'lies in'} "
+                                        f"step {number}'s input {key} = {path}; a re-run would read what the later step wrote. "
+                                        "Give that step another out.")
+        check = getattr(args, "check", None)
+        if check is not None:
+            try:
+                check(args, produced)
+            except PretraceError as error:
+                raise PretraceError(f"step {number} ({command}): {error}") from None
+
+
+def _pipeline_owned(args: argparse.Namespace, out: Path | None, record: dict, name: str) -> None:
+    """A step whose inputs or settings changed replaces the output this pipeline wrote for it (and only that one)."""
+    if out is not None and name in record.get("step_digests", {}) and hasattr(args, "overwrite"):
+        args.overwrite = True
+
+
 def run(args) -> int:
     from pretrace.cli import build_parser
-    from pretrace.storage import read_record, write_record
+    from pretrace.storage import note_added, read_record, write_record
 
     steps = resolve(read_pipeline(args.pipeline), build_parser())
+    check_pipeline(steps)
     resolved = {"step": [{"run": command, **keys} for command, _, keys in steps]}
     if args.dry_run:
         print(json.dumps(resolved, indent=2))
@@ -182,6 +234,7 @@ def run(args) -> int:
             continue
         print(f"[pipeline] step {number}/{len(steps)}: pretrace {command}", flush=True)
         step_args.command = command
+        _pipeline_owned(step_args, out, record, name)
         code = int(step_args.handler(step_args) or 0)
         if code:
             return code
@@ -189,5 +242,6 @@ def run(args) -> int:
             # read again: the step may have replaced the folder (and with it an older record)
             done = read_record(out / RESOLVED, FIX_RECORD).get("step_digests", {}) if (out / RESOLVED).is_file() else {}
             write_record(out / RESOLVED, {**resolved, "step_digests": {**done, name: step_digest}})
+            note_added(out, RESOLVED)
     print(f"[pipeline] {len(steps)} steps in {time.perf_counter() - started:.1f} s")
     return 0

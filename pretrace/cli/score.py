@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pretrace.cli import COMMANDS
 
+from pretrace.cli.checks import check_factor_folders, check_models, check_records
 from pretrace.cli.options import add_arguments, from_arguments
 from pretrace.modeling.stage import ModelOptions
 from pretrace.workflows.score import ScoreSettings
@@ -16,7 +17,18 @@ def register(subparsers) -> None:
     )
     for cls in (ScoreSettings, ModelOptions):
         add_arguments(parser, cls)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, check=check)
+
+
+def check(args, produced) -> None:
+    """The settings and every input, before any work (see `pretrace.cli.checks`)."""
+    from pretrace.workflows.score import check_model_options
+
+    settings, options = from_arguments(ScoreSettings, args), from_arguments(ModelOptions, args)
+    check_model_options(settings, options)
+    check_models(produced, settings.model, settings.pretrained, settings.finetuned)
+    check_factor_folders(produced, settings.factors, settings.pretrained_factors, settings.finetuned_factors)
+    check_records(produced, options.fields(), queries=settings.queries, documents=settings.train)
 
 
 def run(args) -> int:

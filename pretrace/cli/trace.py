@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pretrace.cli import COMMANDS
 
+from pretrace.cli.checks import check_factor_folders, check_models, check_records
 from pretrace.cli.options import add_arguments, from_arguments
 from pretrace.modeling.stage import ModelOptions
 from pretrace.workflows.trace import TraceSettings
@@ -19,7 +20,20 @@ def register(subparsers) -> None:
     )
     for cls in (TraceSettings, ModelOptions):
         add_arguments(parser, cls)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, check=check)
+
+
+def check(args, produced) -> None:
+    """The settings and every input, before any work (see `pretrace.cli.checks`)."""
+    from pretrace.cli.checks import produced_by_earlier
+    from pretrace.workflows.trace import read_trace_queries
+
+    settings, options = from_arguments(TraceSettings, args), from_arguments(ModelOptions, args)
+    check_models(produced, settings.pretrained, settings.finetuned)
+    check_factor_folders(produced, settings.pretrained_factors, settings.finetuned_factors)
+    check_records(produced, options.fields(), documents=settings.corpus)
+    if not produced_by_earlier(settings.queries, produced):
+        read_trace_queries(settings.queries, options.fields())
 
 
 def run(args) -> int:
