@@ -46,7 +46,7 @@ test-slow: setup
 test-latest: browser
 	rm -rf .venv-latest
 	$(PYTHON) -m venv .venv-latest
-	.venv-latest/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[retrieval,adapters,formats,data,dev]' 2>&1 | $(QUIET_PIP)
+	.venv-latest/bin/pip install -q --disable-pip-version-check -c constraints.txt -e '.[all,data,dev]' 2>&1 | $(QUIET_PIP)
 	.venv-latest/bin/pip install -q --disable-pip-version-check --no-deps -r $(NO_DEPS_LOCK) 2>&1 | $(QUIET_PIP)
 	.venv-latest/bin/python requirements/verify.py $(LOCK) $(NO_DEPS_LOCK) || echo "(the versions above differ from the lock)"
 	.venv-latest/bin/python -m pytest -q
@@ -60,7 +60,7 @@ lock-upgrade:
 _compile:
 	[ -x .venv-lock/bin/pip-compile ] || { $(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install -q $(PIP_TOOLS) 2>&1 | $(QUIET_PIP); }
 	.venv-lock/bin/pip-compile -q $(COMPILE_FLAGS) --allow-unsafe --strip-extras --no-emit-find-links --no-emit-index-url \
-	  --extra retrieval --extra adapters --extra formats --extra data --extra dev -c constraints.txt -o $(LOCK) pyproject.toml 2>&1 | $(QUIET_PIP)
+	  --extra retrieval --extra index --extra trainer --extra adapters --extra formats --extra data --extra dev -c constraints.txt -o $(LOCK) pyproject.toml 2>&1 | $(QUIET_PIP)
 
 clean:
 	rm -rf runs .pytest_cache

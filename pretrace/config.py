@@ -239,6 +239,21 @@ def to_dict(config) -> dict:
     return out
 
 
+def to_flags(config) -> dict[str, Any]:
+    """A settings object as flat keys (`from_flags`'s inverse): groups flattened, a variant as its name and its keys."""
+    flags = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if isinstance(value, Variant):
+            flags[key_of(field)] = value.name
+            flags.update(to_flags(value))
+        elif field.metadata.get("group"):
+            flags.update(to_flags(value))
+        else:
+            flags[key_of(field)] = value
+    return flags
+
+
 def changed(config) -> list[str]:
     """The flags of the fields of `config` whose values differ from their defaults (what a user set)."""
     return [flag_of(field) for field in dataclasses.fields(config)

@@ -401,7 +401,8 @@ def verify_folder(folder: str | Path, command: str, fix: str) -> dict:
 
 
 def refuse_foreign(folder: Path, command: str, flag: str) -> None:
-    """Refuse a non-empty folder unless pretrace `command` wrote it: pretrace never deletes what it did not write."""
+    """Refuse a non-empty folder unless pretrace `command` (or the cache kind: 'bm25-index', ...) wrote it: pretrace
+    never deletes what it did not write."""
     if not folder.is_dir() or not any(folder.iterdir()):
         return
     try:
@@ -412,12 +413,20 @@ def refuse_foreign(folder: Path, command: str, flag: str) -> None:
         raise PretraceError(f"{flag} {folder}: exists, is not empty and was not written by pretrace (it has no {OWNER_FILE}); "
                             f"pretrace never replaces such a folder: choose another {flag}, or empty it yourself.")
     if owner.get("command") != command:
-        raise PretraceError(f"{flag} {folder}: holds the output of `pretrace {owner.get('command')}`, which `pretrace {command}` "
-                            f"does not replace; choose another {flag}, or delete that folder yourself.")
+        raise PretraceError(f"{flag} {folder}: holds {_what(owner.get('command'))}, not {_what(command)}, and is never replaced by one; "
+                            f"choose another {flag}, or delete that folder yourself.")
     foreign = _unlisted(folder, owner)
     if foreign:
         raise PretraceError(f"{flag} {folder}: holds {len(foreign)} file(s) pretrace did not write ({', '.join(foreign[:3])}"
                             f"{', ...' if len(foreign) > 3 else ''}), which replacing the folder would delete; move them out, or choose another {flag}.")
+
+
+CACHES = {"bm25-index": "a BM25 index", "embedding-index": "an embedding index", "trak-ensemble": "a TRAK ensemble"}
+
+
+def _what(command: str | None) -> str:
+    """A folder's kind in words: a cache's name, or the output of the command that wrote it."""
+    return CACHES.get(str(command), f"the output of `pretrace {command}`")
 
 
 def _unlisted(folder: Path, owner: dict) -> list[str]:
@@ -583,6 +592,9 @@ def check_output(out: str | Path, inputs: dict[str, str | Path | None] | None = 
     resolved = resolve_path(out, flag)
     if resolved.exists() and not resolved.is_dir():
         raise PretraceError(f"{flag} {out}: exists and is not a folder; choose another {flag}.")
+    blocking = next((parent for parent in resolved.parents if parent.exists() and not parent.is_dir()), None)
+    if blocking is not None:
+        raise PretraceError(f"{flag} {out}: {blocking} is a file, so no folder can be made inside it; choose another {flag}.")
     if out.name in ("", "..") or resolved.parent == resolved:
         raise PretraceError(f"{flag} {out}: name the output folder itself (e.g. ./factors), not '.', '..' or a root; it is replaced as a whole.")
     for name, given in (inputs or {}).items():

@@ -78,6 +78,8 @@ def _arguments(command: str, parser: argparse.ArgumentParser, keys: dict[str, An
         argv.append(str(keys[action.dest]))
     for dest, value in keys.items():
         action = actions[dest]
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            raise PretraceError(f"{where}: {dest!r} is one value (a string, number or true/false), got {type(value).__name__} {value!r:.60}.")
         if not action.option_strings or value is None:
             continue
         flag = action.option_strings[0]  # a BooleanOptionalAction lists --flag before --no-flag
@@ -208,6 +210,22 @@ def check_pipeline(steps: list[tuple[str, argparse.Namespace, dict]]) -> None:
                 raise PretraceError(f"step {number} ({command}): {error}") from None
 
 
+def _intact(out: Path | None, command: str) -> bool:
+    """Whether a result this pipeline wrote still holds what it wrote (its manifest's sha256s): a damaged or edited one
+    is said, and its step run again."""
+    from pretrace.storage import folder_owner, verify_folder
+
+    owner = folder_owner(out) if out is not None and out.is_dir() else None
+    if owner is None or owner.get("command") != command or "files" not in owner:
+        return True  # a run folder checks its own stages, a report is rewritten beside scores checked on load
+    try:
+        verify_folder(out, command, "its step runs again")
+        return True
+    except PretraceError as error:
+        print(f"[pipeline] {error}", flush=True)
+        return False
+
+
 def _pipeline_owned(args: argparse.Namespace, out: Path | None, record: dict, name: str) -> None:
     """A step whose inputs or settings changed replaces the output this pipeline wrote for it (and only that one)."""
     if out is not None and name in record.get("step_digests", {}) and hasattr(args, "overwrite"):
@@ -229,7 +247,7 @@ def run(args) -> int:
         name, out = f"{command}:{keys.get('out') or keys.get('scores')}", _output(command, keys)  # not its position: steps may be inserted
         step_digest = _step_digest(command, keys, out)
         record = read_record(out / RESOLVED, FIX_RECORD) if out is not None and (out / RESOLVED).is_file() else {}
-        if record.get("step_digests", {}).get(name) == step_digest:
+        if record.get("step_digests", {}).get(name) == step_digest and _intact(out, command):
             print(f"[pipeline] step {number}/{len(steps)}: pretrace {command} -> {out} (unchanged, skipped)", flush=True)
             continue
         print(f"[pipeline] step {number}/{len(steps)}: pretrace {command}", flush=True)

@@ -182,8 +182,8 @@ class LiSSA(SeededSolver):
 class Arnoldi(SeededSolver):
     name: ClassVar[str] = "arnoldi"
     summary: ClassVar[str] = "Arnoldi influence: top --arnoldi-rank eigenpairs of the curvature, V diag(1/(eigenvalue + damping)) V^T"
-    rank: int = option(20, flag="--arnoldi-rank", at_least=1, help="Top eigenpairs (by magnitude) influence is restricted to.")
-    iterations: int = option(100, flag="--arnoldi-iterations", at_least=1, at_most=1_000_000, help="Arnoldi steps (Krylov basis size, at least --arnoldi-rank).")
+    rank: int = option(20, flag="--arnoldi-rank", at_least=1, at_most=100_000, help="Top eigenpairs (by magnitude) influence is restricted to.")
+    iterations: int = option(100, flag="--arnoldi-iterations", at_least=1, at_most=100_000, help="Arnoldi steps (Krylov basis size, at least --arnoldi-rank; the basis is held in memory, a vector per step).")
 
     def check(self) -> None:
         if self.iterations < self.rank:

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from pretrace.errors import PretraceError
+from pretrace.storage import folder_owner, verify_folder
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -55,6 +56,13 @@ def check_model_dir(path: str | Path) -> Path:
     return path
 
 
+def verify_written_model(path: Path) -> None:
+    """A model folder pretrace wrote (a fine-tune, a TRAK member) is read only as it was written: its manifest's sha256s."""
+    owner = folder_owner(path)
+    if owner is not None and "files" in owner:
+        verify_folder(path, owner["command"], f"write it again with `pretrace {owner['command']}`")
+
+
 def model_config(path: Path) -> dict:
     """The folder's config.json, refused unless it is a readable JSON object."""
     try:
@@ -98,6 +106,12 @@ def _check_causal_architecture(path: Path) -> None:
     if not isinstance(architectures, list) or not all(isinstance(name, str) for name in architectures):
         raise PretraceError(f"{path}/config.json: 'architectures' must be a list of class names; save the model again with model.save_pretrained(folder).")
     causal = {name for value in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values() for name in ((value,) if isinstance(value, str) else value)}
+    model_type = model_config(path).get("model_type")
+    if model_type is not None and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not any(name in causal for name in architectures):
+        import transformers
+
+        raise PretraceError(f"{path}: model_type {model_type!r} is unknown to transformers {transformers.__version__} (or has no causal LM); "
+                            "upgrade transformers, or save the model with an architecture it knows.")
     if architectures and not any(name in causal for name in architectures):
         raise PretraceError(f"{path}: is a {', '.join(architectures)}, not a causal language model; pass a model with a causal LM head (e.g. *ForCausalLM).")
 
@@ -115,6 +129,7 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     from pretrace.modeling.adapters import adapter_base, is_adapter_folder, load_adapter_model
 
     path = check_model_dir(path)
+    verify_written_model(path)
     if is_adapter_folder(path):
         return load_adapter_model(path, load_model(adapter_base(path, base), dtype, device, device_map), adapter)
     _check_causal_architecture(path)

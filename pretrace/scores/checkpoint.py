@@ -89,9 +89,13 @@ class ScoringCheckpoint:
             try:
                 tensors, meta = self._read(path)
             except CorruptFile as error:
-                warnings.warn(f"{error}; it and the {len(parts) - number - 1} saved part(s) after it are deleted and their batches scored again.", stacklevel=3)
+                warnings.warn(f"{error}; it and the {len(parts) - number - 1} saved part(s) after it are deleted and their batches scored again"
+                              f"{' (with the explanation state, which covers them)' if covered else ''}.", stacklevel=3)
                 for later in parts[number:]:
                     later.unlink()
+                if covered:  # the running top k holds documents of the dropped batches: every batch is scored again
+                    self._explanations.unlink()
+                    return [], {}, {}
                 break
             if covered is not None and meta["first"] + len(meta["batches"]) > covered:
                 break  # saved after the explanation state (a kill between the two writes): scored again
