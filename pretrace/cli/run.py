@@ -203,11 +203,26 @@ def check_pipeline(steps: list[tuple[str, argparse.Namespace, dict]]) -> None:
                                         f"step {number}'s input {key} = {path}; a re-run would read what the later step wrote. "
                                         "Give that step another out.")
         check = getattr(args, "check", None)
-        if check is not None:
-            try:
+        try:
+            if writes[number - 1] is not None:
+                _check_output(command, args, writes[number - 1], keys)
+            if check is not None:
                 check(args, produced)
-            except PretraceError as error:
-                raise PretraceError(f"step {number} ({command}): {error}") from None
+        except PretraceError as error:
+            raise PretraceError(f"step {number} ({command}): {error}") from None
+
+
+def _check_output(command: str, args: argparse.Namespace, out: Path, keys: dict) -> None:
+    """What the step's own command would refuse of its --out, said before any step runs: a file or a link, a folder
+    pretrace did not write or another command's, or an earlier result this pipeline did not record, without overwrite."""
+    from pretrace.storage import check_output, read_record, refuse_foreign
+
+    check_output(out)
+    refuse_foreign(out, command, "--out")
+    recorded = (out / RESOLVED).is_file() and f"{command}:{keys.get('out')}" in read_record(out / RESOLVED, FIX_RECORD).get("step_digests", {})
+    if out.is_dir() and any(out.iterdir()) and getattr(args, "overwrite", True) is False and not recorded:
+        raise PretraceError(f"--out {out} already holds a `pretrace {command}` result this pipeline did not write; "
+                            "set overwrite = true in the step, or give it another out.")
 
 
 def _intact(out: Path | None, command: str) -> bool:

@@ -13,6 +13,7 @@ from typing import Iterable
 
 import torch
 
+from pretrace.config import require_path
 from pretrace.errors import PretraceError
 from pretrace.modeling.modules import TrackedModule
 from pretrace.storage import atomic_directory, folder_owner, read_json_object, read_tensors, verify_folder, write_json, write_tensors
@@ -134,7 +135,7 @@ class Factors:
     @classmethod
     def load(cls, folder: str | Path) -> "Factors":
         """Factors verified against their folder's manifest: content hash, shapes, finite values, Λ ≥ 0."""
-        folder = Path(folder)
+        folder = Path(require_path("folder", folder))
         if not folder.is_dir():
             raise PretraceError(f"{folder}: no such factor folder; create it with `pretrace fit`.")
         verify_folder(folder, "fit", _RECOMPUTE)

@@ -91,6 +91,8 @@ class FieldOptions:
         columns = {"--text-field": self.text_field, "--prompt-field": self.prompt_field, "--completion-field": self.completion_field,
                    "--id-field": self.id_field}
         for flag, column in columns.items():
+            if column is not None and not column.strip():
+                raise PretraceError(f"{flag} {column!r} names no column; pass the column's name, or drop {flag} for the default.")
             shared = [other for other, value in columns.items() if other != flag and value == column and column is not None]
             if shared:
                 raise PretraceError(f"{flag} and {shared[0]} both name the column {column!r}; each field needs its own column.")
@@ -288,10 +290,10 @@ def _string_field(where: str, obj: dict, key: str, required: bool, fields: Field
         raise PretraceError(f"{where}: field '{key}' is null; give it a string{'' if required else ' or leave the field out'}.")
     if not isinstance(value, str):
         raise PretraceError(f"{where}: field '{key}' must be a string, got {type(value).__name__}.")
-    return _encodable(where, key, value)
+    return encodable(where, key, value)
 
 
-def _encodable(where: str, key: str, value: str) -> str:
+def encodable(where: str, key: str, value: str) -> str:
     """Refuse text that no tokenizer or UTF-8 file can hold: an unpaired surrogate (a JSON escape such as \\ud800)."""
     try:
         value.encode("utf-8")
@@ -311,7 +313,7 @@ class UniqueIds:
         value = obj.get("id")
         if value is not None and (isinstance(value, bool) or not isinstance(value, (str, int))):
             raise PretraceError(f"{where}: its id must be a string or an integer, got {type(value).__name__} {value!r:.60}.")
-        record_id = str(index) if value is None else _encodable(where, "id", str(value))
+        record_id = str(index) if value is None else encodable(where, "id", str(value))
         if record_id in self.seen:
             raise PretraceError(
                 f"{where}: {self.what} id {record_id!r} already appears at {self.seen[record_id]}; "

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from pretrace.config import MAX_SEED, nested, option, require_instance, to_dict, validate, variants
 from pretrace.curvature import FitSettings
-from pretrace.data.records import DEFAULT_FIELDS, Document, Fields, Query, UniqueIds, iter_documents, iter_records
+from pretrace.data.records import DEFAULT_FIELDS, Document, Fields, Query, UniqueIds, encodable, iter_documents, iter_records
 from pretrace.errors import PretraceError
 from pretrace.methods.registry import make_attributor
 from pretrace.modeling.adapters import model_folders
@@ -124,11 +124,14 @@ def read_trace_queries(path: str | Path, fields: Fields = DEFAULT_FIELDS) -> lis
             raise PretraceError(f"{where}: a trace query needs a non-empty string 'prompt' (found: {sorted(obj)}; --prompt-field names another column).")
         if completion is not None and (not isinstance(completion, str) or not completion.strip()):
             raise PretraceError(f"{where}: 'completion' must be a non-empty string; drop it to trace the model's own answer.")
+        encodable(where, "prompt", prompt)
+        if completion is not None:
+            encodable(where, "completion", completion)
         evidence = obj.get("evidence_ids")
-        if evidence is not None and not isinstance(evidence, list):
-            raise PretraceError(f"{where}: 'evidence_ids' must be a list of corpus document ids.")
+        if evidence is not None and (not isinstance(evidence, list) or not all(isinstance(e, (str, int)) and not isinstance(e, bool) for e in evidence)):
+            raise PretraceError(f"{where}: 'evidence_ids' must be a list of corpus document ids (strings or integers).")
         queries.append(TraceQuery(Query(unique(obj, index, where), prompt, completion), False,
-                                  None if evidence is None else tuple(str(e) for e in evidence)))
+                                  None if evidence is None else tuple(encodable(where, "evidence_ids", str(e)) for e in evidence)))
     if not queries:
         raise PretraceError(f"{path}: no queries; the file is empty.")
     return queries
