@@ -89,12 +89,12 @@ def test_kill_while_replacing_keeps_the_old_result_until_the_new_one_is_in(works
     out = tmp_path / "out"
     argv = _argv(workspace, "fit", out) + ["--overwrite"]
     assert main(argv[:-1]) == 0
-    (out / "previous.txt").write_text("the old result")  # a file pretrace did not write, inside a folder it did
+    old_result = {p.name: p.read_bytes() for p in out.iterdir()}
     assert _killed(argv, "commit").returncode == FAULT_EXIT_CODE
     old = [p for p in tmp_path.iterdir() if p.name.startswith(".out.") and p.name.endswith(".old")]
-    assert len(old) == 1 and (old[0] / "previous.txt").read_text() == "the old result"  # renamed aside, not deleted
+    assert len(old) == 1 and {p.name: p.read_bytes() for p in old[0].iterdir()} == old_result  # renamed aside, not deleted
     assert main(argv[:-1]) == 2  # without --overwrite: the old result is restored first, then kept
-    assert "previous.txt" in [p.name for p in out.iterdir()] and _leftovers(out) == []
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == old_result and _leftovers(out) == []
     assert main(argv) == 0
     _same_outputs("fit", out, workspace / "refs" / "fit")
     assert _leftovers(out) == []
