@@ -11,13 +11,10 @@ from its module on first use.
 
 from __future__ import annotations
 
-from importlib import import_module, metadata
+from importlib import import_module
 from typing import Any
 
-try:
-    __version__ = metadata.version("pretrace")
-except metadata.PackageNotFoundError:  # a source tree that was never installed
-    __version__ = "0+unknown"
+from pretrace.version import __version__
 
 # public name -> module that defines it
 _EXPORTS = {

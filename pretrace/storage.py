@@ -369,7 +369,7 @@ def _folder_files(folder: Path) -> dict[str, dict]:
 def mark_folder(folder: str | Path, command: str, manifest: bool) -> None:
     """Write the marker that says pretrace `command` wrote `folder`; `manifest=True` (a complete result) also
     records every file's size and sha256 for `verify_folder`."""
-    from pretrace import __version__
+    from pretrace.version import __version__
 
     record = {"written_by": "pretrace", "command": command, "format": OWNER_FORMAT, "version": __version__}
     if manifest:

@@ -157,7 +157,7 @@ def test_pairs_a_pass_did_not_keep_are_rescored_to_the_same_explanation(workspac
     """The fallback (scores from --index or a cache): the same explanations as the pass's own."""
     from pretrace.modeling.stage import ModelOptions
     from pretrace.workflows.score import ScoreSettings, build_context, explain_pairs, top_pairs
-    from pretrace.methods.registry import make_attributor
+    from pretrace.workflows.registry import make_attributor
 
     root, _ = workspace
     settings = from_flags(ScoreSettings, queries=str(root / "q.jsonl"), train=str(root / "docs.jsonl"), out=str(root / "unused"),

@@ -19,7 +19,7 @@ from pretrace.scores.queries import precondition_queries
 from pretrace.scores.weights import EigenbasisWeights
 from pretrace.modeling.stage import ModelOptions, load_stage
 from pretrace.workflows.fit import fit
-from pretrace.methods.registry import make_attributor
+from pretrace.workflows.registry import make_attributor
 from pretrace.workflows.score import ScoreSettings, build_context, score
 from tiny import WORDS, save_tiny_model, write_jsonl
 

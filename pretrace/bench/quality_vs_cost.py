@@ -401,9 +401,8 @@ def stage_scores(run: Run, model: Path, method: MethodRun) -> Path:
 @torch.no_grad()
 def query_losses(model: torch.nn.Module, tokenizer, queries, max_length: int) -> list[float]:
     """Each query's summed loss over its target tokens: the measurement the influence scores differentiate."""
-    from pretrace.data.batching import collate, encode_queries
+    from pretrace.data.batching import collate, encode_queries, pad_token_id
     from pretrace.gradients.task import LanguageModelingTask
-    from pretrace.modeling.loading import pad_token_id
 
     batch = collate(list(encode_queries(tokenizer, queries, max_length)), pad_token_id(tokenizer)).to(next(model.parameters()).device)
     return LanguageModelingTask().measurement(model, batch).tolist()

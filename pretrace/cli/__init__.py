@@ -48,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((arg for arg in argv if not arg.startswith("-")), None)  # the sub-command, if one is named
     args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
     try:
+        _quiet_other_ranks()
         return int(args.handler(args) or 0)
     except PretraceError as exc:
         return _refuse(str(exc))
@@ -65,6 +66,24 @@ def main(argv: list[str] | None = None) -> int:
         print(f"pretrace: internal error ({type(exc).__name__}: {str(exc)[:300]}); this is a bug in pretrace, not in your input. "
               f"Re-run with {DEBUG_ENV}=1 for the traceback and report it.", file=sys.stderr)
         return 1
+
+
+def _quiet_other_ranks() -> None:
+    """Under torchrun only rank 0 speaks: the other processes of this command print nothing and warn nothing (the CLI
+    owns its process; the library never changes a process's streams or warning filters)."""
+    from pretrace.parallel import group
+
+    if group.requested_world_size() <= 1:
+        return
+    group.initialize()
+    if not group.is_main():
+        import warnings
+
+        from transformers.utils import logging as transformers_logging
+
+        sys.stdout = open(os.devnull, "w")
+        warnings.simplefilter("ignore")
+        transformers_logging.disable_progress_bar()
 
 
 def _refuse(message: str) -> int:

@@ -19,7 +19,7 @@ def produced_by_earlier(path: str | Path | None, produced: Iterable[Path]) -> bo
 
 
 def check_models(produced: Iterable[Path], *folders: str | None) -> None:
-    from pretrace.modeling.loading import check_model_dir
+    from pretrace.modeling.folders import check_model_dir
 
     for folder in folders:
         if not produced_by_earlier(folder, produced):

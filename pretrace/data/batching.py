@@ -16,7 +16,6 @@ import torch
 
 from pretrace.data.records import Document, Query
 from pretrace.errors import PretraceError
-from pretrace.modeling.loading import pad_token_id
 
 
 @dataclass(frozen=True)
@@ -162,3 +161,11 @@ def iter_batches(encoded: Iterable[Encoded], batch_size: int, pad_id: int, paddi
             chunk = []
     if chunk:
         yield collate(chunk, pad_id, padding_side)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id padding positions hold: the tokenizer's pad token, else its end-of-sequence token, else 0."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
+        if candidate is not None:
+            return int(candidate)
+    return 0

@@ -1,8 +1,5 @@
 """Attribution methods behind one interface: `fit` pays the one-off cost, `score` the per-query cost.
 
-`pretrace.methods.registry` maps method names to builders; it sits above `pretrace.baselines` (which build on
-`methods.base`), so it is imported from there, not from this package."""
-
-from pretrace.methods.base import Attributor, ScoringContext
-
-__all__ = ["Attributor", "ScoringContext"]
+`base` holds the interface (`Attributor`, `ScoringContext`), `config` each method's own settings (torch-free, so
+`pretrace score --help` lists them without loading torch), `gradient` the preconditioned-gradient methods. The
+registry that builds any method from its config sits above the baselines, in `pretrace.workflows.registry`."""

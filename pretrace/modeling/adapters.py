@@ -14,16 +14,12 @@ from pathlib import Path
 import torch
 
 from pretrace.errors import PretraceError
+from pretrace.modeling.folders import ADAPTER_CONFIG, check_model_dir, is_adapter_folder
 
-ADAPTER_CONFIG = "adapter_config.json"
 MERGED, ADAPTER_PARAMETERS = "merged", "adapter"
 ADAPTER_MODES = (MERGED, ADAPTER_PARAMETERS)
 ADAPTER_MODULES = r"\.lora_(A|B)\."  # the LoRA matrices inside PEFT's wrapped linear modules
 
-
-def is_adapter_folder(path: str | Path) -> bool:
-    path = Path(path)
-    return (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file()
 
 
 def model_folders(flag: str, path: str | Path | None, base: str | Path | None = None) -> dict[str, str | Path | None]:
@@ -50,8 +46,6 @@ def adapter_base(path: str | Path, fallback: str | Path | None = None) -> Path:
     if fallback is not None:
         return Path(fallback)
     if recorded:  # a hub name: fetched when online, refused with how to pass a folder when not
-        from pretrace.modeling.loading import check_model_dir
-
         try:
             return check_model_dir(recorded)
         except PretraceError as exc:

@@ -8,7 +8,8 @@ from pathlib import Path
 import torch
 
 from pretrace.errors import PretraceError
-from pretrace.storage import folder_owner, verify_folder
+from pretrace.modeling.adapters import adapter_base, is_adapter_folder, load_adapter_model
+from pretrace.modeling.folders import check_model_dir, model_config, verify_written_model
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -20,61 +21,6 @@ def parse_dtype(name: str) -> torch.dtype:
         raise PretraceError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}.") from None
 
 
-def _hub_model_name(path: Path) -> bool:
-    return len(path.parts) == 2 and not str(path).startswith((".", "/", "~"))
-
-
-def _fetch_hub_model(name: str) -> Path:
-    """A hub model's local snapshot (downloaded once into the Hugging Face cache), or a clear refusal offline."""
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]))
-    except Exception as exc:  # offline mode, no network, unknown repository: the hub client raises many types
-        raise PretraceError(f"{name}: no such folder, and the hub model {name!r} could not be fetched ({exc.__class__.__name__}); "
-                            f"on a machine online run `huggingface-cli download {name} --local-dir FOLDER` (or model.save_pretrained(FOLDER)) "
-                            "and pass FOLDER.") from None
-
-
-def check_model_dir(path: str | Path) -> Path:
-    """A local model folder (config.json and weights), a PEFT adapter folder (adapter_config.json), or a hub model
-    name (`owner/name`), fetched into the Hugging Face cache when the machine is online; returns the local folder."""
-    from pretrace.modeling.adapters import is_adapter_folder
-
-    path = Path(path)
-    if not path.exists():
-        if _hub_model_name(path):
-            path = _fetch_hub_model(str(path))
-        else:
-            raise PretraceError(f"{path}: no such folder; pass a Hugging Face model folder (with config.json and weights).")
-    if not path.is_dir():
-        raise PretraceError(f"{path}: is a file; pass the Hugging Face model folder that contains it.")
-    if not (path / "config.json").is_file() and not is_adapter_folder(path):
-        raise PretraceError(f"{path}: not a model folder (no config.json, nor a PEFT adapter_config.json); save one with model.save_pretrained(folder).")
-    if (path / "config.json").is_file():
-        model_config(path)  # a broken config.json is said as such, before the tokenizer (which reads it too) is loaded
-    return path
-
-
-def verify_written_model(path: Path) -> None:
-    """A model folder pretrace wrote (a fine-tune, a TRAK member) is read only as it was written: its manifest's sha256s."""
-    owner = folder_owner(path)
-    if owner is not None and "files" in owner:
-        verify_folder(path, owner["command"], f"write it again with `pretrace {owner['command']}`")
-
-
-def model_config(path: Path) -> dict:
-    """The folder's config.json, refused unless it is a readable JSON object."""
-    try:
-        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise PretraceError(f"{path}/config.json: unreadable ({exc.__class__.__name__}: {exc}); save the model again with model.save_pretrained(folder).") from None
-    if not isinstance(config, dict):
-        raise PretraceError(f"{path}/config.json: holds a JSON {type(config).__name__}, not the object of a model's configuration; "
-                            "save the model again with model.save_pretrained(folder).")
-    return config
-
-
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model", "spiece.model")
 
 
@@ -82,8 +28,6 @@ def load_tokenizer(path: str | Path, base: str | Path | None = None):
     """The folder's own tokenizer (an adapter folder without one: its base model's; `base` as in `load_model`);
     refused when there is none (transformers would build a near-empty one)."""
     from transformers import AutoTokenizer
-
-    from pretrace.modeling.adapters import adapter_base, is_adapter_folder
 
     path = check_model_dir(path)
     if is_adapter_folder(path) and not any((path / name).is_file() for name in TOKENIZER_FILES):
@@ -125,8 +69,6 @@ def load_model(path: str | Path, dtype: str | torch.dtype = "float32", device: s
     model (the one it records when that is a local folder, else `base`): merged into plain weights, or with
     `adapter="adapter"` kept unmerged (see `pretrace.modeling.adapters`)."""
     from transformers import AutoModelForCausalLM
-
-    from pretrace.modeling.adapters import adapter_base, is_adapter_folder, load_adapter_model
 
     path = check_model_dir(path)
     verify_written_model(path)
@@ -173,13 +115,6 @@ def check_model_tokenizer(path: str | Path, model: torch.nn.Module, tokenizer, m
     if limit is not None and max_length > limit:
         raise PretraceError(f"--max-length {max_length} exceeds the {limit} positions of {path}; pass --max-length {limit} or less.")
     return max_length
-
-
-def pad_token_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id, 0):
-        if candidate is not None:
-            return int(candidate)
-    return 0
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import sys
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -96,12 +94,6 @@ def initialize() -> None:
         torch.cuda.set_device(local_device())
     dist.init_process_group(backend=backend, init_method="env://")
     atexit.register(_shutdown)
-    if not is_main():
-        from transformers.utils import logging as transformers_logging
-
-        sys.stdout = open(os.devnull, "w")
-        warnings.simplefilter("ignore")
-        transformers_logging.disable_progress_bar()
 
 
 def _shutdown() -> None:

@@ -25,11 +25,11 @@ import torch
 
 from pretrace.parallel import group
 from pretrace.config import option, require_instance, to_dict
-from pretrace.data.batching import encode_queries
+from pretrace.data.batching import encode_queries, pad_token_id
 from pretrace.errors import PretraceError
 from pretrace.data.records import FieldOptions, Query, read_queries, source_sha256
 from pretrace.modeling.adapters import model_folders
-from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint, pad_token_id
+from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint
 from pretrace.storage import output_folder, read_json_object
 from pretrace.training.loop import TrainHistory, TrainSettings, train
 from pretrace.training.output import save_model_folder

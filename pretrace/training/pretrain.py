@@ -14,10 +14,10 @@ from typing import Sequence
 import torch
 
 from pretrace.config import to_dict
-from pretrace.data.batching import encode_documents
+from pretrace.data.batching import encode_documents, pad_token_id
 from pretrace.data.records import Document
 from pretrace.errors import PretraceError
-from pretrace.modeling.loading import parse_dtype, pad_token_id
+from pretrace.modeling.loading import parse_dtype
 from pretrace.training.loop import TrainSettings, train
 from pretrace.training.output import refuse_existing, save_model_folder
 

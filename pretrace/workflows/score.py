@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from pretrace import __version__
+from pretrace.version import __version__
 from pretrace.curvature.placement import PlacedPreconditioner
 from pretrace.config import changed, nested, option, require_instance, to_dict, validate, variants
 from pretrace.data.batching import encode_queries, short_document_ids
@@ -23,7 +23,7 @@ from pretrace.baselines.trak import ensemble_folder
 from pretrace.baselines.trak_ensemble import ENSEMBLE_COMMAND
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.config import METHODS, Damping, MethodConfig
-from pretrace.methods.registry import make_attributor
+from pretrace.workflows.registry import make_attributor
 from pretrace.curvature.factors import factors_metadata
 from pretrace.data.records import FIELD_FLAGS
 from pretrace.parallel.group import requested_world_size

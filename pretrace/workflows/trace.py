@@ -24,9 +24,10 @@ from pretrace.config import MAX_SEED, nested, option, require_instance, to_dict,
 from pretrace.curvature import FitSettings
 from pretrace.data.records import DEFAULT_FIELDS, Document, Fields, Query, UniqueIds, encodable, iter_documents, iter_records
 from pretrace.errors import PretraceError
-from pretrace.methods.registry import make_attributor
+from pretrace.workflows.registry import make_attributor
 from pretrace.modeling.adapters import model_folders
-from pretrace.modeling.loading import check_model_dir, check_model_tokenizer, load_model, load_tokenizer
+from pretrace.modeling.folders import check_model_dir
+from pretrace.modeling.loading import check_model_tokenizer, load_model, load_tokenizer
 from pretrace.retrieval import make_retriever, retrieval_recall
 from pretrace.scores.io import load_scores, top_indices
 from pretrace.stages import File, Folder, Source, StageCache, StageKey

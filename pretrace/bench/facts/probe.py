@@ -13,11 +13,10 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from pretrace.data.batching import encode_queries, iter_batches
+from pretrace.data.batching import encode_queries, iter_batches, pad_token_id
 from pretrace.data.records import Query
 from pretrace.errors import PretraceError
 from pretrace.gradients.task import token_logits
-from pretrace.modeling.loading import pad_token_id
 
 
 @torch.no_grad()
