@@ -256,13 +256,13 @@ def _fit_rank(rank: int, world: int, port: int, root: str, out: str, kill_at: in
 
         return stream
 
-    capture = fitting.capture
+    make = fitting.sampled_document_loss
 
-    def counting_capture(*args, **kwargs):
-        captures[0] += 1
-        return capture(*args, **kwargs)
+    def counting_loss(*args, **kwargs):  # the loss of each batch the passes capture
+        loss = make(*args, **kwargs)
+        return lambda model, batch, index: captures.__setitem__(0, captures[0] + 1) or loss(model, batch, index)
 
-    Stage.fitting_batches, fitting.capture = fitting_batches, counting_capture
+    Stage.fitting_batches, fitting.sampled_document_loss = fitting_batches, counting_loss
     fit(root / "model", root / "docs.jsonl", root / out, ModelOptions(batch_size=BATCH_SIZE, device="cpu"), FitSettings(checkpoint_every=1), progress=False)
     (root / f"{out}.captures.rank{rank}").write_text(str(captures[0]))
 

@@ -126,8 +126,13 @@ def _resumable_score(root: Path, out: Path, *extra: str) -> list[str]:
 def _count_captures(monkeypatch) -> list[int]:
     import pretrace.scores.pairwise as pairwise
 
-    calls, capture = [], pairwise.capture
-    monkeypatch.setattr(pairwise, "capture", lambda *args, **kwargs: calls.append(1) or capture(*args, **kwargs))
+    calls, make = [], pairwise.document_loss
+
+    def counting(task=None):  # every document batch the scoring pass captures computes this loss once
+        loss = make(task)
+        return lambda model, batch, index: calls.append(1) or loss(model, batch, index)
+
+    monkeypatch.setattr(pairwise, "document_loss", counting)
     return calls
 
 

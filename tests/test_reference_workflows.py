@@ -81,20 +81,25 @@ def test_an_interrupted_fit_exits_130_and_resumes_to_the_same_factors(workspace,
     args = ["fit", "--model", str(workspace / "model"), "--data", str(workspace / "docs.jsonl"), "--batch-size", "2", "--checkpoint-every", "1",
             "--factor-dtype", "float64", "--dtype", "float64"]
     assert main([*args, "--out", str(tmp_path / "reference")]) == 0
-    calls, original = [], fitting.capture
+    calls, original = [], fitting.sampled_document_loss
 
-    def interrupted(*a, **kw):
-        calls.append(1)
-        if len(calls) == 9:  # the second pass's third batch
-            raise KeyboardInterrupt
-        return original(*a, **kw)
+    def interrupted(*a, **kw):  # a loss per captured batch of either pass
+        loss = original(*a, **kw)
 
-    monkeypatch.setattr(fitting, "capture", interrupted)
+        def counted(model, batch, index):
+            calls.append(1)
+            if len(calls) == 9:  # the second pass's third batch
+                raise KeyboardInterrupt
+            return loss(model, batch, index)
+
+        return counted
+
+    monkeypatch.setattr(fitting, "sampled_document_loss", interrupted)
     capsys.readouterr()
     assert main([*args, "--out", str(tmp_path / "f")]) == 130
     assert "interrupted; re-run the same command to resume" in capsys.readouterr().err
     assert not (tmp_path / "f").exists()
-    monkeypatch.setattr(fitting, "capture", original)
+    monkeypatch.setattr(fitting, "sampled_document_loss", original)
     assert main([*args, "--out", str(tmp_path / "f")]) == 0
     reference, resumed = Factors.load(tmp_path / "reference"), Factors.load(tmp_path / "f")
     for name, mf in reference.modules.items():
@@ -107,7 +112,7 @@ def test_an_interrupted_score_exits_130_leaves_no_output_and_says_it_resumes(wor
     def interrupt(*a, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pairwise, "capture", interrupt)
+    monkeypatch.setattr(pairwise, "document_loss", lambda task=None: interrupt)
     code = main(["score", "--model", str(workspace / "model"), "--method", "identity", "--queries", str(workspace / "q.jsonl"),
                  "--train", str(workspace / "docs.jsonl"), "--out", str(tmp_path / "s")])
     assert code == 130

@@ -26,7 +26,8 @@ from tqdm.auto import tqdm
 from pretrace.curvature import Identity
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
-from pretrace.gradients import CapturedBatch, LanguageModelingTask, capture
+from pretrace.gradients import CapturedBatch
+from pretrace.gradients.source import LiveGradients, document_loss
 from pretrace.gradients.capture import compute_dtype
 from pretrace.gradients.task import model_inputs
 from pretrace.methods.base import Attributor, ScoringContext
@@ -55,13 +56,9 @@ def document_captures(stage: Stage, documents: DocumentSource, desc: str = "docu
     Take per-example gradients with `captured.example_gradients(name)` one module at a time, so only one
     module's `[B, d_out, d_in']` block is alive at once.
     """
-    task = LanguageModelingTask()
-    model = stage.model
-    device = next(model.parameters()).device
-    batches = stage.document_batches(documents)()
-    for batch in tqdm(batches, total=stage.document_batch_count(documents), desc=desc, unit="batch"):
-        batch = batch.to(device)
-        yield batch, capture(model, stage.tracked, lambda: task.document_loss(model, batch))
+    source = LiveGradients(stage.model, stage.tracked, stage.document_batches(documents)(), document_loss())
+    for gradients in tqdm(source, total=stage.document_batch_count(documents), desc=desc, unit="batch"):
+        yield gradients.batch, gradients.captured
 
 
 def gradient_products(stage: Stage, query_grads: dict[str, torch.Tensor], documents: DocumentSource,

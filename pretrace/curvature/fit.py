@@ -26,7 +26,8 @@ from pretrace.config import MAX_SEED, option, to_dict, validate
 from pretrace.curvature.factors import Factors, ModuleFactors
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import CorruptFile, PretraceError
-from pretrace.gradients.capture import capture, compute_dtype
+from pretrace.gradients.capture import compute_dtype
+from pretrace.gradients.source import LiveGradients, sampled_document_loss
 from pretrace.gradients.task import LanguageModelingTask, Task, dtype_hint
 from pretrace.modeling.loading import parse_dtype
 from pretrace.modeling.modules import TrackedModule
@@ -85,47 +86,42 @@ class _Checkpoint:
         fault_point("checkpoint")
 
 
-def _run_pass(
-    model,
-    tracked: list[TrackedModule],
-    task: Task,
-    batches: BatchSource,
-    settings: FitSettings,
-    checkpoint: _Checkpoint,
-    init_sums: Callable[[], dict[str, torch.Tensor]],
-    accumulate: Callable[[dict, object, TokenBatch], None],
-    seed_offset: int,
-    total: int | None,
-    desc: str,
-    progress: bool,
-) -> tuple[dict[str, torch.Tensor], dict]:
-    restored = checkpoint.load()
-    if restored is not None:
-        sums, counts = restored
-    else:
-        sums, counts = init_sums(), {"batches": 0, "documents": 0, "tokens": 0}
-    device = next(model.parameters()).device
-    sample = settings.fisher == "true"
-    bar = tqdm(total=collectives.shard_size(total), desc=desc, unit="batch", disable=not (progress and group.is_main()), initial=counts["batches"])
-    for position, (index, batch) in enumerate(collectives.shard(enumerate(batches()))):
+@dataclass
+class _Pass:
+    """One streaming pass over the fitting batches: its name, its checkpoint, how its sums start and grow, and the
+    offset that seeds its sampled labels (so the two passes draw different labels)."""
+
+    name: str
+    checkpoint: _Checkpoint
+    init_sums: Callable[[], dict[str, torch.Tensor]]
+    accumulate: Callable[[dict, object, TokenBatch], None]
+    seed_offset: int
+
+
+def _run_pass(model, tracked: list[TrackedModule], task: Task, batches: BatchSource, settings: FitSettings, stream: _Pass,
+              total: int | None, progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
+    """Sums over this rank's batches (resumed from the pass's checkpoint), then summed over ranks with their counts."""
+    restored = stream.checkpoint.load()
+    sums, counts = restored if restored is not None else (stream.init_sums(), {"batches": 0, "documents": 0, "tokens": 0})
+    loss = sampled_document_loss(task, settings.seed, stream.seed_offset, sample=settings.fisher == "true")
+    source = LiveGradients(model, tracked, batches(), loss, select=collectives.shard)
+    bar = tqdm(total=collectives.shard_size(total), desc=stream.name, unit="batch", disable=not (progress and group.is_main()), initial=counts["batches"])
+    for position, gradients in enumerate(source):
         if position < counts["batches"]:
             continue
-        batch = batch.to(device)
-        generator = torch.Generator(device=device).manual_seed(settings.seed * 1_000_003 + seed_offset + index)
-        captured = capture(model, tracked, lambda: task.document_loss(model, batch, generator=generator, sample=sample))
-        accumulate(sums, captured, batch)
-        del captured  # before the next batch is captured: never two batches' activations at once
+        stream.accumulate(sums, gradients.captured, gradients.batch)
+        gradients.release()  # before the next batch is captured: never two batches' activations at once
         counts["batches"] += 1
-        counts["documents"] += len(batch)
-        counts["tokens"] += int(batch.predict_mask.sum())
+        counts["documents"] += len(gradients.batch)
+        counts["tokens"] += int(gradients.batch.predict_mask.sum())
         bar.update(1)
         if counts["batches"] % settings.checkpoint_every == 0:
-            checkpoint.save(sums, counts)
+            stream.checkpoint.save(sums, counts)
     bar.close()
     total = collectives.all_reduce_counts(counts)
     if total["documents"] == 0:  # checked before the save: a refused fit leaves no checkpoint of nothing behind
         raise PretraceError("no documents to fit on (each needs at least 2 tokens); pass a file with longer documents.")
-    checkpoint.save(sums, counts)
+    stream.checkpoint.save(sums, counts)
     return collectives.all_reduce_sums(sums), total
 
 
@@ -164,36 +160,56 @@ def fit_factors(
     # the sums do not depend on how often they are saved nor on the stored precision: a fit refused for overflowing
     # float16 factors resumes with --factor-dtype float32 from its checkpoint
     summed = {k: v for k, v in to_dict(settings).items() if k not in ("checkpoint_every", "factor_dtype")}
-    signature = {"settings": summed, "modules": [t.name for t in tracked], **(signature or {})}
-    signature = json.loads(json.dumps(signature, default=str))
+    signature = json.loads(json.dumps({"settings": summed, "modules": [t.name for t in tracked], **(signature or {})}, default=str))
     compute = compute_dtype(model)
-
-    def init_cov():
-        sums = {}
-        for t in tracked:
-            sums[f"{t.name}.A"] = torch.zeros(t.d_in_total, t.d_in_total, dtype=torch.float64)
-            sums[f"{t.name}.G"] = torch.zeros(t.n_blocks, t.block_size, t.block_size, dtype=torch.float64)
-        return sums
-
-    def add_cov(sums, captured, batch):
-        mask = batch.predict_mask
-        for t in tracked:
-            a = captured.activations[t.name][mask].to(compute)
-            g = captured.output_gradients[t.name][mask].to(compute).reshape(-1, t.n_blocks, t.block_size)
-            sums[f"{t.name}.A"] += (a.T @ a).double().cpu()
-            sums[f"{t.name}.G"] += torch.einsum("nki,nkj->kij", g, g).double().cpu()
-
-    cov_sums, cov_counts = _run_pass(
-        model, tracked, task, batches, settings, _Checkpoint(folder, group.per_rank_name("covariances"), signature),
-        init_cov, add_cov, 0, num_batches, "covariances", progress,
-    )
+    covariances = _Pass("covariances", _Checkpoint(folder, group.per_rank_name("covariances"), signature),
+                        lambda: _zero_covariances(tracked), lambda sums, captured, batch: _add_covariances(tracked, compute, sums, captured, batch), 0)
+    cov_sums, cov_counts = _run_pass(model, tracked, task, batches, settings, covariances, num_batches, progress)
     if cov_counts["tokens"] == 0:
         raise PretraceError("the fitting data has no predicted tokens; documents need at least two tokens.")
-    tokens = cov_counts["tokens"]
-    device = next(model.parameters()).device
-    store = parse_dtype(settings.factor_dtype)
+    eigen, rotations = _eigenbases(model, tracked, cov_sums, cov_counts["tokens"], parse_dtype(settings.factor_dtype))
+    correction = _Pass("eigenvalue correction", _Checkpoint(folder, group.per_rank_name("lambda"), signature),
+                       lambda: _zero_lambda(tracked, settings.diagonal),
+                       lambda sums, captured, batch: _add_lambda(tracked, compute, rotations, settings.diagonal, sums, captured), 500_009)
+    lam_sums, lam_counts = _run_pass(model, tracked, task, batches, settings, correction, num_batches, progress)
+    if lam_counts["documents"] != cov_counts["documents"]:
+        raise PretraceError("the data changed between the two fitting passes; make sure the data source is deterministic.")
+    modules = _module_factors(model, tracked, eigen, lam_sums, lam_counts["documents"], settings)
+    metadata = {
+        "settings": to_dict(settings),
+        "documents": lam_counts["documents"],
+        "tokens": cov_counts["tokens"],
+        "tokens_per_document": cov_counts["tokens"] / lam_counts["documents"],
+        "attention_blocks": {t.name: list(t.block_names) for t in tracked},
+    }
+    return Factors(modules, metadata)
+
+
+def _zero_covariances(tracked: list[TrackedModule]) -> dict[str, torch.Tensor]:
+    sums = {}
+    for t in tracked:
+        sums[f"{t.name}.A"] = torch.zeros(t.d_in_total, t.d_in_total, dtype=torch.float64)
+        sums[f"{t.name}.G"] = torch.zeros(t.n_blocks, t.block_size, t.block_size, dtype=torch.float64)
+    return sums
+
+
+def _add_covariances(tracked: list[TrackedModule], compute: torch.dtype, sums: dict, captured, batch: TokenBatch) -> None:
+    """A = Σ a aᵀ and G = Σ g gᵀ (per block) over the batch's predicting positions."""
+    mask = batch.predict_mask
+    for t in tracked:
+        a = captured.activations[t.name][mask].to(compute)
+        g = captured.output_gradients[t.name][mask].to(compute).reshape(-1, t.n_blocks, t.block_size)
+        sums[f"{t.name}.A"] += (a.T @ a).double().cpu()
+        sums[f"{t.name}.G"] += torch.einsum("nki,nkj->kij", g, g).double().cpu()
+
+
+def _eigenbases(model, tracked: list[TrackedModule], cov_sums: dict, tokens: int, store: torch.dtype) -> tuple[dict, dict]:
+    """Per module the means A and G with their float64 eigendecompositions (in the stored precision), and the two
+    eigenbases on the model's device for the second pass. Module by module, releasing the float64 sums: the peak
+    stays near one copy of the factors."""
+    device, compute = next(model.parameters()).device, compute_dtype(model)
     eigen, rotations = {}, {}
-    for position, t in enumerate(tracked):  # module by module, releasing the float64 sums: peak memory stays near one copy of the factors
+    for position, t in enumerate(tracked):
         A = cov_sums.pop(f"{t.name}.A") / tokens
         G = cov_sums.pop(f"{t.name}.G") / tokens
         la, qa, lg, qg = _owned_eigh(A, G, collectives.owner(position))
@@ -201,43 +217,44 @@ def fit_factors(
         del A, G, la, qa, lg, qg
         # `.to` returns the stored tensor itself when device and precision already match (CPU, float32): one copy, not two.
         rotations[t.name] = tuple(x.to(device, compute) for x in (eigen[t.name][3], eigen[t.name][5]))
+    return eigen, rotations
 
-    def init_lambda():
-        sums = {}
-        for t in tracked:
-            sums[f"{t.name}.lambda"] = torch.zeros(t.n_blocks, t.block_size, t.d_in_total, dtype=torch.float64)
-            if settings.diagonal:
-                sums[f"{t.name}.diagonal"] = torch.zeros(t.d_out, t.d_in_total, dtype=torch.float64)
-        return sums
 
-    def add_lambda(sums, captured, batch):
-        for t in tracked:
-            qa, qg = rotations[t.name]
-            a = captured.activations[t.name].to(compute) @ qa
-            g = captured.output_gradients[t.name].to(compute)
-            g = g.reshape(*g.shape[:2], t.n_blocks, t.block_size)
-            g = torch.einsum("btka,kac->btkc", g, qg)
-            rotated = torch.einsum("btkc,bti->bkci", g, a)
-            sums[f"{t.name}.lambda"] += rotated.square().sum(0).double().cpu()
-            if settings.diagonal:
-                sums[f"{t.name}.diagonal"] += captured.example_gradients(t.name).to(compute).square().sum(0).double().cpu()
+def _zero_lambda(tracked: list[TrackedModule], diagonal: bool) -> dict[str, torch.Tensor]:
+    sums = {}
+    for t in tracked:
+        sums[f"{t.name}.lambda"] = torch.zeros(t.n_blocks, t.block_size, t.d_in_total, dtype=torch.float64)
+        if diagonal:
+            sums[f"{t.name}.diagonal"] = torch.zeros(t.d_out, t.d_in_total, dtype=torch.float64)
+    return sums
 
-    lam_sums, lam_counts = _run_pass(
-        model, tracked, task, batches, settings, _Checkpoint(folder, group.per_rank_name("lambda"), signature),
-        init_lambda, add_lambda, 500_009, num_batches, "eigenvalue correction", progress,
-    )
-    if lam_counts["documents"] != cov_counts["documents"]:
-        raise PretraceError("the data changed between the two fitting passes; make sure the data source is deterministic.")
-    docs = lam_counts["documents"]
+
+def _add_lambda(tracked: list[TrackedModule], compute: torch.dtype, rotations: dict, diagonal: bool, sums: dict, captured) -> None:
+    """Λ = Σ over documents of (Q_Gᵀ ∇W Q_A)², and the diagonal Σ ∇W² when asked."""
+    for t in tracked:
+        qa, qg = rotations[t.name]
+        a = captured.activations[t.name].to(compute) @ qa
+        g = captured.output_gradients[t.name].to(compute)
+        g = g.reshape(*g.shape[:2], t.n_blocks, t.block_size)
+        g = torch.einsum("btka,kac->btkc", g, qg)
+        rotated = torch.einsum("btkc,bti->bkci", g, a)
+        sums[f"{t.name}.lambda"] += rotated.square().sum(0).double().cpu()
+        if diagonal:
+            sums[f"{t.name}.diagonal"] += captured.example_gradients(t.name).to(compute).square().sum(0).double().cpu()
+
+
+def _module_factors(model, tracked: list[TrackedModule], eigen: dict, lam_sums: dict, documents: int, settings: FitSettings) -> dict[str, ModuleFactors]:
+    """Every module's factors in the stored precision, refused when that precision cannot hold them."""
+    store = parse_dtype(settings.factor_dtype)
     modules = {}
     for t in tracked:
         A, G, la, qa, lg, qg = eigen[t.name]
-        diagonal = lam_sums[f"{t.name}.diagonal"] / docs if settings.diagonal else None
+        diagonal = lam_sums[f"{t.name}.diagonal"] / documents if settings.diagonal else None
         modules[t.name] = ModuleFactors(
             activation_covariance=A, gradient_covariance=G,
             activation_eigenvectors=qa, gradient_eigenvectors=qg,
             activation_eigenvalues=la, gradient_eigenvalues=lg,
-            lambda_=lam_sums[f"{t.name}.lambda"] / docs, diagonal=diagonal,
+            lambda_=lam_sums[f"{t.name}.lambda"] / documents, diagonal=diagonal,
         ).to(dtype=store)
         for attr in ModuleFactors.__dataclass_fields__:
             value = getattr(modules[t.name], attr)
@@ -246,11 +263,4 @@ def fit_factors(
                     f"module {t.name}: its {attr.rstrip('_')} has NaN or infinite values in {settings.factor_dtype}; nothing was written. "
                     f"Store the factors with --factor-dtype float32 or float64{dtype_hint(next(model.parameters()).dtype)}."
                 )
-    metadata = {
-        "settings": to_dict(settings),
-        "documents": docs,
-        "tokens": tokens,
-        "tokens_per_document": tokens / docs,
-        "attention_blocks": {t.name: list(t.block_names) for t in tracked},
-    }
-    return Factors(modules, metadata)
+    return modules

@@ -19,7 +19,7 @@ import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, TypeVar
 
 import torch
 from tqdm.auto import tqdm
@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from pretrace.config import MAX_SEED, changed, option, to_dict, validate
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import CorruptFile, PretraceError
-from pretrace.gradients.capture import CapturedBatch, capture, compute_dtype
+from pretrace.gradients.capture import CapturedBatch, compute_dtype
+from pretrace.gradients.source import LiveGradients, document_loss
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.scores.pairwise import ScoreResult
@@ -35,6 +36,7 @@ from pretrace.scores.weights import DenseWeights, ModuleWeights, as_module_weigh
 from pretrace.storage import read_record, read_sealed, write_record, write_tensors
 
 INDEX_FILE = "index.json"
+T = TypeVar("T")
 FORMAT_VERSION = 3  # 3: sealed shards and index.json (older indexes are refused: rebuild them)
 _REBUILD = "rebuild the index with `pretrace index`"
 STORAGES = ("exact", "factored", "projected")
@@ -104,7 +106,7 @@ def _merge(parts: list[dict[str, torch.Tensor]], sizes: list[int]) -> dict[str, 
     return merged
 
 
-def _chunks(batches: Iterable[TokenBatch], size: int) -> Iterator[list[TokenBatch]]:
+def _chunks(batches: Iterable[T], size: int) -> Iterator[list[T]]:
     chunk = []
     for batch in batches:
         chunk.append(batch)
@@ -131,7 +133,7 @@ def build_index(
     `signature` (model fingerprint, documents' hash, ...) must equal the one a partial index was started
     with, so a resumed build never mixes two corpora."""
     settings, task, folder = settings or IndexSettings(), task or LanguageModelingTask(), Path(folder)
-    device, dtype = next(model.parameters()).device, compute_dtype(model)
+    dtype = compute_dtype(model)
     signature = {"settings": to_dict(settings), "modules": {t.name: [t.d_out, t.d_in_total] for t in tracked}, **(signature or {})}
     if (folder / INDEX_FILE).is_file():
         meta = read_record(folder / INDEX_FILE, _REBUILD)
@@ -143,15 +145,16 @@ def build_index(
     sketches = projections(signature["modules"], settings.projection_dim, settings.projection_seed) if settings.storage == "projected" else {}
     total = None if num_batches is None else -(-num_batches // settings.batches_per_shard)
     shards, ids = [], []
-    for number, chunk in enumerate(tqdm(_chunks(batches, settings.batches_per_shard), total=total, desc="indexing documents", unit="shard", disable=not progress)):
-        path, chunk_ids = _shard_path(folder, number), [i for batch in chunk for i in batch.ids]
+    source = LiveGradients(model, tracked, batches, document_loss(task))
+    for number, chunk in enumerate(tqdm(_chunks(source, settings.batches_per_shard), total=total, desc="indexing documents", unit="shard", disable=not progress)):
+        path, chunk_ids = _shard_path(folder, number), [i for gradients in chunk for i in gradients.ids]
         if not _intact(path):  # shards already written by an interrupted build are kept, if their seal holds
             parts = []
-            for batch in chunk:
-                batch = batch.to(device)
-                captured = capture(model, tracked, lambda: task.document_loss(model, batch))
-                parts.append({k: v.to(dtype) if v.is_floating_point() else v for k, v in _batch_entries(captured, batch, tracked, settings, sketches).items()})
-            write_tensors(path, _merge(parts, [len(b) for b in chunk]), metadata={"documents": str(len(chunk_ids))}, seal=True)
+            for gradients in chunk:
+                entries = _batch_entries(gradients.captured, gradients.batch, tracked, settings, sketches)
+                parts.append({k: v.to(dtype) if v.is_floating_point() else v for k, v in entries.items()})
+                gradients.release()
+            write_tensors(path, _merge(parts, [len(g.ids) for g in chunk]), metadata={"documents": str(len(chunk_ids))}, seal=True)
         shards.append({"file": path.name, "documents": len(chunk_ids)})
         ids.extend(chunk_ids)
     if not ids:

@@ -18,10 +18,11 @@ import torch
 from tqdm.auto import tqdm
 
 from pretrace.data.batching import TokenBatch
-from pretrace.gradients.capture import capture, compute_dtype
+from pretrace.gradients.capture import compute_dtype
+from pretrace.gradients.source import LiveGradients, document_loss, measurement
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
-from pretrace.parallel.collectives import gather_in_order, with_offsets
+from pretrace.parallel.collectives import gather_in_order
 from pretrace.parallel.group import is_main
 from pretrace.scores.checkpoint import BatchScores
 from pretrace.scores.columns import ScoreColumns
@@ -58,12 +59,10 @@ def query_gradients(
     device, dtype = next(model.parameters()).device, compute_dtype(model)
     ids: list[str] = []
     parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in tracked}
-    for batch in tqdm(plan.shard_queries(batches), desc="query gradients", unit="batch", disable=not progress):
-        batch = batch.to(device)
-        captured = capture(model, tracked, lambda: task.measurement(model, batch))
-        ids.extend(batch.ids)
+    for gradients in tqdm(LiveGradients(model, tracked, plan.shard_queries(batches), measurement(task)), desc="query gradients", unit="batch", disable=not progress):
+        ids.extend(gradients.ids)
         for t in tracked:
-            parts[t.name].append(captured.example_gradients(t.name).to(dtype))
+            parts[t.name].append(gradients.captured.example_gradients(t.name).to(dtype))
     empty = {t.name: torch.zeros(0, t.d_out, t.d_in_total, device=device, dtype=dtype) for t in tracked}  # a rank may hold no query
     return ids, {name: torch.cat(chunks) if chunks else empty[name] for name, chunks in parts.items()}
 
@@ -108,66 +107,87 @@ def score_weight_sets(
     entries of each set's dict are replaced by the form chosen (on the model's device and dtype). `plan` says
     what the ranks split and whether the scores stream to disk (default: documents, in RAM). `explain`: each
     query's top documents also get their per-token and per-module contributions, from this same pass."""
-    task, plan = task or LanguageModelingTask(), plan or ScoringPlan()
+    plan = plan or ScoringPlan()
     device, dtype = next(model.parameters()).device, compute_dtype(model)
-    sets = {label: (list(ids), {name: as_module_weights(w).to(device, dtype) for name, w in weights.items()})
-            for label, (ids, weights) in weight_sets.items()}
-    names = {label: [t.name for t in tracked if t.name in weights] for label, (_, weights) in sets.items()}
-    column_name = (lambda label, kind: kind) if len(sets) == 1 else (lambda label, kind: f"{re.sub(r'[^A-Za-z0-9_.@-]', '_', label)}-{kind}")  # noqa: E731
-    totals = {label: ScoreColumns(column_name(label, "scores"), plan) for label in sets}
-    modules = {label: ScoreColumns(column_name(label, "per_module"), plan) for label in sets} if per_module else None
-    tops = {label: TopExplanations(explain, plan.query_positions(len(ids))) for label, (ids, _) in sets.items()} if explain else {}
-    labels = list(sets)
-    records = [_light(done) for done in _resume(plan, labels, totals, modules, tops)]  # ids and token rows: the blocks are in the columns
-    resumed = len(records)
-    unsaved: list[BatchScores] = []
-    settled = False
+    scoring = _Pass(weight_sets, [t.name for t in tracked], device, dtype, plan, explain, per_module, per_token)
+    source = LiveGradients(model, tracked, batches, document_loss(task), select=plan.shard_documents)
     start = time.perf_counter()
     bar = tqdm(total=plan.document_shard_size(num_batches), desc="scoring documents", unit="batch", disable=not (progress and is_main()),
-               initial=resumed)
-    for position, (offset, batch) in enumerate(plan.shard_documents(with_offsets(batches))):
-        if not settled:  # the first batch tells the padded tokens to expect: weights take their cheapest form for them
-            expected = None if num_batches is None else plan.document_shard_size(num_batches) * batch.input_ids.numel()
-            _settle(sets, weight_sets, expected)
-            settled = True
-        if position < resumed:  # scored before the restart (the first batch still settles the weights, as then)
+               initial=scoring.resumed)
+    for position, gradients in enumerate(source):
+        if position == 0:  # the first batch tells the padded tokens to expect: weights take their cheapest form for them
+            expected = None if num_batches is None else plan.document_shard_size(num_batches) * gradients.batch.input_ids.numel()
+            scoring.settle(weight_sets, expected)
+        if position < scoring.resumed:  # scored before the restart (the first batch still settles the weights, as then)
             continue
-        batch = batch.to(device)
-        captured = capture(model, tracked, lambda: task.document_loss(model, batch))
-        done = _score_batch(offset, batch, captured, [sets[label] for label in labels], [names[label] for label in labels],
-                            [tops.get(label) for label in labels], per_module, per_token)
-        del captured  # before the next batch is captured: never two batches' activations at once
-        _keep(done, labels, totals, modules)
-        records.append(_light(done))
+        scoring.score(gradients)
+        gradients.release()  # before the next batch is captured: never two batches' activations at once
         bar.update(1)
-        if plan.checkpoint is not None:
-            unsaved.append(done)
-            if len(records) % plan.checkpoint.every == 0:
-                plan.checkpoint.save(len(records), unsaved, _explain_state(labels, tops) if tops else None)
-                unsaved = []
     bar.close()
-    if not plan.splits_queries:
-        records = gather_in_order([done.offset for done in records], records)  # every rank's batches, in document order
-    document_ids = [doc_id for done in records for doc_id in done.ids]
-    seconds = time.perf_counter() - start
-    results = {}
-    for position, (label, (ids, _)) in enumerate(sets.items()):
-        rows = [row for done in records for row in done.tokens[position]] if per_token else []
-        if per_token and plan.splits_queries:  # each document's [Q, T] contributions: the ranks' queries merged
-            merged = plan.gather_queries(torch.cat([c for c, _ in rows], dim=1), dim=0).split([len(i) for _, i in rows], dim=1)
-            rows = list(zip(merged, [i for _, i in rows]))
-        results[label] = ScoreResult(
-            scores=totals[label].finish(),
-            query_ids=plan.gather_queries(ids),
-            document_ids=document_ids,
-            module_names=names[label],
-            per_module=modules[label].finish() if per_module else None,
-            per_token=[contributions for contributions, _ in rows] if per_token else None,
-            document_token_ids=[token_ids for _, token_ids in rows] if per_token else None,
-            timings=_timings(seconds, resumed, tops.get(label)),
-            explanations=tops[label].finish() if explain else None,
-        )
-    return results
+    return scoring.results(time.perf_counter() - start)
+
+
+class _Pass:
+    """One scoring pass of several weight sets: the score columns they fill, their running explanations, the batches
+    done (restored from a checkpoint first) and the saves of the checkpoint."""
+
+    def __init__(self, weight_sets: Mapping, tracked: list[str], device: torch.device, dtype: torch.dtype, plan: ScoringPlan,
+                 explain: Explain | None, per_module: bool, per_token: bool):
+        self.sets = {label: (list(ids), {name: as_module_weights(w).to(device, dtype) for name, w in weights.items()})
+                     for label, (ids, weights) in weight_sets.items()}
+        self.names = {label: [name for name in tracked if name in weights] for label, (_, weights) in self.sets.items()}
+        self.labels, self.plan, self.per_module, self.per_token = list(self.sets), plan, per_module, per_token
+        column = (lambda label, kind: kind) if len(self.sets) == 1 else (lambda label, kind: f"{re.sub(r'[^A-Za-z0-9_.@-]', '_', label)}-{kind}")  # noqa: E731
+        self.totals = {label: ScoreColumns(column(label, "scores"), plan) for label in self.sets}
+        self.modules = {label: ScoreColumns(column(label, "per_module"), plan) for label in self.sets} if per_module else None
+        self.tops = {label: TopExplanations(explain, plan.query_positions(len(ids))) for label, (ids, _) in self.sets.items()} if explain else {}
+        self.records = [_light(done) for done in _resume(plan, self.labels, self.totals, self.modules, self.tops)]  # the blocks are in the columns
+        self.resumed, self.unsaved = len(self.records), []
+
+    def settle(self, weight_sets: Mapping, expected: int | None) -> None:
+        _settle(self.sets, weight_sets, expected)
+
+    def score(self, gradients) -> None:
+        """One batch met by every set, kept in the columns, and saved with the checkpoint when its turn comes."""
+        done = _score_batch(gradients.offset, gradients.batch, gradients.captured, [self.sets[label] for label in self.labels],
+                            [self.names[label] for label in self.labels], [self.tops.get(label) for label in self.labels],
+                            self.per_module, self.per_token)
+        _keep(done, self.labels, self.totals, self.modules)
+        self.records.append(_light(done))
+        checkpoint = self.plan.checkpoint
+        if checkpoint is not None:
+            self.unsaved.append(done)
+            if len(self.records) % checkpoint.every == 0:
+                checkpoint.save(len(self.records), self.unsaved, _explain_state(self.labels, self.tops) if self.tops else None)
+                self.unsaved = []
+
+    def results(self, seconds: float) -> dict[str, ScoreResult]:
+        """Every set's result: the columns assembled (gathered over ranks), ids in document order."""
+        plan, records = self.plan, self.records
+        if not plan.splits_queries:
+            records = gather_in_order([done.offset for done in records], records)  # every rank's batches, in document order
+        document_ids = [doc_id for done in records for doc_id in done.ids]
+        results = {}
+        for position, (label, (ids, _)) in enumerate(self.sets.items()):
+            rows = _token_rows(records, position, plan) if self.per_token else []
+            results[label] = ScoreResult(
+                scores=self.totals[label].finish(), query_ids=plan.gather_queries(ids), document_ids=document_ids,
+                module_names=self.names[label], per_module=self.modules[label].finish() if self.per_module else None,
+                per_token=[contributions for contributions, _ in rows] if self.per_token else None,
+                document_token_ids=[token_ids for _, token_ids in rows] if self.per_token else None,
+                timings=_timings(seconds, self.resumed, self.tops.get(label)),
+                explanations=self.tops[label].finish() if self.tops else None,
+            )
+        return results
+
+
+def _token_rows(records: list[BatchScores], position: int, plan: ScoringPlan) -> list[tuple[torch.Tensor, list[int]]]:
+    """Each document's [Q, T] contributions and token ids for one set; the ranks' queries merged when they were split."""
+    rows = [row for done in records for row in done.tokens[position]]
+    if plan.splits_queries:
+        merged = plan.gather_queries(torch.cat([c for c, _ in rows], dim=1), dim=0).split([len(i) for _, i in rows], dim=1)
+        rows = list(zip(merged, [i for _, i in rows]))
+    return rows
 
 
 def _timings(seconds: float, resumed: int, top: TopExplanations | None) -> dict:

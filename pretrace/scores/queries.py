@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
-from pretrace.gradients.capture import CapturedBatch, capture, compute_dtype
+from pretrace.gradients.capture import CapturedBatch, compute_dtype
+from pretrace.gradients.source import LiveGradients, measurement
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.scores.plan import ScoringPlan
@@ -47,11 +48,9 @@ def _factored_weights(model, tracked, batches, preconditioner, task, rank, plan,
     device, dtype = next(model.parameters()).device, compute_dtype(model)
     ids: list[str] = []
     parts: dict[str, list] = {t.name: [] for t in tracked}
-    for batch in tqdm(plan.shard_queries(batches), desc="query gradients", unit="batch", disable=not progress):
-        batch = batch.to(device)
-        captured = capture(model, tracked, lambda: task.measurement(model, batch))
-        ids.extend(batch.ids)
-        for name, piece in factored_batch_weights(captured, tracked, preconditioner, rank, dtype).items():
+    for gradients in tqdm(LiveGradients(model, tracked, plan.shard_queries(batches), measurement(task)), desc="query gradients", unit="batch", disable=not progress):
+        ids.extend(gradients.ids)
+        for name, piece in factored_batch_weights(gradients.captured, tracked, preconditioner, rank, dtype).items():
             parts[name].append(piece)
     if not ids:  # a rank may hold no query
         parts = {t.name: [_compressed(DenseWeights(torch.zeros(0, t.d_out, t.d_in_total, device=device, dtype=dtype)), None)] for t in tracked}

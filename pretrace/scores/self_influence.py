@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
-from pretrace.gradients.capture import capture, compute_dtype
-from pretrace.gradients.task import LanguageModelingTask, Task
+from pretrace.gradients.capture import compute_dtype
+from pretrace.gradients.source import LiveGradients, document_loss
+from pretrace.gradients.task import Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.parallel.collectives import gather_in_order, shard
 from pretrace.parallel.group import is_main
@@ -32,12 +33,11 @@ def self_influence(
     progress: bool = False,
 ) -> tuple[list[str], torch.Tensor]:
     """Document ids and ∇ℓ(z)ᵀ P ∇ℓ(z) `[N]` float64, in document order (documents split over ranks)."""
-    task = task or LanguageModelingTask()
     device, dtype = next(model.parameters()).device, compute_dtype(model)
     order, records = [], []
-    for index, batch in tqdm(shard(enumerate(batches)), desc="self-influence", unit="batch", disable=not (progress and is_main())):
-        batch = batch.to(device)
-        captured = capture(model, tracked, lambda: task.document_loss(model, batch))
+    source = LiveGradients(model, tracked, batches, document_loss(task), select=shard)
+    for gradients in tqdm(source, desc="self-influence", unit="batch", disable=not (progress and is_main())):
+        captured = gradients.captured
         if preconditioner.is_identity or preconditioner.kronecker_eigenbasis:
             pieces = factored_batch_weights(captured, tracked, preconditioner, None, dtype)
             weights = {name: piece if preconditioner.is_identity else EigenbasisWeights(piece, *preconditioner.eigenbasis(name, device, dtype))
@@ -46,7 +46,7 @@ def self_influence(
             grads = {t.name: captured.example_gradients(t.name).to(dtype) for t in tracked}
             weights = {name: DenseWeights(w) for name, w in preconditioner.apply(grads).items()}
         total = sum(torch.diagonal(weights[t.name].scores(captured, t.name, False)[0]).double() for t in tracked)
-        order.append(index)
-        records.append((batch.ids, total.cpu()))
+        order.append(gradients.index)
+        records.append((gradients.ids, total.cpu()))
     records = gather_in_order(order, records)
     return [i for ids, _ in records for i in ids], torch.cat([values for _, values in records])
