@@ -339,115 +339,131 @@ def _inputs(settings: TraceSettings) -> dict[str, str | None]:
 
 
 def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> dict:
-    out = Path(settings.out)
     source = read_trace_queries(settings.queries, options.fields())  # bad inputs are refused before anything is written
     if all(q.query.completion is not None for q in source) and settings.max_new_tokens != TraceSettings.max_new_tokens:
         raise PretraceError("--max-new-tokens has no effect: every query has a 'completion', so none is generated; drop it.")
     documents = read_corpus(settings.corpus, options.fields())
     for folder in (settings.pretrained, settings.finetuned):
         check_model_dir(folder)
-    out.mkdir(parents=True, exist_ok=True)
-    cache = StageCache(out)
-    timings: dict[str, float] = {}
-    clock = (time.perf_counter(), time.process_time())
-
-    def lap(name: str, moved: tuple[float, float] = (0.0, 0.0)) -> None:
-        """Wall and CPU seconds of a stage: on a shared machine CPU time is what the stage would take alone (one thread).
-        `moved`: (wall, CPU) seconds of this stage that belong to the next (the explanations taken during scoring)."""
-        nonlocal clock
-        now = (time.perf_counter(), time.process_time())
-        timings[name] = round(now[0] - clock[0] - moved[0], 3)
-        timings[name.replace("_seconds", "_cpu_seconds")] = round(now[1] - clock[1] - moved[1], 3)
-        clock = (now[0] - moved[0], now[1] - moved[1])
-
-    queries_file = out / "queries.jsonl"
-    queries_key = cache.key("queries", queries=Source(settings.queries), finetuned=Folder(settings.finetuned),
-                            max_new_tokens=settings.max_new_tokens, dtype=options.dtype)
-    if cache.stale(queries_key, queries_file):
-        queries = generate_completions(settings.finetuned, source, settings.max_new_tokens, options)
-        write_jsonl(queries_file, _query_rows(queries))
-        cache.record(queries_key)
-    else:
-        queries = _from_rows(read_jsonl_rows(queries_file))
-    lap("completions_seconds")
-
-    candidates_file = out / "candidates.json"
-    retrieval = settings.retrieval
-    index_key = cache.key("index", corpus=Source(settings.corpus), retriever=retrieval.retriever, embedding_model=retrieval.embedding_model,
-                          given=retrieval.index)
-    # the retriever builds (or resumes) its index in OUT/index-RETRIEVER; an index of another corpus is removed first
-    index_stale = retrieval.index is None and retrieval.retriever != "none" and cache.stale(index_key, out / f"index-{retrieval.retriever}")
-    retrieval_key = cache.key("retrieval", index=index_key, queries=queries_key, candidates=retrieval.candidates)
-    if cache.stale(retrieval_key, candidates_file):
-        candidates, retrieval_scores = retrieve(retrieval, documents, queries, out)
-        write_json(candidates_file, {"query_ids": [q.query.id for q in queries], "candidates": candidates,
-                                     "retrieval_scores": retrieval_scores})
-        if index_stale:
-            cache.record(index_key)
-        cache.record(retrieval_key)
-    else:
-        stored = read_json(candidates_file)
-        candidates, retrieval_scores = stored["candidates"], stored["retrieval_scores"]
+    run = _TraceRun(settings, options, documents, progress)
+    queries, queries_key = run.queries(source)
+    candidates, retrieval_scores, retrieval_key = run.retrieve(queries, queries_key)
     relevant = evidence_indices(queries, documents)
     recall = retrieval_recall(candidates, relevant) if relevant is not None and any(relevant) else None
     if recall is not None and progress:
         print(f"retrieval recall of the known evidence within the {len(candidates[0])} candidates: {recall:.3f}"
               " (evidence the retriever misses can never be ranked by influence)")
-    lap("retrieval_seconds")
-
-    pretrained_input, finetuned_input, pretrained_factors, finetuned_factors = ensure_factors(settings, options, documents, out, cache)
-    lap("factors_seconds")
-
+    run.lap("retrieval_seconds")
+    factors = ensure_factors(settings, options, documents, run.out, run.cache)
+    run.lap("factors_seconds")
     union = candidate_union(candidates, documents)
-    union_file = out / "candidates.jsonl"
-    write_jsonl(union_file, ({"id": documents[i].id, "text": documents[i].text} for i in union))
-    score_settings = settings.score_settings(str(queries_file), str(union_file), str(out / "scores"), pretrained_factors, finetuned_factors)
-    inputs = {"union": File(union_file), "queries": queries_key, "retrieval": retrieval_key, "pretrained": Folder(settings.pretrained),
-              "finetuned": Folder(settings.finetuned), "pretrained_factors": pretrained_input, "finetuned_factors": finetuned_input,
-              "scoring": {name: getattr(settings, name) for name in SCORING_FIELDS}, "options": options}
-    scores_key = cache.key("scores", **inputs)
-    results_key = cache.key("results", scores=scores_key)  # the explanations read exactly what the scores did
-    results_file = out / RESULTS_FILE
-    explained = None  # counts of the explanations made in this run (None: results.jsonl reused)
-    if not cache.stale(results_key, results_file):
-        rows = read_jsonl_rows(results_file)
-    else:
-        context = build_context(score_settings, options)
-        attributor = make_attributor(score_settings, context.alpha)
-        columns = candidate_columns(candidates, union)  # the ranking below and the pass's explanations: the same order
-        explain = Explain(settings.top_k, among=columns)
-        streamed, in_pass = None, (0.0, 0.0)
-        if cache.stale(scores_key, out / "scores"):
-            # fits the attributor (reused below) and explains each query's top candidates in the same pass
-            result = score(score_settings, options, context, attributor, explain=explain)
-            scores, streamed = result.scores, result.explanations
-            in_pass = (result.timings["explanation_seconds"], result.timings["explanation_in_pass_cpu_seconds"])
-            cache.record(scores_key)
-        else:
-            scores = load_scores(out / "scores")[0]["scores"].double()
-            attributor.fit(context)
-        lap("scoring_seconds", moved=in_pass)
-        top = rank_candidates(scores, columns, settings.top_k)
-        pairs = top_pairs(top)
-        details = explain_pairs(attributor, context, pairs, streamed)
-        explained = explanation_counts(pairs, streamed)
-        rows = _result_rows(queries, documents, union, candidates, retrieval_scores, scores, top, details, relevant,
-                            retrieval.retriever != "none", context.document_stage.tokenizer)
-        write_jsonl(results_file, rows)
-        cache.record(results_key)
-    lap("explanation_seconds")
-
+    rows, explained = run.results(queries, queries_key, candidates, retrieval_scores, retrieval_key, union, relevant, factors)
+    run.lap("explanation_seconds")
     summary = {
         "settings": to_dict(settings), "options": to_dict(options), "queries": len(queries),
         "candidates_per_query": len(candidates[0]), "distinct_candidates": len(union), "retrieval_recall": recall,
-        "evidence_in_top_k": _top_k_recall(rows, relevant), "timings": timings, "stages": cache.statuses,
+        "evidence_in_top_k": _top_k_recall(rows, relevant), "timings": run.timings, "stages": run.cache.statuses,
         "explanations": explained,
     }
-    write_report_files(out, rows, candidates, union, summary)
-    lap("report_seconds")
-    summary["timings"] = timings
-    write_json(out / "trace.json", summary)
+    write_report_files(run.out, rows, candidates, union, summary)
+    run.lap("report_seconds")
+    write_json(run.out / "trace.json", summary)
     return summary
+
+
+class _TraceRun:
+    """The stages of one trace in its run folder: each computed, or reused from the stage cache when its inputs are
+    unchanged, and timed (wall and CPU seconds: on a shared machine CPU time is what a stage would take alone)."""
+
+    def __init__(self, settings: TraceSettings, options: ModelOptions, documents: list[Document], progress: bool):
+        self.settings, self.options, self.documents, self.progress = settings, options, documents, progress
+        self.out = Path(settings.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.cache = StageCache(self.out)
+        self.timings: dict[str, float] = {}
+        self.clock = (time.perf_counter(), time.process_time())
+
+    def lap(self, name: str, moved: tuple[float, float] = (0.0, 0.0)) -> None:
+        """Close the stage `name`; `moved`: (wall, CPU) seconds of it that belong to the next (explanations taken while scoring)."""
+        now = (time.perf_counter(), time.process_time())
+        self.timings[name] = round(now[0] - self.clock[0] - moved[0], 3)
+        self.timings[name.replace("_seconds", "_cpu_seconds")] = round(now[1] - self.clock[1] - moved[1], 3)
+        self.clock = (now[0] - moved[0], now[1] - moved[1])
+
+    def queries(self, source: list[TraceQuery]) -> tuple[list[TraceQuery], StageKey]:
+        """The queries with every missing completion generated by the fine-tuned model."""
+        settings, path = self.settings, self.out / "queries.jsonl"
+        key = self.cache.key("queries", queries=Source(settings.queries), finetuned=Folder(settings.finetuned),
+                             max_new_tokens=settings.max_new_tokens, dtype=self.options.dtype)
+        if self.cache.stale(key, path):
+            queries = generate_completions(settings.finetuned, source, settings.max_new_tokens, self.options)
+            write_jsonl(path, _query_rows(queries))
+            self.cache.record(key)
+        else:
+            queries = _from_rows(read_jsonl_rows(path))
+        self.lap("completions_seconds")
+        return queries, key
+
+    def retrieve(self, queries: list[TraceQuery], queries_key: StageKey) -> tuple[list[list[int]], list[list[float]], StageKey]:
+        """Each query's candidates and their retrieval scores; the retriever builds (or resumes) its index in
+        OUT/index-RETRIEVER, an index of another corpus removed first."""
+        retrieval, path = self.settings.retrieval, self.out / "candidates.json"
+        index_key = self.cache.key("index", corpus=Source(self.settings.corpus), retriever=retrieval.retriever,
+                                   embedding_model=retrieval.embedding_model, given=retrieval.index)
+        index_stale = retrieval.index is None and retrieval.retriever != "none" and self.cache.stale(index_key, self.out / f"index-{retrieval.retriever}")
+        key = self.cache.key("retrieval", index=index_key, queries=queries_key, candidates=retrieval.candidates)
+        if self.cache.stale(key, path):
+            candidates, retrieval_scores = retrieve(retrieval, self.documents, queries, self.out)
+            write_json(path, {"query_ids": [q.query.id for q in queries], "candidates": candidates, "retrieval_scores": retrieval_scores})
+            if index_stale:
+                self.cache.record(index_key)
+            self.cache.record(key)
+            return candidates, retrieval_scores, key
+        stored = read_json(path)
+        return stored["candidates"], stored["retrieval_scores"], key
+
+    def results(self, queries: list[TraceQuery], queries_key: StageKey, candidates: list[list[int]], retrieval_scores: list[list[float]],
+                retrieval_key: StageKey, union: list[int], relevant: list[list[int]] | None, factors: tuple) -> tuple[list[dict], dict | None]:
+        """results.jsonl: each query's top candidates by multi-stage influence with their explanations, scoring the
+        union of the candidates once (or reusing its scores); the explanation counts of this run (None: reused)."""
+        settings, options, out = self.settings, self.options, self.out
+        pretrained_input, finetuned_input, pretrained_factors, finetuned_factors = factors
+        union_file = out / "candidates.jsonl"
+        write_jsonl(union_file, ({"id": self.documents[i].id, "text": self.documents[i].text} for i in union))
+        score_settings = settings.score_settings(str(out / "queries.jsonl"), str(union_file), str(out / "scores"), pretrained_factors, finetuned_factors)
+        scores_key = self.cache.key("scores", union=File(union_file), queries=queries_key, retrieval=retrieval_key, pretrained=Folder(settings.pretrained),
+                                    finetuned=Folder(settings.finetuned), pretrained_factors=pretrained_input, finetuned_factors=finetuned_input,
+                                    scoring={name: getattr(settings, name) for name in SCORING_FIELDS}, options=options)
+        results_key = self.cache.key("results", scores=scores_key)  # the explanations read exactly what the scores did
+        if not self.cache.stale(results_key, out / RESULTS_FILE):
+            return read_jsonl_rows(out / RESULTS_FILE), None
+        context = build_context(score_settings, options)
+        attributor = make_attributor(score_settings, context.alpha)
+        columns = candidate_columns(candidates, union)  # the ranking below and the pass's explanations: the same order
+        scores, streamed = self._scores(score_settings, context, attributor, scores_key, Explain(settings.top_k, among=columns))
+        top = rank_candidates(scores, columns, settings.top_k)
+        pairs = top_pairs(top)
+        details = explain_pairs(attributor, context, pairs, streamed)
+        rows = _result_rows(queries, self.documents, union, candidates, retrieval_scores, scores, top, details, relevant,
+                            settings.retrieval.retriever != "none", context.document_stage.tokenizer)
+        write_jsonl(out / RESULTS_FILE, rows)
+        self.cache.record(results_key)
+        return rows, explanation_counts(pairs, streamed)
+
+    def _scores(self, score_settings: ScoreSettings, context, attributor, key: StageKey, explain: Explain) -> tuple[torch.Tensor, dict | None]:
+        """The union's scores: from one pass that fits the attributor (reused for the explanations) and explains each
+        query's top candidates as it goes, or read back from the cached stage (the attributor fitted apart)."""
+        streamed, in_pass = None, (0.0, 0.0)
+        if self.cache.stale(key, self.out / "scores"):
+            result = score(score_settings, self.options, context, attributor, explain=explain)
+            scores, streamed = result.scores, result.explanations
+            in_pass = (result.timings["explanation_seconds"], result.timings["explanation_in_pass_cpu_seconds"])
+            self.cache.record(key)
+        else:
+            scores = load_scores(self.out / "scores")[0]["scores"].double()
+            attributor.fit(context)
+        self.lap("scoring_seconds", moved=in_pass)
+        return scores, streamed
 
 
 def _top_k_recall(rows: list[dict], relevant: list[list[int]] | None) -> float | None:
