@@ -254,6 +254,11 @@ def to_flags(config) -> dict[str, Any]:
     return flags
 
 
+def with_flags(config, **flags: Any):
+    """A copy of a settings object with some flat keys changed (`dataclasses.replace` through groups and variants)."""
+    return from_flags(type(config), {**to_flags(config), **flags})
+
+
 def changed(config) -> list[str]:
     """The flags of the fields of `config` whose values differ from their defaults (what a user set)."""
     return [flag_of(field) for field in dataclasses.fields(config)

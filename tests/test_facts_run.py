@@ -8,6 +8,7 @@ import statistics
 import pytest
 import torch
 
+from pretrace.config import from_flags, with_flags
 from pretrace.bench.facts.benchmark import Fact, FactBenchmark, FactSplit, Sentence
 from pretrace.bench.facts.metrics import recall_at_k, reciprocal_rank
 from pretrace.bench.facts.probe import answer_ranks, top_k_accuracy
@@ -50,7 +51,7 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("facts-run")
     tiny_benchmark().write(root / "benchmark")
     model = save_tiny_model(root / "model", "llama", dtype=torch.float32)
-    settings = FactTracingSettings(out=str(root / "out"), data="folder", benchmark=str(root / "benchmark"), model=str(model), **SETTINGS)
+    settings = from_flags(FactTracingSettings, out=str(root / "out"), data="folder", benchmark=str(root / "benchmark"), model=str(model), **SETTINGS)
     first = run_fact_tracing(settings)
     second = run_fact_tracing(settings)
     return root, settings, first, second
@@ -110,9 +111,9 @@ def test_metrics_are_those_of_the_saved_rankings(finished_run):
         evidence = benchmark.fact(row["fact_id"]).evidence_ids
         position = order.index(row["fact_id"])
         per_query = results["per_query"][row["alpha"]][row["method"]]
-        assert per_query["rr"][position] == reciprocal_rank(row["ranking"], evidence, settings.top)
+        assert per_query["rr"][position] == reciprocal_rank(row["ranking"], evidence, settings.pool.top)
         assert per_query["recall@10"][position] == recall_at_k(row["ranking"], evidence, 10)
-        assert set(row["ranking"]) <= candidates and len(row["ranking"]) == min(settings.top, len(candidates))
+        assert set(row["ranking"]) <= candidates and len(row["ranking"]) == min(settings.pool.top, len(candidates))
         assert set(row["pool_ranking"]) <= set(pools[row["fact_id"]]["ids"])
 
 
@@ -184,18 +185,18 @@ def test_query_samples_and_settings_are_checked():
     sample = sample_queries(facts, 3, seed=0)
     assert len(sample) == 3 and sample == sample_queries(facts, 3, seed=0) and all(f in facts for f in sample)
     with pytest.raises(PretraceError, match="--data folder needs --benchmark"):
-        FactTracingSettings(data="folder")
+        from_flags(FactTracingSettings, data="folder")
     for alphas in ("0", "1e-3,1e-3", "x", ""):
         with pytest.raises(PretraceError, match="--alphas"):
-            FactTracingSettings(alphas=alphas)
-    assert FactTracingSettings(paper_sizes=True).sizes().candidates == 100
+            from_flags(FactTracingSettings, alphas=alphas)
+    assert from_flags(FactTracingSettings, paper_sizes=True).sizes().pool.candidates == 100
 
 
 def test_cli_prints_the_table_of_a_cached_run(finished_run, capsys):
     from pretrace.cli import main
 
     root, settings, _, _ = finished_run
-    flags = ["--out", settings.out, "--data", "folder", "--benchmark", settings.benchmark, "--model", settings.model]
+    flags = ["--out", settings.out, "--data", "folder", "--benchmark", settings.source.benchmark, "--model", settings.model]
     for name, value in SETTINGS.items():
         flags += [f"--{name.replace('_', '-')}", str(value)]
     assert main(["bench", "fact-tracing", *flags]) == 0
@@ -224,7 +225,7 @@ def test_scores_rankings_and_metrics_equal_a_computation_from_scratch(finished_r
     _, query_ids, candidate_ids = _scores(out, "gradient-dot", "0.1")
     texts = [TEXTS[int(i)] for i in candidate_ids]
     pairs = [(benchmark.fact(f).prompt, benchmark.fact(f).completion) for f in query_ids]
-    d_pt = autograd_document_gradients(pretrained, tracked, tokenizer, texts, max_length=settings.max_length)
+    d_pt = autograd_document_gradients(pretrained, tracked, tokenizer, texts, max_length=settings.compute.max_length)
 
     def dense(folder, damping_of):
         factors = Factors.load(folder)
@@ -234,13 +235,13 @@ def test_scores_rankings_and_metrics_equal_a_computation_from_scratch(finished_r
             blocks.append(dense_eigenbasis_matrix(mf.activation_eigenvectors, mf.gradient_eigenvectors, mf.lambda_, damping_of(mf)))
         return torch.block_diag(*blocks)
 
-    h_pt = dense(out / "factors-pretrained", lambda mf: settings.damping_factor * float(mf.lambda_.double().mean()))
+    h_pt = dense(out / "factors-pretrained", lambda mf: settings.curvature.damping_factor * float(mf.lambda_.double().mean()))
     for label, block in results["alphas"].items():
         alpha = block["alpha"]
         finetuned = load(out / f"alpha-{label}" / "finetuned")
         tracked_ft = select_modules(finetuned, regex=pattern)
-        q = hand_query_gradients(finetuned, tracked_ft, tokenizer, pairs, max_length=settings.max_length)
-        d_ft = autograd_document_gradients(finetuned, tracked_ft, tokenizer, texts, max_length=settings.max_length)
+        q = hand_query_gradients(finetuned, tracked_ft, tokenizer, pairs, max_length=settings.compute.max_length)
+        d_ft = autograd_document_gradients(finetuned, tracked_ft, tokenizer, texts, max_length=settings.compute.max_length)
         h_ft = dense(out / f"alpha-{label}" / "factors-finetuned", lambda mf: alpha)
         expected = {
             "gradient-dot": q @ d_pt.T,
@@ -257,7 +258,7 @@ def test_scores_rankings_and_metrics_equal_a_computation_from_scratch(finished_r
             for row, fact_id in enumerate(query_ids):
                 values = {int(c): float(scores[row, j]) for j, c in enumerate(candidate_ids)}
                 evidence = set(benchmark.fact(fact_id).evidence_ids)
-                by_hand = sorted(values, key=lambda i: (-values[i], i in evidence, i))[: settings.top]  # ties: evidence last
+                by_hand = sorted(values, key=lambda i: (-values[i], i in evidence, i))[: settings.pool.top]  # ties: evidence last
                 assert rankings[(method, fact_id)] == by_hand, (method, fact_id)
                 hits = [position for position, i in enumerate(by_hand, start=1) if i in evidence]
                 position = results["query_ids"].index(fact_id)

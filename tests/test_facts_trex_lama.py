@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from pretrace.config import from_flags, with_flags
 from pretrace.bench.facts.benchmark import FactSplit, read_benchmark
 from pretrace.bench.facts.templates import read_question_templates
 from pretrace.bench.facts.trex_lama import (
@@ -128,7 +129,7 @@ def test_shipped_questions_cover_every_lama_relation_and_are_the_default(tmp_pat
     shipped = read_question_templates(shipped_questions())
     assert sorted(shipped) == sorted(LAMA_RELATIONS)
     assert shipped["P19"].ask("Marie Curie") == "Where was Marie Curie born?"
-    run = _Run(FactTracingSettings(out=str(tmp_path / "out"), data="trex-lama", trex=str(TREX), lama=str(LAMA / "TREx")))
+    run = _Run(from_flags(FactTracingSettings, out=str(tmp_path / "out"), data="trex-lama", trex=str(TREX), lama=str(LAMA / "TREx")))
     benchmark, build = run.benchmark()
     assert build["facts_without_evidence"] == 1 and build["sentences_without_lama_fact"] == 3
     assert json.loads((tmp_path / "out" / "benchmark" / "build.json").read_text()) == build

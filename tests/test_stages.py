@@ -8,6 +8,7 @@ import shutil
 import pytest
 import torch
 
+from pretrace.config import from_flags, with_flags
 from pretrace.bench.facts.run import FactTracingSettings, _Run, run_fact_tracing
 from pretrace.errors import PretraceError
 from pretrace.stages import File, Folder, StageCache
@@ -57,7 +58,7 @@ def run_settings(tmp_path_factory):
     root = tmp_path_factory.mktemp("stages")
     tiny_benchmark().write(root / "benchmark")
     model = save_tiny_model(root / "model", "llama", dtype=torch.float32)
-    return root, FactTracingSettings(out=str(root / "out"), data="folder", benchmark=str(root / "benchmark"), model=str(model),
+    return root, from_flags(FactTracingSettings, out=str(root / "out"), data="folder", benchmark=str(root / "benchmark"), model=str(model),
                                      queries=3, candidates=3, random_candidates=4, sharing_candidates=2, top=10, query_rank=2,
                                      finetune_facts=0, alphas="0.1", lr=1e-3, epochs=1, fit_sentences=6, preset="all", last_layers=1,
                                      batch_size=4, max_length=32, device="cpu", bootstrap=100)
@@ -79,15 +80,15 @@ def test_fact_tracing_recomputes_exactly_the_stages_a_change_affects(run_setting
     assert _computed(run_fact_tracing(settings)) == set()
 
     # a fine-tuning setting: the fine-tuned model and all that reads it, not the pre-trained side
-    changed = run_fact_tracing(replace(settings, lr=2e-3))
+    changed = run_fact_tracing(with_flags(settings, lr=2e-3))
     assert _computed(changed) == finetuned
     assert changed["stage_digests"]["factors-pretrained"] == first["stage_digests"]["factors-pretrained"]
 
     # scoring settings: only the gradient scores that read them (H_pt's damping: not fine-tuned-only, damped by α)
-    assert _computed(run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5))) == {"scores-pretrained/0000"}
-    assert _computed(run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5, query_rank=3))) == scores
+    assert _computed(run_fact_tracing(with_flags(settings, lr=2e-3, damping_factor=0.5))) == {"scores-pretrained/0000"}
+    assert _computed(run_fact_tracing(with_flags(settings, lr=2e-3, damping_factor=0.5, query_rank=3))) == scores
     # another α: its own fine-tune and everything of it, and the shared pre-trained pass; the first α's stages are kept
-    both = run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5, query_rank=3, alphas="0.1,0.2"))
+    both = run_fact_tracing(with_flags(settings, lr=2e-3, damping_factor=0.5, query_rank=3, alphas="0.1,0.2"))
     assert _computed(both) == {name.replace("0.1", "0.2") for name in finetuned} | {"scores-pretrained/0000"}
 
     # the benchmark's contents (same folder name): everything downstream of it
@@ -95,7 +96,7 @@ def test_fact_tracing_recomputes_exactly_the_stages_a_change_affects(run_setting
     benchmark.sentences[5] = type(benchmark.sentences[5])(5, "a dog ran in the big park .", benchmark.sentences[5].facts)
     shutil.rmtree(root / "benchmark")
     benchmark.write(root / "benchmark")
-    rerun = run_fact_tracing(replace(settings, lr=2e-3, damping_factor=0.5, query_rank=3))
+    rerun = run_fact_tracing(with_flags(settings, lr=2e-3, damping_factor=0.5, query_rank=3))
     assert _computed(rerun) == everything - {"probe-pretrained"}  # the pre-trained model and the questions are unchanged
     assert rerun["stages"]["benchmark"] == "read"
 
@@ -103,7 +104,7 @@ def test_fact_tracing_recomputes_exactly_the_stages_a_change_affects(run_setting
 def test_trex_lama_benchmark_is_rebuilt_when_the_question_templates_change(tmp_path):
     questions = tmp_path / "questions.jsonl"
     shutil.copy(LAMA / "bloom_questions.jsonl", questions)
-    settings = FactTracingSettings(out=str(tmp_path / "out"), data="trex-lama", trex=str(TREX), lama=str(LAMA / "TREx"), questions=str(questions))
+    settings = from_flags(FactTracingSettings, out=str(tmp_path / "out"), data="trex-lama", trex=str(TREX), lama=str(LAMA / "TREx"), questions=str(questions))
     first = _Run(settings)
     asked = {f.fact_id: f.prompt for f in first.benchmark()[0].facts}
     assert first.cache.statuses["benchmark"] == "computed"
@@ -169,7 +170,7 @@ def test_trex_lama_benchmark_is_rebuilt_when_a_lama_file_changes_in_place(tmp_pa
 
     lama = tmp_path / "TREx"
     shutil.copytree(LAMA / "TREx", lama)
-    settings = FactTracingSettings(out=str(tmp_path / "out"), data="trex-lama", trex=str(TREX), lama=str(lama))
+    settings = from_flags(FactTracingSettings, out=str(tmp_path / "out"), data="trex-lama", trex=str(TREX), lama=str(lama))
     _Run(settings).benchmark()
     file = sorted(lama.glob("P*.jsonl"))[0]
     stat, text = file.stat(), file.read_text()

