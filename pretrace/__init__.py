@@ -1,12 +1,12 @@
 """pretrace: which training documents made this language model say that? (multi-stage EK-FAC influence)
 
-The front door is lazy: `import pretrace` and `pretrace --help` load no torch; each name below is imported
-from its module on first use.
+The front door (`pretrace.api`) is lazy: `import pretrace` and `pretrace --help` load no torch; each name below is
+imported from its module on first use. Inputs are paths or objects, settings are keywords named like the CLI flags:
 
     import pretrace
-    pretrace.fit("model/", "train.jsonl", "factors/")
-    result = pretrace.score(pretrace.ScoreSettings(model="model/", factors="factors/", queries="q.jsonl",
-                                                   train="train.jsonl", out="scores/"))
+    factors = pretrace.fit(model, documents, tokenizer=tokenizer)          # a loaded model and a list of records
+    result = pretrace.score(queries, documents, model=model, factors=factors, tokenizer=tokenizer)
+    result.top(5)                                                          # or pretrace.score(..., out="scores/")
 """
 
 from __future__ import annotations
@@ -18,21 +18,26 @@ from pretrace.version import __version__
 
 # public name -> module that defines it
 _EXPORTS = {
-    "fit": "pretrace.workflows.fit",
-    "score": "pretrace.workflows.score",
-    "ScoreSettings": "pretrace.workflows.score",
-    "ScoreResult": "pretrace.scores",
-    "Explain": "pretrace.scores.explanations",
+    "fit": "pretrace.api",
+    "score": "pretrace.api",
+    "finetune": "pretrace.api",
+    "index": "pretrace.api",
+    "trace": "pretrace.api",
+    "load_scores": "pretrace.api",
+    "ScoreResult": "pretrace.scores.result",
     "Explanation": "pretrace.scores.explanations",
-    "ModelOptions": "pretrace.modeling.stage",
-    "FitSettings": "pretrace.curvature",
     "Factors": "pretrace.curvature",
-    "finetune": "pretrace.training",
-    "FinetuneSettings": "pretrace.training",
-    "trace": "pretrace.workflows.trace",
-    "TraceSettings": "pretrace.workflows.trace",
+    "Task": "pretrace.gradients.task",
+    "LanguageModelingTask": "pretrace.gradients.task",
+    "PretraceCallback": "pretrace.workflows.proximal",
     "Document": "pretrace.data",
     "Query": "pretrace.data",
+    "ModelOptions": "pretrace.modeling.stage",
+    "FitSettings": "pretrace.curvature",
+    "ScoreSettings": "pretrace.workflows.score",
+    "FinetuneSettings": "pretrace.training",
+    "IndexSettings": "pretrace.scores.index",
+    "TraceSettings": "pretrace.workflows.trace",
     "PretraceError": "pretrace.errors",
 }
 

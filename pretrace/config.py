@@ -21,12 +21,17 @@ from typing import Any, ClassVar
 from pretrace.errors import PretraceError
 
 BOUNDS = ("above", "at_least", "at_most", "below")
+# what a path setting records when the Python API was handed the object itself (a loaded model, records, factors)
+IN_MEMORY = "<in memory>"
 
 
-def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, flag: str | None = None, **kwargs):
+def option(default: Any = dataclasses.MISSING, help: str = "", choices: tuple | None = None, flag: str | None = None,
+           required_flag: bool = False, **kwargs):
     """A dataclass field with CLI help; `flag` overrides the derived --flag-name; `above`, `at_least`, `at_most` and
-    `below` bound a number (checked by `validate`, NaN and infinities refused)."""
-    metadata = {"help": help, "choices": choices, "flag": flag, **{bound: kwargs.pop(bound) for bound in BOUNDS if bound in kwargs}}
+    `below` bound a number (checked by `validate`, NaN and infinities refused); `required_flag`: required on the CLI
+    and in pipeline files though optional in Python (an output folder the Python API may do without)."""
+    metadata = {"help": help, "choices": choices, "flag": flag, "required_flag": required_flag,
+                **{bound: kwargs.pop(bound) for bound in BOUNDS if bound in kwargs}}
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)

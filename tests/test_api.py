@@ -44,6 +44,11 @@ def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, senten
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["result"].scores.shape == (1, len(sentences))
     assert (tmp_path / "scores" / "scores.safetensors").is_file() and (tmp_path / "factors" / "factors.json").is_file()
+    written = sorted(tmp_path.iterdir())
+    notebook = re.search(r"```python\n(from transformers import.*?)```", readme, re.S).group(1)
+    exec(compile(notebook, "README.md", "exec"), namespace)
+    assert namespace["result"].scores.shape == (1, 2) and bool(namespace["result"].scores.any())
+    assert sorted(tmp_path.iterdir()) == written  # the notebook block writes nothing
 
 
 def test_pretrace_help_lists_every_command_without_importing_torch():

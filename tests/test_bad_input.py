@@ -190,7 +190,7 @@ def test_bad_input_is_refused_cleanly(ws, tmp_path, capsys, argv, pattern):
 
 def test_non_finite_scores_are_never_written(ws, tmp_path):
     """The one place scores are written refuses NaN/inf, whichever method produced them."""
-    from pretrace.scores.pairwise import ScoreResult
+    from pretrace.scores.result import ScoreResult
     from pretrace.modeling.stage import ModelOptions
     from pretrace.workflows.score import score
 

@@ -224,14 +224,14 @@ def test_multi_stage_without_a_factor_folder_is_refused_before_any_model_is_load
 
 
 @pytest.mark.parametrize("call,needle", [
-    (lambda pretrace: pretrace.score("x"), "settings must be a ScoreSettings, got str"),
-    (lambda pretrace: pretrace.fit(1, 2, 3), "model must be a path"),
-    (lambda pretrace: pretrace.ScoreSettings(queries="q", train="t", out="o", outputs=pretrace.score.__globals__["Outputs"](top_k="5")),
-     "Outputs.top_k must be int, got str"),
+    (lambda pretrace: pretrace.score("q.jsonl", "t.jsonl", model=3), "model must be a model folder's path or a loaded Hugging Face causal language model, not int"),
+    (lambda pretrace: pretrace.fit(1, 2, 3), "model must be a model folder's path or a loaded"),
+    (lambda pretrace: pretrace.score("q.jsonl", "t.jsonl", model="m", factors="f", top_k="5"), "Outputs.top_k must be int, got str"),
     (lambda pretrace: pretrace.ScoreSettings(queries="q", train="t", out="o", model="m", factors="f", alpha=True), "ScoreSettings.alpha must be float | None, got bool"),
     (lambda pretrace: pretrace.FitSettings(seed="x"), "FitSettings.seed must be int, got str"),
-    (lambda pretrace: pretrace.Explain(0), "Explain.k must be an integer of at least 1"),
-    (lambda pretrace: pretrace.finetune({"model": "m"}), "settings must be a FinetuneSettings, got dict"),
+    (lambda pretrace: pretrace.ScoreResult(__import__("torch").zeros(1, 1), ["q"], ["d"], []).top(0), "top(k): k must be a positive integer"),
+    (lambda pretrace: pretrace.finetune({"model": "m"}, "d.jsonl", alpha=0.1), "model must be a model folder's path or a loaded"),
+    (lambda pretrace: pretrace.index("m/", "t.jsonl", "i/", storage_kind="exact"), "index() got unknown setting(s) 'storage_kind'"),
 ])
 def test_the_python_api_names_the_wrong_argument(call, needle):
     import pretrace

@@ -19,7 +19,7 @@ from pretrace.methods.gradient import PreconditionedGradients
 from pretrace.modeling.modules import select_modules
 from pretrace.scores import query_gradients, score_documents
 from pretrace.scores.explanations import Explain, TopExplanations
-from pretrace.scores.io import top_indices
+from pretrace.scores.result import top_indices
 from pretrace.scores.queries import precondition_queries
 from pretrace.scores.weights import DenseWeights
 from tiny import SENTENCES, build_tiny_model, save_tiny_model, write_jsonl

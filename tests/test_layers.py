@@ -28,6 +28,7 @@ LAYERS = [
     ["baselines"],
     ["report"],
     ["workflows"],
+    ["api.py"],
     ["bench"],
     ["cli"],
     ["__init__.py", "__main__.py"],

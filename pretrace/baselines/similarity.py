@@ -32,7 +32,8 @@ from pretrace.gradients.capture import compute_dtype
 from pretrace.gradients.task import model_inputs
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.gradient import PreconditionedGradients
-from pretrace.scores.pairwise import ScoreResult, query_gradients
+from pretrace.scores.pairwise import query_gradients
+from pretrace.scores.result import ScoreResult
 from pretrace.modeling.stage import DocumentSource, Stage
 
 
@@ -101,7 +102,7 @@ class GradientCosine(Attributor):
         those terms is multiplied by the cosine, so they still add up to cos²."""
         check_details(self.name, per_module, per_token, module_scores=True)
         queries, documents = context.query_stage, context.document_stage
-        query_ids, grads = query_gradients(queries.model, queries.tracked, queries.query_batches(context.queries), progress=True)
+        query_ids, grads = query_gradients(queries.model, queries.tracked, queries.query_batches(context.queries), progress=context.progress)
         start = time.perf_counter()
         document_ids, dots, document_norms = gradient_products(documents, grads, context.documents, per_module)
         names = [t.name for t in documents.tracked]

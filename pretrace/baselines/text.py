@@ -13,7 +13,7 @@ from pretrace.baselines.similarity import require_fitted
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.retrieval import make_retriever
-from pretrace.scores.pairwise import ScoreResult
+from pretrace.scores.result import ScoreResult
 from pretrace.modeling.stage import DocumentSource, iter_source
 
 

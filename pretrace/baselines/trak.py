@@ -41,7 +41,8 @@ from pretrace.gradients.capture import compute_dtype
 from pretrace.baselines.trak_ensemble import EnsembleSettings, Member, train_ensemble
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
-from pretrace.scores.pairwise import ScoreResult, query_gradients
+from pretrace.scores.pairwise import query_gradients
+from pretrace.scores.result import ScoreResult
 from pretrace.modeling.stage import DocumentSource, Stage, load_stage
 
 PROJECTIONS = ("rademacher", "gaussian")

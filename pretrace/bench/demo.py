@@ -146,7 +146,8 @@ def run_demo(settings: DemoSettings) -> dict:
 
 def _run_demo(settings: DemoSettings) -> dict:
     from pretrace.retrieval.bm25 import BM25Index
-    from pretrace.scores.io import load_scores, top_indices
+    from pretrace.scores.io import load_scores
+    from pretrace.scores.result import top_indices
     from pretrace.modeling.stage import ModelOptions
     from pretrace.workflows.fit import fit
     from pretrace.workflows.score import Outputs, ScoreSettings, score

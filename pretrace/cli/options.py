@@ -33,7 +33,7 @@ def _scalar(annotation) -> type:
 
 def _add_flag(container, field: dataclasses.Field, annotation) -> None:
     scalar, default = _scalar(annotation), default_of(field)
-    required = default is dataclasses.MISSING
+    required = default is dataclasses.MISSING or field.metadata.get("required_flag", False)
     help_text = field.metadata.get("help", "")
     if not required and default is not None and scalar is not bool:
         help_text += f" (default: {default})"

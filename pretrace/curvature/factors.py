@@ -7,6 +7,9 @@ blocks give the gradient tensors and Λ a leading block dimension.
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -108,6 +111,19 @@ class Factors:
 
     def module_names(self) -> list[str]:
         return list(self.modules)
+
+    def content_digest(self) -> str:
+        """sha256 over every tensor (name, dtype, shape, bytes) and the metadata: what identifies factors held in memory
+        (a resumed scoring pass must use the same ones)."""
+        digest = hashlib.sha256(json.dumps(self.metadata, sort_keys=True, default=str).encode())
+        for name, mf in self.modules.items():
+            for attr in _DISK_NAMES:
+                value = getattr(mf, attr)
+                if value is not None:
+                    value = value.detach().to("cpu").contiguous()
+                    digest.update(f"{name}.{attr}:{value.dtype}:{tuple(value.shape)}".encode())
+                    digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def save(self, folder: str | Path, overwrite: bool = False, discard: Iterable[str | Path] = ()) -> None:
         """`factors.safetensors` and `factors.json` (every module's shape), committed as one folder with its manifest

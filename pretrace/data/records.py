@@ -1,8 +1,9 @@
 """Records: training documents (`text`, optional `id`) and queries (`prompt` + `completion`, or `text`).
 
 A source is a JSONL file (streamed line by line), a JSON array, a CSV/TSV or Parquet file (read in blocks
-by pyarrow), a `datasets` folder written by `save_to_disk`, or a Hugging Face hub dataset name (`name` or
-`name:split`, through `datasets` when the machine is online). `Fields` maps other column names onto the
+by pyarrow), a `datasets` folder written by `save_to_disk`, a Hugging Face hub dataset name (`name` or
+`name:split`, through `datasets` when the machine is online), or, from Python, the records themselves: a
+list of dicts, strings (a document's text), `Document`s or `Query`s, or a `datasets.Dataset`. `Fields` maps other column names onto the
 canonical ones. Every problem is reported with the source and its line or row number, and every format
 gives the same records, so the same factors and scores.
 """
@@ -13,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator, Sequence
 
 from pretrace.config import option
 from pretrace.errors import PretraceError
@@ -102,6 +103,45 @@ class FieldOptions:
 FIELD_FLAGS = ("--text-field", "--prompt-field", "--completion-field", "--id-field")  # read by every command that reads records
 
 
+RecordSource = str | Path | Sequence[Any]  # or a datasets.Dataset (duck-typed: no import of datasets here)
+
+
+def in_memory(source: Any) -> bool:
+    """True for records handed over from Python (a list, a tuple, a `datasets.Dataset`), not named by a path."""
+    return not isinstance(source, (str, Path))
+
+
+def _is_arrow_dataset(source: Any) -> bool:
+    return hasattr(source, "column_names") and hasattr(source, "features") and hasattr(source, "__len__")
+
+
+def _check_memory_source(source: Any) -> None:
+    if isinstance(source, (list, tuple)) or _is_arrow_dataset(source):
+        return
+    raise TypeError(f"records must be a path, a list (of dicts, strings, Documents or Queries) or a datasets.Dataset, "
+                    f"not {type(source).__name__}{' (a generator is read once; pass list(...))' if hasattr(source, '__next__') else ''}.")
+
+
+def _memory_rows(source: Any) -> Iterator[tuple[str, dict]]:
+    """(where, record) of records held in memory; `where` is 'item N' (0-based, as Python indexes the list)."""
+    if _is_arrow_dataset(source):
+        yield from ((f"dataset row {row}", dict(obj)) for row, obj in enumerate(source, start=1))
+        return
+    for index, item in enumerate(source):
+        where = f"item {index}"
+        if isinstance(item, dict):
+            yield where, item
+        elif isinstance(item, str):
+            yield where, {"text": item}
+        elif isinstance(item, Document):
+            yield where, {"id": item.id, "text": item.text}
+        elif isinstance(item, Query):
+            yield where, ({"id": item.id, "text": item.prompt} if item.completion is None
+                          else {"id": item.id, "prompt": item.prompt, "completion": item.completion})
+        else:
+            raise PretraceError(f"{where}: expected a dict, a string, a Document or a Query, got {type(item).__name__}.")
+
+
 def _is_dataset_folder(path: Path) -> bool:
     return path.is_dir() and ((path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file())
 
@@ -114,8 +154,10 @@ def _hub_name(source: str) -> tuple[str, str] | None:
     return name, split or "train"
 
 
-def check_source(source: str | Path, what: str = "records") -> None:
-    """Refuse a source that is no readable file, `datasets` folder or hub name, before any work."""
+def check_source(source: RecordSource, what: str = "records") -> None:
+    """Refuse a source that is no readable file, `datasets` folder, hub name or in-memory records, before any work."""
+    if in_memory(source):
+        return _check_memory_source(source)
     path = Path(source)
     if path.is_file() or _is_dataset_folder(path):
         return
@@ -128,8 +170,14 @@ def check_source(source: str | Path, what: str = "records") -> None:
         raise PretraceError(f"{path}: no such file; pass a JSONL, JSON, CSV or Parquet file (or a datasets folder) of {what}.")
 
 
-def source_sha256(source: str | Path) -> str:
-    """What identifies a source's contents: a file's sha256, a folder's over its files, a hub name itself."""
+def source_sha256(source: RecordSource) -> str:
+    """What identifies a source's contents: a file's sha256, a folder's over its files, a hub name itself, records in
+    memory their canonical JSON."""
+    if in_memory(source):
+        digest = hashlib.sha256()
+        for _, obj in _memory_rows(source):
+            digest.update(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode("utf-8", "surrogatepass") + b"\n")
+        return digest.hexdigest()
     path = Path(source)
     if path.is_file():
         return file_sha256(path)
@@ -142,10 +190,14 @@ def source_sha256(source: str | Path) -> str:
     return hashlib.sha256(f"hub:{source}".encode()).hexdigest()
 
 
-def iter_records(source: str | Path, fields: Fields = DEFAULT_FIELDS) -> Iterator[tuple[str, dict]]:
-    """(where, record) for every record of `source`, columns renamed by `fields`; `where` is `path:line` or `path row N`."""
-    path = Path(source)
-    if path.is_file() and path.suffix in TABULAR:
+def iter_records(source: RecordSource, fields: Fields = DEFAULT_FIELDS) -> Iterator[tuple[str, dict]]:
+    """(where, record) for every record of `source`, columns renamed by `fields`; `where` is `path:line`, `path row N`
+    or, in memory, `item N`."""
+    path = None if in_memory(source) else Path(source)
+    if path is None:
+        _check_memory_source(source)
+        rows = _memory_rows(source)
+    elif path.is_file() and path.suffix in TABULAR:
         rows = _tabular_rows(path, TABULAR[path.suffix])
     elif path.is_file() and path.suffix == ".parquet":
         rows = _parquet_rows(path)
@@ -323,11 +375,17 @@ class UniqueIds:
         return record_id
 
 
-def _kind(source: str | Path) -> str:
+def _kind(source: RecordSource) -> str:
+    if in_memory(source):
+        return "dataset" if _is_arrow_dataset(source) else "list"
     return "file" if Path(source).is_file() else "dataset"
 
 
-def iter_documents(source: str | Path, fields: Fields = DEFAULT_FIELDS) -> Iterator[Document]:
+def _name(source: RecordSource) -> str:
+    return "the records given" if in_memory(source) else str(source)
+
+
+def iter_documents(source: RecordSource, fields: Fields = DEFAULT_FIELDS) -> Iterator[Document]:
     """Stream documents; ids default to the 0-based record index."""
     unique = UniqueIds("document")
     for index, (where, obj) in enumerate(iter_records(source, fields)):
@@ -339,10 +397,10 @@ def iter_documents(source: str | Path, fields: Fields = DEFAULT_FIELDS) -> Itera
             raise PretraceError(f"{where}: field 'text' is empty; drop the record or give the document's text.")
         yield Document(id=unique(obj, index, where), text=text)
     if not unique.seen:
-        raise PretraceError(f"{source}: no documents; the {_kind(source)} is empty (it needs one {{\"text\": ...}} record per document).")
+        raise PretraceError(f"{_name(source)}: no documents; the {_kind(source)} is empty (it needs one {{\"text\": ...}} record per document).")
 
 
-def _located_queries(source: str | Path, what: str, fields: Fields) -> Iterator[tuple[str, Query]]:
+def _located_queries(source: RecordSource, what: str, fields: Fields) -> Iterator[tuple[str, Query]]:
     """(where, query) for every record; `what` names the records in errors."""
     unique = UniqueIds(what)
     for index, (where, obj) in enumerate(iter_records(source, fields)):
@@ -374,20 +432,20 @@ def _located_queries(source: str | Path, what: str, fields: Fields) -> Iterator[
         yield where, query
     if not unique.seen:
         plural = "queries" if what == "query" else f"{what}s"
-        raise PretraceError(f"{source}: no {plural}; the {_kind(source)} is empty.")
+        raise PretraceError(f"{_name(source)}: no {plural}; the {_kind(source)} is empty.")
 
 
-def iter_queries(source: str | Path, what: str = "query", fields: Fields = DEFAULT_FIELDS) -> Iterator[Query]:
+def iter_queries(source: RecordSource, what: str = "query", fields: Fields = DEFAULT_FIELDS) -> Iterator[Query]:
     """Stream queries: `prompt` + non-empty `completion`, or a bare `text` (whole-text loss)."""
     return (query for _, query in _located_queries(source, what, fields))
 
 
-def validate_documents(source: str | Path, fields: Fields = DEFAULT_FIELDS) -> int:
+def validate_documents(source: RecordSource, fields: Fields = DEFAULT_FIELDS) -> int:
     """Read every document once before any model work, so a bad record fails at once with its place; returns the count."""
     return sum(1 for _ in iter_documents(source, fields))
 
 
-def scan_records(source: str | Path, fields: Fields = DEFAULT_FIELDS) -> tuple[str, int]:
+def scan_records(source: RecordSource, fields: Fields = DEFAULT_FIELDS) -> tuple[str, int]:
     """(kind, count) from one validating pass over every record: 'pairs' (every record has 'prompt' + 'completion')
     or 'documents' (every record is a bare 'text'). A source that mixes both is refused: fitting data is one or the other."""
     names = {"pairs": "a prompt/completion pair", "documents": "a bare 'text' record"}
@@ -406,9 +464,9 @@ def scan_records(source: str | Path, fields: Fields = DEFAULT_FIELDS) -> tuple[s
     return (first[0] if first else "documents"), count
 
 
-def read_documents(source: str | Path, fields: Fields = DEFAULT_FIELDS) -> list[Document]:
+def read_documents(source: RecordSource, fields: Fields = DEFAULT_FIELDS) -> list[Document]:
     return list(iter_documents(source, fields))
 
 
-def read_queries(source: str | Path, what: str = "query", fields: Fields = DEFAULT_FIELDS) -> list[Query]:
+def read_queries(source: RecordSource, what: str = "query", fields: Fields = DEFAULT_FIELDS) -> list[Query]:
     return list(iter_queries(source, what, fields))

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pretrace.data.records import Query
-from pretrace.scores.pairwise import ScoreResult
+from pretrace.gradients.task import Task
+from pretrace.scores.result import ScoreResult
 from pretrace.scores.plan import ScoringPlan
-from pretrace.modeling.stage import ModelOptions, Stage
+from pretrace.modeling.stage import DocumentSource, ModelOptions, Stage
 
 
 @dataclass
@@ -16,16 +17,19 @@ class ScoringContext:
     """What a method may use: the stage queries are measured on, the stage documents are scored on
     (the same stage for single-stage influence; none for the text methods, which load no model), the documents,
     the queries, how records are read and where models run (`options`), the multi-stage α, optional curvature
-    data, and how scoring is laid out over ranks and memory (`plan`: gradient methods follow it)."""
+    data, how scoring is laid out over ranks and memory (`plan`: gradient methods follow it), and what a query's
+    measurement is (`task`; default: its completion's loss; read by the methods that precondition queries)."""
 
     query_stage: Stage | None
     document_stage: Stage | None
-    documents: Path
+    documents: Path | DocumentSource
     queries: list[Query]
     extra: dict = field(default_factory=dict)
     plan: ScoringPlan = field(default_factory=ScoringPlan)
     options: ModelOptions | None = None
     alpha: float | None = None
+    task: Task | None = None
+    progress: bool = True
 
     def __post_init__(self):
         if self.options is None:

@@ -9,11 +9,13 @@ from pathlib import Path
 from typing import Callable
 
 from pretrace.curvature import EKFAC, KFAC, Chain, Diagonal, Factors, Identity, Preconditioner, Scaled
+from pretrace.config import IN_MEMORY
 from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.modeling.modules import ALL_PARAMETERS, only_linear_modules, require_linear_modules
 from pretrace.scores.explanations import Explain
-from pretrace.scores.pairwise import ScoreResult, score_documents
+from pretrace.scores.pairwise import score_documents
+from pretrace.scores.result import ScoreResult
 from pretrace.scores.queries import precondition_queries
 
 CURVATURES = {"ekfac": EKFAC, "kfac": KFAC, "diagonal": Diagonal}
@@ -47,11 +49,11 @@ class PreconditionedGradients(Attributor):
             raise RuntimeError("call fit() before score()")
         stage = context.query_stage
         key = (id(stage.model), id(self.preconditioner), tuple(t.name for t in stage.tracked),
-               tuple((q.id, q.prompt, q.completion) for q in context.queries), context.plan.split)
+               tuple((q.id, q.prompt, q.completion) for q in context.queries), context.plan.split, id(context.task))
         if self._prepared is not None and self._prepared[0] == key:
             return self._prepared[1]
         queries = precondition_queries(stage.model, stage.tracked, stage.query_batches(context.queries), self.preconditioner,
-                                       query_rank=self.query_rank, progress=True, plan=context.plan)
+                                       task=context.task, query_rank=self.query_rank, progress=context.progress, plan=context.plan)
         if queries.relative_error is not None:
             self.query_rank_error = queries.relative_error.tolist()
         self.query_route = queries.route
@@ -67,7 +69,7 @@ class PreconditionedGradients(Attributor):
         ids, weights = self.precondition_queries(context)
         return score_documents(
             docs.model, docs.tracked, weights, docs.document_batches(context.documents)(), ids,
-            per_module=per_module, per_token=per_token, num_batches=docs.document_batch_count(context.documents), progress=True, plan=context.plan,
+            per_module=per_module, per_token=per_token, num_batches=docs.document_batch_count(context.documents), progress=context.progress, plan=context.plan,
             explain=explain,
         )
 
@@ -77,9 +79,17 @@ class PreconditionedGradients(Attributor):
         return {**self._hyper, **rank, "preconditioner": described, "query_route": self.query_route}
 
 
-def load_checked_factors(folder: str | Path, stage, where: str) -> Factors:
-    factors = Factors.load(folder)
-    factors.check_matches(stage.tracked, stage.fingerprint, where=f"{where} ({folder})")
+FactorSource = str | Path | Factors  # a folder made by `pretrace fit`, or factors the Python API was handed
+
+
+def factors_name(source: FactorSource | None) -> str | None:
+    """How records name a factor source: its folder, or IN_MEMORY."""
+    return IN_MEMORY if isinstance(source, Factors) else None if source is None else str(source)
+
+
+def load_checked_factors(source: FactorSource, stage, where: str) -> Factors:
+    factors = source if isinstance(source, Factors) else Factors.load(source)
+    factors.check_matches(stage.tracked, stage.fingerprint, where=f"{where} ({factors_name(source)})")
     return factors
 
 
@@ -89,7 +99,7 @@ def curvature_inverse(kind: str, factors: Factors, damping: float | None, dampin
     return CURVATURES[kind](factors, damping=damping, damping_factor=damping_factor)
 
 
-def single_stage(kind: str, factors_dir: str | Path | None, damping: float | None, damping_factor: float) -> PreconditionedGradients:
+def single_stage(kind: str, factors_dir: FactorSource | None, damping: float | None, damping_factor: float) -> PreconditionedGradients:
     """(F̂ + λI)⁻¹ of the model the documents and queries share; `identity` needs no factors."""
     if kind == "identity":
         return PreconditionedGradients("identity", lambda context: Identity())
@@ -101,10 +111,10 @@ def single_stage(kind: str, factors_dir: str | Path | None, damping: float | Non
         factors = load_checked_factors(factors_dir, context.document_stage, "factors")
         return curvature_inverse(kind, factors, damping, damping_factor)
 
-    return PreconditionedGradients(kind, make, {"factors": str(factors_dir), "damping": damping, "damping_factor": damping_factor})
+    return PreconditionedGradients(kind, make, {"factors": factors_name(factors_dir), "damping": damping, "damping_factor": damping_factor})
 
 
-def multi_stage(kind: str, pretrained_factors: str | Path, finetuned_factors: str | Path, alpha: float,
+def multi_stage(kind: str, pretrained_factors: FactorSource, finetuned_factors: FactorSource, alpha: float,
                 pretrained_damping: float | None, damping_factor: float, finetuned_damping: float | None) -> PreconditionedGradients:
     """α (H_ft + αI)⁻¹ H_pt⁻¹, applied to each query once: w = α H_pt⁻¹ (H_ft + αI)⁻¹ ∇m(x, θ_ft)."""
     if alpha is None or alpha <= 0:
@@ -120,7 +130,7 @@ def multi_stage(kind: str, pretrained_factors: str | Path, finetuned_factors: st
 
     return PreconditionedGradients(
         f"multi-stage-{kind}", make,
-        {"alpha": alpha, "pretrained_factors": str(pretrained_factors), "finetuned_factors": str(finetuned_factors),
+        {"alpha": alpha, "pretrained_factors": factors_name(pretrained_factors), "finetuned_factors": factors_name(finetuned_factors),
          "pretrained_damping": pretrained_damping, "finetuned_damping": alpha if finetuned_damping is None else finetuned_damping,
          "damping_factor": damping_factor},
     )

@@ -11,9 +11,9 @@ from typing import Callable, Iterator
 import torch
 
 from pretrace.parallel import group
-from pretrace.config import option, validate
+from pretrace.config import IN_MEMORY, changed, option, validate
 from pretrace.data.batching import TokenBatch, encode_documents, encode_queries, iter_batches, pad_token_id
-from pretrace.data.records import DEFAULT_FIELDS, Document, FieldOptions, Fields, iter_documents, iter_queries, scan_records
+from pretrace.data.records import DEFAULT_FIELDS, Document, FieldOptions, Fields, RecordSource, iter_documents, iter_queries, scan_records
 from pretrace.errors import PretraceError
 from pretrace.modeling.folders import check_model_dir
 from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint
@@ -50,12 +50,16 @@ class ModelOptions(FieldOptions):
         return group.resolve_device(self.device)
 
 
-DocumentSource = str | Path | list[Document]
+DocumentSource = RecordSource  # a path, a dataset name, or records in memory (a list of Documents: already read)
 
 
-def iter_source(documents, fields: Fields = DEFAULT_FIELDS) -> Iterator[Document]:
-    """Documents from a source (a path or dataset name, streamed) or an in-memory list."""
-    return iter_documents(documents, fields) if isinstance(documents, (str, Path)) else iter(documents)
+def _read_already(documents: DocumentSource) -> bool:
+    return isinstance(documents, list) and all(isinstance(document, Document) for document in documents)
+
+
+def iter_source(documents: DocumentSource, fields: Fields = DEFAULT_FIELDS) -> Iterator[Document]:
+    """Documents from a source (streamed and checked record by record), or a list of `Document`s read before."""
+    return iter(documents) if _read_already(documents) else iter_documents(documents, fields)
 
 
 @dataclass
@@ -88,10 +92,10 @@ class Stage:
 
     def document_batch_count(self, documents: DocumentSource) -> int:
         """Batches a pass takes; for a file, from a validating pass over every record, so a bad line fails before any work."""
-        count = scan_records(documents, self.options.fields())[1] if isinstance(documents, (str, Path)) else len(documents)
+        count = len(documents) if _read_already(documents) else scan_records(documents, self.options.fields())[1]
         return -(-count // self.options.batch_size)
 
-    def fitting_batches(self, path: str | Path) -> Callable[[], Iterator[TokenBatch]]:
+    def fitting_batches(self, path: DocumentSource) -> Callable[[], Iterator[TokenBatch]]:
         """Curvature data: plain documents (all tokens) or prompt/completion pairs (completion tokens only), the kind
         decided from every record. Every record is read (and pairs encoded) here, so a bad one fails before any work;
         documents under 2 tokens add nothing to the curvature and are skipped with one counted warning."""
@@ -106,6 +110,43 @@ class Stage:
         return iter_batches(encode_queries(self.tokenizer, queries, self.options.max_length), self.options.batch_size, self.pad_id, self.options.padding_side)
 
 
+def tracked_stage(path: str | Path, model: torch.nn.Module, tokenizer, options: ModelOptions, modules: list[str] | None = None) -> Stage:
+    """The stage of a loaded model: its tracked modules by the options' selection (or by name, `modules`), and the
+    options holding the sequence length actually used (the default resolved against the model's positions)."""
+    options = dataclasses.replace(options, max_length=check_model_tokenizer(path, model, tokenizer, options.max_length))
+    unmerged = options.adapter == ADAPTER_PARAMETERS and is_adapter_folder(path)
+    regex = f"(?=.*{ADAPTER_MODULES})" + (options.modules or "") if unmerged else options.modules
+    tracked = select_modules(model, options.preset, regex, options.attention_blocks)
+    if modules is not None:
+        by_name = {t.name: t for t in tracked}
+        tracked = [by_name[name] for name in modules if name in by_name]
+    return Stage(Path(path), model, tokenizer, tracked, options)
+
+
+def check_loaded(model: torch.nn.Module, tokenizer) -> None:
+    """Refuse what is no loaded causal language model, or one handed over without its tokenizer."""
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "get_input_embeddings"):
+        raise TypeError(f"model must be a model folder's path or a loaded Hugging Face causal language model, not {type(model).__name__}.")
+    if tokenizer is None:
+        raise TypeError("a loaded model needs its tokenizer: pass tokenizer=... (e.g. AutoTokenizer.from_pretrained(folder)).")
+
+
+def stage_of(model: torch.nn.Module, tokenizer, options: ModelOptions) -> Stage:
+    """The stage of a model the Python API was handed: put in eval mode (influence is defined for the deterministic
+    model) and used where it is; the options' --device, --dtype and --device-map concern loading and must stay unset."""
+    loading = [flag for flag in changed(options) if flag in ("--device", "--dtype", "--device-map", "--adapter")]
+    if loading:
+        raise PretraceError(f"{', '.join(loading)} concern loading a model folder, and this model is already loaded; "
+                            "move or cast it yourself (model.to(...)), or pass its folder instead.")
+    check_loaded(model, tokenizer)
+    parameter = next(model.parameters())
+    dtype = str(parameter.dtype).removeprefix("torch.")
+    if dtype not in DTYPES:
+        raise PretraceError(f"the model's parameters are {dtype}; pretrace takes gradients of {', '.join(DTYPES)} models, so cast it (model.to(torch.float32)).")
+    options = dataclasses.replace(options, device=str(parameter.device), dtype=dtype)
+    return tracked_stage(IN_MEMORY, model.eval(), tokenizer, options)
+
+
 def load_stage(path: str | Path, options: ModelOptions, modules: list[str] | None = None, base: str | Path | None = None) -> Stage:
     """Load model and tokenizer; track `modules` by name if given, else by the options' selection. The stage's
     options hold the sequence length actually used (the default resolved against the model's positions).
@@ -116,11 +157,4 @@ def load_stage(path: str | Path, options: ModelOptions, modules: list[str] | Non
                             "drop --adapter (or pass the adapter folder).")
     tokenizer = load_tokenizer(path, base)
     model = load_model(path, options.dtype, device, options.device_map, base=base, adapter=options.adapter)
-    options = dataclasses.replace(options, max_length=check_model_tokenizer(path, model, tokenizer, options.max_length))
-    unmerged = options.adapter == ADAPTER_PARAMETERS and is_adapter_folder(path)
-    regex = f"(?=.*{ADAPTER_MODULES})" + (options.modules or "") if unmerged else options.modules
-    tracked = select_modules(model, options.preset, regex, options.attention_blocks)
-    if modules is not None:
-        by_name = {t.name: t for t in tracked}
-        tracked = [by_name[name] for name in modules if name in by_name]
-    return Stage(Path(path), model, tokenizer, tracked, options)
+    return tracked_stage(path, model, tokenizer, options, modules)

@@ -1,7 +1,8 @@
 """Influence scores: precondition each query once, then stream documents (or a stored index) through gradient dot products."""
 
 from pretrace.scores.index import IndexSettings, build_index, score_index
-from pretrace.scores.pairwise import ScoreResult, query_gradients, score_documents, score_weight_sets
+from pretrace.scores.pairwise import query_gradients, score_documents, score_weight_sets
+from pretrace.scores.result import ScoreResult
 from pretrace.scores.self_influence import self_influence
 from pretrace.scores.plan import ScoringPlan
 from pretrace.scores.queries import PreconditionedQueries, precondition_queries

@@ -31,7 +31,7 @@ from pretrace.gradients.capture import CapturedBatch, compute_dtype
 from pretrace.gradients.source import LiveGradients, document_loss
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
-from pretrace.scores.pairwise import ScoreResult
+from pretrace.scores.result import ScoreResult
 from pretrace.scores.weights import DenseWeights, ModuleWeights, as_module_weights
 from pretrace.storage import read_record, read_sealed, write_record, write_tensors
 

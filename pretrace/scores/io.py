@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pretrace.errors import PretraceError
-from pretrace.scores.pairwise import ScoreResult
+from pretrace.scores.result import ScoreResult, top_indices
 from pretrace.storage import read_json_object, read_tensors, verify_folder, write_json, write_jsonl, write_tensors
 
 SCORES_FILE = "scores.safetensors"
@@ -16,13 +16,6 @@ METADATA_FILE = "scores.json"
 TOP_K_FILE = "top_k.jsonl"
 _RECOMPUTE = "recompute the scores with `pretrace score`"
 FORMAT_VERSION = 3  # 3: the folder's .pretrace.json manifest holds every file's sha256 (older folders are refused: recompute them)
-
-
-def top_indices(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """[Q, min(k, N)] indices of the highest scores, ties broken by document order."""
-    k = min(k, scores.shape[1])
-    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
-    return order[:, :k]
 
 
 def require_finite(tensors: dict[str, torch.Tensor], method: str | None = None) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 import torch
@@ -26,23 +25,10 @@ from pretrace.parallel.collectives import gather_in_order
 from pretrace.parallel.group import is_main
 from pretrace.scores.checkpoint import BatchScores
 from pretrace.scores.columns import ScoreColumns
-from pretrace.scores.explanations import Explain, Explanation, TopExplanations
+from pretrace.scores.explanations import Explain, TopExplanations
 from pretrace.scores.plan import ScoringPlan
+from pretrace.scores.result import ScoreResult
 from pretrace.scores.weights import ModuleWeights, as_module_weights
-
-
-@dataclass
-class ScoreResult:
-    scores: torch.Tensor  # [Q, N] float64
-    query_ids: list[str]
-    document_ids: list[str]
-    module_names: list[str]
-    per_module: torch.Tensor | None = None  # [M, Q, N]
-    per_token: list[torch.Tensor] | None = None  # per document [Q, T_doc]
-    document_token_ids: list[list[int]] | None = None
-    self_influence: torch.Tensor | None = None  # [N]
-    timings: dict = field(default_factory=dict)
-    explanations: dict[tuple[int, int], Explanation] | None = None  # (query, document): at least each query's top k asked for
 
 
 def query_gradients(

@@ -16,18 +16,20 @@ the gradients are all-reduced (see `training.loop`); rank 0 alone writes the mod
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from pretrace.parallel import group
-from pretrace.config import option, require_instance, to_dict
+from pretrace.config import IN_MEMORY, changed, option, require_instance, to_dict
 from pretrace.data.batching import encode_queries, pad_token_id
 from pretrace.errors import PretraceError
-from pretrace.data.records import FieldOptions, Query, read_queries, source_sha256
+from pretrace.data.records import FieldOptions, Query, RecordSource, in_memory, read_queries, source_sha256
 from pretrace.modeling.adapters import model_folders
 from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint
 from pretrace.storage import output_folder, read_json_object
@@ -45,8 +47,8 @@ class _FinetuneInputs:
 
     model: str = option(help="Pre-trained Hugging Face model folder (config.json, weights, tokenizer).")
     data: str = option(help="JSONL fine-tuning examples: {'prompt', 'completion'} (loss on the completion only) or {'text'}.")
-    out: str = option(help="Output folder for the fine-tuned model, its tokenizer and pretrace_finetune.json.")
     alpha: float = option(at_least=0, help="Proximity strength α of the term α/2‖θ − θ_pt‖², on the scale of the mean over examples of each example's summed completion loss; `pretrace score` reads it back (0: no proximity term).")
+    out: str | None = option(None, required_flag=True, help="Output folder for the fine-tuned model, its tokenizer and pretrace_finetune.json (in Python: None keeps the model in memory only).")
 
 
 @dataclass
@@ -83,32 +85,50 @@ def finetune_model(model: torch.nn.Module, tokenizer, queries: Sequence[Query], 
                  regulariser=regulariser, dropout=dropout, progress=progress)
 
 
-def finetune(settings: FinetuneSettings, progress: bool = True) -> torch.nn.Module:
-    """Load `settings.model`, fine-tune it on `settings.data`, save model + tokenizer + record to `settings.out`."""
+def finetune(settings: FinetuneSettings, progress: bool = True, given: Mapping[str, Any] | None = None) -> torch.nn.Module:
+    """Load `settings.model`, fine-tune it on `settings.data`, save model + tokenizer + record to `settings.out`
+    (when set). `given`: what the Python API was handed instead of paths (their settings record IN_MEMORY):
+    "model", a (model, tokenizer) pair, fine-tuned as a copy (the model handed over stays θ_pt), and "data"."""
     require_instance("settings", settings, FinetuneSettings)
+    given = given or {}
+    if settings.out is None and settings.overwrite:
+        raise PretraceError("--overwrite has no effect without an output folder (out=None: nothing is written); drop it.")
     group.initialize()
-    with output_folder(settings.out, settings.overwrite, {**model_folders("--model", settings.model), "--data": settings.data},
-                       command="finetune", lock=group.is_main()):
-        return _finetune(settings, progress)
+    inputs = {flag: path for flag, path in {**model_folders("--model", settings.model), "--data": settings.data}.items() if path != IN_MEMORY}
+    folder = nullcontext() if settings.out is None else output_folder(settings.out, settings.overwrite, inputs, command="finetune", lock=group.is_main())
+    with folder:
+        return _finetune(settings, progress, given)
 
 
-def _finetune(settings: FinetuneSettings, progress: bool) -> torch.nn.Module:
-    queries = read_queries(settings.data, "fine-tuning example", settings.fields())
-    tokenizer = load_tokenizer(settings.model)
-    model = load_model(settings.model, settings.dtype, settings.torch_device())
+def _starting_model(settings: FinetuneSettings, given: Mapping[str, Any]) -> tuple[torch.nn.Module, Any]:
+    """θ_pt and its tokenizer: a copy of the model handed over (used where it is), or loaded from --model."""
+    if "model" not in given:
+        return load_model(settings.model, settings.dtype, settings.torch_device()), load_tokenizer(settings.model)
+    loading = [flag for flag in changed(settings) if flag in ("--dtype", "--device")]
+    if loading:
+        raise PretraceError(f"{', '.join(loading)} concern loading --model, and this model is already loaded; move or cast it yourself, or pass its folder.")
+    model, tokenizer = given["model"]
+    return copy.deepcopy(model), tokenizer
+
+
+def _finetune(settings: FinetuneSettings, progress: bool, given: Mapping[str, Any]) -> torch.nn.Module:
+    queries = read_queries(given.get("data", settings.data), "fine-tuning example", settings.fields())
+    model, tokenizer = _starting_model(settings, given)
     if settings.dropout and not any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in model.modules()):
         raise PretraceError(f"--dropout has no effect: {settings.model} has no dropout layer with a rate above 0; drop it.")
     settings = dataclasses.replace(settings, max_length=check_model_tokenizer(settings.model, model, tokenizer, settings.max_length))
     pretrained_fingerprint = model_fingerprint(model)
     history = finetune_model(model, tokenizer, queries, settings, settings.alpha, settings.dropout, progress)
-    record = finetune_record(settings.alpha, settings.model, pretrained_fingerprint, settings.data, len(queries), history.losses, to_dict(settings))
-    if group.is_main():
+    record = finetune_record(settings.alpha, settings.model, pretrained_fingerprint, given.get("data", settings.data), len(queries),
+                             history.losses, to_dict(settings))
+    model.pretrace_finetune = record  # what a fine-tuned folder records, for a model kept in memory too
+    if settings.out is not None and group.is_main():
         save_model_folder(settings.out, model, tokenizer, FINETUNE_RECORD, record, "finetune", settings.overwrite)
     group.barrier()  # the folder is complete before any rank returns
     return model
 
 
-def finetune_record(alpha: float, pretrained: str | Path, pretrained_fingerprint: str, data: str | Path, examples: int,
+def finetune_record(alpha: float, pretrained: str | Path, pretrained_fingerprint: str, data: RecordSource, examples: int,
                     step_losses: Sequence[float], settings: dict) -> dict:
     """What a fine-tuned folder records for `pretrace score`: α, the objective and what it was fine-tuned from and on
     (`pretrace finetune` and the Trainer callback write the same). `step_losses`: per step, without the proximity term."""
@@ -117,15 +137,19 @@ def finetune_record(alpha: float, pretrained: str | Path, pretrained_fingerprint
         "alpha": alpha,
         "loss_normalisation": LOSS_NORMALISATION,
         "objective": OBJECTIVE,
-        "pretrained_path": str(Path(pretrained).resolve()),
+        "pretrained_path": _resolved(pretrained),
         "pretrained_fingerprint": pretrained_fingerprint,
-        "data": str(Path(data).resolve()),
+        "data": IN_MEMORY if in_memory(data) else _resolved(data),
         "data_sha256": source_sha256(data),
         "examples": examples,
         "steps": len(step_losses),
         "final_train_loss": sum(last) / len(last) if last else None,  # mean of the last ≤ 50 steps
         "settings": settings,
     }
+
+
+def _resolved(path: str | Path) -> str:
+    return IN_MEMORY if path == IN_MEMORY else str(Path(path).resolve())
 
 
 def read_finetune_record(folder: str | Path) -> dict | None:

@@ -7,31 +7,35 @@ import math
 import shutil
 import time
 import warnings
-from dataclasses import dataclass, replace
+from contextlib import nullcontext
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Mapping
 
 import torch
 
 from pretrace.version import __version__
 from pretrace.curvature.placement import PlacedPreconditioner
-from pretrace.config import changed, nested, option, require_instance, to_dict, validate, variants
+from pretrace.config import IN_MEMORY, changed, nested, option, require_instance, to_dict, validate, variants
 from pretrace.data.batching import encode_queries, short_document_ids
-from pretrace.data.records import check_source, iter_documents, read_queries, source_sha256, validate_documents
+from pretrace.data.records import RecordSource, check_source, iter_documents, read_queries, source_sha256, validate_documents
 from pretrace.errors import PretraceError
+from pretrace.gradients.task import Task
 from pretrace.modeling.adapters import MERGED, model_folders
 from pretrace.baselines.trak import ensemble_folder
 from pretrace.baselines.trak_ensemble import ENSEMBLE_COMMAND
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.config import METHODS, Damping, MethodConfig
 from pretrace.workflows.registry import make_attributor
-from pretrace.curvature.factors import factors_metadata
+from pretrace.curvature.factors import Factors, factors_metadata
+from pretrace.methods.gradient import FactorSource
 from pretrace.data.records import FIELD_FLAGS
 from pretrace.parallel.group import requested_world_size
 from pretrace.modeling.modules import ALL_PARAMETERS, only_linear_modules
 from pretrace.parallel import group
-from pretrace.scores.io import save_scores, top_indices
+from pretrace.scores.io import save_scores
 from pretrace.scores.explanations import Explain, Explanation
-from pretrace.scores.pairwise import ScoreResult
+from pretrace.scores.result import ScoreResult, top_indices
 from pretrace.scores.self_influence import self_influence
 from pretrace.scores.index import read_index, score_index
 from pretrace.scores.plan import SPLITS, ScoringPlan
@@ -73,7 +77,7 @@ class ScoreSettings:
 
     queries: str = option(help="Queries: {'prompt', 'completion'} (the completion's loss is measured) or {'text'}.")
     train: str = option(help="Training documents to score: {'text', optional 'id'}.")
-    out: str = option(help="Output folder for scores.safetensors, scores.json and top_k.jsonl.")
+    out: str | None = option(None, required_flag=True, help="Output folder for scores.safetensors, scores.json and top_k.jsonl (in Python: None keeps the result in memory only).")
     overwrite: bool = option(False, help="Replace an earlier `pretrace score` result in --out.")
     model: str | None = option(None, help="Single-stage: the model folder queries and documents share.")
     factors: str | None = option(None, help="Single-stage: factor folder of --model (from `pretrace fit`).")
@@ -96,6 +100,7 @@ class ScoreSettings:
         self._check_stages()
         self._check_damping()
         self._check_gradient_options()
+        self._check_in_memory()
 
     @property
     def is_multi_stage(self) -> bool:
@@ -171,6 +176,42 @@ class ScoreSettings:
             self._refuse(["--factors-device"], f"with --method {method.name}, which applies no factors")
 
 
+    def _check_in_memory(self) -> None:
+        """What a run without a folder, or with records handed over in memory, cannot do."""
+        method = self.method
+        if self.out is None:
+            self._refuse([f for f in ("--overwrite",) if self.overwrite] + [f for f in changed(self.outputs) if f in ("--scores-on-disk", "--checkpoint-every")],
+                         "without an output folder (out=None: nothing is written, nothing resumes)")
+            if getattr(method, "ensemble", 0) and method.ensemble_dir is None:
+                raise PretraceError("--trak-ensemble caches its trained members beside --out; give out=... or --trak-ensemble-dir.")
+        if self.train == IN_MEMORY and getattr(method, "ensemble", 0) and method.train_data is None:
+            raise PretraceError("--trak-ensemble trains its members on --trak-train-data (default: the --train file); the documents "
+                                "given in memory are no file: pass trak_train_data=PATH, or the documents as a file.")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """A run's inputs as its work reads them: the object the Python API was handed (its setting then records
+    IN_MEMORY: records, a model's `Stage`, `Factors`), else the setting's own path."""
+
+    settings: ScoreSettings
+    given: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        misplaced = sorted(name for name in self.given if getattr(self.settings, name, None) != IN_MEMORY)
+        if misplaced:
+            raise TypeError(f"objects given for {misplaced}, whose settings do not record {IN_MEMORY!r}")
+
+    def __getitem__(self, name: str) -> Any:
+        return self.given[name] if name in self.given else getattr(self.settings, name)
+
+    def stage(self, name: str, options: ModelOptions, base: str | None = None) -> Stage:
+        """The model stage of setting `name`: handed over, or loaded from its folder."""
+        if name in self.given:
+            return self.given[name]
+        return load_stage(getattr(self.settings, name), options, base=None if base == IN_MEMORY else base)
+
+
 def _matched(pretrained: Stage, finetuned: Stage) -> None:
     """Keep modules present, with the same shape and blocks, in both models; warn about the rest."""
     pt = {t.name: t for t in pretrained.tracked}
@@ -185,12 +226,16 @@ def _matched(pretrained: Stage, finetuned: Stage) -> None:
     finetuned.tracked = [ft[n] for n in common]
 
 
+def _finetune_record(path: str, stage: Stage) -> dict | None:
+    """What `finetune` recorded of a stage: in its folder, or on a model it returned in memory."""
+    return getattr(stage.model, "pretrace_finetune", None) if path == IN_MEMORY else read_finetune_record(path)
+
+
 def _check_pair(settings: ScoreSettings, pretrained: Stage, finetuned: Stage) -> float:
     """Refuse a fine-tuned model whose recorded base is another model, or a different tokenizer; return α."""
     if pretrained.tokenizer.get_vocab() != finetuned.tokenizer.get_vocab():
         raise PretraceError("the pre-trained and fine-tuned tokenizers differ; both stages must tokenize documents the same way.")
-    record = read_finetune_record(settings.finetuned)
-    swapped = read_finetune_record(settings.pretrained)
+    record, swapped = _finetune_record(settings.finetuned, finetuned), _finetune_record(settings.pretrained, pretrained)
     if record is None and swapped is not None and swapped.get("pretrained_fingerprint") == finetuned.fingerprint:
         raise PretraceError(
             f"--pretrained {settings.pretrained} was fine-tuned from --finetuned {settings.finetuned} (its {FINETUNE_RECORD} says so): "
@@ -234,46 +279,55 @@ def check_model_options(settings: ScoreSettings, options: ModelOptions) -> None:
                             f"{options.device}); drop it, or run the model on a GPU.")
 
 
-def build_context(settings: ScoreSettings, options: ModelOptions) -> ScoringContext:
+def build_context(settings: ScoreSettings, options: ModelOptions, given: Mapping[str, Any] | None = None,
+                  task: Task | None = None, progress: bool = True) -> ScoringContext:
     """Validate every input (queries, every training document, the models, their factors and their pairing) before
-    any work; the context carries the α the run uses (given, or recorded by `pretrace finetune`)."""
+    any work; the context carries the α the run uses (given, or recorded by `pretrace finetune`). `given`: the
+    objects the Python API was handed instead of paths (see `Inputs`); `task`: the queries' measurement; `progress`:
+    whether the work draws progress bars."""
     check_model_options(settings, options)
-    fields = options.fields()
-    queries = read_queries(settings.queries, fields=fields)
-    check_source(settings.train, "training documents")
-    validate_documents(settings.train, fields)
+    if task is not None and not settings.method.preconditions_queries:
+        readers = ", ".join(name for name, method in METHODS.items() if method.preconditions_queries)
+        raise PretraceError(f"a task (the queries' measurement) is read by the methods that precondition query gradients ({readers}), "
+                            f"not by --method {settings.method.name}; drop it, or choose one of those.")
+    inputs, fields = Inputs(settings, given or {}), options.fields()
+    queries = read_queries(inputs["queries"], fields=fields)
+    train = inputs["train"]
+    check_source(train, "training documents")
+    validate_documents(train, fields)
+    documents = Path(train) if isinstance(train, str) else train
     if not settings.method.uses_model:
-        return ScoringContext(None, None, Path(settings.train), queries, options=options)
+        return ScoringContext(None, None, documents, queries, options=options, progress=progress)
     if not settings.is_multi_stage:
-        stage = load_stage(settings.model, options)
-        check_factors("--factors", settings.factors, "--model", stage, settings.method)
-        context = ScoringContext(stage, stage, Path(settings.train), queries, options=options)
+        stage = inputs.stage("model", options)
+        check_factors("--factors", inputs["factors"], "--model", stage, settings.method)
+        context = ScoringContext(stage, stage, documents, queries, options=options, task=task, progress=progress)
     else:
         if options.adapter != MERGED:
             raise PretraceError("multi-stage influence needs the fine-tuned model's full weights: drop --adapter adapter (an adapter "
                                 "folder as --finetuned is merged into its base, --pretrained when its recorded base is not local).")
-        pretrained, finetuned = load_stage(settings.pretrained, options), load_stage(settings.finetuned, options, base=settings.pretrained)
+        pretrained, finetuned = inputs.stage("pretrained", options), inputs.stage("finetuned", options, base=settings.pretrained)
         _matched(pretrained, finetuned)
         alpha = _check_pair(settings, pretrained, finetuned)
-        check_factors("--pretrained-factors", settings.pretrained_factors, "--pretrained", pretrained, settings.method)
-        check_factors("--finetuned-factors", settings.finetuned_factors, "--finetuned", finetuned, settings.method)
-        context = ScoringContext(finetuned, pretrained, Path(settings.train), queries, options=options, alpha=alpha)
+        check_factors("--pretrained-factors", inputs["pretrained_factors"], "--pretrained", pretrained, settings.method)
+        check_factors("--finetuned-factors", inputs["finetuned_factors"], "--finetuned", finetuned, settings.method)
+        context = ScoringContext(finetuned, pretrained, documents, queries, options=options, alpha=alpha, task=task, progress=progress)
     for _ in encode_queries(context.query_stage.tokenizer, queries, context.query_stage.options.max_length):
         pass  # a query with nothing to measure fails here, not after the documents' pass
     if settings.index:
-        _check_index(settings, context.document_stage)
+        _check_index(settings, context.document_stage, train)
     if settings.outputs.per_token and not only_linear_modules(context.document_stage.tracked):
         raise PretraceError("--per-token needs gradients over linear modules only: drop --per-token, or --preset all-parameters.")
     return context
 
 
-def check_factors(flag: str, folder: str | None, model_flag: str, stage: Stage, method: MethodConfig) -> None:
-    """Refuse, before any work, a factor folder that is not one, was fitted on another model than the one it is given
-    with (saying whether only the --dtype differs: the fingerprint is over the weights as loaded) or lacks the
-    diagonal --method diagonal needs."""
-    if folder is None:
+def check_factors(flag: str, source: FactorSource | None, model_flag: str, stage: Stage, method: MethodConfig) -> None:
+    """Refuse, before any work, a factor folder that is not one, factors fitted on another model than the one they
+    are given with (saying whether only the --dtype differs: the fingerprint is over the weights as loaded) or
+    lacking the diagonal --method diagonal needs."""
+    if source is None:
         return
-    meta = factors_metadata(folder)
+    meta, folder = (source.metadata, IN_MEMORY) if isinstance(source, Factors) else (factors_metadata(source), source)
     recorded = meta.get("model_fingerprint")
     if isinstance(recorded, str) and recorded != stage.fingerprint:
         fitted_dtype = (meta.get("options") or {}).get("dtype")
@@ -287,12 +341,12 @@ def check_factors(flag: str, folder: str | None, model_flag: str, stage: Stage, 
                             f"refit them with `pretrace fit --diagonal`, or choose --method ekfac.")
 
 
-def _check_index(settings: ScoreSettings, documents: Stage) -> None:
+def _check_index(settings: ScoreSettings, documents: Stage, train: RecordSource) -> None:
     """Refuse an index built for other documents, another model or other settings before any work, naming the flag to fix."""
     recorded = read_index(settings.index)["signature"]
     if recorded.get("model_fingerprint") != documents.fingerprint:
         raise PretraceError(f"--index {settings.index} was built with another model than {documents.path}; pass that model, or rebuild the index with `pretrace index --model {documents.path}`.")
-    if recorded.get("documents_sha256") != source_sha256(settings.train):
+    if recorded.get("documents_sha256") != source_sha256(train):
         raise PretraceError(f"--index {settings.index} was built on other documents than --train {settings.train}; pass the --train file it indexes, or rebuild it.")
     used = {"max_length": documents.options.max_length, "dtype": documents.options.dtype, "preset": documents.options.preset,
             "modules_regex": documents.options.modules, "attention_blocks": documents.options.attention_blocks}
@@ -367,18 +421,20 @@ def _index_scores(settings: ScoreSettings, attributor: Attributor, context: Scor
     """Queries against `pretrace index`'s stored document gradients (checked against the documents and their model by
     _check_index); every rank scores every query with the attributor's own prepared queries (kept for the explanations)."""
     ids, weights = attributor.precondition_queries(replace(context, plan=ScoringPlan()))
-    result = score_index(settings.index, weights, ids, per_module=settings.outputs.per_module, progress=True)
+    result = score_index(settings.index, weights, ids, per_module=settings.outputs.per_module, progress=context.progress)
     if attributor.query_rank_error is not None:
         result.timings["query_low_rank_relative_error"] = attributor.query_rank_error
     return result
 
 
-def _signature(settings: ScoreSettings, context: ScoringContext, explain: Explain | None) -> str:
+def _signature(settings: ScoreSettings, context: ScoringContext, explain: Explain | None, given: Mapping[str, Any]) -> str:
     """Everything a scoring pass's batches depend on, for its checkpoint: the settings (not where the result goes nor
-    how often it is saved), the models' weights, the factor folders, the queries, the documents' contents, the ranks
-    and the explanations asked."""
-    documents = Source(context.documents) if isinstance(context.documents, (str, Path)) else [(d.id, d.text) for d in context.documents]
+    how often it is saved), the models' weights, the factors, the queries, the documents' contents, the ranks and the
+    explanations asked."""
+    documents = (Source(context.documents) if isinstance(context.documents, (str, Path))
+                 else [(d.id, d.text) for d in iter_source(context.documents, context.options.fields())])
     folders = [settings.factors, settings.pretrained_factors, settings.finetuned_factors, context.query_stage.path, context.document_stage.path]
+    in_memory = [given[name].content_digest() for name in ("factors", "pretrained_factors", "finetuned_factors") if name in given]
     method = settings.method
     data = [Source(source) for source in (getattr(method, "fit_data", None), getattr(method, "train_data", None)) if source]
     recorded = to_dict(settings)
@@ -391,6 +447,7 @@ def _signature(settings: ScoreSettings, context: ScoringContext, explain: Explai
         folders=[Folder(folder) for folder in folders if folder and Path(folder).is_dir()],  # factors, and the models' tokenizers
         data=data, queries=[(q.id, q.prompt, q.completion) for q in context.queries], documents=documents,
         world=group.world_size(), explain=None if explain is None else [explain.k, explain.among], version=__version__,
+        **({"factors_in_memory": in_memory} if in_memory else {}),
     )
 
 
@@ -405,19 +462,22 @@ def _zero_documents(result: ScoreResult, ids: set[str]) -> None:
 
 
 def score(settings: ScoreSettings, options: ModelOptions | None = None, context: ScoringContext | None = None,
-          attributor: Attributor | None = None, explain: Explain | None = None) -> ScoreResult:
-    """Compute and save scores; returns the result (scores float64 `[Q, N]`, float32 memory-mapped with --scores-on-disk).
+          attributor: Attributor | None = None, explain: Explain | None = None, given: Mapping[str, Any] | None = None) -> ScoreResult:
+    """Compute scores and save them to `settings.out` (when set); returns the result (scores float64 `[Q, N]`, float32
+    memory-mapped with --scores-on-disk), with the top documents' explanations in `result.explanations`.
 
     A caller that passes an unfitted `attributor` (made by `make_attributor` from `settings`) gets it back fitted, to
     reuse without fitting again; one that passes `explain` (gradient methods) gets those pairs' explanations taken in
-    the same pass, in `result.explanations`, whatever top_k.jsonl holds. Under torchrun every rank scores its share of
-    the documents and holds the whole result; rank 0 writes it."""
+    the same pass too. `given`: objects handed over instead of paths (see `Inputs`). Under torchrun every rank scores
+    its share of the documents and holds the whole result; rank 0 writes it."""
     require_instance("settings", settings, ScoreSettings)
     options = require_instance("options", options or ModelOptions(), ModelOptions)
+    given = given or {}
     group.initialize()
-    with output_folder(settings.out, settings.overwrite, _inputs(settings), command="score", lock=group.is_main()):
+    folder = nullcontext() if settings.out is None else output_folder(settings.out, settings.overwrite, _inputs(settings), command="score", lock=group.is_main())
+    with folder:
         _check_caches(settings)
-        return _score(settings, options, context or build_context(settings, options), attributor, explain)
+        return _score(settings, options, context or build_context(settings, options, given), attributor, explain, given)
 
 
 def _inputs(settings: ScoreSettings) -> dict[str, str | None]:
@@ -433,7 +493,7 @@ def _inputs(settings: ScoreSettings) -> dict[str, str | None]:
                    "--embedding-model": getattr(method, "model", None) if method.name == "embedding" else None})
     for number, folder in enumerate((getattr(method, "models", None) or "").split(",")):
         inputs.update(model_folders(f"--trak-models[{number}]", folder.strip() or None))
-    return inputs
+    return {flag: path for flag, path in inputs.items() if path != IN_MEMORY}
 
 
 def _check_caches(settings: ScoreSettings) -> None:
@@ -444,13 +504,13 @@ def _check_caches(settings: ScoreSettings) -> None:
               "--text-index": (f"{method.name}-index", getattr(method, "index", None) if not method.uses_model else None)}
     for flag, (command, folder) in caches.items():
         if folder is not None:
-            check_cache(folder, command, flag, _inputs(settings), {"--out": settings.out})
+            check_cache(folder, command, flag, _inputs(settings), {} if settings.out is None else {"--out": settings.out})
 
 
 def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringContext, attributor: Attributor | None,
-           explain: Explain | None) -> ScoreResult:
-    out, outputs = Path(settings.out), settings.outputs
-    attributor = attributor or make_attributor(settings, context.alpha)
+           explain: Explain | None, given: Mapping[str, Any]) -> ScoreResult:
+    out, outputs = None if settings.out is None else Path(settings.out), settings.outputs
+    attributor = attributor or make_attributor(settings, context.alpha, given)
     gradients = settings.method.preconditions_queries
     too_short = short_document_ids(context.document_stage.tokenizer, iter_source(context.documents, options.fields())) if attributor.reads_document_loss else []
     start = time.perf_counter()
@@ -459,8 +519,8 @@ def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringConte
         warnings.warn("top_k.jsonl has no per-token explanations: they exist for linear modules only, not for every parameter of --preset all-parameters.", stacklevel=2)
     # a caller's `explain` (trace: among each query's candidates) is what the pass keeps; top_k.jsonl's pairs it misses are rescored
     streamed = explain or (Explain(outputs.top_k) if explained else None)
-    resumable = gradients and not settings.index  # the signature hashes the documents: one-off cost, before fitting
-    checkpoint = ScoringCheckpoint(checkpoint_folder(out), _signature(settings, context, streamed), outputs.checkpoint_every) if resumable else None
+    resumable = gradients and not settings.index and out is not None  # the signature hashes the documents: one-off cost, before fitting
+    checkpoint = ScoringCheckpoint(checkpoint_folder(out), _signature(settings, context, streamed, given), outputs.checkpoint_every) if resumable else None
     attributor.fit(context)
     _place_factors(settings.placement, attributor, context)
     fitted = time.perf_counter()
@@ -479,7 +539,9 @@ def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringConte
     details = explain_pairs(attributor, context, pairs, result.explanations) if explained else None
     result.timings = _timings(result.timings, start, fitted, scored, len(context.queries))
     metadata = _metadata(settings, context, attributor, result, too_short, pairs if explained else None)
-    if group.is_main():
+    if details:
+        result.explanations = {**(result.explanations or {}), **details}
+    if out is not None and group.is_main():
         with atomic_directory(out, "score", overwrite=True, discard=[checkpoint_folder(out)]) as tmp:
             save_scores(tmp, result, metadata, _top_rows(context, result, top, details))
         if spill is not None:
@@ -507,7 +569,7 @@ def _scores(settings: ScoreSettings, attributor: Attributor, context: ScoringCon
     result = attributor.score(context, per_module=outputs.per_module, per_token=outputs.per_token, explain=streamed)
     if outputs.self_influence:
         docs = context.document_stage
-        _, result.self_influence = self_influence(docs.model, docs.tracked, attributor.preconditioner, docs.document_batches(context.documents)(), progress=True)
+        _, result.self_influence = self_influence(docs.model, docs.tracked, attributor.preconditioner, docs.document_batches(context.documents)(), progress=context.progress)
     return result
 
 

@@ -29,7 +29,8 @@ from pretrace.modeling.adapters import model_folders
 from pretrace.modeling.folders import check_model_dir
 from pretrace.modeling.loading import check_model_tokenizer, load_model, load_tokenizer
 from pretrace.retrieval import make_retriever, retrieval_recall
-from pretrace.scores.io import load_scores, top_indices
+from pretrace.scores.io import load_scores
+from pretrace.scores.result import top_indices
 from pretrace.stages import File, Folder, Source, StageCache, StageKey
 from pretrace.storage import check_cache, output_folder, read_json, read_jsonl_rows, write_json, write_jsonl
 from pretrace.training.finetune import read_finetune_record
