@@ -69,15 +69,15 @@ def _normalise(value: Any) -> Any:
     """Inputs as plain JSON: files by content hash, folders by stamp, upstream stages by digest."""
     if isinstance(value, StageKey):
         return {"stage": value.name, "digest": value.digest}
+    if isinstance(value, Folder):
+        return {"folder": folder_stamp(value.path, value.exclude)}
+    if isinstance(value, Source):
+        check_source(value.path)
+        return {"source_sha256": source_sha256(value.path)}
     if isinstance(value, File):
         if not Path(value.path).is_file():
             raise PretraceError(f"{value.path}: no such file.")
         return {"sha256": file_sha256(value.path)}
-    if isinstance(value, Source):
-        check_source(value.path)
-        return {"source_sha256": source_sha256(value.path)}
-    if isinstance(value, Folder):
-        return {"folder": folder_stamp(value.path, value.exclude)}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return _normalise(to_dict(value))  # settings with their groups, a method config with its name
     if isinstance(value, dict):

@@ -37,13 +37,14 @@ import os
 import secrets
 import shutil
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from pretrace.errors import CorruptFile, PretraceError
 
@@ -504,19 +505,56 @@ def commit_folder(folder: str | Path, final: str | Path, command: str) -> None:
     _commit(Path(folder), Path(final), (), command)
 
 
-def read_signed(path: Path, key: str, signature: Any, folder: Path, run: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """A resumable command's (fit, score) sealed checkpoint file and the JSON object it keeps under `key` in its
-    header: `CorruptFile` when a bit changed (the caller recomputes that part), refused with the fix unless this
-    version wrote it for a run with this `signature` (`run` names what may differ)."""
-    tensors, metadata = read_sealed(path)
-    try:
-        meta = json.loads(metadata[key])
-    except (KeyError, ValueError):
-        raise PretraceError(f"{path}: not a checkpoint of this pretrace version; delete {folder} to start over.") from None
-    if not isinstance(meta, dict) or meta.get("signature") != signature:
-        raise PretraceError(f"{folder}: holds a checkpoint of a different {run}; delete that folder to start over, "
-                            "or rerun with the inputs and settings it was made with.")
-    return tensors, meta
+class SignedParts:
+    """The one resume mechanism of the long commands (fit's passes, score's batches, index's shards): a folder of
+    sealed safetensors parts, each signed in its header with the run's `signature` (everything its contents depend
+    on). A part whose seal fails is dropped and computed again (said in a warning), so damage never enters a result;
+    a part signed for another run is refused with the fix (`run` names what may differ); parts are written atomically,
+    so a kill leaves the earlier ones whole."""
+
+    KEY = "pretrace_part"
+
+    def __init__(self, folder: str | Path, signature: Any, run: str):
+        self.folder, self.signature, self.run = Path(folder), json.loads(json.dumps(signature, default=str)), run
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.safetensors"
+
+    def names(self, pattern: str = "*") -> list[str]:
+        """The parts present whose names match `pattern`, in name order."""
+        return sorted(p.name.removesuffix(".safetensors") for p in self.folder.glob(f"{pattern}.safetensors")) if self.folder.is_dir() else []
+
+    def read(self, name: str) -> tuple[dict[str, torch.Tensor], dict]:
+        """A part's tensors and the record saved with it: `CorruptFile` when a bit changed (the caller recomputes
+        it), refused unless this version wrote it for a run with this signature."""
+        path = self.path(name)
+        tensors, metadata = read_sealed(path)
+        try:
+            meta = json.loads(metadata[self.KEY])
+        except (KeyError, ValueError):
+            raise PretraceError(f"{path}: not a checkpoint of this pretrace version; delete {self.folder} to start over.") from None
+        if not isinstance(meta, dict) or meta.get("signature") != self.signature:
+            raise PretraceError(f"{self.folder}: holds a checkpoint of a different {self.run}; delete that folder to start over, "
+                                "or rerun with the inputs and settings it was made with.")
+        meta.pop("signature")
+        return tensors, meta
+
+    def load(self, name: str, recompute: str) -> tuple[dict[str, torch.Tensor], dict] | None:
+        """A part's tensors and record; None when absent, or damaged (then deleted, and `recompute` says what follows)."""
+        if not self.path(name).is_file():
+            return None
+        try:
+            return self.read(name)
+        except CorruptFile as error:
+            warnings.warn(f"{error}; {recompute}.", stacklevel=3)
+            self.path(name).unlink()
+            return None
+
+    def save(self, name: str, tensors: dict[str, torch.Tensor], **record: Any) -> Path:
+        """Write one part, sealed and signed, with `record` (JSON) in its header."""
+        path = self.path(name)
+        write_tensors(path, tensors, metadata={self.KEY: json.dumps({"signature": self.signature, **record})}, seal=True)
+        return path
 
 
 def checkpoint_folder(out: str | Path) -> Path:

@@ -10,12 +10,10 @@ import struct
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 from pretrace.cli import main
 from pretrace.storage import OWNER_FILE, checkpoint_folder, file_sha256
-from tiny import SENTENCES, assert_refused, save_tiny_model, tiny_workspace, write_jsonl
+from tiny import SENTENCES, assert_refused, tiny_workspace, write_jsonl
 
 PAIRS = [{"prompt": "the capital of france is", "completion": " paris ."}, {"prompt": "birds can", "completion": " fly ."}]
 

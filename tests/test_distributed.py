@@ -295,7 +295,7 @@ def test_killed_rank_does_not_hang_and_fit_resumes_to_same_factors(workspace):
     assert not _spawn_fit(root, out, kill_at=batches + 1)
     checkpoint = checkpoint_folder(root / out)
     assert not (checkpoint / "lambda.rank1-of-2.safetensors").exists()
-    done = {0: json.loads(read_sealed(checkpoint / "lambda.rank0-of-2.safetensors")[1]["pretrace_checkpoint"])["batches"], 1: 0}
+    done = {0: json.loads(read_sealed(checkpoint / "lambda.rank0-of-2.safetensors")[1]["pretrace_part"])["batches"], 1: 0}
     assert not (root / out).exists()
 
     assert _spawn_fit(root, out)
@@ -398,7 +398,7 @@ def test_torchrun_score_killed_mid_pass_resumes_each_rank_at_its_last_save(works
     assert not (root / out).exists()
     # rank 0 resumes at the last batch its explanation state covers (a part saved after it is scored again)
     explained = checkpoint_folder(root / out) / "rank0000-explanations.safetensors"
-    saved = json.loads(read_sealed(explained)[1]["pretrace_scoring_checkpoint"])["done"]
+    saved = json.loads(read_sealed(explained)[1]["pretrace_part"])["done"]
     assert saved >= 1
     resumed = _torchrun(*argv, cwd=root)
     assert f"| {saved}/5 [" in resumed.stderr  # rank 0's bar (its 5 batches) starts there

@@ -156,7 +156,8 @@ def test_explanations_of_scores_on_disk_equal_those_in_ram(workspace, monkeypatc
 def test_pairs_a_pass_did_not_keep_are_rescored_to_the_same_explanation(workspace):
     """The fallback (scores from --index or a cache): the same explanations as the pass's own."""
     from pretrace.modeling.stage import ModelOptions
-    from pretrace.workflows.score import ScoreSettings, build_context, explain_pairs, top_pairs
+    from pretrace.methods.explain import explain_pairs, top_pairs
+    from pretrace.workflows.score import ScoreSettings, build_context
     from pretrace.workflows.registry import make_attributor
 
     root, _ = workspace

@@ -8,7 +8,7 @@ import statistics
 import pytest
 import torch
 
-from pretrace.config import from_flags, with_flags
+from pretrace.config import from_flags
 from pretrace.bench.facts.benchmark import Fact, FactBenchmark, FactSplit, Sentence
 from pretrace.bench.facts.metrics import recall_at_k, reciprocal_rank
 from pretrace.bench.facts.probe import answer_ranks, top_k_accuracy

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pretrace.config import from_flags, with_flags
+from pretrace.config import from_flags
 from pretrace.bench.facts.benchmark import FactSplit, read_benchmark
 from pretrace.bench.facts.templates import read_question_templates
 from pretrace.bench.facts.trex_lama import (

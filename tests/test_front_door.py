@@ -136,3 +136,19 @@ def test_factors_of_another_model_are_refused_in_memory_too(notebook):
     factors = pretrace.fit(other, list(SENTENCES), tokenizer=tokenizer, progress=False)
     with pytest.raises(pretrace.PretraceError, match="fitted on a different model than --model <in memory>"):
         pretrace.score(QUERIES, list(SENTENCES), model=model, factors=factors, tokenizer=tokenizer)
+
+
+def test_an_index_built_from_objects_scores_like_the_pass_and_keeps_self_influence(notebook):
+    folder, model, tokenizer = notebook
+    documents = list(SENTENCES)
+    factors = pretrace.fit(model, documents, tokenizer=tokenizer, progress=False)
+    meta = pretrace.index(model, documents, folder / "index", tokenizer=tokenizer, progress=False)
+    assert meta["document_ids"] == [str(i) for i in range(len(SENTENCES))]
+    streamed = pretrace.score(QUERIES, documents, model=model, factors=factors, tokenizer=tokenizer, self_influence=True, explain=False, progress=False)
+    indexed = pretrace.score(QUERIES, documents, model=model, factors=factors, tokenizer=tokenizer, index=str(folder / "index"),
+                             self_influence=True, explain=False, progress=False)
+    torch.testing.assert_close(indexed.scores, streamed.scores, rtol=1e-9, atol=1e-12)
+    assert indexed.self_influence is not None  # --index with --self-influence once dropped it in silence
+    torch.testing.assert_close(indexed.self_influence, streamed.self_influence, rtol=0, atol=0)
+    with pytest.raises(pretrace.PretraceError, match="built on other documents"):
+        pretrace.score(QUERIES, documents[:-1], model=model, factors=factors, tokenizer=tokenizer, index=str(folder / "index"))

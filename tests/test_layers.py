@@ -7,8 +7,6 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parents[1] / "pretrace"
 # bottom to top; a layer may import itself and any layer below it
 LAYERS = [

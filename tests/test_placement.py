@@ -12,7 +12,6 @@ from pretrace.config import from_flags
 from pretrace.curvature import EKFAC, KFAC, Chain, Diagonal, Factors, FitSettings, Identity, PlacedPreconditioner, Scaled
 from pretrace.data.records import read_queries
 from pretrace.errors import PretraceError
-from pretrace.scores.io import load_scores
 from pretrace.scores.pairwise import query_gradients, score_documents
 from pretrace.scores.plan import ScoringPlan
 from pretrace.scores.queries import precondition_queries

@@ -5,9 +5,7 @@ type), never another exception; what it reads is what was written, and settings 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 from pretrace.cli import build_parser
@@ -15,7 +13,6 @@ from pretrace.cli.run import check_pipeline, resolve
 from pretrace.config import flat_keys, from_flags, to_flags
 from pretrace.data.records import iter_documents, read_queries, scan_records, validate_documents
 from pretrace.errors import PretraceError
-from pretrace.methods.config import METHODS
 from pretrace.workflows.score import ScoreSettings
 from pretrace.workflows.trace import read_trace_queries
 

@@ -69,7 +69,6 @@ def _computed(results: dict) -> set[str]:
 
 
 def test_fact_tracing_recomputes_exactly_the_stages_a_change_affects(run_settings):
-    from dataclasses import replace
 
     root, settings = run_settings
     first = run_fact_tracing(settings)
@@ -124,7 +123,6 @@ def test_trex_lama_benchmark_is_rebuilt_when_the_question_templates_change(tmp_p
 
 
 def test_trace_recomputes_exactly_the_stages_a_change_affects(tmp_path):
-    from dataclasses import replace
 
     from pretrace.training.finetune import FinetuneSettings, finetune
     from pretrace.workflows.trace import trace

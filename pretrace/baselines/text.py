@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from pretrace.baselines.similarity import require_fitted
-from pretrace.errors import PretraceError
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.retrieval import make_retriever
 from pretrace.scores.result import ScoreResult

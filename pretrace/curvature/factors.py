@@ -16,7 +16,7 @@ from typing import Iterable
 
 import torch
 
-from pretrace.config import require_path
+from pretrace.config import IN_MEMORY, require_path
 from pretrace.errors import PretraceError
 from pretrace.modeling.modules import TrackedModule
 from pretrace.storage import atomic_directory, folder_owner, read_json_object, read_tensors, verify_folder, write_json, write_tensors
@@ -210,3 +210,23 @@ class Factors:
 
     def mean_lambda(self, name: str) -> float:
         return float(self.modules[name].lambda_.double().mean())
+
+
+def check_factor_source(flag: str, source: "str | Path | Factors | None", model_flag: str, stage, needs_diagonal: bool = False) -> None:
+    """Refuse, before any work, a factor folder that is not one, factors fitted on another model than the `stage`
+    they are given with (saying whether only the --dtype differs: the fingerprint is over the weights as loaded)
+    or lacking the diagonal `needs_diagonal` asks for."""
+    if source is None:
+        return
+    meta, folder = (source.metadata, IN_MEMORY) if isinstance(source, Factors) else (factors_metadata(source), source)
+    recorded = meta.get("model_fingerprint")
+    if isinstance(recorded, str) and recorded != stage.fingerprint:
+        fitted_dtype = (meta.get("options") or {}).get("dtype")
+        if fitted_dtype is not None and fitted_dtype != stage.options.dtype:
+            raise PretraceError(f"{flag} {folder} were fitted with --dtype {fitted_dtype}, and {model_flag} {stage.path} loaded as {stage.options.dtype} "
+                                f"has other weights; pass --dtype {fitted_dtype}, or refit the factors with --dtype {stage.options.dtype}.")
+        raise PretraceError(f"{flag} {folder} were fitted on a different model than {model_flag} {stage.path}; pass the factors fitted on that model "
+                            f"(`pretrace fit --model {stage.path}`){' (are --pretrained-factors and --finetuned-factors swapped?)' if flag != '--factors' else ''}.")
+    if needs_diagonal and not (meta.get("settings") or {}).get("diagonal"):
+        raise PretraceError(f"--method diagonal needs factors fitted with --diagonal, and {flag} {folder} were not; "
+                            f"refit them with `pretrace fit --diagonal`, or choose --method ekfac.")

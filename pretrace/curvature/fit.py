@@ -13,7 +13,6 @@ Stored factors stay on the CPU; only the two eigenbases go to the model's device
 from __future__ import annotations
 
 import json
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable
@@ -25,13 +24,13 @@ from pretrace.parallel import collectives, group
 from pretrace.config import MAX_SEED, option, to_dict, validate
 from pretrace.curvature.factors import Factors, ModuleFactors
 from pretrace.data.batching import TokenBatch
-from pretrace.errors import CorruptFile, PretraceError
+from pretrace.errors import PretraceError
 from pretrace.gradients.capture import compute_dtype
 from pretrace.gradients.source import LiveGradients, sampled_document_loss
 from pretrace.gradients.task import LanguageModelingTask, Task, dtype_hint
 from pretrace.modeling.loading import parse_dtype
 from pretrace.modeling.modules import TrackedModule
-from pretrace.storage import fault_point, read_signed, write_tensors
+from pretrace.storage import SignedParts, fault_point
 
 
 @dataclass
@@ -50,39 +49,29 @@ BatchSource = Callable[[], Iterable[TokenBatch]]
 
 
 class _Checkpoint:
-    """Running sums of one pass and their counts in ONE safetensors file (counts and signature in its header),
-    so a checkpoint is replaced in one rename and a killed fit resumes from its last complete save."""
+    """One pass's running sums and their counts in one signed part (see `SignedParts`): replaced in one rename, so a
+    killed fit resumes from its last complete save; without a folder (a fit kept in memory) nothing is saved."""
 
-    KEY = "pretrace_checkpoint"
-
-    def __init__(self, folder: Path | None, stage: str, signature: dict):
-        self.folder, self.stage, self.signature = folder, stage, signature
-
-    @property
-    def path(self) -> Path:
-        return self.folder / f"{self.stage}.safetensors"
+    def __init__(self, parts: SignedParts | None, stage: str):
+        self.parts, self.stage = parts, stage
 
     def load(self) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """The saved sums and counts; None when there are none, or when the file no longer matches its seal (said:
+        """The saved sums and counts; None when there are none, or when the part no longer matches its seal (said:
         the pass then starts over, so a damaged checkpoint never enters the factors)."""
-        if self.folder is None or not self.path.is_file():
+        saved = None if self.parts is None else self.parts.load(self.stage, f"the {self.stage.split('.')[0]} pass starts over")
+        if saved is None:
             return None
-        try:
-            sums, meta = read_signed(self.path, self.KEY, self.signature, self.folder, "fit (other model, data or settings)")
-        except CorruptFile as error:
-            warnings.warn(f"{error}; the {self.stage.split('.')[0]} pass starts over.", stacklevel=3)
-            self.path.unlink()
-            return None
+        sums, meta = saved
         try:
             counts = {k: int(meta[k]) for k in ("batches", "documents", "tokens")}
         except (KeyError, TypeError, ValueError):
-            raise PretraceError(f"{self.path}: not a checkpoint of this pretrace version; delete {self.folder} to start over.") from None
+            raise PretraceError(f"{self.parts.path(self.stage)}: not a checkpoint of this pretrace version; delete {self.parts.folder} to start over.") from None
         return sums, counts
 
     def save(self, sums: dict[str, torch.Tensor], counts: dict) -> None:
-        if self.folder is None:
+        if self.parts is None:
             return
-        write_tensors(self.path, sums, metadata={self.KEY: json.dumps({"signature": self.signature, **counts})}, seal=True)
+        self.parts.save(self.stage, sums, **counts)
         fault_point("checkpoint")
 
 
@@ -162,13 +151,14 @@ def fit_factors(
     summed = {k: v for k, v in to_dict(settings).items() if k not in ("checkpoint_every", "factor_dtype")}
     signature = json.loads(json.dumps({"settings": summed, "modules": [t.name for t in tracked], **(signature or {})}, default=str))
     compute = compute_dtype(model)
-    covariances = _Pass("covariances", _Checkpoint(folder, group.per_rank_name("covariances"), signature),
+    parts = None if folder is None else SignedParts(folder, signature, "fit (other model, data or settings)")
+    covariances = _Pass("covariances", _Checkpoint(parts, group.per_rank_name("covariances")),
                         lambda: _zero_covariances(tracked), lambda sums, captured, batch: _add_covariances(tracked, compute, sums, captured, batch), 0)
     cov_sums, cov_counts = _run_pass(model, tracked, task, batches, settings, covariances, num_batches, progress)
     if cov_counts["tokens"] == 0:
         raise PretraceError("the fitting data has no predicted tokens; documents need at least two tokens.")
     eigen, rotations = _eigenbases(model, tracked, cov_sums, cov_counts["tokens"], parse_dtype(settings.factor_dtype))
-    correction = _Pass("eigenvalue correction", _Checkpoint(folder, group.per_rank_name("lambda"), signature),
+    correction = _Pass("eigenvalue correction", _Checkpoint(parts, group.per_rank_name("lambda")),
                        lambda: _zero_lambda(tracked, settings.diagonal),
                        lambda sums, captured, batch: _add_lambda(tracked, compute, rotations, settings.diagonal, sums, captured), 500_009)
     lam_sums, lam_counts = _run_pass(model, tracked, task, batches, settings, correction, num_batches, progress)

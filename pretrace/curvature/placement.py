@@ -79,3 +79,11 @@ class PlacedPreconditioner(Preconditioner):
 
     def describe(self) -> dict:
         return {**self.inner.describe(), "factors_device": None if self.device is None else str(self.device), "factors_sharded_by_module": self.by_module}
+
+
+def place_factors(preconditioner: Preconditioner, modules: Sequence[str], factors_device: str, shard_factors: bool) -> Preconditioner:
+    """The fitted preconditioner with its factors kept on the CPU (`factors_device` "cpu") or one rank each
+    (`shard_factors`), or as it is (`factors_device` "model": on the model's device, on every rank)."""
+    if factors_device == "model" and not shard_factors:
+        return preconditioner
+    return PlacedPreconditioner(preconditioner, list(modules), None if factors_device == "model" else factors_device, shard_factors)

@@ -4,6 +4,7 @@ method and command (the options are the shared --preset/--dtype/--max-length/...
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -158,3 +159,18 @@ def load_stage(path: str | Path, options: ModelOptions, modules: list[str] | Non
     tokenizer = load_tokenizer(path, base)
     model = load_model(path, options.dtype, device, options.device_map, base=base, adapter=options.adapter)
     return tracked_stage(path, model, tokenizer, options, modules)
+
+
+def match_stages(pretrained: Stage, finetuned: Stage) -> None:
+    """Keep the modules present, with the same shape and blocks, in both stages (multi-stage pairs them module by
+    module); warn about the rest."""
+    pt = {t.name: t for t in pretrained.tracked}
+    ft = {t.name: t for t in finetuned.tracked}
+    common = [n for n in ft if n in pt and (pt[n].d_out, pt[n].d_in_total, pt[n].block_names) == (ft[n].d_out, ft[n].d_in_total, ft[n].block_names)]
+    left_out = sorted(set(pt) ^ set(ft) | {n for n in set(pt) & set(ft) if n not in common})
+    if not common:
+        raise PretraceError("the pre-trained and fine-tuned models share no tracked module of the same name and shape; are they the same architecture?")
+    if left_out:
+        warnings.warn(f"modules not present with the same shape in both models are left out: {', '.join(left_out)}", stacklevel=2)
+    pretrained.tracked = [pt[n] for n in common]
+    finetuned.tracked = [ft[n] for n in common]

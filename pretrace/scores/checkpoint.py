@@ -14,7 +14,6 @@ each said in a warning, so corruption never enters the scores.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,7 @@ import torch
 from pretrace.errors import CorruptFile, PretraceError
 from pretrace.parallel.collectives import all_gather_objects
 from pretrace.parallel.group import rank
-from pretrace.storage import fault_point, read_signed, write_tensors
-
-KEY = "pretrace_scoring_checkpoint"
+from pretrace.storage import SignedParts, fault_point
 
 
 @dataclass
@@ -49,12 +46,16 @@ class ScoringCheckpoint:
     signature: str
     every: int = 50
 
-    def _parts(self) -> list[Path]:
-        return sorted(self.folder.glob(f"rank{rank():04d}-part-*.safetensors")) if self.folder.is_dir() else []
+    @property
+    def _signed(self) -> SignedParts:
+        return SignedParts(self.folder, self.signature, "scoring run (other models, factors, documents, queries or settings)")
+
+    def _parts(self) -> list[str]:
+        return self._signed.names(f"rank{rank():04d}-part-*")
 
     @property
-    def _explanations(self) -> Path:
-        return self.folder / f"rank{rank():04d}-explanations.safetensors"
+    def _explanations(self) -> str:
+        return f"rank{rank():04d}-explanations"
 
     def restore(self, explained: bool) -> tuple[list[BatchScores], dict[str, torch.Tensor], dict]:
         """This rank's saved batches in order, and the explanation state they come with (tensors, metadata; empty if
@@ -76,46 +77,37 @@ class ScoringCheckpoint:
         covered = None
         if explained:
             covered = 0
-            if self._explanations.is_file():
-                try:
-                    tensors, meta = self._read(self._explanations)
-                    state, covered = (tensors, meta["explain"]), meta["done"]
-                except CorruptFile as error:
-                    warnings.warn(f"{error}; the explanation state is dropped and every saved batch is scored again.", stacklevel=3)
-                    self._explanations.unlink()
+            saved = self._signed.load(self._explanations, "the explanation state is dropped and every saved batch is scored again")
+            if saved is not None:
+                state, covered = (saved[0], saved[1]["explain"]), saved[1]["done"]
         batches: list[BatchScores] = []
         parts = self._parts()
-        for number, path in enumerate(parts):
+        for number, name in enumerate(parts):
             try:
-                tensors, meta = self._read(path)
+                tensors, meta = self._signed.read(name)
             except CorruptFile as error:
                 warnings.warn(f"{error}; it and the {len(parts) - number - 1} saved part(s) after it are deleted and their batches scored again"
                               f"{' (with the explanation state, which covers them)' if covered else ''}.", stacklevel=3)
                 for later in parts[number:]:
-                    later.unlink()
+                    self._signed.path(later).unlink()
                 if covered:  # the running top k holds documents of the dropped batches: every batch is scored again
-                    self._explanations.unlink()
+                    self._signed.path(self._explanations).unlink()
                     return [], {}, {}
                 break
             if covered is not None and meta["first"] + len(meta["batches"]) > covered:
                 break  # saved after the explanation state (a kill between the two writes): scored again
             if meta.get("first") != len(batches):
-                raise PretraceError(f"{path}: a checkpoint part is missing before it; delete {self.folder} to start over.")
+                raise PretraceError(f"{self._signed.path(name)}: a checkpoint part is missing before it; delete {self.folder} to start over.")
             batches.extend(_batches_from(tensors, meta))
         return batches, *state
-
-    def _read(self, path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-        return read_signed(path, KEY, self.signature, self.folder, "scoring run (other models, factors, documents, queries or settings)")
 
     def save(self, done: int, batches: list[BatchScores], explain: tuple[dict[str, torch.Tensor], dict] | None) -> None:
         """The batches finished since the last save (`done` in all, these included), then the explanation state."""
         tensors, meta = _batches_to(batches)
-        meta.update(signature=self.signature, first=done - len(batches))
-        write_tensors(self.folder / f"rank{rank():04d}-part-{done:010d}.safetensors", tensors, metadata={KEY: json.dumps(meta)}, seal=True)
+        self._signed.save(f"rank{rank():04d}-part-{done:010d}", tensors, **meta, first=done - len(batches))
         fault_point("score-checkpoint-part")
         if explain is not None:
-            write_tensors(self._explanations, explain[0], metadata={KEY: json.dumps({"signature": self.signature, "done": done, "explain": explain[1]})},
-                          seal=True)
+            self._signed.save(self._explanations, explain[0], done=done, explain=explain[1])
         fault_point("score-checkpoint")
 
 

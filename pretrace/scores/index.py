@@ -2,8 +2,8 @@
 a matrix product over the index.
 
 A folder holds `index.json` (settings, the model's fingerprint, the documents' hash, module shapes,
-document ids) and `shard-NNNNN.safetensors` files of consecutive document batches, each written
-atomically: an interrupted build resumes after its last complete shard. Per module and document it stores
+document ids) and `shard-NNNNN.safetensors` files of consecutive document batches, each a signed part
+(`storage.SignedParts`): an interrupted build resumes after its last complete shard. Per module and document it stores
 - `exact`: the gradient `[d_out, d_in']` (scores equal the streaming path's to float rounding);
 - `factored`: the document's token factors (output gradients `[T, d_out]`, inputs `[T, d_in']`), also
   exact, smaller than `exact` while documents are shorter than d_out·d_in' / (d_out + d_in');
@@ -15,7 +15,6 @@ atomically: an interrupted build resumes after its last complete shard. Per modu
 from __future__ import annotations
 
 import time
-import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,14 +25,15 @@ from tqdm.auto import tqdm
 
 from pretrace.config import MAX_SEED, changed, option, to_dict, validate
 from pretrace.data.batching import TokenBatch
-from pretrace.errors import CorruptFile, PretraceError
+from pretrace.data.records import source_sha256
+from pretrace.errors import PretraceError
 from pretrace.gradients.capture import CapturedBatch, compute_dtype
 from pretrace.gradients.source import LiveGradients, document_loss
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.scores.result import ScoreResult
 from pretrace.scores.weights import DenseWeights, ModuleWeights, as_module_weights
-from pretrace.storage import read_record, read_sealed, write_record, write_tensors
+from pretrace.storage import SignedParts, read_record, read_sealed, write_record
 
 INDEX_FILE = "index.json"
 T = TypeVar("T")
@@ -75,8 +75,8 @@ def projections(shapes: dict[str, tuple[int, int]], dim: int, seed: int) -> dict
     return out
 
 
-def _shard_path(folder: Path, index: int) -> Path:
-    return folder / f"shard-{index:05d}.safetensors"
+def _shard_name(index: int) -> str:
+    return f"shard-{index:05d}"
 
 
 def _batch_entries(captured: CapturedBatch, batch: TokenBatch, tracked, settings: IndexSettings, sketches: dict) -> dict[str, torch.Tensor]:
@@ -139,23 +139,23 @@ def build_index(
         meta = read_record(folder / INDEX_FILE, _REBUILD)
         if meta.get("signature") != signature:
             raise PretraceError(f"{folder}: holds an index of other documents, model or settings; choose another folder or delete it.")
-        if meta.get("complete"):
-            return meta
-    write_record(folder / INDEX_FILE, {"format_version": FORMAT_VERSION, "signature": signature, "complete": False})
+        return meta  # complete: only a finished build writes index.json
+    parts = SignedParts(folder, signature, "index build (other documents, model or settings)")
     sketches = projections(signature["modules"], settings.projection_dim, settings.projection_seed) if settings.storage == "projected" else {}
     total = None if num_batches is None else -(-num_batches // settings.batches_per_shard)
     shards, ids = [], []
     source = LiveGradients(model, tracked, batches, document_loss(task))
     for number, chunk in enumerate(tqdm(_chunks(source, settings.batches_per_shard), total=total, desc="indexing documents", unit="shard", disable=not progress)):
-        path, chunk_ids = _shard_path(folder, number), [i for gradients in chunk for i in gradients.ids]
-        if not _intact(path):  # shards already written by an interrupted build are kept, if their seal holds
-            parts = []
+        name, chunk_ids = _shard_name(number), [i for gradients in chunk for i in gradients.ids]
+        # shards an interrupted build of the same signature wrote are kept, if their seal holds
+        if parts.load(name, "the shard is computed again") is None:
+            entries = []
             for gradients in chunk:
-                entries = _batch_entries(gradients.captured, gradients.batch, tracked, settings, sketches)
-                parts.append({k: v.to(dtype) if v.is_floating_point() else v for k, v in entries.items()})
+                batch = _batch_entries(gradients.captured, gradients.batch, tracked, settings, sketches)
+                entries.append({k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()})
                 gradients.release()
-            write_tensors(path, _merge(parts, [len(g.ids) for g in chunk]), metadata={"documents": str(len(chunk_ids))}, seal=True)
-        shards.append({"file": path.name, "documents": len(chunk_ids)})
+            parts.save(name, _merge(entries, [len(g.ids) for g in chunk]), documents=len(chunk_ids))
+        shards.append({"file": parts.path(name).name, "documents": len(chunk_ids)})
         ids.extend(chunk_ids)
     if not ids:
         raise PretraceError("no documents to index.")
@@ -166,22 +166,12 @@ def build_index(
     return meta
 
 
-def _intact(shard: Path) -> bool:
-    """Whether an interrupted build's shard can be kept: present and matching its seal (a damaged one is said, and rebuilt)."""
-    if not shard.is_file():
-        return False
-    try:
-        read_sealed(shard)
-        return True
-    except CorruptFile as error:
-        warnings.warn(f"{error}; the shard is computed again.", stacklevel=3)
-        return False
-
-
 def read_index(folder: str | Path) -> dict:
     """The metadata of a complete index (refuses a partial one)."""
     folder = Path(folder)
     if not (folder / INDEX_FILE).is_file():
+        if any(folder.glob("shard-*.safetensors")):
+            raise PretraceError(f"{folder}: the index is incomplete; rerun the same `pretrace index` command to finish it.")
         raise PretraceError(f"{folder}: not a gradient index (no {INDEX_FILE}); build one with `pretrace index`.")
     meta = read_record(folder / INDEX_FILE, _REBUILD)  # sealed, like every shard (each checked as it is read)
     if meta.get("format_version") != FORMAT_VERSION:
@@ -255,3 +245,25 @@ def score_index(
         scores=torch.cat(columns, dim=1), query_ids=list(query_ids), document_ids=list(meta["document_ids"]), module_names=names,
         per_module=torch.cat(module_columns, dim=2) if per_module else None, timings={"documents_seconds": time.perf_counter() - start},
     )
+
+
+def check_index(folder: str | Path, documents, train, train_name: str) -> None:
+    """Refuse, before any work, an index built for other documents (`train`, named `train_name`), another model than
+    the `documents` stage, or other settings, naming the flag to fix."""
+    recorded = read_index(folder)["signature"]
+    if recorded.get("model_fingerprint") != documents.fingerprint:
+        raise PretraceError(f"--index {folder} was built with another model than {documents.path}; pass that model, or rebuild the index with `pretrace index --model {documents.path}`.")
+    if recorded.get("documents_sha256") != source_sha256(train):
+        raise PretraceError(f"--index {folder} was built on other documents than --train {train_name}; pass the --train file it indexes, or rebuild it.")
+    used = {"max_length": documents.options.max_length, "dtype": documents.options.dtype, "preset": documents.options.preset,
+            "modules_regex": documents.options.modules, "attention_blocks": documents.options.attention_blocks}
+    for key, value in used.items():
+        if key in recorded and recorded[key] != value:
+            flag = "--modules" if key == "modules_regex" else "--" + key.replace("_", "-")
+            built, fix = (f"without {flag}", f"drop {flag}") if recorded[key] is None else (f"with {flag} {recorded[key]}", f"pass {flag} {recorded[key]}")
+            uses = f"does not pass {flag}" if value is None else f"uses {flag} {value}"
+            raise PretraceError(f"--index {folder} was built {built}, but this run {uses}; {fix}, or rebuild the index with these settings.")
+    shapes = {t.name: [t.d_out, t.d_in_total] for t in documents.tracked}
+    if recorded.get("modules") != shapes:
+        raise PretraceError(f"--index {folder} holds other modules than this run tracks ({len(recorded.get('modules') or {})} vs {len(shapes)}); "
+                            "pass the --preset, --modules and --attention-blocks the index was built with, or rebuild it.")

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from pretrace.errors import PretraceError
-from pretrace.scores.result import ScoreResult, top_indices
+from pretrace.scores.result import ScoreResult
 from pretrace.storage import read_json_object, read_tensors, verify_folder, write_json, write_jsonl, write_tensors
 
 SCORES_FILE = "scores.safetensors"

@@ -3,6 +3,7 @@ top documents' explanations."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -33,6 +34,38 @@ class ScoreResult:
     self_influence: torch.Tensor | None = None  # [N]
     timings: dict = field(default_factory=dict)
     explanations: dict[tuple[int, int], Explanation] | None = None  # (query, document): at least each query's top k asked for
+
+    def zero_documents(self, ids: set[str]) -> None:
+        """Score 0 for documents without a loss (a ratio such as the gradient cosine would make them NaN)."""
+        columns = [i for i, doc_id in enumerate(self.document_ids) if doc_id in ids]
+        self.scores[:, columns] = 0
+        if self.per_module is not None:
+            self.per_module[:, :, columns] = 0
+        if self.self_influence is not None:
+            self.self_influence[columns] = 0
+
+    def require_nonzero(self, settings_used: str) -> None:
+        """Refuse scores that are all exactly 0: preconditioned query gradients that underflowed (a damping far above
+        the curvature's eigenvalues, or a tiny α) would make any ranking arbitrary. `settings_used` names them."""
+        if self.scores.numel() and not bool(self.scores.any()):
+            raise PretraceError(f"every one of the {self.scores.numel()} scores is exactly 0, so nothing was written: the preconditioned query "
+                                f"gradients underflowed ({settings_used}); lower --damping or --damping-factor (λ should be near the "
+                                "curvature's mean eigenvalue, see `pretrace inspect FACTORS`).")
+
+    def record_phases(self, start: float, fitted: float, scored: float) -> None:
+        """Into `timings`: the one-off, scoring and explanation seconds (explanations taken during the pass are not
+        scoring's cost); times from `time.perf_counter()`, the explanations' ending now."""
+        timings = dict(self.timings)
+        in_pass = timings.pop("explanation_seconds", 0.0)
+        in_pass_cpu = timings.pop("explanation_cpu_seconds", None)
+        self.timings = {
+            **timings,
+            **({} if in_pass_cpu is None else {"explanation_in_pass_cpu_seconds": in_pass_cpu}),
+            "one_off_seconds": fitted - start,
+            "scoring_seconds": scored - fitted - in_pass,
+            "per_query_seconds": (scored - fitted - in_pass) / max(1, len(self.query_ids)),
+            "explanation_seconds": in_pass + time.perf_counter() - scored,
+        }
 
     def top(self, k: int = 10) -> dict[str, list[tuple[str, float]]]:
         """Per query id, its `k` highest-scoring documents as (document id, score), best first (ties: document order)."""

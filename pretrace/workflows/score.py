@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -12,13 +11,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
-import torch
-
 from pretrace.version import __version__
-from pretrace.curvature.placement import PlacedPreconditioner
+from pretrace.curvature.placement import place_factors
 from pretrace.config import IN_MEMORY, changed, nested, option, require_instance, to_dict, validate, variants
 from pretrace.data.batching import encode_queries, short_document_ids
-from pretrace.data.records import RecordSource, check_source, iter_documents, read_queries, source_sha256, validate_documents
+from pretrace.data.records import check_source, read_queries, validate_documents
 from pretrace.errors import PretraceError
 from pretrace.gradients.task import Task
 from pretrace.modeling.adapters import MERGED, model_folders
@@ -27,23 +24,23 @@ from pretrace.baselines.trak_ensemble import ENSEMBLE_COMMAND
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.config import METHODS, Damping, MethodConfig
 from pretrace.workflows.registry import make_attributor
-from pretrace.curvature.factors import Factors, factors_metadata
-from pretrace.methods.gradient import FactorSource
+from pretrace.curvature.factors import check_factor_source
+from pretrace.methods.explain import explain_top, explanation_counts, top_rows
 from pretrace.data.records import FIELD_FLAGS
 from pretrace.parallel.group import requested_world_size
 from pretrace.modeling.modules import ALL_PARAMETERS, only_linear_modules
 from pretrace.parallel import group
 from pretrace.scores.io import save_scores
-from pretrace.scores.explanations import Explain, Explanation
-from pretrace.scores.result import ScoreResult, top_indices
+from pretrace.scores.explanations import Explain
+from pretrace.scores.result import ScoreResult
 from pretrace.scores.self_influence import self_influence
-from pretrace.scores.index import read_index, score_index
+from pretrace.scores.index import check_index, score_index
 from pretrace.scores.plan import SPLITS, ScoringPlan
 from pretrace.scores.checkpoint import ScoringCheckpoint
 from pretrace.stages import Folder, Source, digest
 from pretrace.storage import atomic_directory, check_cache, checkpoint_folder, output_folder
 from pretrace.training.finetune import FINETUNE_RECORD, read_finetune_record
-from pretrace.modeling.stage import ModelOptions, Stage, iter_source, load_stage
+from pretrace.modeling.stage import ModelOptions, Stage, iter_source, load_stage, match_stages
 
 
 
@@ -212,20 +209,6 @@ class Inputs:
         return load_stage(getattr(self.settings, name), options, base=None if base == IN_MEMORY else base)
 
 
-def _matched(pretrained: Stage, finetuned: Stage) -> None:
-    """Keep modules present, with the same shape and blocks, in both models; warn about the rest."""
-    pt = {t.name: t for t in pretrained.tracked}
-    ft = {t.name: t for t in finetuned.tracked}
-    common = [n for n in ft if n in pt and (pt[n].d_out, pt[n].d_in_total, pt[n].block_names) == (ft[n].d_out, ft[n].d_in_total, ft[n].block_names)]
-    left_out = sorted(set(pt) ^ set(ft) | {n for n in set(pt) & set(ft) if n not in common})
-    if not common:
-        raise PretraceError("the pre-trained and fine-tuned models share no tracked module of the same name and shape; are they the same architecture?")
-    if left_out:
-        warnings.warn(f"modules not present with the same shape in both models are left out: {', '.join(left_out)}", stacklevel=2)
-    pretrained.tracked = [pt[n] for n in common]
-    finetuned.tracked = [ft[n] for n in common]
-
-
 def _finetune_record(path: str, stage: Stage) -> dict | None:
     """What `finetune` recorded of a stage: in its folder, or on a model it returned in memory."""
     return getattr(stage.model, "pretrace_finetune", None) if path == IN_MEMORY else read_finetune_record(path)
@@ -296,125 +279,30 @@ def build_context(settings: ScoreSettings, options: ModelOptions, given: Mapping
     check_source(train, "training documents")
     validate_documents(train, fields)
     documents = Path(train) if isinstance(train, str) else train
+    diagonal = settings.method.name == "diagonal"
     if not settings.method.uses_model:
         return ScoringContext(None, None, documents, queries, options=options, progress=progress)
     if not settings.is_multi_stage:
         stage = inputs.stage("model", options)
-        check_factors("--factors", inputs["factors"], "--model", stage, settings.method)
+        check_factor_source("--factors", inputs["factors"], "--model", stage, diagonal)
         context = ScoringContext(stage, stage, documents, queries, options=options, task=task, progress=progress)
     else:
         if options.adapter != MERGED:
             raise PretraceError("multi-stage influence needs the fine-tuned model's full weights: drop --adapter adapter (an adapter "
                                 "folder as --finetuned is merged into its base, --pretrained when its recorded base is not local).")
         pretrained, finetuned = inputs.stage("pretrained", options), inputs.stage("finetuned", options, base=settings.pretrained)
-        _matched(pretrained, finetuned)
+        match_stages(pretrained, finetuned)
         alpha = _check_pair(settings, pretrained, finetuned)
-        check_factors("--pretrained-factors", inputs["pretrained_factors"], "--pretrained", pretrained, settings.method)
-        check_factors("--finetuned-factors", inputs["finetuned_factors"], "--finetuned", finetuned, settings.method)
+        check_factor_source("--pretrained-factors", inputs["pretrained_factors"], "--pretrained", pretrained, diagonal)
+        check_factor_source("--finetuned-factors", inputs["finetuned_factors"], "--finetuned", finetuned, diagonal)
         context = ScoringContext(finetuned, pretrained, documents, queries, options=options, alpha=alpha, task=task, progress=progress)
     for _ in encode_queries(context.query_stage.tokenizer, queries, context.query_stage.options.max_length):
         pass  # a query with nothing to measure fails here, not after the documents' pass
     if settings.index:
-        _check_index(settings, context.document_stage, train)
+        check_index(settings.index, context.document_stage, train, settings.train)
     if settings.outputs.per_token and not only_linear_modules(context.document_stage.tracked):
         raise PretraceError("--per-token needs gradients over linear modules only: drop --per-token, or --preset all-parameters.")
     return context
-
-
-def check_factors(flag: str, source: FactorSource | None, model_flag: str, stage: Stage, method: MethodConfig) -> None:
-    """Refuse, before any work, a factor folder that is not one, factors fitted on another model than the one they
-    are given with (saying whether only the --dtype differs: the fingerprint is over the weights as loaded) or
-    lacking the diagonal --method diagonal needs."""
-    if source is None:
-        return
-    meta, folder = (source.metadata, IN_MEMORY) if isinstance(source, Factors) else (factors_metadata(source), source)
-    recorded = meta.get("model_fingerprint")
-    if isinstance(recorded, str) and recorded != stage.fingerprint:
-        fitted_dtype = (meta.get("options") or {}).get("dtype")
-        if fitted_dtype is not None and fitted_dtype != stage.options.dtype:
-            raise PretraceError(f"{flag} {folder} were fitted with --dtype {fitted_dtype}, and {model_flag} {stage.path} loaded as {stage.options.dtype} "
-                                f"has other weights; pass --dtype {fitted_dtype}, or refit the factors with --dtype {stage.options.dtype}.")
-        raise PretraceError(f"{flag} {folder} were fitted on a different model than {model_flag} {stage.path}; pass the factors fitted on that model "
-                            f"(`pretrace fit --model {stage.path}`){' (are --pretrained-factors and --finetuned-factors swapped?)' if flag != '--factors' else ''}.")
-    if method.name == "diagonal" and not (meta.get("settings") or {}).get("diagonal"):
-        raise PretraceError(f"--method diagonal needs factors fitted with --diagonal, and {flag} {folder} were not; "
-                            f"refit them with `pretrace fit --diagonal`, or choose --method ekfac.")
-
-
-def _check_index(settings: ScoreSettings, documents: Stage, train: RecordSource) -> None:
-    """Refuse an index built for other documents, another model or other settings before any work, naming the flag to fix."""
-    recorded = read_index(settings.index)["signature"]
-    if recorded.get("model_fingerprint") != documents.fingerprint:
-        raise PretraceError(f"--index {settings.index} was built with another model than {documents.path}; pass that model, or rebuild the index with `pretrace index --model {documents.path}`.")
-    if recorded.get("documents_sha256") != source_sha256(train):
-        raise PretraceError(f"--index {settings.index} was built on other documents than --train {settings.train}; pass the --train file it indexes, or rebuild it.")
-    used = {"max_length": documents.options.max_length, "dtype": documents.options.dtype, "preset": documents.options.preset,
-            "modules_regex": documents.options.modules, "attention_blocks": documents.options.attention_blocks}
-    for key, value in used.items():
-        if key in recorded and recorded[key] != value:
-            flag = "--modules" if key == "modules_regex" else "--" + key.replace("_", "-")
-            built, fix = (f"without {flag}", f"drop {flag}") if recorded[key] is None else (f"with {flag} {recorded[key]}", f"pass {flag} {recorded[key]}")
-            uses = f"does not pass {flag}" if value is None else f"uses {flag} {value}"
-            raise PretraceError(f"--index {settings.index} was built {built}, but this run {uses}; {fix}, or rebuild the index with these settings.")
-    shapes = {t.name: [t.d_out, t.d_in_total] for t in documents.tracked}
-    if recorded.get("modules") != shapes:
-        raise PretraceError(f"--index {settings.index} holds other modules than this run tracks ({len(recorded.get('modules') or {})} vs {len(shapes)}); "
-                            "pass the --preset, --modules and --attention-blocks the index was built with, or rebuild it.")
-
-
-def explain_pairs(attributor: Attributor, context: ScoringContext, pairs: list[tuple[int, int]],
-                  streamed: dict[tuple[int, int], Explanation] | None = None) -> dict[tuple[int, int], Explanation]:
-    """Explanations of these (query, document) pairs: those the scoring pass kept, and the rest by rescoring their
-    documents as a small subset (pairs a pass cannot keep: scores from --index or from a cache, a float32 rounding
-    at the k-th place with --scores-on-disk, a too-short document scored 0 afterwards, another top asked of the pass)."""
-    streamed = streamed or {}
-    found = {pair: streamed[pair] for pair in pairs if pair in streamed}
-    wanted = sorted({document for _, document in (pair for pair in pairs if pair not in found)})
-    if not wanted:
-        return found
-    chosen = set(wanted)
-    subset = [doc for i, doc in enumerate(iter_documents(context.documents, context.options.fields())) if i in chosen]
-    sub = replace(context, documents=subset, plan=ScoringPlan(context.plan.split))  # split as the run, scores in RAM
-    detail = attributor.score(sub, per_module=True, per_token=True)
-    column = {index: c for c, index in enumerate(wanted)}
-    for q, index in pairs:
-        if (q, index) not in found:
-            c = column[index]
-            found[(q, index)] = Explanation(detail.document_token_ids[c], detail.per_token[c][q],
-                                            {name: float(detail.per_module[m, q, c]) for m, name in enumerate(detail.module_names)})
-    return found
-
-
-def explanation_counts(pairs: list[tuple[int, int]], streamed: dict | None) -> dict[str, int]:
-    """How many explained pairs the scoring pass kept and how many needed their documents rescored."""
-    kept = sum(pair in (streamed or {}) for pair in pairs)
-    return {"pairs": len(pairs), "from_scoring_pass": kept, "rescored": len(pairs) - kept}
-
-
-def top_pairs(top: torch.Tensor) -> list[tuple[int, int]]:
-    """(query, document) for every entry of `[Q, k]` top indices."""
-    return [(q, index) for q, row in enumerate(top.tolist()) for index in row]
-
-
-def explanation_fields(explanation: Explanation, tokenizer) -> dict:
-    """A top document's `tokens`, `token_scores` and `module_scores`, as top_k.jsonl and results.jsonl store them."""
-    return {"tokens": tokenizer.convert_ids_to_tokens(explanation.token_ids), "token_scores": explanation.token_scores.tolist(),
-            "module_scores": dict(explanation.module_scores)}
-
-
-def _top_rows(context: ScoringContext, result: ScoreResult, top: torch.Tensor, details: dict[tuple[int, int], Explanation] | None) -> list[dict]:
-    wanted = set(top.flatten().tolist())
-    texts = {i: doc.text for i, doc in enumerate(iter_documents(context.documents, context.options.fields())) if i in wanted}
-    rows = []
-    for q, query in enumerate(context.queries):
-        documents = []
-        for rank, index in enumerate(top[q].tolist(), start=1):
-            entry = {"id": result.document_ids[index], "index": index, "score": float(result.scores[q, index]), "rank": rank, "text": texts[index]}
-            if details is not None:
-                entry.update(explanation_fields(details[(q, index)], context.document_stage.tokenizer))
-            documents.append(entry)
-        rows.append({"query_id": query.id, "prompt": query.prompt, "completion": query.completion or "", "documents": documents})
-    return rows
 
 
 def _index_scores(settings: ScoreSettings, attributor: Attributor, context: ScoringContext) -> ScoreResult:
@@ -451,16 +339,6 @@ def _signature(settings: ScoreSettings, context: ScoringContext, explain: Explai
     )
 
 
-def _zero_documents(result: ScoreResult, ids: set[str]) -> None:
-    """Score 0 for documents without a loss (a ratio such as the gradient cosine would make them NaN)."""
-    columns = [i for i, doc_id in enumerate(result.document_ids) if doc_id in ids]
-    result.scores[:, columns] = 0
-    if result.per_module is not None:
-        result.per_module[:, :, columns] = 0
-    if result.self_influence is not None:
-        result.self_influence[columns] = 0
-
-
 def score(settings: ScoreSettings, options: ModelOptions | None = None, context: ScoringContext | None = None,
           attributor: Attributor | None = None, explain: Explain | None = None, given: Mapping[str, Any] | None = None) -> ScoreResult:
     """Compute scores and save them to `settings.out` (when set); returns the result (scores float64 `[Q, N]`, float32
@@ -472,11 +350,11 @@ def score(settings: ScoreSettings, options: ModelOptions | None = None, context:
     its share of the documents and holds the whole result; rank 0 writes it."""
     require_instance("settings", settings, ScoreSettings)
     options = require_instance("options", options or ModelOptions(), ModelOptions)
-    given = given or {}
+    given, inputs = given or {}, _inputs(settings)
     group.initialize()
-    folder = nullcontext() if settings.out is None else output_folder(settings.out, settings.overwrite, _inputs(settings), command="score", lock=group.is_main())
+    folder = nullcontext() if settings.out is None else output_folder(settings.out, settings.overwrite, inputs, command="score", lock=group.is_main())
     with folder:
-        _check_caches(settings)
+        _check_caches(settings, inputs)
         return _score(settings, options, context or build_context(settings, options, given), attributor, explain, given)
 
 
@@ -496,7 +374,7 @@ def _inputs(settings: ScoreSettings) -> dict[str, str | None]:
     return {flag: path for flag, path in inputs.items() if path != IN_MEMORY}
 
 
-def _check_caches(settings: ScoreSettings) -> None:
+def _check_caches(settings: ScoreSettings, inputs: dict[str, str | None]) -> None:
     """The folders `score` both reads and writes (a TRAK ensemble, a BM25 or embedding index), checked before any work
     like --out: never an input, never inside --out, never a folder pretrace did not write."""
     method = settings.method
@@ -504,98 +382,71 @@ def _check_caches(settings: ScoreSettings) -> None:
               "--text-index": (f"{method.name}-index", getattr(method, "index", None) if not method.uses_model else None)}
     for flag, (command, folder) in caches.items():
         if folder is not None:
-            check_cache(folder, command, flag, _inputs(settings), {} if settings.out is None else {"--out": settings.out})
+            check_cache(folder, command, flag, inputs, {} if settings.out is None else {"--out": settings.out})
 
 
 def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringContext, attributor: Attributor | None,
            explain: Explain | None, given: Mapping[str, Any]) -> ScoreResult:
-    out, outputs = None if settings.out is None else Path(settings.out), settings.outputs
+    out, outputs, gradients = None if settings.out is None else Path(settings.out), settings.outputs, settings.method.preconditions_queries
     attributor = attributor or make_attributor(settings, context.alpha, given)
-    gradients = settings.method.preconditions_queries
     too_short = short_document_ids(context.document_stage.tokenizer, iter_source(context.documents, options.fields())) if attributor.reads_document_loss else []
-    start = time.perf_counter()
-    explained = outputs.explain and gradients and only_linear_modules(context.document_stage.tracked)
-    if outputs.explain and gradients and not explained:
-        warnings.warn("top_k.jsonl has no per-token explanations: they exist for linear modules only, not for every parameter of --preset all-parameters.", stacklevel=2)
+    explained = _explained(outputs, gradients, context)
     # a caller's `explain` (trace: among each query's candidates) is what the pass keeps; top_k.jsonl's pairs it misses are rescored
     streamed = explain or (Explain(outputs.top_k) if explained else None)
     resumable = gradients and not settings.index and out is not None  # the signature hashes the documents: one-off cost, before fitting
     checkpoint = ScoringCheckpoint(checkpoint_folder(out), _signature(settings, context, streamed, given), outputs.checkpoint_every) if resumable else None
+    start = time.perf_counter()
     attributor.fit(context)
-    _place_factors(settings.placement, attributor, context)
+    if gradients:
+        attributor.preconditioner = place_factors(attributor.preconditioner, [t.name for t in context.document_stage.tracked],
+                                                  settings.placement.factors_device, settings.placement.shard_factors)
     fitted = time.perf_counter()
     spill = out.parent / f".{out.name}.scores" if outputs.scores_on_disk else None
     context = replace(context, plan=ScoringPlan(settings.placement.shard, spill, checkpoint))
-    result = _scores(settings, attributor, context, streamed)
-    if too_short:
-        _zero_documents(result, set(too_short))
-        warnings.warn(f"{len(too_short)} of {len(result.document_ids)} documents have fewer than 2 tokens (nothing to predict): their scores are 0, "
-                      "and scores.json lists them as too_short.", stacklevel=2)
-    if gradients:
-        refuse_underflow(result, settings)
+    result = _scores(settings, attributor, context, streamed, too_short)
     scored = time.perf_counter()
-    top = top_indices(result.scores, outputs.top_k)
-    pairs = top_pairs(top) if explained else []
-    details = explain_pairs(attributor, context, pairs, result.explanations) if explained else None
-    result.timings = _timings(result.timings, start, fitted, scored, len(context.queries))
+    top, pairs, details = explain_top(attributor, context, result, outputs.top_k, explained)
+    result.record_phases(start, fitted, scored)
     metadata = _metadata(settings, context, attributor, result, too_short, pairs if explained else None)
-    if details:
-        result.explanations = {**(result.explanations or {}), **details}
+    result.explanations = {**(result.explanations or {}), **(details or {})} if details else result.explanations
     if out is not None and group.is_main():
         with atomic_directory(out, "score", overwrite=True, discard=[checkpoint_folder(out)]) as tmp:
-            save_scores(tmp, result, metadata, _top_rows(context, result, top, details))
+            save_scores(tmp, result, metadata, top_rows(context, result, top, details))
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)  # the result's memory maps stay valid
     group.barrier()
     return result
 
 
-def _place_factors(placement: Placement, attributor: Attributor, context: ScoringContext) -> None:
-    """Keep the fitted preconditioner's factors on the CPU (--factors-device cpu) or one rank each (--shard-factors)."""
-    if placement.factors_device != "model" or placement.shard_factors:
-        device = None if placement.factors_device == "model" else placement.factors_device
-        modules = [t.name for t in context.document_stage.tracked]
-        attributor.preconditioner = PlacedPreconditioner(attributor.preconditioner, modules, device, placement.shard_factors)
+def _explained(outputs: Outputs, gradients: bool, context: ScoringContext) -> bool:
+    """Whether top_k.jsonl gets per-token explanations: asked, and possible (a gradient method over linear modules)."""
+    explained = outputs.explain and gradients and only_linear_modules(context.document_stage.tracked)
+    if outputs.explain and gradients and not explained:
+        warnings.warn("top_k.jsonl has no per-token explanations: they exist for linear modules only, not for every parameter of --preset all-parameters.", stacklevel=3)
+    return explained
 
 
-def _scores(settings: ScoreSettings, attributor: Attributor, context: ScoringContext, streamed: Explain | None) -> ScoreResult:
+def _scores(settings: ScoreSettings, attributor: Attributor, context: ScoringContext, streamed: Explain | None, too_short: list[str]) -> ScoreResult:
     """The scores of the fitted `attributor`: from --index, or the one document pass (explanations kept on the way),
-    with self-influence when asked."""
+    with self-influence when asked; 0 for the documents too short to have a loss; refused when all underflowed."""
     outputs = settings.outputs
     if settings.index:
-        return _index_scores(settings, attributor, context)
-    if not settings.method.preconditions_queries:
-        return attributor.score(context, per_module=outputs.per_module)
-    result = attributor.score(context, per_module=outputs.per_module, per_token=outputs.per_token, explain=streamed)
+        result = _index_scores(settings, attributor, context)
+    elif not settings.method.preconditions_queries:
+        result = attributor.score(context, per_module=outputs.per_module)
+    else:
+        result = attributor.score(context, per_module=outputs.per_module, per_token=outputs.per_token, explain=streamed)
     if outputs.self_influence:
         docs = context.document_stage
         _, result.self_influence = self_influence(docs.model, docs.tracked, attributor.preconditioner, docs.document_batches(context.documents)(), progress=context.progress)
-    return result
-
-
-def refuse_underflow(result: ScoreResult, settings: ScoreSettings) -> None:
-    """Refuse scores that are all exactly 0 where documents have a loss: the preconditioned query gradients underflowed
-    (a damping far above the curvature's eigenvalues, or a tiny α) and any ranking would be arbitrary."""
-    if result.scores.numel() and not bool(result.scores.any()):
+    if too_short:
+        result.zero_documents(set(too_short))
+        warnings.warn(f"{len(too_short)} of {len(result.document_ids)} documents have fewer than 2 tokens (nothing to predict): their scores are 0, "
+                      "and scores.json lists them as too_short.", stacklevel=3)
+    if settings.method.preconditions_queries:
         damping = settings.damping
-        raise PretraceError(f"every one of the {result.scores.numel()} scores is exactly 0, so nothing was written: the preconditioned query "
-                            f"gradients underflowed (--damping {damping.absolute}, --damping-factor {damping.relative}, --alpha {settings.alpha}); "
-                            "lower --damping or --damping-factor (λ should be near the curvature's mean eigenvalue, see `pretrace inspect FACTORS`).")
-
-
-def _timings(timings: dict, start: float, fitted: float, scored: float, queries: int) -> dict:
-    """The one-off, scoring and explanation seconds; explanations taken during the pass are not scoring's cost."""
-    timings = dict(timings)
-    in_pass = timings.pop("explanation_seconds", 0.0)
-    in_pass_cpu = timings.pop("explanation_cpu_seconds", None)
-    return {
-        **timings,
-        **({} if in_pass_cpu is None else {"explanation_in_pass_cpu_seconds": in_pass_cpu}),
-        "one_off_seconds": fitted - start,
-        "scoring_seconds": scored - fitted - in_pass,
-        "per_query_seconds": (scored - fitted - in_pass) / max(1, queries),
-        "explanation_seconds": in_pass + time.perf_counter() - scored,
-    }
+        result.require_nonzero(f"--damping {damping.absolute}, --damping-factor {damping.relative}, --alpha {settings.alpha}")
+    return result
 
 
 def _metadata(settings: ScoreSettings, context: ScoringContext, attributor: Attributor, result: ScoreResult, too_short: list[str],

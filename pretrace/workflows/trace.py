@@ -38,7 +38,8 @@ from pretrace.modeling.stage import ModelOptions
 from pretrace.scores.explanations import Explain
 from pretrace.workflows.fit import fit
 from pretrace.methods.config import EKFAC, KFAC, Damping, MethodConfig
-from pretrace.workflows.score import Outputs, ScoreSettings, build_context, explain_pairs, explanation_counts, explanation_fields, score, top_pairs
+from pretrace.methods.explain import explain_pairs, explanation_counts, explanation_fields, top_pairs
+from pretrace.workflows.score import Outputs, ScoreSettings, build_context, score
 
 RETRIEVERS = ("embedding", "bm25", "none")
 RESULTS_FILE = "results.jsonl"
