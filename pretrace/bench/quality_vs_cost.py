@@ -60,8 +60,8 @@ STYLES = {"ground-truth": ("k", "^"), "cg": ("k", "^"), "ekfac": ("fuchsia", "o"
 
 
 @dataclass(frozen=True)
-class Preset:
-    """Sizes of one benchmark run; `paper` is the seed's experiment, the others shrink it."""
+class ModelSize:
+    """The GPT-NeoX trained from scratch on PTB."""
 
     hidden_size: int
     layers: int
@@ -69,13 +69,33 @@ class Preset:
     intermediate_size: int
     vocab_size: int | None  # None: the GPT-NeoX-20B tokenizer; else a BPE of that size trained on PTB
     max_length: int
+
+
+@dataclass(frozen=True)
+class Training:
     train_sentences: int | None  # None: all of PTB train
     epochs: int
     lr: float
     batch_size: int
+    validation_sentences: int = 1000
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The queries, their candidate pool, the fitting set and the LDS subsets every method is measured on."""
+
     queries: int
     candidates: int
     fit_documents: int
+    lds_subsets: int
+    score_batch_size: int = 16
+    label_samples: int = 8  # sampled labels per fitting token for EK-FAC's true Fisher
+
+
+@dataclass(frozen=True)
+class Solvers:
+    """The ground truth's and each method's budget."""
+
     damping: float
     tolerance: float
     ground_truth_iterations: int
@@ -85,26 +105,32 @@ class Preset:
     arnoldi_iterations: int
     trak_models: int
     projection_dim: int
-    lds_subsets: int
-    score_batch_size: int = 16
-    validation_sentences: int = 1000
-    label_samples: int = 8  # sampled labels per fitting token for EK-FAC's true Fisher
     damping_grid: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # EK-FAC damping candidates, × the ground truth's
     damping_sentences: int = 16  # held-out validation sentences the EK-FAC damping is chosen on
 
 
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of one benchmark run; `paper` is the seed's experiment, the others shrink it."""
+
+    model: ModelSize
+    training: Training
+    problem: Problem
+    solvers: Solvers
+
+
 PRESETS = {
-    "paper": Preset(256, 2, 2, 1024, None, 512, None, 3, 1e-3, 32, 10, 500, 32, 1e-4, 1e-6, 2000,
-                    (50, 500, 1000), (500, 2000, 5000, 10000), 20, 200, 10, 4096, 50),
+    "paper": Preset(ModelSize(256, 2, 2, 1024, None, 512), Training(None, 3, 1e-3, 32), Problem(10, 500, 32, 50),
+                    Solvers(1e-4, 1e-6, 2000, (50, 500, 1000), (500, 2000, 5000, 10000), 20, 200, 10, 4096)),
     # Per-query costs keep the paper's proportions: one Gauss-Newton product over the fitting set (the paper:
     # 32 x 512 tokens) costs about as much as the gradients of one query's candidates (500 sentences), so here
     # 96 fitting sentences against 100 candidates. The pool (10 x 100) is half the training set; the LDS
     # retrains on the other half plus random halves of the pool.
-    "cpu": Preset(64, 2, 2, 256, 2000, 48, 2000, 2, 3e-3, 32, 10, 100, 96, 1e-2, 1e-3, 500,
-                  (5, 20, 100), (50, 200), 20, 60, 4, 1024, 50),
-    "micro": Preset(32, 1, 2, 64, 320, 24, 200, 1, 3e-3, 16, 2, 8, 8, 1e-2, 1e-3, 200,
-                    (2,), (4,), 3, 6, 2, 32, 4, score_batch_size=8, validation_sentences=50, label_samples=2,
-                    damping_sentences=4),
+    "cpu": Preset(ModelSize(64, 2, 2, 256, 2000, 48), Training(2000, 2, 3e-3, 32), Problem(10, 100, 96, 50),
+                  Solvers(1e-2, 1e-3, 500, (5, 20, 100), (50, 200), 20, 60, 4, 1024)),
+    "micro": Preset(ModelSize(32, 1, 2, 64, 320, 24), Training(200, 1, 3e-3, 16, validation_sentences=50),
+                    Problem(2, 8, 8, 4, score_batch_size=8, label_samples=2),
+                    Solvers(1e-2, 1e-3, 200, (2,), (4,), 3, 6, 2, 32, damping_sentences=4)),
 }
 
 
@@ -153,28 +179,28 @@ class Run:
 def model_config(preset: Preset):
     from transformers import GPTNeoXConfig
 
-    return GPTNeoXConfig(hidden_size=preset.hidden_size, num_hidden_layers=preset.layers, num_attention_heads=preset.heads,
-                         intermediate_size=preset.intermediate_size, rotary_pct=0.25, max_position_embeddings=max(128, preset.max_length),
+    return GPTNeoXConfig(hidden_size=preset.model.hidden_size, num_hidden_layers=preset.model.layers, num_attention_heads=preset.model.heads,
+                         intermediate_size=preset.model.intermediate_size, rotary_pct=0.25, max_position_embeddings=max(128, preset.model.max_length),
                          attention_dropout=0.0, hidden_dropout=0.0, use_parallel_residual=True)
 
 
 def training_documents(preset: Preset):
     from pretrace.data.ptb import ptb_documents
 
-    return ptb_documents("train", limit=preset.train_sentences)
+    return ptb_documents("train", limit=preset.training.train_sentences)
 
 
 def train_settings(run: Run):
     from pretrace.training.loop import TrainSettings
 
     p = run.preset
-    return TrainSettings(lr=p.lr, epochs=p.epochs, batch_size=p.batch_size, max_length=p.max_length, warmup=0.05, seed=run.seed, device=run.device)
+    return TrainSettings(lr=p.training.lr, epochs=p.training.epochs, batch_size=p.training.batch_size, max_length=p.model.max_length, warmup=0.05, seed=run.seed, device=run.device)
 
 
 def tokenizer_for(preset: Preset, documents):
     from pretrace.data.bpe import neox_tokenizer, train_bpe
 
-    return neox_tokenizer() if preset.vocab_size is None else train_bpe((d.text for d in documents), preset.vocab_size)
+    return neox_tokenizer() if preset.model.vocab_size is None else train_bpe((d.text for d in documents), preset.model.vocab_size)
 
 
 def train_model(run: Run, out: Path, documents, tokenizer: Callable[[], Any], seed: int, **upstream: StageKey) -> Path:
@@ -187,7 +213,7 @@ def train_model(run: Run, out: Path, documents, tokenizer: Callable[[], Any], se
     from pretrace.training.pretrain import pretrain
 
     started = time.perf_counter()
-    validation = ptb_documents("valid", limit=run.preset.validation_sentences)
+    validation = ptb_documents("valid", limit=run.preset.training.validation_sentences)
     pretrain(model_config(run.preset), tokenizer(), documents, replace(train_settings(run), seed=seed), validation=validation, out=out)
     run.record_time(f"train {out.name}", time.perf_counter() - started)
     cache.record(key)
@@ -219,15 +245,15 @@ def stage_problem(run: Run) -> dict:
 
     p, rng = run.preset, random.Random(run.seed)
     train = training_documents(p)
-    if p.queries * p.candidates > len(train):
-        raise PretraceError(f"the preset needs {p.queries * p.candidates} training sentences but has {len(train)}; raise train_sentences.")
-    queries = rng.sample(ptb_documents("test"), p.queries)
-    candidates = rng.sample(train, p.queries * p.candidates)
-    fitting = rng.sample(train, p.fit_documents)
+    if p.problem.queries * p.problem.candidates > len(train):
+        raise PretraceError(f"the preset needs {p.problem.queries * p.problem.candidates} training sentences but has {len(train)}; raise train_sentences.")
+    queries = rng.sample(ptb_documents("test"), p.problem.queries)
+    candidates = rng.sample(train, p.problem.queries * p.problem.candidates)
+    fitting = rng.sample(train, p.problem.fit_documents)
     write_jsonl(run.folder / "queries.jsonl", ({"id": q.id, "text": q.text} for q in queries))
     write_jsonl(run.folder / "candidates.jsonl", ({"id": d.id, "text": d.text} for d in candidates))
     write_jsonl(run.folder / "fit.jsonl", ({"id": d.id, "text": d.text} for d in fitting))
-    problem = {"queries": [q.id for q in queries], "candidates_per_query": p.candidates,
+    problem = {"queries": [q.id for q in queries], "candidates_per_query": p.problem.candidates,
                "candidate_blocks": "query q is correlated over candidates [q*C, (q+1)*C) of candidates.jsonl",
                "pool_documents": len(candidates), "training_documents": len(train), "fit_documents": len(fitting)}
     write_json(manifest, problem)
@@ -254,8 +280,8 @@ def method_runs(run: Run, halves: list[Path], ekfac_damping: dict[str, float]) -
 
     p = run.preset
     fitting = {"fit_data": str(run.folder / "fit.jsonl"), "solver_seed": run.seed}
-    solver = {"damping": Damping(absolute=p.damping)}
-    converged = lambda: CG(iterations=p.ground_truth_iterations, tolerance=p.tolerance, **fitting)  # noqa: E731
+    solver = {"damping": Damping(absolute=p.solvers.damping)}
+    converged = lambda: CG(iterations=p.solvers.ground_truth_iterations, tolerance=p.solvers.tolerance, **fitting)  # noqa: E731
     runs = [MethodRun("ground-truth-all", "ground-truth", "all", {"method": converged(), **solver})]
     for scope in SCOPES:
         factors = str(run.folder / f"factors-{scope}")
@@ -263,14 +289,14 @@ def method_runs(run: Run, halves: list[Path], ekfac_damping: dict[str, float]) -
         runs.append(MethodRun(f"ekfac-{scope}-default-damping", "ekfac", scope, {"method": EKFAC(), "factors": factors}))
         if scope == "mlp":
             runs.append(MethodRun("cg-mlp", "cg", scope, {"method": converged(), **solver}))
-        for budget in p.cg_iterations:
+        for budget in p.solvers.cg_iterations:
             runs.append(MethodRun(f"cg-{scope}-iters={budget}", "cg", scope, {"method": CG(iterations=budget, tolerance=1e-12, **fitting), **solver}, budgeted=True))
-        for depth in p.lissa_depths:
+        for depth in p.solvers.lissa_depths:
             runs.append(MethodRun(f"lissa-{scope}-iters={depth}", "lissa", scope, {"method": LiSSA(depth=depth, **fitting), **solver}))
-        runs.append(MethodRun(f"arnoldi-{scope}", "arnoldi", scope, {"method": Arnoldi(rank=p.arnoldi_rank, iterations=p.arnoldi_iterations, **fitting), **solver}))
+        runs.append(MethodRun(f"arnoldi-{scope}", "arnoldi", scope, {"method": Arnoldi(rank=p.solvers.arnoldi_rank, iterations=p.solvers.arnoldi_iterations, **fitting), **solver}))
         runs.append(MethodRun(f"gdp-{scope}", "gdp", scope, {"method": GradientDot()}))
         runs.append(MethodRun(f"cka-{scope}", "cka", scope, {"method": CKA()}))
-        runs.append(MethodRun(f"trak-{scope}", "trak", scope, {"method": TRAK(projection_dim=p.projection_dim, projection_seed=run.seed,
+        runs.append(MethodRun(f"trak-{scope}", "trak", scope, {"method": TRAK(projection_dim=p.solvers.projection_dim, projection_seed=run.seed,
                                                                               models=",".join(str(h) for h in halves))}))
     return runs
 
@@ -278,7 +304,7 @@ def method_runs(run: Run, halves: list[Path], ekfac_damping: dict[str, float]) -
 def model_options(run: Run, scope: str):
     from pretrace.modeling.stage import ModelOptions
 
-    return ModelOptions(preset=scope, max_length=run.preset.max_length, batch_size=run.preset.score_batch_size, device=run.device)
+    return ModelOptions(preset=scope, max_length=run.preset.model.max_length, batch_size=run.preset.problem.score_batch_size, device=run.device)
 
 
 def label_sampled_fitting_set(run: Run) -> Path:
@@ -290,7 +316,7 @@ def label_sampled_fitting_set(run: Run) -> Path:
     key = run.key("label samples", problem=run.keys["problem"])
     if cache.stale(key, path):
         documents = read_documents(run.folder / "fit.jsonl")
-        write_jsonl(path, ({"id": f"{d.id}#sample-{k}", "text": d.text} for k in range(run.preset.label_samples) for d in documents))
+        write_jsonl(path, ({"id": f"{d.id}#sample-{k}", "text": d.text} for k in range(run.preset.problem.label_samples) for d in documents))
         cache.record(key)
     return path
 
@@ -343,14 +369,14 @@ def select_damping(run: Run, model: Path, scope: str) -> dict:
 
     p, started = run.preset, time.perf_counter()
     stage = load_stage(model, model_options(run, scope))
-    held_out = random.Random(f"{run.seed}/damping").sample(ptb_documents("valid"), p.damping_sentences)
+    held_out = random.Random(f"{run.seed}/damping").sample(ptb_documents("valid"), p.solvers.damping_sentences)
     _, grads = query_gradients(stage.model, stage.tracked, stage.query_batches([Query(d.id, d.text) for d in held_out]))
     products = CurvatureProducts(stage.model, stage.tracked, list(stage.fitting_batches(run.folder / "fit.jsonl")()))
     vectors = products.layout.flatten(grads).to(products.dtype)
-    factors, grid, alignments = Factors.load(run.folder / f"factors-{scope}"), [p.damping * m for m in p.damping_grid], []
+    factors, grid, alignments = Factors.load(run.folder / f"factors-{scope}"), [p.solvers.damping * m for m in p.solvers.damping_grid], []
     for damping in grid:
         solutions = products.layout.flatten(EKFAC(factors, damping=damping).apply(grads)).to(products.dtype)
-        alignments.append(float(damping_alignment(solutions, products(solutions) + p.damping * solutions, vectors).mean()))
+        alignments.append(float(damping_alignment(solutions, products(solutions) + p.solvers.damping * solutions, vectors).mean()))
     chosen = grid[max(range(len(grid)), key=alignments.__getitem__)]
     record = {"scope": scope, "chosen": chosen, "grid": grid, "mean_alignment": alignments, "held_out_sentences": [d.id for d in held_out],
               "criterion": "mean over held-out gradients v of (xᵀv)²/(xᵀAx·vᵀv), x = EK-FAC solution, A = GGN(fit.jsonl) + ground-truth damping"}
@@ -362,12 +388,12 @@ def select_damping(run: Run, model: Path, scope: str) -> dict:
 
 def stage_halves(run: Run) -> list[Path]:
     """TRAK's ensemble: models trained (like the main one) on seeded random halves of the training documents."""
-    run.stage(f"4a. train {run.preset.trak_models} TRAK models on random halves")
+    run.stage(f"4a. train {run.preset.solvers.trak_models} TRAK models on random halves")
     from pretrace.modeling.loading import load_tokenizer
 
     documents = training_documents(run.preset)
     paths = []
-    for member in range(run.preset.trak_models):
+    for member in range(run.preset.solvers.trak_models):
         half = random.Random(f"{run.seed}/half/{member}").sample(documents, len(documents) // 2)
         paths.append(train_model(run, run.folder / "halves" / f"half-{member}", half, lambda: load_tokenizer(run.folder / "model"),
                                  run.seed + 1 + member, tokenizer_from=run.keys["train model"]))
@@ -416,17 +442,17 @@ def stage_lds(run: Run, model: Path) -> tuple[torch.Tensor, torch.Tensor]:
     from pretrace.training.pretrain import pretrain
 
     p = run.preset
-    run.stage(f"5. LDS: retrain on {p.lds_subsets} random halves of the candidate pool")
+    run.stage(f"5. LDS: retrain on {p.problem.lds_subsets} random halves of the candidate pool")
     pool = read_documents(run.folder / "candidates.jsonl")
     pooled = {d.id for d in pool}
     always = [d for d in training_documents(p) if d.id not in pooled]
     tokenizer, queries = load_tokenizer(model), read_queries(run.folder / "queries.jsonl")
-    masks = subset_masks(len(pool), p.lds_subsets, run.seed)
+    masks = subset_masks(len(pool), p.problem.lds_subsets, run.seed)
 
     def retrain_and_measure(members: list[int]) -> list[float]:
         started = time.perf_counter()
         trained = pretrain(model_config(p), tokenizer, always + [pool[i] for i in members], train_settings(run), progress=False)
-        losses = query_losses(trained, tokenizer, queries, p.max_length)
+        losses = query_losses(trained, tokenizer, queries, p.model.max_length)
         run.record_time("lds retraining", run.timings.get("lds retraining", 0.0) + time.perf_counter() - started)
         return losses
 
@@ -538,7 +564,7 @@ def _run_quality_vs_cost(settings: QualityVsCostSettings) -> list[dict]:
     write_json(folder / "timings.json", run.timings)
     summary = {"preset": settings.preset, "validation_loss": validation_loss(model), "candidates_per_query": problem["candidates_per_query"],
                "queries": len(problem["queries"]), "ground_truth": ground_truth_description(run, folder),
-               "ekfac": {"fit": f"true Fisher on fit.jsonl, {run.preset.label_samples} sampled labels per token", "damping": dampings},
+               "ekfac": {"fit": f"true Fisher on fit.jsonl, {run.preset.problem.label_samples} sampled labels per token", "damping": dampings},
                "lds": lds_description(run, problem, losses), "timings": run.timings, "stages": run.cache.statuses,
                "criteria": issue_criteria(rows), "rows": rows}
     write_json(folder / "results_summary.json", summary)
@@ -588,5 +614,5 @@ def ground_truth_description(run: Run, folder: Path) -> dict:
     solve = metadata.get("hyperparameters", {}).get("preconditioner", {}).get("last_solve", {})
     return {"solver": "conjugate gradient on (GGN + damping I) x = query gradient, GGN averaged over fit.jsonl",
             "parameters": "all tracked linear modules of the blocks (embeddings and LM head excluded)",
-            "damping": run.preset.damping, "tolerance": run.preset.tolerance, "max_iterations": run.preset.ground_truth_iterations,
-            "fit_documents": run.preset.fit_documents, "iterations": solve.get("iterations"), "converged": solve.get("converged")}
+            "damping": run.preset.solvers.damping, "tolerance": run.preset.solvers.tolerance, "max_iterations": run.preset.solvers.ground_truth_iterations,
+            "fit_documents": run.preset.problem.fit_documents, "iterations": solve.get("iterations"), "converged": solve.get("converged")}
