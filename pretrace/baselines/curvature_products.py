@@ -24,7 +24,7 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from pretrace.curvature.operators import Gradients, Preconditioner
+from pretrace.curvature.operators import Gradients, Preconditioner, check_damping
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
 from pretrace.gradients.capture import compute_dtype
@@ -152,13 +152,6 @@ class CurvatureProducts:
         generator = torch.Generator().manual_seed(seed)
         z = torch.randint(0, 2, (probes, self.num_parameters), generator=generator).to(self.device, self.dtype) * 2 - 1
         return float((z * self(z)).sum(1).mean()) / self.num_parameters
-
-
-def check_damping(damping: float | None, damping_factor: float) -> None:
-    if damping is not None and damping < 0:
-        raise PretraceError(f"--damping must be non-negative, got {damping}.")
-    if damping is None and damping_factor < 0:
-        raise PretraceError(f"--damping-factor must be non-negative, got {damping_factor}.")
 
 
 def damping_value(damping: float | None, damping_factor: float, mean_eigenvalue: Callable[[], float]) -> float:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from tqdm.auto import tqdm
 
-from pretrace.baselines.curvature_products import CurvatureProducts, FlatInverse, check_damping, damping_value
+from pretrace.baselines.curvature_products import CurvatureProducts, FlatInverse, damping_value
+from pretrace.curvature.operators import check_damping
 from pretrace.errors import PretraceError
 
 COLUMNS_PER_CALL = 512

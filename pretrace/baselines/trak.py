@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from pretrace.baselines.similarity import check_details, document_captures, require_fitted
+from pretrace.curvature.operators import check_damping
 from pretrace.gradients.capture import compute_dtype
 from pretrace.baselines.trak_ensemble import EnsembleSettings, Member, train_ensemble
 from pretrace.errors import PretraceError
@@ -134,8 +135,7 @@ def damped_inverse(features: torch.Tensor, damping: float | None, damping_factor
     phi = features.double()
     gram = phi.T @ phi
     damping = float(damping) if damping is not None else damping_factor * float(gram.diagonal().mean())
-    if damping < 0:
-        raise PretraceError(f"TRAK damping must be non-negative, got {damping}; pass --damping 0 or more.")
+    check_damping(damping, None)
     gram.diagonal().add_(damping)
     factor, info = torch.linalg.cholesky_ex(gram)
     if int(info) != 0:

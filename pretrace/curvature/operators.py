@@ -14,6 +14,8 @@ Wrappers (`Scaled`, `pretrace.curvature.placement.PlacedPreconditioner`) pass on
 
 from __future__ import annotations
 
+import math
+
 from typing import Sequence
 
 import torch
@@ -142,16 +144,22 @@ class Chain(Preconditioner):
         return {"type": "Chain", "operators": [op.describe() for op in self.operators]}
 
 
+def check_damping(damping: float | None, damping_factor: float | None) -> None:
+    """The one damping rule of the library's inverses (EK-FAC and kin, the exact-curvature solvers, TRAK's kernel):
+    λ finite and ≥ 0, given (`damping`) or relative to the mean eigenvalue (`damping_factor`). λ = 0 leaves the
+    inverse undamped, which only a full-rank curvature survives; the settings of `pretrace score` ask λ > 0."""
+    for name, value in (("damping", damping), ("damping factor", None if damping is not None else damping_factor)):
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise PretraceError(f"{name} must be finite and non-negative (0: undamped, full-rank curvature only), got {value}.")
+
+
 class _Damped(Preconditioner):
     """Module-wise inverse with damping λ: absolute if given, else `damping_factor` × the module's mean eigenvalue."""
 
     module_wise = True
 
     def __init__(self, factors: Factors, damping: float | None = None, damping_factor: float = 0.1):
-        if damping is not None and damping < 0:
-            raise PretraceError(f"damping must be non-negative, got {damping}.")
-        if damping is None and damping_factor < 0:
-            raise PretraceError(f"damping factor must be non-negative, got {damping_factor}.")
+        check_damping(damping, damping_factor)
         self.factors, self.damping, self.damping_factor = factors, damping, damping_factor
         self._cache: dict[tuple[str, torch.device, torch.dtype], tuple] = {}
 
