@@ -197,7 +197,7 @@ def test_solver_settings_are_checked(setup):
         (lambda: LiSSA(products, depth=0, damping=1.0), "--lissa-depth"),
         (lambda: LiSSA(products, scale=-1.0, damping=1.0), "--lissa-scale"),
         (lambda: ArnoldiInverse(products, rank=10, iterations=5, damping=1.0), "--arnoldi-rank"),
-        (lambda: ExactInverse(products, damping=-1.0), "--damping"),
+        (lambda: ExactInverse(products, damping=-1.0), "damping must be finite and non-negative"),
         (lambda: CurvatureProducts(products.model, products.layout.tracked, products.batches, "fisher"), "--curvature"),
     ]:
         with pytest.raises(PretraceError, match=message):
