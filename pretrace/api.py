@@ -117,14 +117,15 @@ def finetune(model: Model, data: RecordSource, out: str | Path | None = None, *,
     return finetune_settings(chosen, progress, given)
 
 
-def index(model: Model, train: RecordSource, out: str | Path, *, tokenizer: Any = None, overwrite: bool = False,
-          progress: bool = True, **settings: Any) -> dict:
+def index(model: Model, train: RecordSource, out: str | Path, *, tokenizer: Any = None, factors: str | Path | Factors | None = None,
+          overwrite: bool = False, progress: bool = True, **settings: Any) -> dict:
     """Every document's gradient stored once in `out`, for `score(..., index=out)`; returns the index's metadata.
-    Settings: those of `pretrace index` (`IndexSettings`: storage, projection_dim, ...) and of the model."""
+    Settings: those of `pretrace index` (`IndexSettings`: storage, sketch_dim, search, ...) and of the model;
+    `factors` (of `model`) whiten a sketch store."""
     index_keys, model_keys = _split("index", settings, IndexSettings, ModelOptions)
     options = from_flags(ModelOptions, model_keys)
     stage = _stage(model, tokenizer, options, "model")
-    return index_stage(stage or model, train, out, options, from_flags(IndexSettings, index_keys), overwrite, progress)
+    return index_stage(stage or model, train, out, options, from_flags(IndexSettings, index_keys), overwrite, progress, factors)
 
 
 def trace(queries: str | Path, corpus: str | Path, out: str | Path, *, pretrained: str | Path, finetuned: str | Path,

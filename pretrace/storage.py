@@ -255,6 +255,32 @@ def read_sealed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
     return tensors, _unseal(Path(path), tensors, header)
 
 
+SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "BF16": None, "I64": "int64", "I32": "int32"}
+
+
+def memory_map(path: str | Path, name: str) -> "numpy.memmap":
+    """Tensor `name` of a safetensors file as a read-only numpy memory map (never read into RAM); the file's
+    contents are verified elsewhere (its folder's manifest, or its seal when it is read whole)."""
+    import numpy
+
+    path = Path(path)
+    try:
+        with path.open("rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            header = json.loads(handle.read(length))
+        entry = header[name]
+        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+        start, end = entry["data_offsets"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CorruptFile(f"{path}: not a safetensors file holding {name!r} ({error.__class__.__name__})") from None
+    if dtype is None:
+        raise PretraceError(f"{path}: {name!r} is {entry['dtype']}, which numpy cannot map.")
+    shape = tuple(entry["shape"])
+    if end - start != numpy.dtype(dtype).itemsize * int(numpy.prod(shape, dtype=numpy.int64)):
+        raise CorruptFile(f"{path}: {name!r} has {end - start} bytes, not what its shape {shape} needs")
+    return numpy.memmap(path, dtype=dtype, mode="r", offset=8 + length + start, shape=shape)
+
+
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a safetensors file; a sealed one's seal is verified (`CorruptFile` if it does not match)."""
     tensors, header = _load(Path(path))

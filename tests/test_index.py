@@ -5,14 +5,13 @@ import random
 import pytest
 import torch
 
-from dense import autograd_document_gradients, unflatten
 from pretrace.curvature import EKFAC, FitSettings, fit_factors
 from pretrace.data import Document, Query
 from pretrace.data.batching import encode_documents, encode_queries, iter_batches
 from pretrace.errors import PretraceError
 from pretrace.modeling.modules import select_modules
 from pretrace.scores import score_documents
-from pretrace.scores.index import INDEX_FILE, IndexSettings, build_index, projections, read_index, score_index
+from pretrace.scores.index import INDEX_FILE, IndexSettings, build_index, read_index, score_index
 from pretrace.scores.queries import precondition_queries
 from tiny import WORDS, build_tiny_model
 
@@ -50,26 +49,6 @@ def test_exact_storages_score_like_the_streaming_path(setup, tokenizer, tmp_path
     assert result.document_ids == streamed.document_ids and result.module_names == streamed.module_names
 
 
-def test_projected_storage_is_the_sketch_formula_and_approximates(setup, tokenizer, tmp_path):
-    model, tracked, docs, queries, streamed = setup
-    errors = {}
-    for dim in (4, 48):
-        folder = tmp_path / str(dim)
-        build_index(model, tracked, _batches(tokenizer, docs), folder, IndexSettings(storage="projected", projection_dim=dim), progress=False)
-        result = score_index(folder, queries.weights, queries.ids)
-        errors[dim] = float((result.scores - streamed.scores).norm() / streamed.scores.norm())
-        if dim == 4:  # the same numbers, from autograd gradients and explicitly applied projections
-            sketch = projections({t.name: (t.d_out, t.d_in_total) for t in tracked}, dim, 0)
-            grads = unflatten(autograd_document_gradients(model, tracked, tokenizer, docs), tracked)
-            reference = 0
-            for t in tracked:
-                p_out, p_in = sketch[t.name]
-                weight = queries.weights[t.name].settle(None).dense()
-                reference = reference + (p_out @ weight @ p_in.T).flatten(1) @ (p_out @ grads[t.name] @ p_in.T).flatten(1).T
-            torch.testing.assert_close(result.scores, reference, rtol=1e-8, atol=1e-10)
-    assert errors[4] > 1e-3 and errors[48] < 1e-9  # k ≥ both sides of every module: orthogonal sketches are exact
-
-
 def test_interrupted_build_resumes_after_its_last_shard(setup, tokenizer, tmp_path):
     model, tracked, docs, queries, streamed = setup
     settings = IndexSettings(batches_per_shard=2)
@@ -101,6 +80,6 @@ def test_mismatches_are_refused(setup, tokenizer, tmp_path):
         score_index(tmp_path, {tracked[0].name: queries.weights[tracked[0].name]}, queries.ids)
     with pytest.raises(PretraceError, match="not a gradient index"):
         score_index(tmp_path / "nothing", queries.weights, queries.ids)
-    with pytest.raises(PretraceError, match=r"--storage 'zip' is not one of \['exact', 'factored', 'projected'\]"):
+    with pytest.raises(PretraceError, match=r"--storage 'zip' is not one of \['exact', 'factored', 'sketch'\]"):
         IndexSettings(storage="zip")
     assert (tmp_path / INDEX_FILE).is_file()

@@ -22,6 +22,7 @@ LAYERS = [
     ["training"],
     ["curvature"],
     ["scores"],
+    ["store"],
     ["methods"],
     ["baselines"],
     ["report"],

@@ -19,6 +19,7 @@ class IndexPaths:
     train: str = option(help="JSONL training documents: {'text', optional 'id'}; `pretrace score --index` must be given the same file.")
     out: str = option(help="Index folder (index.json + shard-*.safetensors); rerunning the same command resumes an interrupted build.")
     overwrite: bool = option(False, help="Replace an existing non-empty --out folder (once the new index is complete).")
+    factors: str | None = option(None, help="--storage sketch: factors of --model (from `pretrace fit`) whose curvature whitens the sketches, so that they estimate preconditioned (EK-FAC, multi-stage) scores far better than raw ones.")
 
 
 def register(subparsers) -> None:
@@ -43,6 +44,7 @@ def run(args) -> int:
     from pretrace.workflows.index import index
 
     paths = from_arguments(IndexPaths, args)
-    meta = index(paths.model, paths.train, paths.out, from_arguments(ModelOptions, args), from_arguments(IndexSettings, args), paths.overwrite)
+    meta = index(paths.model, paths.train, paths.out, from_arguments(ModelOptions, args), from_arguments(IndexSettings, args), paths.overwrite,
+                 factors=paths.factors)
     print(f"indexed {len(meta['document_ids'])} documents over {len(meta['modules'])} modules ({meta['storage']}) -> {paths.out}")
     return 0

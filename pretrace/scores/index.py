@@ -7,15 +7,13 @@ document ids) and `shard-NNNNN.safetensors` files of consecutive document batche
 - `exact`: the gradient `[d_out, d_in']` (scores equal the streaming path's to float rounding);
 - `factored`: the document's token factors (output gradients `[T, d_out]`, inputs `[T, d_in']`), also
   exact, smaller than `exact` while documents are shorter than d_out·d_in' / (d_out + d_in');
-- `projected`: the sketch Π_out ∇W Π_inᵀ `[k, k]` with scaled random orthonormal Π (E[ΠᵀΠ] = I), so
-  ⟨Π_out W Π_inᵀ, Π_out ∇W Π_inᵀ⟩ is an unbiased estimate of the score; exact once k ≥ both sides. The
-  error is relative to ‖W‖‖∇W‖, not to the score: with many modules and small k it can swamp the ranking.
+The compressed corpus store for large corpora (`--storage sketch`, `pretrace.store`) is built by the same
+command.
 """
 
 from __future__ import annotations
 
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
@@ -39,47 +37,36 @@ INDEX_FILE = "index.json"
 T = TypeVar("T")
 FORMAT_VERSION = 3  # 3: sealed shards and index.json (older indexes are refused: rebuild them)
 _REBUILD = "rebuild the index with `pretrace index`"
-STORAGES = ("exact", "factored", "projected")
+STORAGES = ("exact", "factored", "sketch")
+SEARCHES = ("auto", "flat", "ivf")
+SKETCH_ONLY = ("--sketch-dim", "--sketch-seed", "--normalize", "--search")
 
 
 @dataclass
 class IndexSettings:
-    storage: str = option("exact", choices=STORAGES, help="How each document's module gradients are kept: 'exact' (the [d_out, d_in'] gradient), 'factored' (its per-token factors: exact, smaller for short documents) or 'projected' (a k x k random sketch: approximate scores, k² numbers per module).")
-    projection_dim: int = option(32, at_least=1, at_most=1 << 16, help="--storage projected: k, the dimension both sides of each module's gradient are projected to.")
-    projection_seed: int = option(0, at_least=0, at_most=MAX_SEED, help="--storage projected: seed of the projection matrices.")
-    batches_per_shard: int = option(16, at_least=1, help="Document batches per shard file; an interrupted build resumes after its last complete shard.")
+    storage: str = option("exact", choices=STORAGES, help="How each document's gradients are kept: 'exact' (the [d_out, d_in'] gradient per module), 'factored' (its per-token factors: exact, smaller for short documents) or 'sketch' (the compressed corpus store for large corpora: per module a k x k Kronecker sketch of the gradient, never formed whole, in float16 with nearest-neighbour search; approximate scores, for retrieval).")
+    sketch_dim: int = option(8, at_least=1, at_most=1 << 12, help="--storage sketch: k, the dimension each side of a module's gradient (its output gradients and its inputs) is projected to; k² numbers per module and document.")
+    sketch_seed: int = option(0, at_least=0, at_most=MAX_SEED, help="--storage sketch: seed of the projection matrices.")
+    normalize: bool = option(False, help="--storage sketch: store unit-norm document sketches (TrackStar), so search ranks by cosine instead of the inner product.")
+    search: str = option("auto", choices=SEARCHES, help="--storage sketch: 'flat' (exact inner products over the memory-mapped store), 'ivf' (a faiss inverted-file index of 8-bit codes, candidates re-scored exactly; needs pretrace[index]) or 'auto' (ivf from 100,000 documents).")
+    batches_per_shard: int | None = option(None, at_least=1, help="Document batches per shard file (default: 16, and 4096 for --storage sketch); an interrupted build resumes after its last complete shard.")
 
     def __post_init__(self):
         validate(self)
-        unread = [flag for flag in changed(self) if flag in ("--projection-dim", "--projection-seed")]
-        if unread and self.storage != "projected":
-            raise PretraceError(f"{', '.join(unread)} only shape --storage projected, not --storage {self.storage}; drop them.")
+        unread = [flag for flag in changed(self) if flag in SKETCH_ONLY]
+        if unread and self.storage != "sketch":
+            raise PretraceError(f"{', '.join(unread)} only shape --storage sketch, not --storage {self.storage}; drop them.")
 
-
-def projections(shapes: dict[str, tuple[int, int]], dim: int, seed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per module of shape (d_out, d_in'): (Π_out `[k_out, d_out]`, Π_in `[k_in, d_in']`), k_side = min(k, d_side),
-    regenerated from the seed and the module's name (never stored).
-
-    Each Π is √(d/k) times k random orthonormal rows (a Haar-random subspace), so E[ΠᵀΠ] = I, the sketched
-    product is unbiased, and a side with k ≥ d is rotated exactly instead of approximated."""
-    out = {}
-    for name, sides in shapes.items():
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
-        pair = []
-        for d in sides:
-            k = min(dim, d)
-            gaussian = torch.randn(d, k, generator=generator, dtype=torch.float64)
-            q, r = torch.linalg.qr(gaussian)
-            pair.append((q * torch.sign(torch.diagonal(r))).T * (d / k) ** 0.5)  # sign fix: Haar-distributed
-        out[name] = tuple(pair)
-    return out
+    @property
+    def shard_batches(self) -> int:
+        return self.batches_per_shard or (4096 if self.storage == "sketch" else 16)
 
 
 def _shard_name(index: int) -> str:
     return f"shard-{index:05d}"
 
 
-def _batch_entries(captured: CapturedBatch, batch: TokenBatch, tracked, settings: IndexSettings, sketches: dict) -> dict[str, torch.Tensor]:
+def _batch_entries(captured: CapturedBatch, batch: TokenBatch, tracked, settings: IndexSettings) -> dict[str, torch.Tensor]:
     """What one batch adds to a shard, per module (and, for factored storage, each token's document row)."""
     entries = {}
     if settings.storage == "factored":
@@ -89,11 +76,8 @@ def _batch_entries(captured: CapturedBatch, batch: TokenBatch, tracked, settings
         g, a = captured.output_gradients[t.name], captured.activations[t.name]
         if settings.storage == "exact":
             entries[t.name] = captured.example_gradients(t.name)
-        elif settings.storage == "factored":
-            entries[f"{t.name}.output_gradients"], entries[f"{t.name}.activations"] = g[keep], a[keep]
         else:
-            p_out, p_in = (p.to(g.device, g.dtype) for p in sketches[t.name])
-            entries[t.name] = torch.einsum("btk,btl->bkl", g @ p_out.T, a @ p_in.T)
+            entries[f"{t.name}.output_gradients"], entries[f"{t.name}.activations"] = g[keep], a[keep]
     return entries
 
 
@@ -106,7 +90,7 @@ def _merge(parts: list[dict[str, torch.Tensor]], sizes: list[int]) -> dict[str, 
     return merged
 
 
-def _chunks(batches: Iterable[T], size: int) -> Iterator[list[T]]:
+def chunks(batches: Iterable[T], size: int) -> Iterator[list[T]]:
     chunk = []
     for batch in batches:
         chunk.append(batch)
@@ -141,17 +125,16 @@ def build_index(
             raise PretraceError(f"{folder}: holds an index of other documents, model or settings; choose another folder or delete it.")
         return meta  # complete: only a finished build writes index.json
     parts = SignedParts(folder, signature, "index build (other documents, model or settings)")
-    sketches = projections(signature["modules"], settings.projection_dim, settings.projection_seed) if settings.storage == "projected" else {}
-    total = None if num_batches is None else -(-num_batches // settings.batches_per_shard)
+    total = None if num_batches is None else -(-num_batches // settings.shard_batches)
     shards, ids = [], []
     source = LiveGradients(model, tracked, batches, document_loss(task))
-    for number, chunk in enumerate(tqdm(_chunks(source, settings.batches_per_shard), total=total, desc="indexing documents", unit="shard", disable=not progress)):
+    for number, chunk in enumerate(tqdm(chunks(source, settings.shard_batches), total=total, desc="indexing documents", unit="shard", disable=not progress)):
         name, chunk_ids = _shard_name(number), [i for gradients in chunk for i in gradients.ids]
         # shards an interrupted build of the same signature wrote are kept, if their seal holds
         if parts.load(name, "the shard is computed again") is None:
             entries = []
             for gradients in chunk:
-                batch = _batch_entries(gradients.captured, gradients.batch, tracked, settings, sketches)
+                batch = _batch_entries(gradients.captured, gradients.batch, tracked, settings)
                 entries.append({k: v.to(dtype) if v.is_floating_point() else v for k, v in batch.items()})
                 gradients.release()
             parts.save(name, _merge(entries, [len(g.ids) for g in chunk]), documents=len(chunk_ids))
@@ -160,7 +143,6 @@ def build_index(
     if not ids:
         raise PretraceError("no documents to index.")
     meta = {"format_version": FORMAT_VERSION, "signature": signature, "complete": True, "storage": settings.storage,
-            "projection_dim": settings.projection_dim, "projection_seed": settings.projection_seed,
             "modules": signature["modules"], "shards": shards, "document_ids": ids}
     write_record(folder / INDEX_FILE, meta)
     return meta
@@ -187,8 +169,8 @@ def read_index(folder: str | Path) -> dict:
 
 
 def _shard_scores(shard: dict[str, torch.Tensor], name: str, weights: torch.Tensor, storage: str, documents: int) -> torch.Tensor:
-    """[Q, documents] scores of one module against one shard; `weights` as stored (dense or sketched)."""
-    if storage != "factored":
+    """[Q, documents] scores of one module against one shard (exact gradients or their token factors)."""
+    if storage == "exact":
         stored = shard[name].to(weights.dtype)
         return weights.reshape(len(weights), -1) @ stored.reshape(len(stored), -1).T
     padded = CapturedBatch({name: _padded(shard[f"{name}.activations"], shard["document_of_token"], documents).to(weights.dtype)},
@@ -227,14 +209,7 @@ def score_index(
     if missing:
         raise PretraceError(f"{folder}: indexes modules the queries lack ({', '.join(missing[:3])}...); use the same --preset/--modules as `pretrace index`.")
     storage = meta["storage"]
-    sketches = projections(meta["modules"], meta["projection_dim"], meta["projection_seed"]) if storage == "projected" else {}
-    stored = {}
-    for name in names:
-        dense = as_module_weights(weights[name]).settle(None).dense().double()
-        if storage == "projected":
-            p_out, p_in = sketches[name]
-            dense = p_out @ dense @ p_in.T
-        stored[name] = dense
+    stored = {name: as_module_weights(weights[name]).settle(None).dense().double() for name in names}
     columns, module_columns = [], []
     for entry in tqdm(meta["shards"], desc="scoring the index", unit="shard", disable=not progress):
         shard, _ = read_sealed(folder / entry["file"])

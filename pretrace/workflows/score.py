@@ -34,7 +34,8 @@ from pretrace.scores.io import save_scores
 from pretrace.scores.explanations import Explain
 from pretrace.scores.result import ScoreResult
 from pretrace.scores.self_influence import self_influence
-from pretrace.scores.index import check_index, score_index
+from pretrace.scores.index import check_index, read_index, score_index
+from pretrace.store import CorpusStore
 from pretrace.scores.plan import SPLITS, ScoringPlan
 from pretrace.scores.checkpoint import ScoringCheckpoint
 from pretrace.stages import Folder, Source, digest
@@ -300,6 +301,9 @@ def build_context(settings: ScoreSettings, options: ModelOptions, given: Mapping
         pass  # a query with nothing to measure fails here, not after the documents' pass
     if settings.index:
         check_index(settings.index, context.document_stage, train, settings.train)
+        if settings.outputs.per_module and read_index(settings.index)["storage"] == "sketch":
+            raise PretraceError(f"--per-module has no effect with --index {settings.index}, a corpus store (one sketch per document, "
+                                "not per module); drop it, or index with --storage exact or factored.")
     if settings.outputs.per_token and not only_linear_modules(context.document_stage.tracked):
         raise PretraceError("--per-token needs gradients over linear modules only: drop --per-token, or --preset all-parameters.")
     return context
@@ -309,7 +313,10 @@ def _index_scores(settings: ScoreSettings, attributor: Attributor, context: Scor
     """Queries against `pretrace index`'s stored document gradients (checked against the documents and their model by
     _check_index); every rank scores every query with the attributor's own prepared queries (kept for the explanations)."""
     ids, weights = attributor.precondition_queries(replace(context, plan=ScoringPlan()))
-    result = score_index(settings.index, weights, ids, per_module=settings.outputs.per_module, progress=context.progress)
+    if read_index(settings.index)["storage"] == "sketch":  # the corpus store: sketched scores, an estimate of the exact ones
+        result = CorpusStore(settings.index).score_result(weights, ids)
+    else:
+        result = score_index(settings.index, weights, ids, per_module=settings.outputs.per_module, progress=context.progress)
     if attributor.query_rank_error is not None:
         result.timings["query_low_rank_relative_error"] = attributor.query_rank_error
     return result
