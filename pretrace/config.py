@@ -198,7 +198,7 @@ def validate(config, flags: bool = True) -> None:
         bounds = {bound: field.metadata[bound] for bound in BOUNDS if field.metadata.get(bound) is not None}
         if isinstance(value, int) and not isinstance(value, bool) and abs(value) > LARGEST_INTEGER:
             raise PretraceError(f"{name} {value} is larger than any count, size or seed needs; pass a value of at most 2**53.")
-        if bounds and value is not None:
+        if bounds and value is not None and not isinstance(value, str):  # a word an `int | str` setting allows ("auto")
             require_number(name, value, integer=hints[field.name] in (int, int | None), **bounds)
 
 

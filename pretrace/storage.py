@@ -42,6 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+import numpy
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -258,11 +259,9 @@ def read_sealed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "BF16": None, "I64": "int64", "I32": "int32"}
 
 
-def memory_map(path: str | Path, name: str) -> "numpy.memmap":
+def memory_map(path: str | Path, name: str) -> numpy.memmap:
     """Tensor `name` of a safetensors file as a read-only numpy memory map (never read into RAM); the file's
     contents are verified elsewhere (its folder's manifest, or its seal when it is read whole)."""
-    import numpy
-
     path = Path(path)
     try:
         with path.open("rb") as handle:

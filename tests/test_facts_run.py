@@ -285,3 +285,28 @@ def test_a_run_too_large_for_its_memory_cap_is_refused_before_any_work(tmp_path,
     assert not (tmp_path / "out" / "alpha-0.001").exists()  # nothing fine-tuned
     assert main(["bench", "fact-tracing", *flags[:-4], "--alphas", "1e-3,-1"]) == 2
     assert "--alphas" in capsys.readouterr().err
+
+
+def test_full_corpus_mode_ranks_the_store_candidates_exactly(tmp_path):
+    """--full-corpus over every sentence: the store (wide enough to be exact up to float16) brings each query's top K
+    by multi-stage score, their exact multi-stage scores order them, BM25 ranks the same sentences; every method's
+    metrics are those of its saved ranking."""
+    from pretrace.storage import read_jsonl_rows
+
+    tiny_benchmark().write(tmp_path / "benchmark")
+    model = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float32)
+    settings = from_flags(FactTracingSettings, out=str(tmp_path / "out"), data="folder", benchmark=str(tmp_path / "benchmark"), model=str(model),
+                          **{**SETTINGS, "alphas": "0.1"}, full_corpus=True, corpus_sentences=0, store_candidates=5, sketch_dim=48)
+    results = run_fact_tracing(settings)["full_corpus"]
+    assert results["sentences"] == len(TEXTS)
+    block = results["alphas"]["0.1"]
+    assert set(block["methods"]) == {"two-stage", "sketch", "bm25", "pool"}
+    rows = read_jsonl_rows(tmp_path / "out" / "full-corpus" / "rankings.jsonl")
+    evidence = {f"{r},{s},{o}": ids for r, s, o, ids in FACTS}
+    for row in rows:
+        assert sorted(row["two_stage"]) == sorted(row["sketch"]) and len(row["sketch"]) == 5
+        assert row["two_stage"] == row["sketch"]  # k wide: the sketched order is the exact one
+        assert len(row["bm25"]) == min(settings.pool.top, len(TEXTS))  # BM25 ranks the whole sample; its top are kept
+    rr = [reciprocal_rank(row["two_stage"], evidence[row["fact_id"]], 10) for row in rows]
+    assert block["methods"]["two-stage"]["rr"]["mean"] == pytest.approx(statistics.mean(rr))
+    assert "Full corpus" in (tmp_path / "out" / "results.md").read_text()

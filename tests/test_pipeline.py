@@ -90,7 +90,7 @@ def test_the_resolved_pipeline_replays_as_written(workspace, capsys):
     ('[[step]]\nrun = "demo"', "run = 'demo' is not a pipeline command"),
     ('[defaults]\nalpha2 = 1', "\\[defaults\\] 'alpha2': no step has such a setting"),
     ('[[step]]\nrun = "fit"\nmodel = "m"\ndata = "d"', "step 4 \\(fit\\): the following arguments are required: --out"),
-    ('[[step]]\nrun = "fit"\nmodel = "m"\ndata = "d"\nout = "o"\nbatch_size = "big"', "argument --batch-size: invalid int value: 'big'"),
+    ('[[step]]\nrun = "fit"\nmodel = "m"\ndata = "d"\nout = "o"\nbatch_size = "big"', "--batch-size 'big': pass a number of sequences, or 'auto'"),
     ('[[step]]\nrun = "fit"\nmodel = "m"\ndata = "d"\nout = "o"\noverwrite = "yes"', "'overwrite' is true or false"),
     ('[[steps]]\nrun = "fit"', "unknown pipeline tables \\['steps'\\]"),
     ('[[step]\n', "not a valid TOML pipeline"),

@@ -256,3 +256,24 @@ def test_byte_level_tokens_show_the_text_they_encode():
     shown = display_tokens(encoding.tokens)
     assert "".join(shown) == tokenizer.decode(encoding.ids) == text
     assert display_tokens(["▁the", "▁cat", "<0x0A>"]) == [" the", " cat", "\n"]
+
+
+def test_gradient_retriever_recalls_the_top_of_the_exact_multi_stage_scores(world, bm25_run):
+    """--retriever gradient: a corpus store of the pre-trained model's sketches (wide enough to be exact up to float16)
+    and each query's top K by its sketched multi-stage score, which are the top K of the exact scores; the results
+    rank those K exactly, as with any retriever."""
+    out = world / "gradient"
+    summary = trace(_settings(world, "gradient", retriever="gradient", sketch_dim=48, pretrained_factors=str(bm25_run[0] / "factors" / "pretrained"),
+                              finetuned_factors=str(bm25_run[0] / "factors" / "finetuned")), OPTIONS, progress=False)
+    direct = _direct_scores(world, bm25_run[0])
+    candidates = read_json(out / "candidates.json")["candidates"]
+    for q, row in enumerate(read_jsonl_rows(out / "results.jsonl")):
+        exact = torch.sort(direct[q], descending=True, stable=True).indices
+        assert set(candidates[q]) == set(exact[:6].tolist())
+        assert [doc["index"] for doc in row["documents"]] == exact[:4].tolist()
+    assert (out / "index-gradient" / "index.json").is_file() and summary["stages"]["index"] == "computed"
+    again = trace(_settings(world, "gradient", retriever="gradient", sketch_dim=48, pretrained_factors=str(bm25_run[0] / "factors" / "pretrained"),
+                            finetuned_factors=str(bm25_run[0] / "factors" / "finetuned")), OPTIONS, progress=False)
+    assert again["stages"]["index"] == "reused" and again["stages"]["retrieval"] == "reused"
+    with pytest.raises(PretraceError, match="--sketch-dim has no effect with --retriever bm25"):
+        _settings(world, "x", retriever="bm25", sketch_dim=8)

@@ -31,6 +31,14 @@ def _scalar(annotation) -> type:
     return annotation
 
 
+def _number_or_word(value: str) -> int | str:
+    """An `int | str` flag's value: a number when it reads as one, else the word ('auto')."""
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
 def _add_flag(container, field: dataclasses.Field, annotation) -> None:
     scalar, default = _scalar(annotation), default_of(field)
     required = default is dataclasses.MISSING or field.metadata.get("required_flag", False)
@@ -41,7 +49,7 @@ def _add_flag(container, field: dataclasses.Field, annotation) -> None:
     if scalar is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     else:
-        kwargs["type"] = scalar if scalar in (int, float) else str
+        kwargs["type"] = _number_or_word if set(typing.get_args(annotation)) >= {int, str} else scalar if scalar in (int, float) else str
         kwargs["required"] = required
         if field.metadata.get("choices"):
             kwargs["choices"] = field.metadata["choices"]

@@ -17,9 +17,10 @@ import torch
 from torch import nn
 
 from pretrace.data.batching import TokenBatch
+from pretrace.errors import PretraceError
 from pretrace.gradients.capture import CapturedBatch, capture
 from pretrace.gradients.task import LanguageModelingTask, Task
-from pretrace.modeling.modules import Tracked
+from pretrace.modeling.modules import Tracked, TrackedModule
 
 Loss = Callable[[nn.Module, TokenBatch, int], torch.Tensor]  # (model, batch on its device, batch index) -> per-example losses [B]
 
@@ -60,11 +61,59 @@ class LiveGradients:
     select: Callable[[Iterable], Iterable] = iter  # which (index, offset, batch) this rank takes
 
     def __iter__(self) -> Iterator[Gradients]:
-        device = next(self.model.parameters()).device
+        parameter = next(self.model.parameters())
+        half = parameter.dtype in (torch.float16, torch.bfloat16)  # where a value can overflow on the way
         for index, offset, batch in self.select(_numbered(self.batches)):
-            on_device = batch.to(device)
-            yield Gradients(index, offset, on_device, list(batch.ids),
-                            lambda b=on_device, i=index: capture(self.model, self.tracked, lambda: self.loss(self.model, b, i)))
+            on_device = batch.to(parameter.device)
+            yield Gradients(index, offset, on_device, list(batch.ids), lambda b=on_device, i=index: self._capture(b, i, half))
+
+    def _capture(self, batch: TokenBatch, index: int, check: bool) -> CapturedBatch:
+        try:
+            captured = capture(self.model, self.tracked, lambda: self.loss(self.model, batch, index))
+        except PretraceError:
+            if check:  # an overflowed loss: run the forward again to name the module where it arose
+                require_finite_inputs(self.model, self.tracked, lambda: self.loss(self.model, batch, index), batch.ids)
+            raise
+        if check:
+            require_finite_capture(captured, self.tracked, batch.ids)
+        return captured
+
+
+def _overflow(name: str, kind: str, dtype: torch.dtype, ids: Sequence[str]) -> PretraceError:
+    return PretraceError(f"module {name}: its {kind} hold NaN or infinite values in {dtype} for the batch of documents "
+                         f"{list(ids)[:3]}{'...' if len(ids) > 3 else ''}; float16 overflows beyond 65504: use --dtype bfloat16 or float32.")
+
+
+def require_finite_inputs(model: nn.Module, tracked: Sequence[Tracked], loss_fn: Callable[[], torch.Tensor], ids: Sequence[str]) -> None:
+    """Run the forward pass without gradients and refuse at the first tracked module whose inputs are not finite."""
+
+    def hook(t):
+        def check(_module, args):
+            if not bool(torch.isfinite(args[0]).all()):
+                raise _overflow(t.name, "inputs", args[0].dtype, ids)
+        return check
+
+    handles = [t.module.register_forward_pre_hook(hook(t)) for t in tracked if isinstance(t, TrackedModule)]
+    try:
+        with torch.no_grad():
+            loss_fn()
+    except PretraceError as error:
+        if str(error).startswith("module "):
+            raise
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def require_finite_capture(captured: CapturedBatch, tracked: Sequence[Tracked], ids: Sequence[str]) -> None:
+    """Refuse a half-precision batch whose captured inputs or output gradients overflowed, naming the module where
+    it arose: the first whose inputs are not finite in the forward order, else the first whose output gradients are
+    not finite in the backward order (later modules' gradients are computed first)."""
+    checks = [(t, "inputs", captured.activations.get(t.name)) for t in tracked]
+    checks += [(t, "output gradients", captured.output_gradients.get(t.name)) for t in reversed(tracked)]
+    for t, kind, values in checks:
+        if values is not None and not bool(torch.isfinite(values).all()):
+            raise _overflow(t.name, kind, values.dtype, ids)
 
 
 def _numbered(batches: Iterable[TokenBatch]) -> Iterator[tuple[int, int, TokenBatch]]:

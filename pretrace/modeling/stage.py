@@ -19,6 +19,7 @@ from pretrace.errors import PretraceError
 from pretrace.modeling.folders import check_model_dir
 from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint
 from pretrace.modeling.adapters import ADAPTER_MODES, ADAPTER_MODULES, ADAPTER_PARAMETERS, MERGED, is_adapter_folder
+from pretrace.modeling.memory import MemoryPlan, one_pass, plan_run
 from pretrace.modeling.modules import ATTENTION_BLOCKS, PRESETS, TrackedModule, select_modules
 
 
@@ -33,12 +34,15 @@ class ModelOptions(FieldOptions):
     device: str = option("auto", help="'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available).")
     device_map: str | None = option(None, help="Spread a model too large for one device over all of them (Hugging Face device_map, e.g. 'auto'; needs accelerate); --device is then ignored. Not with torchrun.")
     max_length: int | None = option(None, at_least=2, help=f"Longer sequences are truncated (with a warning that counts them); at most the model's positions. Default: the model's positions, at most {DEFAULT_MAX_LENGTH}.")
-    batch_size: int = option(8, at_least=1, help="Sequences per forward/backward pass.")
+    batch_size: int | str = option(8, at_least=1, help="Sequences per forward/backward pass, or 'auto': the largest that the memory plan fits in the budget (--memory-gb).")
+    memory_gb: float | None = option(None, above=0, help="Memory budget of the plan made before any model work (default: the memory available on the machine, or free on the GPU): a run predicted over it is refused, naming what would fit.")
     padding_side: str = option("right", choices=("right", "left"), help="Padding side of batches (scores do not depend on it).")
     adapter: str = option(MERGED, choices=ADAPTER_MODES, help="A PEFT adapter folder given as a model: 'merged' into its base (influence over the full weights, as the merged model; what multi-stage needs) or 'adapter' (track only the adapter's own matrices, e.g. LoRA A and B).")
 
     def __post_init__(self):
         validate(self)
+        if isinstance(self.batch_size, str) and self.batch_size != "auto":
+            raise PretraceError(f"--batch-size {self.batch_size!r}: pass a number of sequences, or 'auto'.")
         if self.device_map is not None and not self.device_map.strip():
             raise PretraceError("--device-map '' names no placement; pass e.g. auto, balanced or sequential, or drop it.")
         if self.device_map is not None and self.device != "auto":
@@ -113,8 +117,11 @@ class Stage:
 
 def tracked_stage(path: str | Path, model: torch.nn.Module, tokenizer, options: ModelOptions, modules: list[str] | None = None) -> Stage:
     """The stage of a loaded model: its tracked modules by the options' selection (or by name, `modules`), and the
-    options holding the sequence length actually used (the default resolved against the model's positions)."""
+    options holding the sequence length actually used (the default resolved against the model's positions) and a
+    batch size (`auto` not resolved by a command's plan: the largest one forward+backward pass fits)."""
     options = dataclasses.replace(options, max_length=check_model_tokenizer(path, model, tokenizer, options.max_length))
+    if options.batch_size == "auto":
+        options, _ = plan_run(None, options, lambda shapes, batch, length: MemoryPlan("pass", one_pass(shapes, batch, length)), model=model)
     unmerged = options.adapter == ADAPTER_PARAMETERS and is_adapter_folder(path)
     regex = f"(?=.*{ADAPTER_MODULES})" + (options.modules or "") if unmerged else options.modules
     tracked = select_modules(model, options.preset, regex, options.attention_blocks)

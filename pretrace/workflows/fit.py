@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from pretrace.modeling.adapters import model_folders
 from pretrace.modeling.modules import require_linear_modules
 from pretrace.data.records import RecordSource, check_source, in_memory, source_sha256
 from pretrace.storage import checkpoint_folder, output_folder
+from pretrace.modeling.memory import fit_plan, plan_run
 from pretrace.modeling.stage import ModelOptions, Stage, load_stage
 
 
@@ -36,6 +38,11 @@ def fit(model: str | Path | Stage, data: RecordSource, out: str | Path | None = 
     folder = nullcontext() if out is None else output_folder(Path(require_path("out", out)), overwrite, inputs, command="fit", lock=group.is_main())
     with folder:
         check_source(data, "fitting documents")
+        options, plan = plan_run(None if isinstance(model, Stage) else model, options if not isinstance(model, Stage) else model.options,
+                                 lambda shapes, batch, length: fit_plan(shapes, batch, length, settings.factor_dtype),
+                                 model=model.model if isinstance(model, Stage) else None)
+        if plan is not None and progress:
+            print(plan.describe(), file=sys.stderr, flush=True)
         stage = model if isinstance(model, Stage) else load_stage(model, options)
         require_linear_modules(stage.tracked, "pretrace fit")
         data_hash = source_sha256(data)
@@ -53,8 +60,11 @@ def fit(model: str | Path | Stage, data: RecordSource, out: str | Path | None = 
             "data": data_name if data_name == IN_MEMORY else str(Path(data_name).resolve()),
             "data_sha256": data_hash,
             "options": signature["options"],
+            **({"memory_plan": plan.prediction()} if plan is not None else {}),  # the measured peak is printed: factors stay reproducible
         })
         if out is not None and group.is_main():
             factors.save(out, overwrite=True, discard=[checkpoint])
         group.barrier()
+        if plan is not None and progress:
+            print(plan.report(), file=sys.stderr, flush=True)
     return factors

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from pretrace.config import IN_MEMORY, require_instance, require_path
@@ -13,6 +14,7 @@ from pretrace.store.build import build_store, curvature_whitening
 from pretrace.data.records import RecordSource, check_source, in_memory, source_sha256
 from pretrace.storage import commit_folder, output_folder
 from pretrace.modeling.adapters import model_folders
+from pretrace.modeling.memory import exact_width, index_plan, plan_run
 from pretrace.modeling.stage import ModelOptions, Stage, load_stage
 
 
@@ -39,6 +41,12 @@ def index(model: str | Path | Stage, train: RecordSource, out: str | Path, optio
               if path != IN_MEMORY}
     with output_folder(out, overwrite, inputs, command="index"):
         check_source(train, "training documents")
+        options, plan = plan_run(None if isinstance(model, Stage) else model, model.options if isinstance(model, Stage) else options,
+                                 lambda shapes, batch, length: index_plan(shapes, batch, length, settings.storage, settings.shard_batches,
+                                                                          exact_width(shapes, settings.sketch_dim)),
+                                 model=model.model if isinstance(model, Stage) else None)
+        if plan is not None and progress:
+            print(plan.describe(), file=sys.stderr, flush=True)
         stage = model if isinstance(model, Stage) else load_stage(model, options)
         used = stage.options  # as used: the default --max-length resolved against the model
         # the keys `score --index` compares (pretrace.workflows.score._check_index), so it names the flag that differs
@@ -54,6 +62,8 @@ def index(model: str | Path | Stage, train: RecordSource, out: str | Path, optio
         else:
             meta = build_index(stage.model, stage.tracked, batches, work, settings, signature, num_batches=count, progress=progress)
         commit_folder(work, out, "index")
+    if plan is not None and progress:
+        print(plan.report(), file=sys.stderr, flush=True)
     return meta
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -41,6 +42,7 @@ from pretrace.scores.checkpoint import ScoringCheckpoint
 from pretrace.stages import Folder, Source, digest
 from pretrace.storage import atomic_directory, check_cache, checkpoint_folder, output_folder
 from pretrace.training.finetune import FINETUNE_RECORD, read_finetune_record
+from pretrace.modeling.memory import plan_run, score_plan
 from pretrace.modeling.stage import ModelOptions, Stage, iter_source, load_stage, match_stages
 
 
@@ -210,6 +212,20 @@ class Inputs:
         return load_stage(getattr(self.settings, name), options, base=None if base == IN_MEMORY else base)
 
 
+def _plan(settings: ScoreSettings, options: ModelOptions, inputs: Inputs, queries: int, documents: int, progress: bool):
+    """The run's memory plan (refused over the budget; `--batch-size auto` resolved), before any model is loaded."""
+    document_model = "model" if not settings.is_multi_stage else "pretrained"
+    given = inputs.given.get(document_model)
+    stages = 2 if settings.is_multi_stage else 1
+    options, plan = plan_run(None if given is not None else getattr(settings, document_model), options,
+                             lambda shapes, batch, length: score_plan(shapes, batch, length, queries, documents, stages, settings.query_rank,
+                                                                      settings.outputs.per_module),
+                             model=None if given is None else given.model)
+    if plan is not None and progress:
+        print(plan.describe(), file=sys.stderr, flush=True)
+    return options, plan
+
+
 def _finetune_record(path: str, stage: Stage) -> dict | None:
     """What `finetune` recorded of a stage: in its folder, or on a model it returned in memory."""
     return getattr(stage.model, "pretrace_finetune", None) if path == IN_MEMORY else read_finetune_record(path)
@@ -278,11 +294,12 @@ def build_context(settings: ScoreSettings, options: ModelOptions, given: Mapping
     queries = read_queries(inputs["queries"], fields=fields)
     train = inputs["train"]
     check_source(train, "training documents")
-    validate_documents(train, fields)
+    count = validate_documents(train, fields)
     documents = Path(train) if isinstance(train, str) else train
     diagonal = settings.method.name == "diagonal"
     if not settings.method.uses_model:
         return ScoringContext(None, None, documents, queries, options=options, progress=progress)
+    options, plan = _plan(settings, options, inputs, len(queries), count, progress)
     if not settings.is_multi_stage:
         stage = inputs.stage("model", options)
         check_factor_source("--factors", inputs["factors"], "--model", stage, diagonal)
@@ -297,6 +314,7 @@ def build_context(settings: ScoreSettings, options: ModelOptions, given: Mapping
         check_factor_source("--pretrained-factors", inputs["pretrained_factors"], "--pretrained", pretrained, diagonal)
         check_factor_source("--finetuned-factors", inputs["finetuned_factors"], "--finetuned", finetuned, diagonal)
         context = ScoringContext(finetuned, pretrained, documents, queries, options=options, alpha=alpha, task=task, progress=progress)
+    context.extra["memory_plan"] = plan
     for _ in encode_queries(context.query_stage.tokenizer, queries, context.query_stage.options.max_length):
         pass  # a query with nothing to measure fails here, not after the documents' pass
     if settings.index:
@@ -422,6 +440,8 @@ def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringConte
         if spill is not None:
             shutil.rmtree(spill, ignore_errors=True)  # the result's memory maps stay valid
     group.barrier()
+    if context.extra.get("memory_plan") is not None and context.progress:
+        print(context.extra["memory_plan"].report(), file=sys.stderr, flush=True)
     return result
 
 
@@ -469,4 +489,5 @@ def _metadata(settings: ScoreSettings, context: ScoringContext, attributor: Attr
         "timings": result.timings,
         "explanations": explanation_counts(pairs, result.explanations) if pairs is not None else None,
         "score_meaning": "score(z, x) = grad m(x)^T P grad loss(z); positive: up-weighting document z lowers the query's completion loss",
+        **({"memory_plan": context.extra["memory_plan"].record()} if context.extra.get("memory_plan") is not None else {}),
     }

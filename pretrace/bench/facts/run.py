@@ -44,6 +44,7 @@ import torch.nn.functional as F
 from pretrace.bench.facts.benchmark import Fact, FactBenchmark, read_benchmark
 from pretrace.bench.facts.bundled import build_bundled_benchmark
 from pretrace.bench.facts.candidates import CandidatePool, candidate_pools
+from pretrace.bench.facts.full_corpus import FullCorpus, full_corpus_markdown, full_corpus_results
 from pretrace.bench.facts.metrics import recall_at_k, reciprocal_rank
 from pretrace.bench.facts.probe import answer_ranks
 from pretrace.bench.facts.scoring import GRADIENT_METHODS, ON_PRETRAINED, WeightSet, attributor, score_candidates, weight_bytes
@@ -147,6 +148,7 @@ class FactTracingSettings:
     tuning: FineTuning = nested(FineTuning)
     curvature: Curvature = nested(Curvature)
     compute: Compute = nested(Compute)
+    corpus: FullCorpus = nested(FullCorpus)
 
     def __post_init__(self):
         validate(self)
@@ -443,6 +445,7 @@ def _run_fact_tracing(settings: FactTracingSettings) -> dict:
     for label, stage in stages.items():
         ranks[f"finetuned@{label}"] = run.probe(f"finetuned-{label}", stage, run.keys[f"finetune@{label}"], queries)
     per_query = _per_query_metrics(run, scores, facts, pools, sentence_ids)
+    full_corpus = full_corpus_results(run, benchmark, facts, pretrained, stages, pt_factors, ft_factors, per_query) if s.corpus.full_corpus else None
 
     results = {
         "benchmark": "fact-tracing",
@@ -458,6 +461,7 @@ def _run_fact_tracing(settings: FactTracingSettings) -> dict:
                    for a in alphas},
         "query_rank_error": {name: _quantiles(entry["relative_error"]) for name, entry in preparation.items()},
         "query_routes": {name: entry["route"] for name, entry in preparation.items()},
+        **({"full_corpus": full_corpus} if full_corpus else {}),
     }
     if len(alphas) > 1:
         results["across_alphas"] = [
@@ -657,6 +661,8 @@ def results_markdown(results: dict) -> str:
         for model, accuracy in block["probe"].items():
             lines.append(f"| {model} | " + " | ".join(_interval(accuracy[f"top{k}"]) for k in PROBE_KS) + " |")
         lines.append("")
+    if "full_corpus" in results:
+        lines += full_corpus_markdown(results["full_corpus"])
     for d in results.get("across_alphas", []):
         lines.append(f"Multi-stage EK-FAC at α = {d['first']} − at α = {d['second']}: Δ MRR {_signed(d['rr'])} (W/T/L {d['rr']['wins']}/{d['rr']['ties']}/{d['rr']['losses']}), "
                      f"Δ {recall} {_signed(d[recall])}.")
