@@ -33,6 +33,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import mmap
 import os
 import secrets
 import shutil
@@ -259,25 +260,42 @@ def read_sealed(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, st
 SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "BF16": None, "I64": "int64", "I32": "int32"}
 
 
-def memory_map(path: str | Path, name: str) -> numpy.memmap:
-    """Tensor `name` of a safetensors file as a read-only numpy memory map (never read into RAM); the file's
-    contents are verified elsewhere (its folder's manifest, or its seal when it is read whole)."""
-    path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            length = int.from_bytes(handle.read(8), "little")
-            header = json.loads(handle.read(length))
-        entry = header[name]
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]
-        start, end = entry["data_offsets"]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise CorruptFile(f"{path}: not a safetensors file holding {name!r} ({error.__class__.__name__})") from None
-    if dtype is None:
-        raise PretraceError(f"{path}: {name!r} is {entry['dtype']}, which numpy cannot map.")
-    shape = tuple(entry["shape"])
-    if end - start != numpy.dtype(dtype).itemsize * int(numpy.prod(shape, dtype=numpy.int64)):
-        raise CorruptFile(f"{path}: {name!r} has {end - start} bytes, not what its shape {shape} needs")
-    return numpy.memmap(path, dtype=dtype, mode="r", offset=8 + length + start, shape=shape)
+class RowFile:
+    """A 2-D tensor of a safetensors file read by rows on demand (`file[start:stop]`, `file[indices]`, copies),
+    never held in RAM: a read-only memory map whose pages are released from the process after each read
+    (madvise DONTNEED; they stay in the kernel's cache), so touching a whole store does not grow the process's
+    resident memory. The file's contents are verified elsewhere (its folder's manifest, or its seal when it is read
+    whole)."""
+
+    def __init__(self, path: str | Path, name: str):
+        self.path = Path(path)
+        try:
+            with self.path.open("rb") as handle:
+                length = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(length))
+            entry = header[name]
+            dtype = SAFETENSORS_DTYPES[entry["dtype"]]
+            start, end = entry["data_offsets"]
+            shape = tuple(int(n) for n in entry["shape"])
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            raise CorruptFile(f"{self.path}: not a safetensors file holding {name!r} ({error.__class__.__name__})") from None
+        if dtype is None or len(shape) != 2:
+            raise PretraceError(f"{self.path}: {name!r} is a {entry['dtype']} tensor of shape {shape}, not rows numpy can read.")
+        if end - start != numpy.dtype(dtype).itemsize * shape[0] * shape[1]:
+            raise CorruptFile(f"{self.path}: {name!r} has {end - start} bytes, not what its shape {shape} needs")
+        with self.path.open("rb") as handle:
+            self._map = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
+        self._rows = numpy.frombuffer(self._map, dtype=dtype, count=shape[0] * shape[1], offset=8 + length + start).reshape(shape)
+        self.shape = shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key: slice | numpy.ndarray) -> numpy.ndarray:
+        rows = numpy.array(self._rows[key])
+        if hasattr(mmap, "MADV_DONTNEED"):  # Linux and macOS; elsewhere the pages stay mapped
+            self._map.madvise(mmap.MADV_DONTNEED)
+        return rows
 
 
 def read_tensors(path: str | Path) -> dict[str, torch.Tensor]:

@@ -22,7 +22,8 @@ from pretrace.modeling.modules import select_modules
 
 GB = 1e9
 # Calibrated on 2026-12-07 against peaks of `pretrace fit` measured at batch 1 and 32 (128 tokens) on four GPT-NeoX
-# shapes (hidden 256/512, 4/8 layers, vocabulary 4096/16384), CPU, float32: each measured peak was 0.85-0.97 of the plan.
+# shapes (hidden 256/512, 4/8 layers, vocabulary 4096/16384), CPU, float32: each measured peak was 0.96-1.08 of the
+# plan; on a 1.1B Llama (benchmarks/billion.py) 0.92 (fit) and 1.01 (multi-stage score).
 RUNTIME_BYTES = 350_000_000  # the interpreter with torch, transformers and tokenizers imported, the loaded model's transients
 ACTIVATION_WORDS = 2  # numbers per token, hidden unit and layer kept by a forward+backward beyond the captured module inputs
 LOGIT_COPIES = 3  # float32 numbers per token and vocabulary entry: logits, their log-softmax and its gradient
@@ -76,6 +77,7 @@ class MemoryPlan:
 
     command: str
     parts: dict[str, int] = field(default_factory=dict)
+    device: str = "cpu"  # where the peak is measured: resident memory of this process, or torch's peak on a GPU
 
     @property
     def total(self) -> int:
@@ -91,18 +93,22 @@ class MemoryPlan:
 
     def record(self) -> dict:
         """The plan beside the measured peak of this process so far (Linux getrusage: kilobytes)."""
-        measured = measured_peak_bytes()
+        measured = measured_peak_bytes(self.device)
         return {**self.prediction(), "measured_peak_bytes": measured, "measured_over_predicted": measured / self.total}
 
     def report(self) -> str:
         """One line: the measured peak against the plan (printed at the end of a run)."""
-        measured = measured_peak_bytes()
+        measured = measured_peak_bytes(self.device)
         return f"peak memory: measured {measured / GB:.2f} GB, planned {self.total / GB:.2f} GB ({measured / self.total:.2f}x)"
 
 
-def reset_peak() -> None:
-    """Start measuring this run's peak afresh: Linux resets the peak resident size when 5 is written to
-    /proc/self/clear_refs (a process started from a large one would otherwise report its parent's peak)."""
+def reset_peak(device: str = "cpu") -> None:
+    """Start measuring this run's peak afresh: on a GPU torch's peak statistics; on Linux the peak resident size,
+    reset when 5 is written to /proc/self/clear_refs (a process started by a large one would otherwise report its
+    parent's peak)."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return
     try:
         with open("/proc/self/clear_refs", "w", encoding="ascii") as handle:
             handle.write("5")
@@ -110,8 +116,11 @@ def reset_peak() -> None:
         pass
 
 
-def measured_peak_bytes() -> int:
-    """This process's peak resident memory since `reset_peak` (Linux VmHWM; getrusage elsewhere)."""
+def measured_peak_bytes(device: str = "cpu") -> int:
+    """The peak since `reset_peak`: torch's allocated peak on a GPU, else this process's resident peak (Linux VmHWM;
+    getrusage elsewhere)."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device)
     try:
         with open("/proc/self/status", encoding="ascii") as handle:
             for line in handle:
@@ -139,14 +148,23 @@ def _factor_bytes(shapes: ModelShapes, bytes_per_number: int) -> int:
 
 
 def fit_plan(shapes: ModelShapes, batch: int, length: int, factor_dtype: str) -> MemoryPlan:
-    """Covariance and Λ sums in float64, the factors kept, the largest module's eigendecomposition, one batch's
-    rotated per-example gradients."""
+    """The largest of fit's three phases, beside the weights and the runtime: the covariance pass (its float64
+    sums), the eigendecompositions (the sums, the factors written so far, the largest module's workspace) and the
+    eigenvalue-correction pass (the factors, Λ's float64 sums, one batch's rotated per-example gradients)."""
     stored = torch.finfo(DTYPES[factor_dtype]).bits // 8
-    largest = max((d_in * d_in, d_out * d_out // blocks) for _, d_out, d_in, blocks in shapes.tracked)
-    rotated = max(batch * d_out * d_in for _, d_out, d_in, _ in shapes.tracked) * 4
-    sums = 8 * sum(d_in * d_in + d_out * (d_out // blocks) + d_out * d_in for _, d_out, d_in, blocks in shapes.tracked)
-    return MemoryPlan("fit", {**one_pass(shapes, batch, length), "factor sums (float64)": sums, "factors": _factor_bytes(shapes, stored),
-                              "eigendecomposition": 8 * 4 * max(largest), "rotated gradients": rotated})
+    pass_ = one_pass(shapes, batch, length)
+    forward = {"forward+backward": pass_.pop("forward+backward"), "captured": pass_.pop("captured")}
+    covariance_sums = 8 * sum(d_in * d_in + d_out * (d_out // blocks) for _, d_out, d_in, blocks in shapes.tracked)
+    factors = _factor_bytes(shapes, stored)
+    lambda_bytes = sum(d_out * d_in for _, d_out, d_in, _ in shapes.tracked)
+    largest = max(max(d_in * d_in, d_out * d_out // blocks) for _, d_out, d_in, blocks in shapes.tracked)
+    phases = [
+        {**forward, "covariance sums (float64)": covariance_sums},
+        {"covariance sums (float64)": covariance_sums, "factors": factors - stored * lambda_bytes, "eigendecomposition": 8 * 4 * largest},
+        {**forward, "factors": factors, "Λ sums (float64)": 8 * lambda_bytes,
+         "rotated gradients": 4 * batch * max(d_out * d_in for _, d_out, d_in, _ in shapes.tracked)},
+    ]
+    return MemoryPlan("fit", {**pass_, **max(phases, key=lambda parts: sum(parts.values()))})
 
 
 def score_plan(shapes: ModelShapes, batch: int, length: int, queries: int, documents: int, stages: int, query_rank: int | None,
@@ -214,7 +232,8 @@ def refuse(plan: MemoryPlan, budget: int, what: str) -> None:
     largest = max(plan.parts, key=plan.parts.get)
     remedies = {"forward+backward": "a smaller --batch-size (or --batch-size auto) or --max-length", "captured": "a smaller --batch-size or fewer --modules",
                 "factors": "fewer tracked modules (--modules, --preset mlp), or --factors-device cpu / --shard-factors on a GPU",
-                "factor sums (float64)": "fewer tracked modules (--modules, --preset mlp)", "query weights": "--query-rank (rank-truncated query weights) or fewer queries",
+                "covariance sums (float64)": "fewer tracked modules (--modules, --preset mlp)", "Λ sums (float64)": "fewer tracked modules (--modules, --preset mlp)",
+                "eigendecomposition": "fewer or narrower tracked modules (--modules)", "query weights": "--query-rank (rank-truncated query weights) or fewer queries",
                 "scores": "fewer queries or documents per run, or --scores-on-disk", "weights": "--dtype bfloat16, or a machine with more memory",
                 "per-example gradients": "a smaller --batch-size", "rotated gradients": "a smaller --batch-size", "shard": "a smaller --batches-per-shard"}
     raise PretraceError(f"{plan.describe()} exceeds the memory budget of {budget / GB:.2f} GB with {what}; its largest part is {largest}: "
@@ -233,5 +252,13 @@ def plan_run(path: str | Path | None, options, plan_for, model: torch.nn.Module 
                                 "name); pass a number of sequences.")
         return options, None
     length = sequence_length(shapes, options.max_length)
-    reset_peak()
-    return planned_options(options, lambda batch: plan_for(shapes, batch, length))
+    device = str(options.torch_device())
+    reset_peak(device)
+    return planned_options(options, lambda batch: on_device(plan_for(shapes, batch, length), device))
+
+
+def on_device(plan: MemoryPlan, device: str) -> MemoryPlan:
+    """The plan of a run on `device`: on a GPU the interpreter's memory is the host's, not the device's."""
+    if device.startswith("cuda"):
+        return MemoryPlan(plan.command, {k: v for k, v in plan.parts.items() if k != "runtime"}, device)
+    return plan

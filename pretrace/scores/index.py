@@ -38,7 +38,7 @@ T = TypeVar("T")
 FORMAT_VERSION = 3  # 3: sealed shards and index.json (older indexes are refused: rebuild them)
 _REBUILD = "rebuild the index with `pretrace index`"
 STORAGES = ("exact", "factored", "sketch")
-SEARCHES = ("auto", "flat", "ivf")
+SEARCHES = ("auto", "flat", "pq")
 SKETCH_ONLY = ("--sketch-dim", "--sketch-seed", "--normalize", "--search")
 
 
@@ -48,7 +48,7 @@ class IndexSettings:
     sketch_dim: int = option(8, at_least=1, at_most=1 << 12, help="--storage sketch: k, the dimension each side of a module's gradient (its output gradients and its inputs) is projected to; k² numbers per module and document.")
     sketch_seed: int = option(0, at_least=0, at_most=MAX_SEED, help="--storage sketch: seed of the projection matrices.")
     normalize: bool = option(False, help="--storage sketch: store unit-norm document sketches (TrackStar), so search ranks by cosine instead of the inner product.")
-    search: str = option("auto", choices=SEARCHES, help="--storage sketch: 'flat' (exact inner products over the memory-mapped store), 'ivf' (a faiss inverted-file index of 8-bit codes, candidates re-scored exactly; needs pretrace[index]) or 'auto' (ivf from 100,000 documents).")
+    search: str = option("auto", choices=SEARCHES, help="--storage sketch: 'flat' (exact inner products, streaming the store from disk), 'pq' (faiss product-quantised codes of every document, one byte per four dimensions, held in RAM; each query's 50,000 best re-scored exactly; needs pretrace[index]) or 'auto' (pq from 100,000 documents).")
     batches_per_shard: int | None = option(None, at_least=1, help="Document batches per shard file (default: 16, and 4096 for --storage sketch); an interrupted build resumes after its last complete shard.")
 
     def __post_init__(self):

@@ -3,7 +3,7 @@ float16 shards written as signed parts (a killed build resumes after its last wh
 
 The store is a `pretrace index` folder (`--storage sketch`): `index.json` (the signature, the sketch, the shards,
 the document ids, the bytes per document), `shard-NNNNN.safetensors` (`vectors`: float16 `[documents, width]`) and,
-for inverted-file search, `search.faiss`.
+for quantised search, `search.faiss`.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ from pretrace.gradients.source import LiveGradients, document_loss
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.scores.index import FORMAT_VERSION, INDEX_FILE, IndexSettings, chunks
-from pretrace.storage import SignedParts, file_sha256, memory_map, read_record, write_record
+from pretrace.storage import RowFile, SignedParts, file_sha256, read_record, write_record
 from pretrace.curvature.factors import Factors
 from pretrace.store.search import SEARCH_FILE, SKETCH_PART, build_search
 
-IVF_FROM = 100_000  # documents from which --search auto builds an inverted-file index
+QUANTISED_FROM = 100_000  # documents from which --search auto encodes product-quantised codes
 WHITENING_DAMPING = 0.1  # γ of each whitening factor, relative to its mean eigenvalue
 
 
@@ -68,10 +68,10 @@ def build_store(model: torch.nn.Module, tracked: list[TrackedModule], batches: I
     shards, ids, largest = _write_shards(model, tracked, batches, parts, sketch, settings, task, num_batches, progress)
     if not ids:
         raise PretraceError("no documents to index.")
-    search = settings.search if settings.search != "auto" else ("ivf" if len(ids) >= IVF_FROM else "flat")
-    vectors = [memory_map(folder / shard["file"], "vectors") for shard in shards]
-    described = build_search(vectors, folder / SEARCH_FILE, progress) if search == "ivf" else {"kind": "flat"}
-    if search == "ivf":
+    search = settings.search if settings.search != "auto" else ("pq" if len(ids) >= QUANTISED_FROM else "flat")
+    vectors = [RowFile(folder / shard["file"], "vectors") for shard in shards]
+    described = build_search(vectors, folder / SEARCH_FILE, progress) if search == "pq" else {"kind": "flat"}
+    if search == "pq":
         described["sha256"] = file_sha256(folder / SEARCH_FILE)
     meta = {"format_version": FORMAT_VERSION, "signature": signature, "complete": True, "storage": "sketch", "modules": shapes,
             "sketch": {"dim": settings.sketch_dim, "seed": settings.sketch_seed, "width": sketch.width, "normalized": settings.normalize,
@@ -84,7 +84,7 @@ def build_store(model: torch.nn.Module, tracked: list[TrackedModule], batches: I
 def _write_shards(model, tracked, batches, parts: SignedParts, sketch: KroneckerSketch, settings: IndexSettings, task: Task,
                   num_batches: int | None, progress: bool) -> tuple[list[dict], list[str], float]:
     """Every shard (kept from an interrupted build when whole, else sketched now): their entries, the document ids
-    and the largest sketch norm (what the inverted-file search needs)."""
+    and the largest sketch norm."""
     total = None if num_batches is None else -(-num_batches // settings.shard_batches)
     shards, ids, largest = [], [], 0.0
     source = LiveGradients(model, tracked, batches, document_loss(task))

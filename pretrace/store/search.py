@@ -1,8 +1,11 @@
 """Searching the corpus store: the highest sketched scores ⟨query sketch, document sketch⟩ for each query.
 
-`flat` search streams the memory-mapped float16 shards in blocks (exact; the store is never held in RAM). `ivf`
-search asks a faiss inverted-file index (inner-product metric, product-quantised codes of one byte per eight
-dimensions: 1/16 of the store) for candidates and re-scores them exactly from the shards.
+`flat` search streams the float16 shards in blocks (exact; the store is never held in RAM). `pq`
+search scans every document's product-quantised code (faiss, inner-product metric, one byte per four dimensions:
+1/8 of the store, held in RAM) for each query's candidates and re-scores them exactly from the shards. An
+inverted-file index was measured first and dropped: sketched gradients' large-norm documents, which hold the top
+inner products, fall in lists whose centroids score low, so probing half of 1,000 lists of a million documents
+still found only 59% of the exact top 100.
 """
 
 from __future__ import annotations
@@ -19,18 +22,20 @@ from pretrace.errors import PretraceError
 from pretrace.gradients.sketch import KroneckerSketch
 from pretrace.scores.result import ScoreResult
 from pretrace.scores.weights import as_module_weights
-from pretrace.storage import memory_map, read_record, read_sealed, verify_folder
+from pretrace.storage import RowFile, read_record, read_sealed, verify_folder
 
 SEARCH_FILE = "search.faiss"
 SKETCH_PART = "sketch"  # sketch.safetensors: the query side's projections (whitened, when the store is)
 BLOCK = 65_536  # documents converted to float32 at a time by flat search and the index build
+TRAINING = 65_536  # sketches the product quantisers are trained on (faiss wants 39 per centroid: 256 centroids each)
+CANDIDATES = 50_000  # per query, re-scored exactly: the fewest of 1k-50k whose recall@100 reached 0.95 on the 1M benchmark's dev queries
 
 
 def _faiss():
     try:
         import faiss
     except ImportError:
-        raise PretraceError("--search ivf needs faiss: pip install 'pretrace[index]' (or choose --search flat).") from None
+        raise PretraceError("--search pq needs faiss: pip install 'pretrace[index]' (or choose --search flat).") from None
     return faiss
 
 
@@ -44,29 +49,27 @@ def _blocks(vectors: list[numpy.ndarray]):
 
 
 def build_search(vectors: list[numpy.ndarray], path: Path, progress: bool) -> dict:
-    """Train and fill an inverted-file index of product-quantised sketches; written to `path` atomically. About √N
-    lists (at least 39 training points each), trained on up to 64 points per list (k-means costs points × lists ×
-    width: this keeps a million documents' training to minutes on two cores)."""
+    """Train product quantisers on a sample of the sketches (up to TRAINING of them) and encode every document;
+    written to `path` atomically."""
     faiss = _faiss()
+    start = time.perf_counter()
     total, width = sum(len(v) for v in vectors), vectors[0].shape[1]
-    lists = max(1, min(int(total ** 0.5), total // 39))
-    rng = numpy.random.default_rng(0)
-    sample = numpy.sort(rng.choice(total, size=min(total, max(64 * lists, 256 * 40)), replace=False))
+    sample = numpy.sort(numpy.random.default_rng(0).choice(total, size=min(total, TRAINING), replace=False))
     starts = numpy.cumsum([0] + [len(v) for v in vectors])
     training = numpy.concatenate([vectors[s][sample[(sample >= starts[s]) & (sample < starts[s + 1])] - starts[s]] for s in range(len(vectors))])
-    codes = next(m for m in range(max(1, width // 8), 0, -1) if width % m == 0)  # sub-quantisers: about eight dimensions each
-    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(width), width, lists, codes, 8, faiss.METRIC_INNER_PRODUCT)
+    codes = next(m for m in range(max(1, width // 4), 0, -1) if width % m == 0)  # sub-quantisers: about four dimensions each
+    index = faiss.IndexPQ(width, codes, 8, faiss.METRIC_INNER_PRODUCT)
     index.train(numpy.ascontiguousarray(training, dtype=numpy.float32))
-    for _, block in tqdm(list(_blocks(vectors)), desc="indexing sketches", unit="block", disable=not progress):
+    for _, block in tqdm(list(_blocks(vectors)), desc="encoding sketches", unit="block", disable=not progress):
         index.add(numpy.ascontiguousarray(block, dtype=numpy.float32))
     temporary = path.with_name(f".{path.name}.tmp")
     faiss.write_index(index, str(temporary))
     os.replace(temporary, path)
-    return {"kind": "ivf", "lists": lists, "trained_on": len(sample), "codes_bytes_per_document": codes}
+    return {"kind": "pq", "trained_on": len(sample), "codes_bytes_per_document": codes, "seconds": time.perf_counter() - start}
 
 
 class CorpusStore:
-    """A built store, opened read-only: its shards memory-mapped, its search index (if any) loaded.
+    """A built store, opened read-only: its shards read by rows on demand, its search index (if any) loaded.
 
     `verify`: check every file against the folder's manifest first (reads the whole store once)."""
 
@@ -77,9 +80,9 @@ class CorpusStore:
         self.meta = read_record(self.folder / "index.json", "rebuild the store with `pretrace index --storage sketch`")
         if self.meta.get("storage") != "sketch":
             raise PretraceError(f"{self.folder}: a gradient index of --storage {self.meta.get('storage')}, not a corpus store (--storage sketch).")
-        self.vectors = [memory_map(self.folder / shard["file"], "vectors") for shard in self.meta["shards"]]
+        self.vectors = [RowFile(self.folder / shard["file"], "vectors") for shard in self.meta["shards"]]
         self.document_ids: list[str] = self.meta["document_ids"]
-        self.index = _faiss().read_index(str(self.folder / SEARCH_FILE)) if self.meta["search"]["kind"] == "ivf" else None
+        self.index = _faiss().read_index(str(self.folder / SEARCH_FILE)) if self.meta["search"]["kind"] == "pq" else None
 
     def __len__(self) -> int:
         return len(self.document_ids)
@@ -129,27 +132,17 @@ class CorpusStore:
             best_scores, best_indices = keep.values, indices.gather(1, keep.indices)
         return best_scores, best_indices
 
-    def search(self, queries: torch.Tensor, k: int, candidates: int | None = None, probes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each query's top `k` (scores, document indices): exact over the store (flat), or from the inverted-file
-        index's `candidates` nearest (default max(10k, 1000)) over `probes` lists (default 1/16 of them), re-scored
-        exactly from the shards."""
+    def search(self, queries: torch.Tensor, k: int, candidates: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's top `k` (scores, document indices): exact over the store (flat), or the `candidates`
+        (default max(CANDIDATES, 10k)) best by product-quantised codes, re-scored exactly from the shards."""
         if self.index is None:
             return self.exact_top(queries, k)
-        candidates = min(len(self), candidates or max(10 * k, 1000))
-        self.index.nprobe = probes or max(1, self.meta["search"]["lists"] // 16)
+        candidates = min(len(self), max(k, candidates or max(CANDIDATES, 10 * k)))
         q = queries.float().numpy()
         _, found = self.index.search(numpy.ascontiguousarray(q), candidates)
         top_scores, top_indices = [], []
-        k = min(k, len(self))
-        for number, (row, query) in enumerate(zip(found, q)):
-            row = row[row >= 0]
-            if len(row) < k:  # the lists probed hold fewer documents than asked: this query is searched exactly
-                scores, indices = self.exact_top(queries[number:number + 1], k)
-                top_scores.append(scores[0])
-                top_indices.append(indices[0])
-                continue
-            exact = torch.from_numpy(self.rows(row) @ query)
-            keep = torch.topk(exact, min(k, len(row)))
+        for row, query in zip(found, q):
+            keep = torch.topk(torch.from_numpy(self.rows(row) @ query), min(k, len(row)))
             top_scores.append(keep.values)
             top_indices.append(torch.from_numpy(row)[keep.indices])
         return torch.stack(top_scores), torch.stack(top_indices)
