@@ -11,7 +11,9 @@ models are built from configs. Checked, each a row of the table and an entry of 
 - fit, score and the corpus store's build throughput, each as a ratio to a plain forward+backward pass over the same
   batches on the same device;
 - the peak device memory (torch.cuda.max_memory_allocated) against the memory plan's prediction;
-- --factors-device cpu gives the scores of factors on the device.
+- --factors-device cpu gives the scores of factors on the device;
+- kronfluence on the same workload and device (benchmarks/vs_kronfluence.py), where its wheel was brought along.
+Not covered: --shard-factors, which needs several ranks (torchrun) and is tested on the CPU with gloo.
 """
 
 from __future__ import annotations
@@ -141,6 +143,22 @@ def check_memory(world: dict, device: str) -> dict | None:
     return {"measured_bytes": measured, "planned_bytes": device_parts, "measured_over_planned": measured / device_parts}
 
 
+def check_kronfluence(device: str, scratch: Path) -> dict:
+    """benchmarks/vs_kronfluence.py's tiny workload (its speed, memory and agreement) on this device, where the
+    kronfluence wheel was brought along; else why not."""
+    import importlib.util
+    import subprocess
+
+    if importlib.util.find_spec("kronfluence") is None:
+        return {"skipped": "kronfluence is not installed here (carry its wheel to compare)"}
+    out = scratch / "vs_kronfluence.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_kronfluence.py"), "--size", "tiny", "--device", device, "--repeats", "1",
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    if result.returncode:
+        return {"failed": result.stderr[-2000:]}
+    return json.loads(out.read_text())
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
@@ -156,7 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
         world = _world(Path(scratch), args.reduced)
         report = {"device": torch.cuda.get_device_name() if args.device != "cpu" else "cpu", "torch": torch.__version__,
                   "agreement": check_agreement(world, args.device), "throughput": check_throughput(world, args.device, Path(scratch)),
-                  "memory": check_memory(world, args.device)}
+                  "memory": check_memory(world, args.device),
+                  "kronfluence": check_kronfluence(args.device, Path(scratch)) if not args.reduced else {"skipped": "--reduced"}}
     report["seconds"] = time.perf_counter() - start
     print(json.dumps(report, indent=2))
     if args.json:

@@ -1,47 +1,37 @@
 """The gradient index: stored document gradients score new queries like the streaming path."""
 
-import random
 
 import pytest
 import torch
 
 from pretrace.curvature import EKFAC, FitSettings, fit_factors
 from pretrace.data import Document, Query
-from pretrace.data.batching import encode_documents, encode_queries, iter_batches
+from pretrace.data.batching import encode_queries, iter_batches
 from pretrace.errors import PretraceError
 from pretrace.modeling.modules import select_modules
 from pretrace.scores import score_documents
 from pretrace.scores.index import INDEX_FILE, IndexSettings, build_index, read_index, score_index
 from pretrace.scores.queries import precondition_queries
-from tiny import WORDS, build_tiny_model
+from tiny import build_tiny_model, document_batches, random_documents
 
 QUERIES = [Query("q0", "paris is the capital of", " france ."), Query("q1", "the cat sat", " on the mat .")]
-
-
-def _docs(n, seed=0):
-    rng = random.Random(seed)
-    return [Document(f"d{i}", " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9)))) for i in range(n)]
-
-
-def _batches(tokenizer, docs, batch_size=3):
-    return iter_batches(encode_documents(tokenizer, docs, 64), batch_size, tokenizer.pad_token_id)
 
 
 @pytest.fixture(scope="module")
 def setup(tokenizer, sentences):
     model = build_tiny_model("gpt_neox", tokenizer)
     tracked = select_modules(model)
-    docs = [Document(str(i), s) for i, s in enumerate(sentences[:6])] + _docs(7)
-    factors = fit_factors(model, tracked, lambda: _batches(tokenizer, docs), FitSettings(factor_dtype="float64"), progress=False)
+    docs = [Document(str(i), s) for i, s in enumerate(sentences[:6])] + random_documents(7)
+    factors = fit_factors(model, tracked, lambda: document_batches(tokenizer, docs), FitSettings(factor_dtype="float64"), progress=False)
     queries = precondition_queries(model, tracked, iter_batches(encode_queries(tokenizer, QUERIES, 64), 2, tokenizer.pad_token_id), EKFAC(factors))
-    streamed = score_documents(model, tracked, queries.weights, _batches(tokenizer, docs), queries.ids, per_module=True)
+    streamed = score_documents(model, tracked, queries.weights, document_batches(tokenizer, docs), queries.ids, per_module=True)
     return model, tracked, docs, queries, streamed
 
 
 @pytest.mark.parametrize("storage", ["exact", "factored"])
 def test_exact_storages_score_like_the_streaming_path(setup, tokenizer, tmp_path, storage):
     model, tracked, docs, queries, streamed = setup
-    meta = build_index(model, tracked, _batches(tokenizer, docs), tmp_path, IndexSettings(storage=storage, batches_per_shard=2), progress=False)
+    meta = build_index(model, tracked, document_batches(tokenizer, docs), tmp_path, IndexSettings(storage=storage, batches_per_shard=2), progress=False)
     assert len(meta["shards"]) == 3 and meta["document_ids"] == [d.id for d in docs]
     result = score_index(tmp_path, queries.weights, queries.ids, per_module=True)
     torch.testing.assert_close(result.scores, streamed.scores, rtol=1e-9, atol=1e-12)
@@ -54,7 +44,7 @@ def test_interrupted_build_resumes_after_its_last_shard(setup, tokenizer, tmp_pa
     settings = IndexSettings(batches_per_shard=2)
 
     def crashing():
-        for number, batch in enumerate(_batches(tokenizer, docs)):
+        for number, batch in enumerate(document_batches(tokenizer, docs)):
             if number == 3:
                 raise KeyboardInterrupt
             yield batch
@@ -64,16 +54,16 @@ def test_interrupted_build_resumes_after_its_last_shard(setup, tokenizer, tmp_pa
     with pytest.raises(PretraceError, match="incomplete"):
         read_index(tmp_path)
     first = (tmp_path / "shard-00000.safetensors").stat().st_mtime_ns
-    build_index(model, tracked, _batches(tokenizer, docs), tmp_path, settings, progress=False)
+    build_index(model, tracked, document_batches(tokenizer, docs), tmp_path, settings, progress=False)
     assert (tmp_path / "shard-00000.safetensors").stat().st_mtime_ns == first  # kept, not recomputed
     torch.testing.assert_close(score_index(tmp_path, queries.weights, queries.ids).scores, streamed.scores, rtol=1e-9, atol=1e-12)
 
 
 def test_mismatches_are_refused(setup, tokenizer, tmp_path):
     model, tracked, docs, queries, _ = setup
-    build_index(model, tracked, _batches(tokenizer, docs), tmp_path, signature={"documents_sha256": "abc"}, progress=False)
+    build_index(model, tracked, document_batches(tokenizer, docs), tmp_path, signature={"documents_sha256": "abc"}, progress=False)
     with pytest.raises(PretraceError, match="other documents"):
-        build_index(model, tracked, _batches(tokenizer, docs), tmp_path, signature={"documents_sha256": "xyz"}, progress=False)
+        build_index(model, tracked, document_batches(tokenizer, docs), tmp_path, signature={"documents_sha256": "xyz"}, progress=False)
     with pytest.raises(PretraceError, match="documents sha256"):
         score_index(tmp_path, queries.weights, queries.ids, expected={"documents_sha256": "xyz"})
     with pytest.raises(PretraceError, match="lack"):

@@ -3,7 +3,6 @@ exact streaming path, its resumable build, and its two searches against brute fo
 
 from __future__ import annotations
 
-import random
 
 import numpy
 import pytest
@@ -12,7 +11,7 @@ import torch
 from dense import autograd_document_gradients, unflatten
 from pretrace.curvature import EKFAC, FitSettings, fit_factors
 from pretrace.data import Document, Query
-from pretrace.data.batching import encode_documents, encode_queries, iter_batches
+from pretrace.data.batching import encode_queries, iter_batches
 from pretrace.errors import PretraceError
 from pretrace.gradients.sketch import projections
 from pretrace.modeling.modules import select_modules
@@ -22,34 +21,25 @@ from pretrace.scores.queries import precondition_queries
 from pretrace.storage import mark_folder
 from pretrace.store import CorpusStore, build_store
 from pretrace.store.search import build_search
-from tiny import WORDS, build_tiny_model
+from tiny import build_tiny_model, document_batches, random_documents
 
 QUERIES = [Query("q0", "paris is the capital of", " france ."), Query("q1", "the cat sat", " on the mat ."), Query("q2", "birds can", " fly .")]
-
-
-def _docs(n, seed=0):
-    rng = random.Random(seed)
-    return [Document(f"d{i}", " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9)))) for i in range(n)]
-
-
-def _batches(tokenizer, docs, batch_size=3):
-    return iter_batches(encode_documents(tokenizer, docs, 64), batch_size, tokenizer.pad_token_id)
 
 
 @pytest.fixture(scope="module")
 def setup(tokenizer, sentences):
     model = build_tiny_model("gpt_neox", tokenizer)
     tracked = select_modules(model)
-    docs = [Document(str(i), s) for i, s in enumerate(sentences)] + _docs(12)
-    factors = fit_factors(model, tracked, lambda: _batches(tokenizer, docs), FitSettings(factor_dtype="float64"), progress=False)
+    docs = [Document(str(i), s) for i, s in enumerate(sentences)] + random_documents(12)
+    factors = fit_factors(model, tracked, lambda: document_batches(tokenizer, docs), FitSettings(factor_dtype="float64"), progress=False)
     queries = precondition_queries(model, tracked, iter_batches(encode_queries(tokenizer, QUERIES, 64), 3, tokenizer.pad_token_id), EKFAC(factors))
-    streamed = score_documents(model, tracked, queries.weights, _batches(tokenizer, docs), queries.ids)
+    streamed = score_documents(model, tracked, queries.weights, document_batches(tokenizer, docs), queries.ids)
     return model, tracked, docs, queries, streamed
 
 
 def _store(setup, tokenizer, folder, **settings):
     model, tracked, docs, _, _ = setup
-    meta = build_store(model, tracked, _batches(tokenizer, docs), folder, IndexSettings(storage="sketch", **settings), progress=False)
+    meta = build_store(model, tracked, document_batches(tokenizer, docs), folder, IndexSettings(storage="sketch", **settings), progress=False)
     mark_folder(folder, "index", manifest=True)  # what `pretrace index` commits
     return meta, CorpusStore(folder)
 
@@ -91,10 +81,10 @@ def test_whitened_sketches_are_the_curvature_whitened_gradients_projected_and_st
     from pretrace.store.build import curvature_whitening
 
     model, tracked, docs, queries, streamed = setup
-    factors = fit_factors(model, tracked, lambda: _batches(tokenizer, docs), FitSettings(factor_dtype="float64"), progress=False)
+    factors = fit_factors(model, tracked, lambda: document_batches(tokenizer, docs), FitSettings(factor_dtype="float64"), progress=False)
     whitening = curvature_whitening(factors)
     folder = tmp_path / "white"
-    build_store(model, tracked, _batches(tokenizer, docs), folder, IndexSettings(storage="sketch", sketch_dim=4), progress=False, whitening=whitening)
+    build_store(model, tracked, document_batches(tokenizer, docs), folder, IndexSettings(storage="sketch", sketch_dim=4), progress=False, whitening=whitening)
     mark_folder(folder, "index", manifest=True)
     store = CorpusStore(folder)
     sketch = projections({t.name: (t.d_out, t.d_in_total) for t in tracked}, 4, 0)
@@ -109,7 +99,7 @@ def test_whitened_sketches_are_the_curvature_whitened_gradients_projected_and_st
     stored = torch.from_numpy(store.rows(numpy.arange(len(docs)))).double()
     torch.testing.assert_close(stored, reference, rtol=2e-3, atol=2e-3 * float(reference.abs().max()))
     wide = tmp_path / "wide"
-    build_store(model, tracked, _batches(tokenizer, docs), wide, IndexSettings(storage="sketch", sketch_dim=48), progress=False, whitening=whitening)
+    build_store(model, tracked, document_batches(tokenizer, docs), wide, IndexSettings(storage="sketch", sketch_dim=48), progress=False, whitening=whitening)
     mark_folder(wide, "index", manifest=True)
     result = CorpusStore(wide).score_result(queries.weights, queries.ids)
     assert float((result.scores - streamed.scores).norm() / streamed.scores.norm()) < 2e-3
@@ -120,7 +110,7 @@ def test_a_killed_build_resumes_to_the_same_store(setup, tokenizer, tmp_path):
     settings = IndexSettings(storage="sketch", batches_per_shard=2)
 
     def crashing():
-        for number, batch in enumerate(_batches(tokenizer, docs)):
+        for number, batch in enumerate(document_batches(tokenizer, docs)):
             if number == 3:
                 raise KeyboardInterrupt
             yield batch
@@ -128,13 +118,13 @@ def test_a_killed_build_resumes_to_the_same_store(setup, tokenizer, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         build_store(model, tracked, crashing(), tmp_path / "killed", settings, progress=False)
     first = (tmp_path / "killed" / "shard-00000.safetensors").stat().st_mtime_ns
-    build_store(model, tracked, _batches(tokenizer, docs), tmp_path / "killed", settings, progress=False)
-    build_store(model, tracked, _batches(tokenizer, docs), tmp_path / "whole", settings, progress=False)
+    build_store(model, tracked, document_batches(tokenizer, docs), tmp_path / "killed", settings, progress=False)
+    build_store(model, tracked, document_batches(tokenizer, docs), tmp_path / "whole", settings, progress=False)
     assert (tmp_path / "killed" / "shard-00000.safetensors").stat().st_mtime_ns == first  # kept, not sketched again
     for shard in sorted(p.name for p in (tmp_path / "whole").glob("shard-*")):
         assert (tmp_path / "killed" / shard).read_bytes() == (tmp_path / "whole" / shard).read_bytes()
     with pytest.raises(PretraceError, match="other documents, model or settings"):
-        build_store(model, tracked, _batches(tokenizer, docs), tmp_path / "whole", IndexSettings(storage="sketch", sketch_dim=3), progress=False)
+        build_store(model, tracked, document_batches(tokenizer, docs), tmp_path / "whole", IndexSettings(storage="sketch", sketch_dim=3), progress=False)
 
 
 def test_normalized_store_holds_unit_sketches(setup, tokenizer, tmp_path):
@@ -196,7 +186,7 @@ def test_the_commands_score_against_a_store_single_and_multi_stage(tmp_path, tok
     pretrained = build_tiny_model("gpt_neox", tokenizer)
     finetuned = build_tiny_model("gpt_neox", tokenizer)
     finetuned.load_state_dict({k: v + 0.01 * torch.randn_like(v) for k, v in pretrained.state_dict().items()})
-    documents = list(sentences) + [d.text for d in _docs(10)]
+    documents = list(sentences) + [d.text for d in random_documents(10)]
     pairs = [{"prompt": q.prompt, "completion": q.completion} for q in QUERIES]
     pt_factors = pretrace.fit(pretrained, documents, tokenizer=tokenizer, progress=False)
     ft_factors = pretrace.fit(finetuned, pairs, tokenizer=tokenizer, progress=False)

@@ -95,3 +95,20 @@ def assert_refused(code: int, capsys, *needles: str) -> str:
     for needle in needles:
         assert needle in err, err[-2000:]
     return err
+
+
+def random_documents(n: int, seed: int = 0) -> list:
+    """`n` documents of 4-9 random words of WORDS, ids d0, d1, ..."""
+    import random
+
+    from pretrace.data.records import Document
+
+    rng = random.Random(seed)
+    return [Document(f"d{i}", " ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 9)))) for i in range(n)]
+
+
+def document_batches(tokenizer, documents, batch_size: int = 3, max_length: int = 64):
+    """The documents' token batches, as the workflows make them."""
+    from pretrace.data.batching import encode_documents, iter_batches
+
+    return iter_batches(encode_documents(tokenizer, documents, max_length), batch_size, tokenizer.pad_token_id)
