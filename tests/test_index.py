@@ -12,7 +12,7 @@ from pretrace.modeling.modules import select_modules
 from pretrace.scores import score_documents
 from pretrace.scores.index import INDEX_FILE, IndexSettings, build_index, read_index, score_index
 from pretrace.scores.queries import precondition_queries
-from tiny import build_tiny_model, document_batches, random_documents
+from tiny import build_tiny_model, document_batches, interrupted, random_documents
 
 QUERIES = [Query("q0", "paris is the capital of", " france ."), Query("q1", "the cat sat", " on the mat .")]
 
@@ -42,15 +42,8 @@ def test_exact_storages_score_like_the_streaming_path(setup, tokenizer, tmp_path
 def test_interrupted_build_resumes_after_its_last_shard(setup, tokenizer, tmp_path):
     model, tracked, docs, queries, streamed = setup
     settings = IndexSettings(batches_per_shard=2)
-
-    def crashing():
-        for number, batch in enumerate(document_batches(tokenizer, docs)):
-            if number == 3:
-                raise KeyboardInterrupt
-            yield batch
-
     with pytest.raises(KeyboardInterrupt):
-        build_index(model, tracked, crashing(), tmp_path, settings, progress=False)
+        build_index(model, tracked, interrupted(document_batches(tokenizer, docs), 3), tmp_path, settings, progress=False)
     with pytest.raises(PretraceError, match="incomplete"):
         read_index(tmp_path)
     first = (tmp_path / "shard-00000.safetensors").stat().st_mtime_ns

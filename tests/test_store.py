@@ -21,7 +21,7 @@ from pretrace.scores.queries import precondition_queries
 from pretrace.storage import mark_folder
 from pretrace.store import CorpusStore, build_store
 from pretrace.store.search import build_search
-from tiny import build_tiny_model, document_batches, random_documents
+from tiny import build_tiny_model, document_batches, interrupted, random_documents
 
 QUERIES = [Query("q0", "paris is the capital of", " france ."), Query("q1", "the cat sat", " on the mat ."), Query("q2", "birds can", " fly .")]
 
@@ -108,15 +108,8 @@ def test_whitened_sketches_are_the_curvature_whitened_gradients_projected_and_st
 def test_a_killed_build_resumes_to_the_same_store(setup, tokenizer, tmp_path):
     model, tracked, docs, _, _ = setup
     settings = IndexSettings(storage="sketch", batches_per_shard=2)
-
-    def crashing():
-        for number, batch in enumerate(document_batches(tokenizer, docs)):
-            if number == 3:
-                raise KeyboardInterrupt
-            yield batch
-
     with pytest.raises(KeyboardInterrupt):
-        build_store(model, tracked, crashing(), tmp_path / "killed", settings, progress=False)
+        build_store(model, tracked, interrupted(document_batches(tokenizer, docs), 3), tmp_path / "killed", settings, progress=False)
     first = (tmp_path / "killed" / "shard-00000.safetensors").stat().st_mtime_ns
     build_store(model, tracked, document_batches(tokenizer, docs), tmp_path / "killed", settings, progress=False)
     build_store(model, tracked, document_batches(tokenizer, docs), tmp_path / "whole", settings, progress=False)

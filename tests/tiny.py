@@ -112,3 +112,11 @@ def document_batches(tokenizer, documents, batch_size: int = 3, max_length: int 
     from pretrace.data.batching import encode_documents, iter_batches
 
     return iter_batches(encode_documents(tokenizer, documents, max_length), batch_size, tokenizer.pad_token_id)
+
+
+def interrupted(batches, after: int):
+    """`batches`, then a KeyboardInterrupt in place of batch number `after`: a build killed mid-way."""
+    for number, batch in enumerate(batches):
+        if number == after:
+            raise KeyboardInterrupt
+        yield batch

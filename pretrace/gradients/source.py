@@ -11,6 +11,7 @@ earlier yields the same `Gradients`, so every loop reads it as it reads live one
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import torch
@@ -68,11 +69,12 @@ class LiveGradients:
             yield Gradients(index, offset, on_device, list(batch.ids), lambda b=on_device, i=index: self._capture(b, i, half))
 
     def _capture(self, batch: TokenBatch, index: int, check: bool) -> CapturedBatch:
+        loss = partial(self.loss, self.model, batch, index)
         try:
-            captured = capture(self.model, self.tracked, lambda: self.loss(self.model, batch, index))
+            captured = capture(self.model, self.tracked, loss)
         except PretraceError:
             if check:  # an overflowed loss: run the forward again to name the module where it arose
-                require_finite_inputs(self.model, self.tracked, lambda: self.loss(self.model, batch, index), batch.ids)
+                require_finite_inputs(self.model, self.tracked, loss, batch.ids)
             raise
         if check:
             require_finite_capture(captured, self.tracked, batch.ids)
@@ -86,23 +88,26 @@ def _overflow(name: str, kind: str, dtype: torch.dtype, ids: Sequence[str]) -> P
 
 def require_finite_inputs(model: nn.Module, tracked: Sequence[Tracked], loss_fn: Callable[[], torch.Tensor], ids: Sequence[str]) -> None:
     """Run the forward pass without gradients and refuse at the first tracked module whose inputs are not finite."""
+    first: list[tuple[str, torch.dtype]] = []
 
     def hook(t):
         def check(_module, args):
-            if not bool(torch.isfinite(args[0]).all()):
-                raise _overflow(t.name, "inputs", args[0].dtype, ids)
+            if not first and not bool(torch.isfinite(args[0]).all()):
+                first.append((t.name, args[0].dtype))
         return check
 
     handles = [t.module.register_forward_pre_hook(hook(t)) for t in tracked if isinstance(t, TrackedModule)]
     try:
         with torch.no_grad():
             loss_fn()
-    except PretraceError as error:
-        if str(error).startswith("module "):
-            raise
+    except PretraceError:
+        pass  # the loss's own refusal: the caller raises it unless a module is named below
     finally:
         for handle in handles:
             handle.remove()
+    if first:
+        name, dtype = first[0]
+        raise _overflow(name, "inputs", dtype, ids)
 
 
 def require_finite_capture(captured: CapturedBatch, tracked: Sequence[Tracked], ids: Sequence[str]) -> None:

@@ -65,7 +65,7 @@ def build_store(model: torch.nn.Module, tracked: list[TrackedModule], batches: I
     sketch = KroneckerSketch({name: tuple(sides) for name, sides in shapes.items()}, settings.sketch_dim, settings.sketch_seed, whitening)
     parts = SignedParts(folder, signature, "corpus store build (other documents, model, factors or settings)")
     parts.save(SKETCH_PART, sketch.query_tensors())  # what sketches a query, without the factors
-    shards, ids, largest = _write_shards(model, tracked, batches, parts, sketch, settings, task, num_batches, progress)
+    shards, ids = _write_shards(model, tracked, batches, parts, sketch, settings, task, num_batches, progress)
     if not ids:
         raise PretraceError("no documents to index.")
     search = settings.search if settings.search != "auto" else ("pq" if len(ids) >= QUANTISED_FROM else "flat")
@@ -76,31 +76,26 @@ def build_store(model: torch.nn.Module, tracked: list[TrackedModule], batches: I
     meta = {"format_version": FORMAT_VERSION, "signature": signature, "complete": True, "storage": "sketch", "modules": shapes,
             "sketch": {"dim": settings.sketch_dim, "seed": settings.sketch_seed, "width": sketch.width, "normalized": settings.normalize,
                        "whitened": whitening is not None},
-            "bytes_per_document": 2 * sketch.width, "largest_norm": largest, "search": described, "shards": shards, "document_ids": ids}
+            "bytes_per_document": 2 * sketch.width, "search": described, "shards": shards, "document_ids": ids}
     write_record(folder / INDEX_FILE, meta)
     return meta
 
 
 def _write_shards(model, tracked, batches, parts: SignedParts, sketch: KroneckerSketch, settings: IndexSettings, task: Task,
-                  num_batches: int | None, progress: bool) -> tuple[list[dict], list[str], float]:
-    """Every shard (kept from an interrupted build when whole, else sketched now): their entries, the document ids
-    and the largest sketch norm."""
+                  num_batches: int | None, progress: bool) -> tuple[list[dict], list[str]]:
+    """Every shard (kept from an interrupted build when whole, else sketched now): their entries and the document
+    ids."""
     total = None if num_batches is None else -(-num_batches // settings.shard_batches)
-    shards, ids, largest = [], [], 0.0
+    shards, ids = [], []
     source = LiveGradients(model, tracked, batches, document_loss(task))
     for number, chunk in enumerate(tqdm(chunks(source, settings.shard_batches), total=total, desc="sketching documents", unit="shard", disable=not progress)):
         name, chunk_ids = f"shard-{number:05d}", [i for gradients in chunk for i in gradients.ids]
-        saved = parts.load(name, "the shard is sketched again")
-        if saved is None:
+        if parts.load(name, "the shard is sketched again") is None:
             vectors = torch.cat([_sketched(gradients, sketch, settings.normalize) for gradients in chunk])
-            norm = float(vectors.float().norm(dim=1).max())
-            parts.save(name, {"vectors": vectors}, documents=len(chunk_ids), largest_norm=norm)
-        else:
-            norm = saved[1]["largest_norm"]
+            parts.save(name, {"vectors": vectors}, documents=len(chunk_ids))
         shards.append({"file": parts.path(name).name, "documents": len(chunk_ids)})
         ids.extend(chunk_ids)
-        largest = max(largest, norm)
-    return shards, ids, largest
+    return shards, ids
 
 
 def _sketched(gradients, sketch: KroneckerSketch, normalize: bool) -> torch.Tensor:

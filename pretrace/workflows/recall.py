@@ -4,6 +4,7 @@ top K by its sketched multi-stage score; the exact multi-stage EK-FAC score then
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -24,13 +25,10 @@ def build_corpus_store(pretrained: str, corpus: str, folder: Path, pretrained_fa
           factors=pretrained_factors)
 
 
-def store_candidates(folder: Path, attributor: PreconditionedGradients, context: ScoringContext, k: int) -> tuple[list[list[int]], list[list[float]]]:
-    """Per query its `k` documents of highest sketched score (corpus indices, best first) and those scores: the
+def store_candidates(store: CorpusStore, attributor: PreconditionedGradients, context: ScoringContext, k: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Per query its `k` documents of highest sketched score (store indices, best first) and those scores: the
     fitted attributor's preconditioned query weights (multi-stage: on the fine-tuned model) sketched as the store's
     queries are."""
-    from dataclasses import replace
-
-    store = CorpusStore(folder)
     _, weights = attributor.precondition_queries(replace(context, plan=ScoringPlan()))
     scores, indices = store.search(store.sketch(weights).float(), min(k, len(store)))
     return indices.tolist(), scores.to(torch.float64).tolist()

@@ -40,6 +40,7 @@ from pretrace.workflows.fit import fit
 from pretrace.methods.config import EKFAC, KFAC, Damping, MethodConfig
 from pretrace.methods.explain import explain_pairs, explanation_counts, explanation_fields, top_pairs
 from pretrace.scores.index import check_index
+from pretrace.store import CorpusStore
 from pretrace.workflows.recall import build_corpus_store, store_candidates
 from pretrace.workflows.score import Outputs, ScoreSettings, build_context, score
 
@@ -455,7 +456,7 @@ class _TraceRun:
         check_index(folder, context.document_stage, settings.corpus, settings.corpus)  # a given --index: of this corpus and model
         attributor = make_attributor(score_settings, context.alpha)
         attributor.fit(context)
-        return store_candidates(folder, attributor, context, retrieval.candidates)
+        return store_candidates(CorpusStore(folder), attributor, context, retrieval.candidates)
 
     def results(self, queries: list[TraceQuery], queries_key: StageKey, candidates: list[list[int]], retrieval_scores: list[list[float]],
                 retrieval_key: StageKey, union: list[int], relevant: list[list[int]] | None, factors: tuple) -> tuple[list[dict], dict | None]:

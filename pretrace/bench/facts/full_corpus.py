@@ -11,7 +11,7 @@ candidate-pool mode (each query's own pool of random, retrieved, evidence and ta
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -24,11 +24,11 @@ from pretrace.data.records import Document, Query
 from pretrace.methods.base import ScoringContext
 from pretrace.modeling.stage import Stage
 from pretrace.scores.index import IndexSettings
-from pretrace.scores.plan import ScoringPlan
 from pretrace.stages import File
 from pretrace.storage import write_jsonl
 from pretrace.store import CorpusStore
 from pretrace.workflows.index import index
+from pretrace.workflows.recall import store_candidates
 
 RECALL_K = 10
 
@@ -75,9 +75,8 @@ def full_corpus_results(run, benchmark: FactBenchmark, facts: list[Fact], pretra
         made = attributor("multi-stage-ekfac", pt_factors, ft_factors[label], alpha, s.curvature.damping_factor, s.curvature.query_rank or None)
         context = ScoringContext(stage, pretrained, [], queries)
         made.fit(context)
-        _, weights = made.precondition_queries(replace(context, plan=ScoringPlan()))
-        sketched_scores, found = store.search(store.sketch(weights).float(), min(mode.store_candidates, len(store)))
-        candidates = [[ids[j] for j in row] for row in found.tolist()]
+        found, _ = store_candidates(store, made, context, mode.store_candidates)
+        candidates = [[ids[j] for j in row] for row in found]
         exact = _exact_rankings(run, label, pretrained, stage, queries, candidates, benchmark, pt_factors, ft_factors[label])
         values = {"two-stage": _metrics(exact, evidence, s.pool.top), "sketch": _metrics(candidates, evidence, s.pool.top),
                   "bm25": _metrics(bm25, evidence, s.pool.top)}
