@@ -38,7 +38,7 @@ def test_every_method_reports_its_time_split(workspace, method):
     root, model, train, queries, options = workspace
     out = root / method
     stage = {} if method in ("bm25", "embedding") else {"model": model}  # the text methods load no model
-    factors = {"factors": str(root / "factors")} if method in ("ekfac", "kfac", "diagonal") else {}
+    factors = {"factors": str(root / "factors")} if METHODS[method].factors else {}
     settings = {"method": method, **SETTINGS.get(method, {})}
     started = time.perf_counter()
     score(ScoreSettings(queries=queries, train=train, out=str(out), outputs=Outputs(top_k=2), **stage, **factors, **settings),

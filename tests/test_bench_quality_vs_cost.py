@@ -65,7 +65,7 @@ def test_micro_preset_runs_end_to_end_and_resumes(tmp_path, capsys):
     rows = run_quality_vs_cost(settings)
     algs = [row["alg"] for row in rows]
     for expected in ("ground-truth-all", "ekfac-all", "ekfac-mlp", "ekfac-all-default-damping", "cg-all-iters=2", "lissa-mlp-iters=4", "arnoldi-all",
-                     "gdp-all", "cka-mlp", "trak-all", "cg-mlp"):
+                     "gdp-all", "cka-mlp", "trak-all", "cg-mlp", "ekfac-cg-all-iters=2"):
         assert expected in algs
     _check_correlations_from_saved_scores(tmp_path / "run", rows[algs.index("ekfac-all")])
     written = json.loads((tmp_path / "run" / "results.json").read_text())
@@ -77,7 +77,7 @@ def test_micro_preset_runs_end_to_end_and_resumes(tmp_path, capsys):
     assert summary["validation_loss"] > 0 and all(summary["ground_truth"]["converged"])
     assert summary["lds"]["subsets"] == len(list((tmp_path / "run" / "lds").glob("subset-*.json"))) == 4
     assert summary["ekfac"]["damping"]["all"]["chosen"] in summary["ekfac"]["damping"]["all"]["grid"]
-    assert len(summary["criteria"]) == 5 and all(isinstance(passed, bool) for passed in summary["criteria"].values())
+    assert len(summary["criteria"]) == 6 and all(isinstance(passed, bool) for passed in summary["criteria"].values())
 
     stamp = (tmp_path / "run" / "scores" / "ekfac-all" / "scores.safetensors").stat().st_mtime_ns
     again = run_quality_vs_cost(settings)
@@ -94,10 +94,13 @@ def _row(alg: str, sc: float, job: float) -> dict:
 def test_criteria_compare_ekfac_with_the_methods_near_its_cost_only():
     rows = [_row("ground-truth-all", 1.0, 100.0), _row("ekfac-all", 0.62, 0.5), _row("ekfac-mlp", 0.5, 0.4), _row("cg-all-iters=5", 0.6, 4.9),
             _row("cg-all-iters=20", 0.9, 5.1), _row("gdp-all", 0.3, 0.4), _row("cka-all", 0.1, 0.4), _row("gdp-mlp", 0.2, 0.3),
-            _row("cka-mlp", 0.25, 0.3)]
+            _row("cka-mlp", 0.25, 0.3), _row("ekfac-cg-all-iters=2", 0.85, 1.5), _row("ekfac-cg-all-iters=4", 0.95, 2.6)]
     checks = list(issue_criteria(rows).items())
-    assert [passed for _, passed in checks] == [True, True, True, True, False]  # cg-20 is 10.2x dearer; mlp: gdp < cka
-    assert "cg-all-iters=5" in checks[1][0] and "cg-all-iters=20" not in checks[1][0]
+    assert [passed for _, passed in checks] == [True, True, True, True, False, False]  # cg-20 is 10.2x dearer; mlp: gdp < cka; 4 iterations: 5.2x
+    assert "cg-all-iters=5" in checks[1][0] and "cg-all-iters=20" not in checks[1][0] and "ekfac-cg" not in checks[1][0]
+    assert "ekfac-cg-all-iters=2: 0.850 at 3.0x" in checks[5][0] and "iters=4" not in checks[5][0]
+    rows[-1]["job"] = 2.5  # 5.0x EK-FAC's time and Spearman 0.95: the refined solver's check passes
+    assert list(issue_criteria(rows).values())[5]
     rows[3]["sc"] = 0.63  # a method within 10x that beats EK-FAC fails the check
     assert not list(issue_criteria(rows).values())[1]
 

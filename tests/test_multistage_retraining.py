@@ -38,7 +38,7 @@ def test_closed_form_head_losses_gradients_and_hessian_match_the_model_and_autog
     assert torch.allclose(problem.pretrain_hessian(theta, weights), autograd, atol=1e-10)
 
 
-@pytest.mark.parametrize("bad", [{"weight_decay": 0.0}, {"document_length": 1}, {"fisher": "exact"}])
+@pytest.mark.parametrize("bad", [{"weight_decay": 0.0}, {"document_length": 1}, {"fisher": "exact"}, {"refine_iterations": 0}])
 def test_bad_settings_are_refused_with_the_setting_named(bad):
     with pytest.raises(PretraceError, match=next(iter(bad))):
         RetrainingSettings(**bad)
@@ -60,3 +60,17 @@ def test_exact_multistage_influence_predicts_retraining(comparison, metric):
 @pytest.mark.parametrize("rival", ["EK-FAC fine-tuned only", "EK-FAC pre-trained only", "gradient dot product"])
 def test_ekfac_multistage_beats_single_stage_and_gradient_dot_product(comparison, rival, metric):
     assert comparison["EK-FAC multi-stage"][metric] > comparison[rival][metric]
+
+
+def test_refined_chain_converges_to_exact_multistage_influence():
+    """ekfac-cg with enough iterations is the exact two-stage formula (dense solves with the closed-form Hessians)."""
+    result = compare_influences(RetrainingSettings(documents=12, queries=3, refine_iterations=300), progress=False)
+    refined, exact = result["predicted"]["EK-FAC-CG multi-stage (300 iterations)"], result["predicted"]["exact multi-stage"]
+    assert float((refined - exact).norm() / exact.norm()) < 1e-6
+
+
+@pytest.mark.parametrize("metric", ["pearson_pooled", "pearson_per_query"])
+def test_refined_multistage_closes_most_of_ekfacs_gap(comparison, metric):
+    """ekfac-cg's default 4 iterations per inverse lift EK-FAC multi-stage by a wide margin on every seed (here, 50
+    documents: 0.48 → 0.81 on seed 0; the benchmark's 100 documents: 0.64–0.74 → 0.95–0.97)."""
+    assert comparison["EK-FAC-CG multi-stage (4 iterations)"][metric] > comparison["EK-FAC multi-stage"][metric] + 0.2

@@ -33,6 +33,9 @@ def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:
         prog="pretrace",
         description="Influence functions for causal LMs: which training documents made the model say that?",
     )
+    from pretrace.version import __version__
+
+    parser.add_argument("--version", action="version", version=f"pretrace {__version__}")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, summary in COMMANDS.items():
         if full is None or name in full:

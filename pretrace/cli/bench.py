@@ -1,6 +1,8 @@
-"""`pretrace bench`: reproducible benchmarks, one sub-command each (`quality-vs-cost`, `fact-tracing`)."""
+"""`pretrace bench`: reproducible benchmarks, one sub-command each (`quality-vs-cost`, `fact-tracing`, `multistage-lds`)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from pretrace.cli import COMMANDS
 
@@ -13,6 +15,7 @@ def register(subparsers) -> None:
     benchmarks = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     _register_quality_vs_cost(benchmarks)
     _register_fact_tracing(benchmarks)
+    _register_multistage_lds(benchmarks)
 
 
 def _register_quality_vs_cost(benchmarks) -> None:
@@ -60,4 +63,25 @@ def run_fact_tracing(args) -> int:
     folder = settings.results_folder()
     print((folder / "results.md").read_text(encoding="utf-8"))
     print(f"results in {folder}/results.json and {folder}/results.md")
+    return 0
+
+
+def _register_multistage_lds(benchmarks) -> None:
+    from pretrace.bench.multistage_lds import MultiStageLDSSettings
+
+    parser = benchmarks.add_parser("multistage-lds", help="multi-stage LDS: retrain both stages of a toy GPT-NeoX on random halves",
+                                   description="Does multi-stage influence predict retraining both stages on a non-convex network? "
+                                               "Every stage is cached in --out.")
+    add_arguments(parser, MultiStageLDSSettings)
+    parser.set_defaults(handler=run_multistage_lds)
+
+
+def run_multistage_lds(args) -> int:
+    from pretrace.bench.multistage_lds import MultiStageLDSSettings, run_multistage_lds as run_benchmark
+
+    settings = from_arguments(MultiStageLDSSettings, args)
+    run_benchmark(settings)
+    print()
+    print((Path(settings.out) / "results.md").read_text(encoding="utf-8"))
+    print(f"results in {settings.out}/results.json and {settings.out}/results.md")
     return 0

@@ -30,9 +30,13 @@ class MethodConfig(Variant):
     scaled_by_alpha: ClassVar[bool] = False  # multi-stage: α enters the scores (the curvature chain α (H_ft + αI)⁻¹ H_pt⁻¹)
     uses_model: ClassVar[bool] = True  # loads a model (the text methods score words)
     module_scores: ClassVar[bool] = False  # can split each score over the tracked modules (--per-module)
+    module_wise_factors: ClassVar[bool] = True  # its factors act module by module: what --factors-device cpu and --shard-factors place
 
     def check(self) -> None:
         """Refuse combinations of this method's own settings (cross-field); `validate` checked each one alone."""
+
+    def check_stages(self, multi_stage: bool) -> None:
+        """Refuse settings that belong to the other kind of run (single- or multi-stage)."""
 
 
 @dataclass(frozen=True)
@@ -170,6 +174,22 @@ class CG(SeededSolver):
 
 
 @dataclass(frozen=True)
+class RefinedEKFAC(CG):
+    name: ClassVar[str] = "ekfac-cg"
+    summary: ClassVar[str] = "EK-FAC refined by conjugate gradient on the exact curvature with the damped EK-FAC inverse as preconditioner (ASTRA); multi-stage: each inverse of the chain (--refine-iterations, --finetuned-fit-data)"
+    factors, multi_stage, scaled_by_alpha, module_wise_factors = True, True, True, False
+    iterations: int = option(4, flag="--refine-iterations", at_least=1, at_most=1_000_000, help="Most preconditioned CG iterations per query and inverse (1: EK-FAC's solution rescaled by its optimal step); each costs one curvature product over the fitting data.")
+    finetuned_fit_data: str | None = option(None, help="Multi-stage: JSONL prompt/completion pairs (completion tokens only) H_ft is averaged over: the fine-tuning data.")
+    preconditioner_scale: float = option(1.0, flag="--preconditioner-damping-scale", above=0, help="The EK-FAC preconditioner of a system damped by λ is damped by this × λ: the solution is the same, a better-conditioned preconditioner gets there in fewer iterations (choose it on held-out data).")
+
+    def check_stages(self, multi_stage: bool) -> None:
+        if multi_stage and self.finetuned_fit_data is None:
+            raise PretraceError("multi-stage --method ekfac-cg needs --finetuned-fit-data: the fine-tuning pairs H_ft is averaged over.")
+        if not multi_stage and self.finetuned_fit_data is not None:
+            raise PretraceError("--finetuned-fit-data has no effect in single-stage scoring (--model); drop it.")
+
+
+@dataclass(frozen=True)
 class LiSSA(SeededSolver):
     name: ClassVar[str] = "lissa"
     summary: ClassVar[str] = "LiSSA stochastic Neumann series for (C + damping I)^-1 (--lissa-depth, --lissa-repeats, --lissa-scale)"
@@ -192,7 +212,7 @@ class Arnoldi(SeededSolver):
 
 @dataclass
 class Damping:
-    """How an inverted curvature is damped, (C + λI)⁻¹ (the methods that invert one: ekfac, kfac, diagonal, trak, exact,
+    """How an inverted curvature is damped, (C + λI)⁻¹ (the methods that invert one: ekfac, kfac, diagonal, trak, exact, ekfac-cg,
     cg, lissa, arnoldi). λ > 0 always: an undamped inverse of a low-rank curvature is infinite."""
 
     absolute: float | None = option(None, flag="--damping", above=0, help="Absolute damping λ (of H_pt in multi-stage); default: --damping-factor × the mean eigenvalue, per module.")
@@ -208,4 +228,4 @@ class Damping:
 
 
 METHODS: dict[str, type[MethodConfig]] = {cls.name: cls for cls in (
-    EKFAC, KFAC, Diagonal, Identity, GradientDot, GradientCosine, CKA, Representation, TRAK, BM25, Embedding, Exact, CG, LiSSA, Arnoldi)}
+    EKFAC, KFAC, Diagonal, Identity, GradientDot, GradientCosine, CKA, Representation, TRAK, BM25, Embedding, Exact, CG, RefinedEKFAC, LiSSA, Arnoldi)}

@@ -20,6 +20,11 @@ def _curvature(method: methods.MethodConfig, settings, alpha: float | None, give
     return single_stage(method.name, factors["factors"], damping.absolute, damping.relative)
 
 
+def _refined(method: methods.RefinedEKFAC, settings, alpha: float | None, given: Mapping[str, Any]) -> Attributor:
+    factors = {name: given.get(name, getattr(settings, name)) for name in ("factors", "pretrained_factors", "finetuned_factors")}
+    return inverse.refined_method(method, settings.damping, alpha=alpha if settings.is_multi_stage else None, **factors)
+
+
 # each builder: (the method's config, the run's settings, its α, the factors given in memory) -> attributor
 BUILDERS: dict[type[methods.MethodConfig], Callable[[methods.MethodConfig, Any, float | None, Mapping[str, Any]], Attributor]] = {
     methods.EKFAC: _curvature,
@@ -35,6 +40,7 @@ BUILDERS: dict[type[methods.MethodConfig], Callable[[methods.MethodConfig, Any, 
     methods.Embedding: lambda method, settings, alpha, given: text.TextRetrievalScores("embedding", method.index, model=method.model),
     methods.Exact: lambda method, settings, alpha, given: inverse.build_solver_method(method, settings.damping),
     methods.CG: lambda method, settings, alpha, given: inverse.build_solver_method(method, settings.damping),
+    methods.RefinedEKFAC: _refined,
     methods.LiSSA: lambda method, settings, alpha, given: inverse.build_solver_method(method, settings.damping),
     methods.Arnoldi: lambda method, settings, alpha, given: inverse.build_solver_method(method, settings.damping),
 }

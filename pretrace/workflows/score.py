@@ -115,6 +115,7 @@ class ScoreSettings:
 
     def _check_stages(self) -> None:
         method = self.method
+        method.check_stages(self.is_multi_stage)
         if not method.uses_model:
             self._refuse(self._given("model", "factors", "pretrained", "pretrained_factors", "finetuned", "finetuned_factors", "alpha", "force"),
                          f"with --method {method.name}, which scores the texts' words, not a model")
@@ -174,6 +175,10 @@ class ScoreSettings:
             raise PretraceError("--shard-factors needs every rank to precondition the same queries: drop --shard queries and --self-influence, or --shard-factors.")
         if placement.factors_device != "model" and not method.factors:
             self._refuse(["--factors-device"], f"with --method {method.name}, which applies no factors")
+        if method.factors and not method.module_wise_factors:
+            self._refuse([f for f in ("--factors-device", "--shard-factors") if f in changed(placement)],
+                         f"with --method {method.name}: its preconditioner couples every module (curvature products), so there are no "
+                         "per-module factors to place")
 
 
     def _check_in_memory(self) -> None:
@@ -349,7 +354,8 @@ def _signature(settings: ScoreSettings, context: ScoringContext, explain: Explai
     folders = [settings.factors, settings.pretrained_factors, settings.finetuned_factors, context.query_stage.path, context.document_stage.path]
     in_memory = [given[name].content_digest() for name in ("factors", "pretrained_factors", "finetuned_factors") if name in given]
     method = settings.method
-    data = [Source(source) for source in (getattr(method, "fit_data", None), getattr(method, "train_data", None)) if source]
+    data = [Source(source) for source in (getattr(method, "fit_data", None), getattr(method, "finetuned_fit_data", None),
+                                          getattr(method, "train_data", None)) if source]
     recorded = to_dict(settings)
     for transient in ("out", "overwrite"):
         recorded.pop(transient)
@@ -392,7 +398,8 @@ def _inputs(settings: ScoreSettings) -> dict[str, str | None]:
     inputs.update({flag: getattr(settings, flag.removeprefix("--").replace("-", "_")) for flag in (
         "--factors", "--pretrained-factors", "--finetuned-factors", "--index", "--queries", "--train")})
     method = settings.method
-    inputs.update({"--fit-data": getattr(method, "fit_data", None), "--trak-train-data": getattr(method, "train_data", None),
+    inputs.update({"--fit-data": getattr(method, "fit_data", None), "--finetuned-fit-data": getattr(method, "finetuned_fit_data", None),
+                   "--trak-train-data": getattr(method, "train_data", None),
                    "--embedding-model": getattr(method, "model", None) if method.name == "embedding" else None})
     for number, folder in enumerate((getattr(method, "models", None) or "").split(",")):
         inputs.update(model_folders(f"--trak-models[{number}]", folder.strip() or None))
