@@ -8,6 +8,7 @@ import torch
 
 from pretrace.bench.multistage_lds import MultiStageLDSSettings, finetune, pretrain, run_multistage_lds, spectrum_summary, summarise, world
 from pretrace.errors import PretraceError
+from pretrace.metrics import spearman
 
 MICRO = dict(pool=8, kept=4, subsets=3, queries=3, pairs=6, pretrain_steps=20, finetune_steps=10, alphas="1e-1,1e-3")
 
@@ -60,6 +61,15 @@ def test_micro_run_writes_every_row_and_resumes(tmp_path):
         second = run_multistage_lds(settings)
     assert set(second["stages"].values()) == {"reused"}
     assert json.dumps(second["alphas"]) == json.dumps(first["alphas"])
+    # two seeds per subset: seeds 0-1 measured (their mean), 2-3 the ceiling; the seeds already retrained are reused
+    with pytest.warns(UserWarning, match="fewer than 50"):
+        averaged = run_multistage_lds(MultiStageLDSSettings(out=settings.out, seeds_per_subset=2, **{**MICRO, "alphas": "1e-1,3e-2", "weight_decay": 0.1}))
+    losses = torch.tensor([[json.loads((tmp_path / "run" / f"retrained-seed-{seed}" / f"subset-{k:03d}.json").read_text())["query_losses"][:3]
+                            for k in range(3)] for seed in range(4)], dtype=torch.float64)  # [seed, subset, query] at α = 0.1
+    measured, repeat = losses[:2].mean(0), losses[2:].mean(0)
+    ceiling = [spearman(-repeat[:, q], -measured[:, q]) for q in range(3)]
+    assert averaged["alphas"]["0.1"]["per_query"]["noise ceiling"] == pytest.approx(ceiling, nan_ok=True)
+    assert averaged["stages"]["main models"] == "reused"
 
 
 def test_cli_parses_the_sub_command_and_refuses_bad_alphas_before_work(tmp_path, capsys):

@@ -14,8 +14,11 @@ the objective's own (w for H_pt, α for H_ft): nothing is tuned, on the reported
 
 Every method is scored through `pretrace.fit` and `pretrace.score` on the main models (pre-trained on every
 document, from --seed); beside them, the formula itself with the exact damped Gauss-Newton matrices (dense solves:
-the toy has a few thousand tracked parameters), which separates the formula's error from EK-FAC's. The retraining noise is measured by retraining the same subsets from a second seed: the LDS of
-the second run's losses against the first's is the ceiling a method can reach. Each retrained subset, model,
+the toy has a few thousand tracked parameters), which separates the formula's error from EK-FAC's.
+
+The measured losses average --seeds-per-subset retrainings of each subset (seeds from --seed on). The retraining
+noise is measured by retraining the same subsets from as many further seeds: the LDS of their average against the
+measured one is the ceiling a method can reach. Each retrained subset, model,
 factor folder, dense curvature and score folder is a cached stage, so a killed run resumes.
 """
 
@@ -34,7 +37,6 @@ from pretrace.errors import PretraceError
 from pretrace.stages import StageCache, content_digest
 from pretrace.storage import output_folder, read_json, write_json, write_jsonl
 
-RETRAINING_SEEDS = 2  # --seed (the main models' own seed, which the methods are measured against) and --seed + 1 (noise)
 
 
 @dataclass
@@ -54,6 +56,7 @@ class MultiStageLDSSettings:
     refine_iterations: int = option(4, at_least=1, help="Iterations of ekfac-cg (per inverse): the method's default.")
     projection_dim: int = option(512, at_least=1, help="TRAK's projection dimension.")
     seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed of the corpus, the subsets and the main models.")
+    seeds_per_subset: int = option(1, at_least=1, help="Retrainings averaged per subset (seeds --seed, --seed + 1, ...); the noise ceiling averages as many further seeds. More seeds lower the seed noise the measured effects carry.")
     threads: int = option(1, at_least=1, help="Torch threads: the toy model's operations are too small to share (2 threads were 60x slower than 1 beside another job).")
 
     def __post_init__(self):
@@ -157,8 +160,9 @@ def stage_models(run: Run, documents, pairs, tokenizer) -> dict[str, Path]:
 
 
 def _training(s: MultiStageLDSSettings) -> dict:
-    """The settings the trained models depend on (not the methods', nor the number of subsets: subset k is seeded on its own)."""
-    return {k: v for k, v in asdict(s).items() if k not in ("out", "subsets", "refine_iterations", "projection_dim", "threads")}
+    """The settings the trained models depend on (not the methods', nor how many subsets and seeds: each retrained
+    subset and seed is one on its own)."""
+    return {k: v for k, v in asdict(s).items() if k not in ("out", "subsets", "seeds_per_subset", "refine_iterations", "projection_dim", "threads")}
 
 
 def models_digest(run: Run) -> str:
@@ -371,9 +375,11 @@ def _run(settings: MultiStageLDSSettings) -> dict:
         exact = exact_multistage(dense["pt"], dense[alpha], flat_gradients(models[f"ft-{alpha:g}"], queries), pool_gradients, alpha, settings.weight_decay)
         scores[alpha] = {**scores[alpha], "multi-stage exact GGN (dense solves)": exact}
     masks = subset_masks(settings.pool, settings.subsets, settings.seed)
-    seeds = [settings.seed + r for r in range(RETRAINING_SEEDS)]
+    k = settings.seeds_per_subset
+    seeds = [settings.seed + r for r in range(2 * k)]
     print(f"[multistage-lds] 2. retrain both stages on {settings.subsets} random halves, seeds {seeds}", flush=True)
-    losses = [stage_retraining(run, documents, pairs, queries, tokenizer, masks, seed) for seed in seeds]
+    runs = [stage_retraining(run, documents, pairs, queries, tokenizer, masks, seed) for seed in seeds]
+    losses = [torch.stack(runs[:k]).mean(0), torch.stack(runs[k:]).mean(0)]  # measured (the main models' seed first), and the repeat
     print("[multistage-lds] 3. spectra and the table", flush=True)
     tables, spectra = {}, {}
     for a, alpha in enumerate(settings.alpha_values):
