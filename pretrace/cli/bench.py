@@ -59,8 +59,12 @@ def run_fact_tracing(args) -> int:
 
     settings = from_arguments(FactTracingSettings, args)
     run_benchmark(settings)
+    return _show_results(settings.results_folder())
+
+
+def _show_results(folder: Path) -> int:
+    """A benchmark's `results.md` on stdout, and where its files are."""
     print()
-    folder = settings.results_folder()
     print((folder / "results.md").read_text(encoding="utf-8"))
     print(f"results in {folder}/results.json and {folder}/results.md")
     return 0
@@ -81,7 +85,4 @@ def run_multistage_lds(args) -> int:
 
     settings = from_arguments(MultiStageLDSSettings, args)
     run_benchmark(settings)
-    print()
-    print((Path(settings.out) / "results.md").read_text(encoding="utf-8"))
-    print(f"results in {settings.out}/results.json and {settings.out}/results.md")
-    return 0
+    return _show_results(Path(settings.out))

@@ -12,17 +12,21 @@ from pretrace.methods.base import Attributor
 from pretrace.methods.gradient import PreconditionedGradients, multi_stage, single_stage
 
 
+def _factor_sources(settings, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Each factor setting's source: the object the Python API was handed, else the setting's folder."""
+    return {name: given.get(name, getattr(settings, name)) for name in ("factors", "pretrained_factors", "finetuned_factors")}
+
+
 def _curvature(method: methods.MethodConfig, settings, alpha: float | None, given: Mapping[str, Any]) -> Attributor:
     damping = settings.damping
-    factors = {name: given.get(name, getattr(settings, name)) for name in ("factors", "pretrained_factors", "finetuned_factors")}
+    factors = _factor_sources(settings, given)
     if settings.is_multi_stage and method.factors:
         return multi_stage(method.name, factors["pretrained_factors"], factors["finetuned_factors"], alpha, damping.absolute, damping.relative, damping.finetuned)
     return single_stage(method.name, factors["factors"], damping.absolute, damping.relative)
 
 
 def _refined(method: methods.RefinedEKFAC, settings, alpha: float | None, given: Mapping[str, Any]) -> Attributor:
-    factors = {name: given.get(name, getattr(settings, name)) for name in ("factors", "pretrained_factors", "finetuned_factors")}
-    return inverse.refined_method(method, settings.damping, alpha=alpha if settings.is_multi_stage else None, **factors)
+    return inverse.refined_method(method, settings.damping, alpha=alpha if settings.is_multi_stage else None, **_factor_sources(settings, given))
 
 
 # each builder: (the method's config, the run's settings, its α, the factors given in memory) -> attributor
