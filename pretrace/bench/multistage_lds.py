@@ -38,7 +38,6 @@ from pretrace.stages import StageCache, content_digest
 from pretrace.storage import output_folder, read_json, write_json, write_jsonl
 
 
-
 @dataclass
 class MultiStageLDSSettings:
     out: str = option("runs/multistage-lds", help="Working folder; every stage is cached there and a re-run resumes.")
@@ -388,7 +387,7 @@ def _run(settings: MultiStageLDSSettings) -> dict:
         lds["noise ceiling"] = [spearman(-repeat[:, q], -measured[:, q]) for q in range(measured.shape[1])]
         tables[f"{alpha:g}"] = summarise(lds, "multi-stage EK-FAC") | {"per_query": lds}
         spectra[f"{alpha:g}"] = spectrum_summary(torch.linalg.eigvalsh(dense[alpha]), settings.alpha_values)
-    run.timed("run wall", started)
+    run.timings["run wall"] = round(time.perf_counter() - started, 2)  # this invocation's: the stages' own times add up
     results = {"settings": asdict(settings), "alphas": tables, "spectrum_ft": spectra,
                "spectrum_pt": spectrum_summary(torch.linalg.eigvalsh(dense["pt"]), [settings.weight_decay]),
                "measured_loss_std_over_subsets": {f"{alpha:g}": losses[0][:, a].std(0).mean().item() for a, alpha in enumerate(settings.alpha_values)},
