@@ -115,17 +115,21 @@ class CurvatureProducts:
     def __call__(self, vectors: torch.Tensor, batches: Sequence[TokenBatch] | None = None) -> torch.Tensor:
         batches = self.batches if batches is None else batches
         vectors = vectors.to(self.device, self.dtype)
-        total = torch.zeros_like(vectors)
         params = self.layout.parameters()
+        # converted between flat rows and parameter tensors once per call, not once per batch (the same sums in
+        # the same order: a change of layout only)
+        tangents = [t.to(p.dtype) for t, p in zip(self.layout.to_parameters(vectors), params)]
+        totals = [torch.zeros(t.shape, dtype=self.dtype, device=self.device) for t in tangents]
         with _differentiable(params, self.model):
             for batch in batches:
-                total += self._batch_products(batch, params, vectors)
+                for total, result in zip(totals, self._batch_products(batch, params, tangents)):
+                    total += result
         documents = sum(len(batch) for batch in batches)
         self.document_products += len(vectors) * documents
-        return total / documents
+        return self.layout.from_parameters(totals) / documents
 
-    def _batch_products(self, batch: TokenBatch, params: list, vectors: torch.Tensor) -> torch.Tensor:
-        """Σ over the batch's documents of their curvature times every vector."""
+    def _batch_products(self, batch: TokenBatch, params: list, tangents: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Σ over the batch's documents of their curvature times every vector, per parameter `[Q, *p.shape]`."""
         logits = token_logits(self.model, batch)
         per_pass = max(1, LOGIT_ELEMENTS_PER_PASS // logits.numel())
         if self.kind == "ggn":
@@ -135,17 +139,20 @@ class CurvatureProducts:
         else:
             loss = summed_cross_entropy(logits, batch.next_tokens, batch.predict_mask).sum()
             gradient = torch.autograd.grad(loss, params, create_graph=True)
-        out = []
-        for chunk in vectors.split(per_pass):
-            tangents = [t.to(p.dtype) for t, p in zip(self.layout.to_parameters(chunk), params)]
+        out: list[list[torch.Tensor]] = [[] for _ in params]
+        for start in range(0, len(tangents[0]), per_pass):
+            chunk = [t[start : start + per_pass] for t in tangents]
             if self.kind == "ggn":
-                jv = torch.autograd.grad(transposed, dual, tangents, retain_graph=True, is_grads_batched=True)[0].to(self.dtype)
-                hjv = probs * (jv - (probs * jv).sum(-1, keepdim=True))
-                result = torch.autograd.grad(logits, params, hjv.to(logits.dtype), retain_graph=True, is_grads_batched=True)
+                jv = torch.autograd.grad(transposed, dual, chunk, retain_graph=True, is_grads_batched=True)[0].to(self.dtype)
+                # (diag p − p pᵀ) J v in place, fused: the [Q, B, T, V] logit tangents are the largest tensors here
+                # (diag p − p pᵀ) J v = p ⊙ (J v − pᵀ J v), in place: the [Q, B, T, V] logit tangents are the largest tensors here
+                jv.sub_((probs * jv).sum(-1, keepdim=True)).mul_(probs)
+                result = torch.autograd.grad(logits, params, jv.to(logits.dtype), retain_graph=True, is_grads_batched=True)
             else:
-                result = torch.autograd.grad(gradient, params, tangents, retain_graph=True, is_grads_batched=True)
-            out.append(self.layout.from_parameters([r.to(self.dtype) for r in result]))
-        return torch.cat(out)
+                result = torch.autograd.grad(gradient, params, chunk, retain_graph=True, is_grads_batched=True)
+            for pieces, r in zip(out, result):
+                pieces.append(r.to(self.dtype))
+        return [torch.cat(pieces) if len(pieces) > 1 else pieces[0] for pieces in out]
 
     def mean_eigenvalue(self, seed: int, probes: int = TRACE_PROBES) -> float:
         """trace(C) / P by Hutchinson's estimator with Rademacher probes: the scale relative damping refers to."""
