@@ -3,7 +3,7 @@
 Each function takes its inputs as paths *or* objects (a model folder or a loaded Hugging Face model with its
 `tokenizer=`; a records file or a list of records (dicts, strings, `Document`s, `Query`s) or a
 `datasets.Dataset`; a factor folder or `Factors`), its settings as keyword arguments named like the CLI flags
-(`max_length=64`, `damping_factor=0.1`, `method="trak"`, `trak_projection_dim=512`), and returns a result object.
+(`max_length=64`, `damping_factor=0.1`, `method="trak"`, `projection_dim=512`), and returns a result object.
 `out` is optional wherever the result can live in memory: without it nothing is written and nothing resumes.
 
     factors = pretrace.fit(model, documents, tokenizer=tokenizer, max_length=128)

@@ -53,8 +53,14 @@ def test_fit_and_score_in_memory_write_nothing_and_match_the_commands_over_files
     first = result.document_ids.index(best["q0"][0][0])
     explanation = result.explanations[(0, first)]
     assert float(explanation.token_scores.sum()) == pytest.approx(float(result.scores[0, first]), rel=1e-6, abs=1e-12)
-    frame = result.to_pandas()
+    frame = result.to_pandas("wide")
     assert frame.loc["q1", best["q1"][0][0]] == pytest.approx(best["q1"][0][1])
+    long = result.to_pandas()
+    assert list(long.columns) == ["query_id", "document_id", "score", "rank"] and len(long) == result.scores.numel()
+    first_three = long[(long.query_id == "q1") & (long["rank"] <= 3)]
+    assert list(first_three.document_id) == [doc for doc, _ in best["q1"]]
+    assert first_three.score.tolist() == pytest.approx([value for _, value in best["q1"]])
+    assert long.set_index(["query_id", "document_id"]).score.unstack().loc["q0", best["q0"][0][0]] == pytest.approx(best["q0"][0][1])
 
 
 def test_every_kind_of_in_memory_records_gives_the_same_scores(notebook):

@@ -19,11 +19,11 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.baselines.curvature_products import CurvatureProducts, FlatInverse, damping_value
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
+from pretrace.progress import progress_bar
 
 BREAKDOWN = 1e-10  # a new direction shorter than this (relative to its image) means the Krylov space is complete
 
@@ -42,7 +42,7 @@ def ritz_pairs(products: CurvatureProducts, iterations: int, seed: int = 0, batc
     basis[0] = start / start.norm()
     hessenberg = torch.zeros(iterations + 1, iterations, dtype=torch.float64)
     steps = iterations
-    for j in tqdm(range(iterations), desc="Arnoldi", unit="step", disable=not progress):
+    for j in progress_bar(range(iterations), desc="Arnoldi", unit="step", enabled=progress):
         w = products(basis[j : j + 1], batches)[0]
         scale = float(w.norm())
         for _ in range(2):  # "twice is enough" Gram-Schmidt

@@ -18,11 +18,11 @@ import warnings
 from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.baselines.curvature_products import CurvatureProducts, FlatInverse, damping_value
 from pretrace.curvature.operators import Preconditioner
 from pretrace.errors import PretraceError
+from pretrace.progress import progress_bar
 
 
 class ConjugateGradient(FlatInverse):
@@ -60,8 +60,8 @@ class ConjugateGradient(FlatInverse):
         iterations = torch.zeros(len(vectors), dtype=torch.long, device=vectors.device)
         negative = torch.zeros(len(vectors), dtype=torch.bool, device=vectors.device)
         active = norms.sqrt() > target
-        bar = tqdm(total=self.max_iterations, desc="conjugate gradient", unit="step", disable=not self.progress)
-        for _ in range(self.max_iterations):
+        bar = progress_bar(total=self.max_iterations, desc="conjugate gradient", unit="step", enabled=self.progress)
+        for step in range(self.max_iterations):
             rows = active.nonzero().flatten()
             if len(rows) == 0:
                 break
@@ -74,10 +74,11 @@ class ConjugateGradient(FlatInverse):
             alpha = squared[rows] / curvature
             x[rows] += alpha[:, None] * p
             residual[rows] -= alpha[:, None] * image
-            z = self._precondition(residual[rows])
-            updated = (residual[rows] * z).sum(1)
-            direction[rows] = z + (updated / squared[rows])[:, None] * p
-            squared[rows] = updated
+            if step + 1 < self.max_iterations:  # the last direction would never be used: spare its preconditioning
+                z = self._precondition(residual[rows])
+                updated = (residual[rows] * z).sum(1)
+                direction[rows] = z + (updated / squared[rows])[:, None] * p
+                squared[rows] = updated
             norms[rows] = (residual[rows] * residual[rows]).sum(1)
             iterations[rows] += 1
             active = (norms.sqrt() > target) & ~negative

@@ -7,11 +7,11 @@ small parameter counts: building C takes P curvature-vector products and P² num
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.baselines.curvature_products import CurvatureProducts, FlatInverse, damping_value
 from pretrace.curvature.operators import check_damping
 from pretrace.errors import PretraceError
+from pretrace.progress import progress_bar
 
 COLUMNS_PER_CALL = 512
 
@@ -20,7 +20,7 @@ def dense_curvature(products: CurvatureProducts, progress: bool = False) -> torc
     """C as a `[P, P]` matrix, from products with blocks of unit vectors (symmetrised against rounding)."""
     size = products.num_parameters
     matrix = torch.empty(size, size, dtype=products.dtype, device=products.device)
-    for start in tqdm(range(0, size, COLUMNS_PER_CALL), desc="dense curvature", unit="block", disable=not progress):
+    for start in progress_bar(range(0, size, COLUMNS_PER_CALL), desc="dense curvature", unit="block", enabled=progress):
         stop = min(size, start + COLUMNS_PER_CALL)
         units = torch.zeros(stop - start, size, dtype=products.dtype, device=products.device)
         units[:, start:stop] = torch.eye(stop - start, dtype=products.dtype, device=products.device)

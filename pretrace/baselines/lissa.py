@@ -17,11 +17,11 @@ contractive recursion cannot reach) stops the solve with an error instead of ret
 from __future__ import annotations
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.baselines.arnoldi import ritz_pairs
 from pretrace.baselines.curvature_products import CurvatureProducts, FlatInverse, damping_value
 from pretrace.errors import PretraceError
+from pretrace.progress import progress_bar
 
 SCALE_BATCHES = 10
 SCALE_ITERATIONS = 20
@@ -59,7 +59,7 @@ class LiSSA(FlatInverse):
         batches, s = self.products.batches, self.scale
         bound = vectors.norm(dim=1) * (1 + 1e-6)
         total = torch.zeros_like(vectors)
-        bar = tqdm(total=self.depth * self.repeats, desc="LiSSA", unit="step", disable=not self.progress)
+        bar = progress_bar(total=self.depth * self.repeats, desc="LiSSA", unit="step", enabled=self.progress)
         for _ in range(self.repeats):
             x = vectors.clone()
             for step, index in enumerate(_batch_order(len(batches), self.depth, generator), start=2):

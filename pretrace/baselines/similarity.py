@@ -21,7 +21,6 @@ from typing import Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from pretrace.curvature import Identity
 from pretrace.data.batching import TokenBatch
@@ -32,6 +31,7 @@ from pretrace.gradients.capture import compute_dtype
 from pretrace.gradients.task import model_inputs
 from pretrace.methods.base import Attributor, ScoringContext
 from pretrace.methods.gradient import PreconditionedGradients
+from pretrace.progress import progress_bar
 from pretrace.scores.pairwise import query_gradients
 from pretrace.scores.result import ScoreResult
 from pretrace.modeling.stage import DocumentSource, Stage
@@ -58,7 +58,7 @@ def document_captures(stage: Stage, documents: DocumentSource, desc: str = "docu
     module's `[B, d_out, d_in']` block is alive at once.
     """
     source = LiveGradients(stage.model, stage.tracked, stage.document_batches(documents)(), document_loss())
-    for gradients in tqdm(source, total=stage.document_batch_count(documents), desc=desc, unit="batch"):
+    for gradients in progress_bar(source, total=stage.document_batch_count(documents), desc=desc, unit="batch"):
         yield gradients.batch, gradients.captured
 
 
@@ -131,7 +131,7 @@ def pooled_hidden_states(stage: Stage, batches: Iterable[TokenBatch], layer: int
     device = next(model.parameters()).device
     ids, rows = [], []
     with torch.no_grad():
-        for batch in tqdm(batches, total=total, desc=desc, unit="batch"):
+        for batch in progress_bar(batches, total=total, desc=desc, unit="batch"):
             batch = batch.to(device)
             hidden = body(**model_inputs(body, batch), output_hidden_states=True).hidden_states
             if not -len(hidden) <= layer < len(hidden):

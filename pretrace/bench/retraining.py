@@ -21,12 +21,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from tqdm import tqdm
 
 from pretrace.data.batching import TokenBatch, collate, encode_documents, encode_queries
 from pretrace.data.records import Document, Query
 from pretrace.errors import PretraceError
 from pretrace.gradients.task import LanguageModelingTask, model_inputs
+from pretrace.progress import progress_bar
 
 
 @dataclass
@@ -131,7 +131,7 @@ class HeadProblem:
         (warm-started at the base solutions, where Newton converges in a few steps)."""
         base = self.losses(theta_ft, self.queries)
         effects = []
-        for i in tqdm(range(self.documents.count), desc="retraining", unit="document", disable=not progress):
+        for i in progress_bar(range(self.documents.count), desc="retraining", unit="document", enabled=progress):
             weights = torch.ones(self.documents.count, dtype=theta_pt.dtype)
             weights[i] = 0.0
             new_pt = self.solve_pretraining(theta_pt, weights)

@@ -7,7 +7,8 @@ import errno
 import importlib
 import os
 import sys
-from typing import Iterable
+from contextlib import contextmanager, redirect_stdout
+from typing import Iterable, Iterator
 
 from pretrace.errors import PretraceError
 
@@ -25,6 +26,8 @@ COMMANDS = {  # name -> summary: `pretrace --help` lists them without importing 
 }
 RESUMABLE = {"fit", "score", "index", "trace", "run", "demo", "bench"}  # they checkpoint or cache their work beside or in --out
 DEBUG_ENV = "PRETRACE_TRACEBACK"  # set to 1 to see the traceback of an internal error
+DISABLE_PROGRESS_ENV = "TQDM_DISABLE"  # read by pretrace.progress (importing it here would import tqdm for --help)
+QUIET_LIBRARIES = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error"}  # unless --verbose
 
 
 def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:
@@ -40,9 +43,46 @@ def build_parser(full: Iterable[str] | None = None) -> argparse.ArgumentParser:
     for name, summary in COMMANDS.items():
         if full is None or name in full:
             importlib.import_module(f"pretrace.cli.{name}").register(subparsers)
+            add_output_options(subparsers.choices[name])
         else:
             subparsers.add_parser(name, help=summary)
     return parser
+
+
+def add_output_options(parser: argparse.ArgumentParser) -> None:
+    """What every command shows on the terminal, the same flags everywhere."""
+    group = next((g for g in parser._action_groups if g.title == "terminal output"), None) or parser.add_argument_group("terminal output")
+    loudness = group.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", action="store_true", help="Print only warnings and errors: no progress bars, no summaries (results are still written).")
+    loudness.add_argument("-v", "--verbose", action="store_true", help="Also show the libraries' own loading bars and informational messages (transformers, Hugging Face hub).")
+    group.add_argument("--no-progress", action="store_true", help="No progress bars (as TQDM_DISABLE=1); off a terminal they are already plain lines every 30 s.")
+
+
+@contextmanager
+def output_options(args: argparse.Namespace) -> Iterator[None]:
+    """For the command's run, through the variables each library reads (set before they are imported): the CLI owns
+    its process, while the library never changes a process's streams. A user's own setting of them wins over these
+    defaults, and everything is restored afterwards (main may be called in-process)."""
+    quiet = getattr(args, "quiet", False)
+    settings = {}
+    if quiet or getattr(args, "no_progress", False):
+        settings[DISABLE_PROGRESS_ENV] = "1"
+    if not getattr(args, "verbose", False):  # a local model's weight-loading bar and the hub's notes are noise here
+        settings.update({name: os.environ.get(name, value) for name, value in QUIET_LIBRARIES.items()})
+    saved = {name: os.environ.get(name) for name in settings}
+    os.environ.update(settings)
+    try:
+        if quiet and args.command != "inspect":  # inspect's output is what was asked for
+            with open(os.devnull, "w") as sink, redirect_stdout(sink):
+                yield
+        else:
+            yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser([command] if command in COMMANDS else []).parse_args(argv)
     try:
         _quiet_other_ranks()
-        return int(args.handler(args) or 0)
+        with output_options(args):
+            return int(args.handler(args) or 0)
     except PretraceError as exc:
         return _refuse(str(exc))
     except OSError as exc:
@@ -64,11 +105,24 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pretrace: interrupted; `pretrace {args.command}` does not resume and left no output; re-run it to start over.", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug of pretrace's own: said as such, with how to see and report it
+        missing = _missing_extra(exc)
+        if missing:
+            return _refuse(missing)
         if os.environ.get(DEBUG_ENV):
             raise
         print(f"pretrace: internal error ({type(exc).__name__}: {str(exc)[:300]}); this is a bug in pretrace, not in your input. "
               f"Re-run with {DEBUG_ENV}=1 for the traceback and report it.", file=sys.stderr)
         return 1
+
+
+def _missing_extra(exc: Exception) -> str | None:
+    """An optional dependency a command imported without the check that would have named it: the extra to install."""
+    from pretrace.extras import EXTRA_OF
+
+    module = (getattr(exc, "name", None) or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
+    if module not in EXTRA_OF:
+        return None
+    return f"{module} is not installed here, and this command needs it: pip install 'pretrace[{EXTRA_OF[module]}]'."
 
 
 def _quiet_other_ranks() -> None:

@@ -23,8 +23,8 @@ class FitPaths:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("fit", help=COMMANDS["fit"], description=__doc__)
-    for cls in (FitPaths, ModelOptions, FitSettings):
-        add_arguments(parser, cls)
+    for cls, title in ((FitPaths, "inputs and output"), (ModelOptions, "model loading and batching"), (FitSettings, "curvature")):
+        add_arguments(parser, cls, title=title)
     parser.set_defaults(handler=run, check=check)
 
 

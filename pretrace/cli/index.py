@@ -27,8 +27,8 @@ def register(subparsers) -> None:
         "index", help=COMMANDS["index"], description=__doc__,
         epilog="Then: pretrace score --index OUT --train TRAIN ... (the same model selection and --max-length).",
     )
-    for cls in (IndexPaths, ModelOptions, IndexSettings):
-        add_arguments(parser, cls)
+    for cls, title in ((IndexPaths, "inputs and output"), (ModelOptions, "model loading and batching"), (IndexSettings, "the index")):
+        add_arguments(parser, cls, title=title)
     parser.set_defaults(handler=run, check=check)
 
 

@@ -58,10 +58,11 @@ def _add_flag(container, field: dataclasses.Field, annotation) -> None:
     container.add_argument(flag_of(field), **kwargs)
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, container=None) -> None:
-    """The flags of `cls` (and of its groups and variants) on `parser`; `container`: the argument group to use."""
+def add_arguments(parser: argparse.ArgumentParser, cls: type, container=None, title: str | None = None) -> None:
+    """The flags of `cls` (and of its groups and variants) on `parser`; `container`: the argument group to use, or
+    `title`: a new group of that name (so `--help` reads in sections rather than one list)."""
     parser._negative_number_matcher = NEGATIVE_NUMBER  # argparse's own hook; its default misses scientific notation
-    container = container or parser
+    container = container or (parser.add_argument_group(title) if title else parser)
     hints = typing.get_type_hints(cls)
     for field in dataclasses.fields(cls):
         if field.metadata.get("group"):

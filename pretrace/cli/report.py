@@ -67,14 +67,24 @@ def _write(args, folder: Path, out: Path, tensors: dict, meta: dict) -> int:
 
 
 def _render(args, folder: Path, out: Path, tensors: dict, meta: dict) -> list[str]:
-    from pretrace.report import plot_layer_influence, plot_score_distributions, write_report
+    """Draw each plot once: written beside report.html as a PNG file and embedded in it."""
+    from pretrace.report import layer_influence_png, load_results, score_distributions_png, write_png, write_report
+    from pretrace.report.html import LAYERS_CAPTION
     from pretrace.scores.io import TOP_K_FILE
-    from pretrace.storage import read_jsonl_rows
 
-    run_info = {"method": meta["method"], "multi_stage": meta.get("multi_stage"), "timings": meta.get("timings"), "settings": meta.get("settings")}
-    write_report(folder / TOP_K_FILE, out / "report.html", title=args.title, run_info=run_info, max_documents=args.max_documents)
-    plot_score_distributions(tensors["scores"], out / "score_distributions.png", query_ids=meta["query_ids"])
-    rows = read_jsonl_rows(folder / TOP_K_FILE)
+    rows = load_results(folder / TOP_K_FILE)
+    plots = {"score_distributions.png": ("All scores of the folder: pooled (left), and by rank per query (right).",
+                                         score_distributions_png(tensors["scores"], query_ids=meta["query_ids"]))}
     if any("module_scores" in doc for row in rows for doc in row["documents"]):
-        plot_layer_influence(rows, out / "layer_influence.png")
+        plots["layer_influence.png"] = (LAYERS_CAPTION, layer_influence_png(rows))
+    for name, (_, png) in plots.items():
+        write_png(png, out / name)
+    write_report(rows, out / "report.html", title=args.title, run_info=_run_info(meta), max_documents=args.max_documents,
+                 figures=dict(plots.values()))
     return sorted(p.name for p in out.iterdir())
+
+
+def _run_info(meta: dict) -> dict:
+    """What scores.json says about how the scores were made; the report shows the part that shaped them."""
+    keys = ("method", "multi_stage", "alpha", "settings", "hyperparameters", "timings")
+    return {key: meta.get(key) for key in keys}

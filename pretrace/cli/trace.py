@@ -18,8 +18,8 @@ def register(subparsers) -> None:
         epilog="Without --pretrained-factors / --finetuned-factors both are fitted and cached under --out. "
                "Rerunning with the same --out reuses every finished stage.",
     )
-    for cls in (TraceSettings, ModelOptions):
-        add_arguments(parser, cls)
+    for cls, title in ((TraceSettings, "inputs, output and method"), (ModelOptions, "model loading and batching")):
+        add_arguments(parser, cls, title=title)
     parser.set_defaults(handler=run, check=check)
 
 

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.parallel import collectives, group
 from pretrace.config import MAX_SEED, option, to_dict, validate
@@ -30,6 +29,7 @@ from pretrace.gradients.source import LiveGradients, sampled_document_loss
 from pretrace.gradients.task import LanguageModelingTask, Task, dtype_hint
 from pretrace.modeling.loading import parse_dtype
 from pretrace.modeling.modules import TrackedModule
+from pretrace.progress import progress_bar
 from pretrace.storage import SignedParts, fault_point
 
 
@@ -94,7 +94,7 @@ def _run_pass(model, tracked: list[TrackedModule], task: Task, batches: BatchSou
     sums, counts = restored if restored is not None else (stream.init_sums(), {"batches": 0, "documents": 0, "tokens": 0})
     loss = sampled_document_loss(task, settings.seed, stream.seed_offset, sample=settings.fisher == "true")
     source = LiveGradients(model, tracked, batches(), loss, select=collectives.shard)
-    bar = tqdm(total=collectives.shard_size(total), desc=stream.name, unit="batch", disable=not (progress and group.is_main()), initial=counts["batches"])
+    bar = progress_bar(total=collectives.shard_size(total), desc=stream.name, unit="batch", enabled=progress and group.is_main(), initial=counts["batches"])
     for position, gradients in enumerate(source):
         if position < counts["batches"]:
             continue

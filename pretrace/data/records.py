@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 
 from pretrace.config import option
 from pretrace.errors import PretraceError
+from pretrace.extras import require
 from pretrace.storage import file_sha256
 
 
@@ -234,10 +235,9 @@ def _json_array_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _arrow():
-    try:
-        import pyarrow
-    except ImportError:
-        raise PretraceError("CSV and Parquet sources need pyarrow: pip install 'pretrace[formats]'.") from None
+    require("pyarrow", purpose="a CSV or Parquet source")
+    import pyarrow
+
     return pyarrow
 
 
@@ -276,10 +276,9 @@ def _parquet_rows(path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _datasets():
-    try:
-        import datasets
-    except ImportError:
-        raise PretraceError("datasets folders and hub datasets need the datasets package: pip install 'pretrace[formats]'.") from None
+    require("datasets", purpose="a datasets folder or hub dataset")
+    import datasets
+
     return datasets
 
 

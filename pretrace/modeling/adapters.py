@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from pretrace.errors import PretraceError
+from pretrace.extras import require
 from pretrace.modeling.folders import ADAPTER_CONFIG, check_model_dir, is_adapter_folder
 
 MERGED, ADAPTER_PARAMETERS = "merged", "adapter"
@@ -55,10 +56,9 @@ def adapter_base(path: str | Path, fallback: str | Path | None = None) -> Path:
 
 
 def _peft():
-    try:
-        import peft
-    except ImportError:
-        raise PretraceError("PEFT adapter folders need the peft package: pip install 'pretrace[adapters]'.") from None
+    require("peft", purpose="a PEFT adapter folder")
+    import peft
+
     return peft
 
 

@@ -23,9 +23,9 @@ import bm25s
 import numpy as np
 import torch
 from bm25s.stopwords import STOPWORDS_EN
-from tqdm.auto import tqdm
 
 from pretrace.errors import PretraceError
+from pretrace.progress import progress_bar
 from pretrace.retrieval.base import check_k, check_same_corpus, corpus_sha256, top_k
 from pretrace.storage import atomic_directory, read_json, verify_folder, write_json
 
@@ -67,7 +67,7 @@ class BM25Index:
         if len(texts) == 0:
             raise PretraceError("the corpus is empty; pass at least one document to index.")
         digest = corpus_sha256(texts)
-        tokens = [tokenize(text, stopwords) for text in tqdm(texts, desc="BM25 tokenize", disable=not show_progress)]
+        tokens = [tokenize(text, stopwords) for text in progress_bar(texts, desc="BM25 tokenize", enabled=show_progress)]
         engine = bm25s.BM25(k1=k1, b=b, method=method)
         engine.index(tokens, show_progress=show_progress)
         return cls(engine, count=len(texts), stopwords=stopwords, corpus_sha256=digest)
@@ -88,7 +88,7 @@ class BM25Index:
         check_k(k, self.count)
         indices = torch.empty(len(queries), k, dtype=torch.long)
         values = torch.empty(len(queries), k, dtype=torch.float32)
-        for row, query in enumerate(tqdm(queries, desc="BM25 search", disable=len(queries) < 100)):
+        for row, query in enumerate(progress_bar(queries, desc="BM25 search", enabled=len(queries) >= 100)):
             indices[row], values[row] = top_k(torch.from_numpy(self._query_scores(query)), k)
         return indices, values
 

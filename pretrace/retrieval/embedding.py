@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from sklearn.neighbors import NearestNeighbors
-from tqdm.auto import tqdm
 
 from pretrace.errors import CorruptFile, PretraceError
+from pretrace.progress import progress_bar
 from pretrace.retrieval.base import check_k, check_same_corpus, corpus_sha256
 from pretrace.storage import OWNER_FILE, allocate, mark_folder, read_record, refuse_foreign, write_record
 
@@ -219,7 +219,7 @@ def _open_vectors(folder: Path, mode: str) -> np.ndarray:
 def _fill(vectors, texts, manifest: dict, folder: Path, encoder, chunk_size: int, batch_size: int, show_progress: bool) -> None:
     """Embed the rows not yet done, chunk by chunk; the manifest advances only after a chunk is on disk."""
     count, start = manifest["count"], manifest["rows_done"]
-    with tqdm(total=count, initial=start, desc="embed corpus", unit="doc", disable=not show_progress) as progress:
+    with progress_bar(total=count, initial=start, desc="embed corpus", unit="doc", enabled=show_progress) as progress:
         while start < count:
             end = min(start + chunk_size, count)
             vectors[start:end] = encode_texts(encoder, texts[start:end], batch_size)

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.config import MAX_SEED, changed, option, to_dict, validate
 from pretrace.data.batching import TokenBatch
@@ -29,6 +28,7 @@ from pretrace.gradients.capture import CapturedBatch, compute_dtype
 from pretrace.gradients.source import LiveGradients, document_loss
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
+from pretrace.progress import progress_bar
 from pretrace.scores.result import ScoreResult
 from pretrace.scores.weights import DenseWeights, ModuleWeights, as_module_weights
 from pretrace.storage import SignedParts, read_record, read_sealed, write_record
@@ -128,7 +128,7 @@ def build_index(
     total = None if num_batches is None else -(-num_batches // settings.shard_batches)
     shards, ids = [], []
     source = LiveGradients(model, tracked, batches, document_loss(task))
-    for number, chunk in enumerate(tqdm(chunks(source, settings.shard_batches), total=total, desc="indexing documents", unit="shard", disable=not progress)):
+    for number, chunk in enumerate(progress_bar(chunks(source, settings.shard_batches), total=total, desc="indexing documents", unit="shard", enabled=progress)):
         name, chunk_ids = _shard_name(number), [i for gradients in chunk for i in gradients.ids]
         # shards an interrupted build of the same signature wrote are kept, if their seal holds
         if parts.load(name, "the shard is computed again") is None:
@@ -211,7 +211,7 @@ def score_index(
     storage = meta["storage"]
     stored = {name: as_module_weights(weights[name]).settle(None).dense().double() for name in names}
     columns, module_columns = [], []
-    for entry in tqdm(meta["shards"], desc="scoring the index", unit="shard", disable=not progress):
+    for entry in progress_bar(meta["shards"], desc="scoring the index", unit="shard", enabled=progress):
         shard, _ = read_sealed(folder / entry["file"])
         per = torch.stack([_shard_scores(shard, name, stored[name], storage, entry["documents"]) for name in names])
         columns.append(per.sum(0))

@@ -14,7 +14,6 @@ import time
 from typing import Iterable, Mapping
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.data.batching import TokenBatch
 from pretrace.gradients.capture import compute_dtype
@@ -23,6 +22,7 @@ from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.parallel.collectives import gather_in_order
 from pretrace.parallel.group import is_main
+from pretrace.progress import progress_bar
 from pretrace.scores.checkpoint import BatchScores
 from pretrace.scores.columns import ScoreColumns
 from pretrace.scores.explanations import Explain, TopExplanations
@@ -45,7 +45,7 @@ def query_gradients(
     device, dtype = next(model.parameters()).device, compute_dtype(model)
     ids: list[str] = []
     parts: dict[str, list[torch.Tensor]] = {t.name: [] for t in tracked}
-    for gradients in tqdm(LiveGradients(model, tracked, plan.shard_queries(batches), measurement(task)), desc="query gradients", unit="batch", disable=not progress):
+    for gradients in progress_bar(LiveGradients(model, tracked, plan.shard_queries(batches), measurement(task)), desc="query gradients", unit="batch", enabled=progress):
         ids.extend(gradients.ids)
         for t in tracked:
             parts[t.name].append(gradients.captured.example_gradients(t.name).to(dtype))
@@ -98,7 +98,7 @@ def score_weight_sets(
     scoring = _Pass(weight_sets, [t.name for t in tracked], device, dtype, plan, explain, per_module, per_token)
     source = LiveGradients(model, tracked, batches, document_loss(task), select=plan.shard_documents)
     start = time.perf_counter()
-    bar = tqdm(total=plan.document_shard_size(num_batches), desc="scoring documents", unit="batch", disable=not (progress and is_main()),
+    bar = progress_bar(total=plan.document_shard_size(num_batches), desc="scoring documents", unit="batch", enabled=progress and is_main(),
                initial=scoring.resumed)
     for position, gradients in enumerate(source):
         if position == 0:  # the first batch tells the padded tokens to expect: weights take their cheapest form for them

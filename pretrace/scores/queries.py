@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
@@ -27,6 +26,7 @@ from pretrace.gradients.capture import CapturedBatch, compute_dtype
 from pretrace.gradients.source import LiveGradients, measurement
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
+from pretrace.progress import progress_bar
 from pretrace.scores.plan import ScoringPlan
 from pretrace.scores.pairwise import query_gradients
 from pretrace.scores.weights import DenseWeights, EigenbasisWeights, LowRankWeights, ModuleWeights
@@ -48,7 +48,7 @@ def _factored_weights(model, tracked, batches, preconditioner, task, rank, plan,
     device, dtype = next(model.parameters()).device, compute_dtype(model)
     ids: list[str] = []
     parts: dict[str, list] = {t.name: [] for t in tracked}
-    for gradients in tqdm(LiveGradients(model, tracked, plan.shard_queries(batches), measurement(task)), desc="query gradients", unit="batch", disable=not progress):
+    for gradients in progress_bar(LiveGradients(model, tracked, plan.shard_queries(batches), measurement(task)), desc="query gradients", unit="batch", enabled=progress):
         ids.extend(gradients.ids)
         for name, piece in factored_batch_weights(gradients.captured, tracked, preconditioner, rank, dtype).items():
             parts[name].append(piece)

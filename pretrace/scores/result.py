@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from pretrace.errors import PretraceError
+from pretrace.extras import require
 from pretrace.scores.explanations import Explanation
 
 
@@ -75,11 +76,24 @@ class ScoreResult:
         return {query: [(self.document_ids[d], float(self.scores[q, d])) for d in indices[q].tolist()]
                 for q, query in enumerate(self.query_ids)}
 
-    def to_pandas(self):
-        """The scores as a `pandas.DataFrame`: one row per query, one column per document, labelled by their ids."""
-        try:
-            import pandas
-        except ImportError:
-            raise PretraceError("to_pandas() needs pandas: pip install 'pretrace[formats]'.") from None
-        return pandas.DataFrame(self.scores.double().numpy(), index=pandas.Index(self.query_ids, name="query_id"),
-                                columns=pandas.Index(self.document_ids, name="document_id"))
+    def to_pandas(self, form: str = "long"):
+        """The scores as a `pandas.DataFrame`. `long` (the default, what joins and group-bys want): one row per
+        (query, document) pair with columns query_id, document_id, score and rank (1 = the query's best; ties by
+        document order), sorted by query then rank. `wide`: the matrix, queries as the index and documents as columns."""
+        if form not in ("long", "wide"):
+            raise PretraceError(f"to_pandas(form={form!r}): choose 'long' (one row per query and document) or 'wide' (the matrix).")
+        require("pandas", purpose="to_pandas()")
+        import pandas
+
+        matrix = self.scores.double()
+        if form == "wide":
+            return pandas.DataFrame(matrix.numpy(), index=pandas.Index(self.query_ids, name="query_id"),
+                                    columns=pandas.Index(self.document_ids, name="document_id"))
+        order = top_indices(matrix, matrix.shape[1])  # [Q, N] document indices, best first
+        queries, documents = len(self.query_ids), len(self.document_ids)
+        return pandas.DataFrame({
+            "query_id": [query for query in self.query_ids for _ in range(documents)],
+            "document_id": [self.document_ids[d] for d in order.flatten().tolist()],
+            "score": matrix.gather(1, order).flatten().numpy(),
+            "rank": list(range(1, documents + 1)) * queries,
+        })

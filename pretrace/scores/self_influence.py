@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.curvature.operators import Preconditioner
 from pretrace.data.batching import TokenBatch
@@ -20,6 +19,7 @@ from pretrace.gradients.task import Task
 from pretrace.modeling.modules import TrackedModule
 from pretrace.parallel.collectives import gather_in_order, shard
 from pretrace.parallel.group import is_main
+from pretrace.progress import progress_bar
 from pretrace.scores.queries import factored_batch_weights
 from pretrace.scores.weights import DenseWeights, EigenbasisWeights
 
@@ -36,7 +36,7 @@ def self_influence(
     device, dtype = next(model.parameters()).device, compute_dtype(model)
     order, records = [], []
     source = LiveGradients(model, tracked, batches, document_loss(task), select=shard)
-    for gradients in tqdm(source, desc="self-influence", unit="batch", disable=not (progress and is_main())):
+    for gradients in progress_bar(source, desc="self-influence", unit="batch", enabled=progress and is_main()):
         captured = gradients.captured
         if preconditioner.is_identity or preconditioner.kronecker_eigenbasis:
             pieces = factored_batch_weights(captured, tracked, preconditioner, None, dtype)

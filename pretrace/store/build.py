@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Iterable
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.config import to_dict
 from pretrace.data.batching import TokenBatch
@@ -22,6 +21,7 @@ from pretrace.gradients.sketch import KroneckerSketch
 from pretrace.gradients.source import LiveGradients, document_loss
 from pretrace.gradients.task import LanguageModelingTask, Task
 from pretrace.modeling.modules import TrackedModule
+from pretrace.progress import progress_bar
 from pretrace.scores.index import FORMAT_VERSION, INDEX_FILE, IndexSettings, chunks
 from pretrace.storage import RowFile, SignedParts, file_sha256, read_record, write_record
 from pretrace.curvature.factors import Factors
@@ -88,7 +88,7 @@ def _write_shards(model, tracked, batches, parts: SignedParts, sketch: Kronecker
     total = None if num_batches is None else -(-num_batches // settings.shard_batches)
     shards, ids = [], []
     source = LiveGradients(model, tracked, batches, document_loss(task))
-    for number, chunk in enumerate(tqdm(chunks(source, settings.shard_batches), total=total, desc="sketching documents", unit="shard", disable=not progress)):
+    for number, chunk in enumerate(progress_bar(chunks(source, settings.shard_batches), total=total, desc="sketching documents", unit="shard", enabled=progress)):
         name, chunk_ids = f"shard-{number:05d}", [i for gradients in chunk for i in gradients.ids]
         if parts.load(name, "the shard is sketched again") is None:
             vectors = torch.cat([_sketched(gradients, sketch, settings.normalize) for gradients in chunk])

@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.errors import PretraceError
+from pretrace.extras import require
 from pretrace.gradients.sketch import KroneckerSketch
+from pretrace.progress import progress_bar
 from pretrace.scores.result import ScoreResult
 from pretrace.scores.weights import as_module_weights
 from pretrace.storage import RowFile, read_record, read_sealed, verify_folder
@@ -32,10 +33,9 @@ CANDIDATES = 50_000  # per query, re-scored exactly: the fewest of 1k-50k whose 
 
 
 def _faiss():
-    try:
-        import faiss
-    except ImportError:
-        raise PretraceError("--search pq needs faiss: pip install 'pretrace[index]' (or choose --search flat).") from None
+    require("faiss", purpose="--search pq", alternative=" (or choose --search flat)")
+    import faiss
+
     return faiss
 
 
@@ -60,7 +60,7 @@ def build_search(vectors: list[numpy.ndarray], path: Path, progress: bool) -> di
     codes = next(m for m in range(max(1, width // 4), 0, -1) if width % m == 0)  # sub-quantisers: about four dimensions each
     index = faiss.IndexPQ(width, codes, 8, faiss.METRIC_INNER_PRODUCT)
     index.train(numpy.ascontiguousarray(training, dtype=numpy.float32))
-    for _, block in tqdm(list(_blocks(vectors)), desc="encoding sketches", unit="block", disable=not progress):
+    for _, block in progress_bar(list(_blocks(vectors)), desc="encoding sketches", unit="block", enabled=progress):
         index.add(numpy.ascontiguousarray(block, dtype=numpy.float32))
     temporary = path.with_name(f".{path.name}.tmp")
     faiss.write_index(index, str(temporary))

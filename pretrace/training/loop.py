@@ -25,13 +25,13 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.parallel import collectives, group
 from pretrace.config import MAX_SEED, option, validate
 from pretrace.data.batching import Encoded, TokenBatch, collate
 from pretrace.errors import PretraceError
 from pretrace.gradients.task import LanguageModelingTask
+from pretrace.progress import progress_bar
 
 NORMALISATIONS = ("token", "sequence")
 
@@ -131,7 +131,7 @@ def evaluate(model: torch.nn.Module, items: Sequence[Encoded], batch_size: int, 
     was_training, total = model.training, torch.zeros((), dtype=torch.float64)
     model.eval()
     starts = collectives.shard(range(0, len(items), batch_size))  # each rank its share of the batches
-    for start in tqdm(starts, desc="evaluate", unit="batch", disable=not (progress and group.is_main()), leave=False):
+    for start in progress_bar(starts, desc="evaluate", unit="batch", enabled=progress and group.is_main(), leave=False):
         batch = collate(items[start : start + batch_size], pad_id).to(_device(model))
         total += sequence_losses(model, batch).sum().double().cpu()
     model.train(was_training)
@@ -181,7 +181,7 @@ def train(
     optimizer = torch.optim.AdamW(trainable, lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup_steps))
     history, device = TrainHistory(), _device(model)
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not (progress and group.is_main()))
+    bar = progress_bar(total=total_steps, desc="train", unit="step", enabled=progress and group.is_main())
     for epoch in range(settings.epochs):
         model.train(dropout)
         order = torch.randperm(len(items), generator=shuffler).tolist()

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.config import MAX_SEED, nested, option, require_instance, to_dict, validate, variants
 from pretrace.curvature import FitSettings
 from pretrace.data.records import DEFAULT_FIELDS, Document, Fields, Query, UniqueIds, encodable, iter_documents, iter_records
 from pretrace.errors import PretraceError
+from pretrace.progress import progress_bar
 from pretrace.workflows.registry import make_attributor
 from pretrace.modeling.adapters import model_folders
 from pretrace.modeling.folders import check_model_dir
@@ -165,7 +165,7 @@ def generate_completions(model_path: str | Path, queries: list[TraceQuery], max_
     length = check_model_tokenizer(model_path, model, tokenizer, options.max_length)
     device = next(model.parameters()).device
     answers = {}
-    for item in tqdm(missing, desc="generate completions", unit="query"):
+    for item in progress_bar(missing, desc="generate completions", unit="query"):
         prompt_ids = torch.tensor([tokenizer(item.query.prompt, add_special_tokens=True)["input_ids"]], device=device)
         room = length - prompt_ids.shape[1]  # the model's positions (or --max-length) bound prompt and answer together
         if room < 1:
@@ -195,7 +195,7 @@ def _from_rows(rows: list[dict]) -> list[TraceQuery]:
 
 def read_corpus(path: str | Path, fields: Fields = DEFAULT_FIELDS) -> list[Document]:
     """Every corpus document, validated (unique ids included) by the reader all commands share."""
-    return list(tqdm(iter_documents(path, fields), desc="read corpus", unit="doc", leave=False))
+    return list(progress_bar(iter_documents(path, fields), desc="read corpus", unit="doc", leave=False))
 
 
 def by_length(indices, documents: list[Document]) -> list[int]:
