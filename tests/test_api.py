@@ -27,26 +27,32 @@ def test_unknown_names_raise_attribute_error():
         pretrace.fitt  # noqa: B018
 
 
-def test_the_readme_python_example_runs_as_written(tmp_path, monkeypatch, sentences):
-    """The README's API block, executed verbatim against a tiny model folder with the names it uses."""
+def test_the_documented_python_examples_run_as_written(tmp_path, monkeypatch, sentences):
+    """The user guide's API blocks, then the README's, executed verbatim against a tiny model folder with the names
+    they use."""
     import re
     from pathlib import Path
 
     from tiny import save_tiny_model, write_jsonl
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
-    block = re.search(r"```python\n(import pretrace.*?)```", readme, re.S).group(1)
+    root = Path(__file__).parents[1]
+    guide, readme = (root / "docs" / "guide.md").read_text(), (root / "README.md").read_text()
+    block = re.search(r"```python\n(import pretrace.*?)```", guide, re.S).group(1)
     save_tiny_model(tmp_path / "model")
     write_jsonl(tmp_path / "train.jsonl", [{"id": str(i), "text": s} for i, s in enumerate(sentences)])
     write_jsonl(tmp_path / "q.jsonl", [{"prompt": "paris is the capital of", "completion": " france ."}])
     monkeypatch.chdir(tmp_path)
     namespace = {}
-    exec(compile(block, "README.md", "exec"), namespace)
+    exec(compile(block, "docs/guide.md", "exec"), namespace)
     assert namespace["result"].scores.shape == (1, len(sentences))
     assert (tmp_path / "scores" / "scores.safetensors").is_file() and (tmp_path / "factors" / "factors.json").is_file()
+    readme_block = re.search(r"```python\n(import pretrace.*?)```", readme, re.S).group(1)
+    loaded = {}
+    exec(compile(readme_block, "README.md", "exec"), loaded)  # it reads back the scores/ folder the guide's block wrote
+    assert loaded["result"].scores.shape == (1, len(sentences))
     written = sorted(tmp_path.iterdir())
-    notebook = re.search(r"```python\n(from transformers import.*?)```", readme, re.S).group(1)
-    exec(compile(notebook, "README.md", "exec"), namespace)
+    notebook = re.search(r"```python\n(from transformers import.*?)```", guide, re.S).group(1)
+    exec(compile(notebook, "docs/guide.md", "exec"), namespace)
     assert namespace["result"].scores.shape == (1, 2) and bool(namespace["result"].scores.any())
     assert sorted(tmp_path.iterdir()) == written  # the notebook block writes nothing
 
