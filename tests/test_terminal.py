@@ -90,3 +90,14 @@ def test_a_logged_run_has_no_redraws_and_no_library_loading_bars(workspace, tmp_
     assert done.returncode == 0, done.stderr
     assert "\r" not in done.stderr and "Loading weights" not in done.stderr
     assert done.stderr.count("\n") < 40
+
+
+def test_plain_lines_are_rate_limited_even_when_a_loop_refreshes_every_step():
+    stream = io.StringIO()
+    bar = progress_bar(total=1000, desc="train", file=PlainLines(stream), mininterval=3600)
+    for step in range(1000):
+        bar.set_postfix(loss=step)  # a refresh request per step, as the training loop makes
+        bar.update()
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) <= 3 and "1000/1000" in lines[-1]
