@@ -48,6 +48,8 @@ class PlainProgress(terminal_tqdm):
     (`set_postfix` asks for a refresh on every call); the final state is always written when the bar closes."""
 
     def refresh(self, nolock: bool = False, lock_args: Any = None) -> None:
+        if self.disable:  # a disabled bar never set its interval
+            return
         now = time.monotonic()
         if now - getattr(self, "_plain_last", -math.inf) >= self.mininterval:
             self._plain_last = now
@@ -64,3 +66,9 @@ def progress_bar(iterable: Iterable | None = None, *, enabled: bool = True, **op
     options.setdefault("mininterval", PLAIN_INTERVAL)
     options.setdefault("ascii", True)
     return PlainProgress(iterable, disable=disable, **options)
+
+
+def note(message: str) -> None:
+    """An informational line on stderr (a memory plan, a measured peak), silenced with the bars (`-q`, TQDM_DISABLE)."""
+    if not progress_disabled():
+        print(message, file=sys.stderr, flush=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1] / "pretrace"
 # bottom to top; a layer may import itself and any layer below it
 LAYERS = [
-    ["errors.py", "version.py", "metrics.py"],
+    ["errors.py", "version.py", "metrics.py", "extras.py", "progress.py"],
     ["config.py"],
     ["storage.py"],
     ["parallel"],

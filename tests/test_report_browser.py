@@ -36,10 +36,12 @@ def test_report_loads_cleanly_and_shows_every_query(report):
     assert loaded.console == []
     dom = parse(loaded.dom)
     tags = [tag for tag, _ in dom.elements]
-    assert "script" not in tags and "img" not in tags  # the hostile document stayed text
-    sections = [attrs["id"] for tag, attrs in dom.elements if tag == "section"]
-    links = [attrs["href"] for tag, attrs in dom.elements if tag == "a" and attrs["href"] != "#summary"]
-    assert sections == ["q1", "q2", "q3"] and links == [f"#{section}" for section in sections]
+    assert "script" not in tags  # the hostile document stayed text; the only images are the embedded plots
+    images = [attrs for tag, attrs in dom.elements if tag == "img"]
+    assert len(images) == 2 and all(attrs["src"].startswith("data:image/png;base64,") and "onerror" not in attrs for attrs in images)
+    sections = [attrs["id"] for tag, attrs in dom.elements if tag == "section" and attrs.get("class") == "query"]
+    links = [attrs["href"] for tag, attrs in dom.elements if tag == "a" and attrs.get("class") is None and attrs["href"] != "#summary"]
+    assert sections == ["q1", "q2", "q3"] and links == [link for section in sections for link in (f"#{section}", f"#{section}-d1")]
     text = "".join(dom.text)
     for row in fake_rows():
         assert row["query_id"] in text and row["prompt"] in text

@@ -1,4 +1,5 @@
-"""Report logic: schema checks, escaping of untrusted text, colours, token display and per-layer aggregation."""
+"""Report logic: schema checks, escaping of untrusted text, colours, token display and per-layer aggregation; what a
+reader sees first (results, not settings), decoded words, duplicate marks, bar scales and embedded plots."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import pytest
 from pretrace.errors import PretraceError
 from pretrace.report import layer_of, layer_scores, load_results, write_report
 from pretrace.report.html import MAX_ALPHA, SHADE_LEVELS, display_token, format_score, layer_bars, shade_class
+from pretrace.report.text import token_texts, words
 
 HOSTILE = '<script>alert("owned")</script> & </div> "quoted" <img src=x onerror=alert(1)>'
 QUERIES = [
@@ -82,30 +84,38 @@ def parse(page: str) -> ElementCollector:
     return collector
 
 
-@pytest.fixture
-def report_page(tmp_path):
-    path = write_report(fake_rows(), tmp_path / "report.html", title="Test <report>",
+@pytest.fixture(scope="module")
+def report_page(tmp_path_factory):
+    path = write_report(fake_rows(), tmp_path_factory.mktemp("report") / "report.html", title="Test <report>",
                         run_info={"model": {"name": "tiny-neox", "layers": 6}, "timings": {"fit_s": 1.5}})
     return path.read_text(encoding="utf-8")
+
+
+EMBEDDED_PNG = "data:image/png;base64,"
 
 
 def test_untrusted_text_is_escaped_and_page_is_self_contained(report_page):
     page = parse(report_page)
     tags = [tag for tag, _ in page.elements]
-    assert "script" not in tags and "img" not in tags and "b" not in tags
+    assert "script" not in tags and "b" not in tags
     assert not any("onerror" in attrs for _, attrs in page.elements)
+    assert all(attrs["src"].startswith(EMBEDDED_PNG) for tag, attrs in page.elements if tag == "img")  # only the plots
     text = "".join(page.text)
     assert 'alert("owned")' in text and "bees-<b>" in text and "Test <report>" in text
-    # nothing is loaded from anywhere: no src/href except in-page anchors
+    # nothing is loaded from anywhere: no src/href except in-page anchors and the embedded plots
     links = [attrs.get("href") or attrs.get("src") for _, attrs in page.elements if "href" in attrs or "src" in attrs]
-    assert links and all(link.startswith("#") for link in links)
+    assert links and all(link.startswith(("#", EMBEDDED_PNG)) for link in links)
 
 
 def test_every_query_is_linked_from_the_summary_and_documents_follow_rank(report_page):
     page = parse(report_page)
-    section_ids = [attrs["id"] for tag, attrs in page.elements if tag == "section"]
-    summary_links = [attrs["href"] for tag, attrs in page.elements if tag == "a" and attrs["href"] != "#summary"]
-    assert section_ids == ["q1", "q2", "q3"] and summary_links == ["#q1", "#q2", "#q3"]
+    section_ids = [attrs["id"] for tag, attrs in page.elements if tag == "section" and attrs.get("class") == "query"]
+    summary = parse(report_page.split('<table class="summary">')[1].split("</table>")[0])
+    summary_links = [attrs["href"] for tag, attrs in summary.elements if tag == "a"]
+    assert section_ids == ["q1", "q2", "q3"]
+    assert summary_links == [link for q in (1, 2, 3) for link in (f"#q{q}", f"#q{q}-d1")]  # the query, its top document
+    document_ids = {attrs["id"] for tag, attrs in page.elements if tag == "li"}
+    assert {link[1:] for link in summary_links} <= set(section_ids) | document_ids
     for section in re.split(r'<section class="query"', report_page)[1:]:
         ranks = [int(rank) for rank in re.findall(r'<span class="rank">#(\d+)</span>', section)]
         assert ranks == [1, 2, 3, 4, 5]
@@ -113,13 +123,14 @@ def test_every_query_is_linked_from_the_summary_and_documents_follow_rank(report
     assert "model.name" in report_page and "tiny-neox" in report_page
 
 
-def test_token_spans_show_each_contribution_and_rebuild_the_text(report_page):
+def test_word_spans_show_each_contribution_and_rebuild_the_text(report_page):
     top = min(fake_rows()[0]["documents"], key=lambda doc: doc["rank"])
-    # the first document shown is the rank-1 one: one span per token, its value as tooltip, spelling the text
+    # the first document shown is the rank-1 one: one span per word, its summed value first in the tooltip
     first_doc = parse(re.search(r'<div class="tokens text">(.*?)</div></li>', report_page, re.S).group(1))
     titles = [attrs["title"] for tag, attrs in first_doc.elements if tag == "span"]
-    assert titles == [format_score(value) for value in top["token_scores"]]
-    assert "".join(first_doc.text) == top["text"]
+    expected = words(token_texts(top["tokens"], top["text"])[0], top["token_scores"])
+    assert [title.split(" from ")[0] for title in titles] == [format_score(word.score) for word in expected]
+    assert "".join(first_doc.text) == top["text"] and "Ġ" not in report_page
 
 
 def test_shade_class_is_red_for_positive_blue_for_negative_and_scaled():
@@ -216,6 +227,6 @@ def test_write_report_is_atomic_and_accepts_documents_without_explanations(tmp_p
 def test_run_info_from_file_and_document_cap(tmp_path):
     (tmp_path / "run.json").write_text(json.dumps({"method": "ekfac", "damping": 0.001}), encoding="utf-8")
     page = write_report(fake_rows(), tmp_path / "report.html", run_info=tmp_path / "run.json",
-                        max_documents=2).read_text(encoding="utf-8")
+                        max_documents=2, figures={}).read_text(encoding="utf-8")
     assert '<td>damping</td><td>0.001</td>' in page
-    assert page.count('<li class="doc">') == 2 * len(QUERIES)
+    assert len(re.findall(r'<li class="doc[ "]', page)) == 2 * len(QUERIES)

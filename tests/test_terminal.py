@@ -68,7 +68,7 @@ def test_quiet_prints_nothing_and_restores_the_process(workspace, tmp_path, caps
     monkeypatch.delenv("TQDM_DISABLE", raising=False)
     assert _score(workspace, tmp_path / "q", "-q") == 0
     captured = capsys.readouterr()
-    assert captured.out == "" and "scoring documents" not in captured.err
+    assert captured.out == "" and "scoring documents" not in captured.err and "memory plan" not in captured.err
     assert (tmp_path / "q" / "top_k.jsonl").is_file()
     assert "TQDM_DISABLE" not in os.environ  # main can be called again in the same process, unchanged
     assert main(["inspect", "-q", str(tmp_path / "q")]) == 0 and "method ekfac" in capsys.readouterr().out

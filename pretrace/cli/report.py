@@ -1,4 +1,5 @@
-"""`pretrace report SCORES_DIR`: a self-contained HTML page and PNG plots of a score folder's top documents."""
+"""`pretrace report SCORES_DIR`: one self-contained HTML page of a score folder's top documents (results first, plots
+embedded, the settings that mattered folded away) and the same plots as PNG files beside it."""
 
 from __future__ import annotations
 

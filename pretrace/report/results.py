@@ -72,6 +72,18 @@ def _checked_document(doc: Mapping, where: str) -> dict:
     return {**doc, "id": str(doc["id"]), "score": float(doc["score"])}
 
 
+def duplicate_ranks(documents: list[Mapping]) -> list[int | None]:
+    """For each document, the rank of the first earlier one with the same text (whitespace aside), else None:
+    a corpus with repeated passages fills a top-k with copies, which the report marks rather than hides."""
+    first: dict[str, int] = {}
+    marks = []
+    for doc in documents:
+        key = " ".join(str(doc["text"]).split())
+        marks.append(first.get(key))
+        first.setdefault(key, doc["rank"])
+    return marks
+
+
 def layer_of(module_name: str) -> int | None:
     """The layer index in a dotted module name: its first purely numeric component, or None if it has none."""
     for part in module_name.split("."):

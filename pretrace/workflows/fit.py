@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from pretrace.gradients.task import Task
 from pretrace.modeling.adapters import model_folders
 from pretrace.modeling.modules import require_linear_modules
 from pretrace.data.records import RecordSource, check_source, in_memory, source_sha256
+from pretrace.progress import note
 from pretrace.storage import checkpoint_folder, output_folder
 from pretrace.modeling.memory import fit_plan, plan_run
 from pretrace.modeling.stage import ModelOptions, Stage, load_stage
@@ -42,7 +42,7 @@ def fit(model: str | Path | Stage, data: RecordSource, out: str | Path | None = 
                                  lambda shapes, batch, length: fit_plan(shapes, batch, length, settings.factor_dtype),
                                  model=model.model if isinstance(model, Stage) else None)
         if plan is not None and progress:
-            print(plan.describe(), file=sys.stderr, flush=True)
+            note(plan.describe())
         stage = model if isinstance(model, Stage) else load_stage(model, options)
         require_linear_modules(stage.tracked, "pretrace fit")
         data_hash = source_sha256(data)
@@ -66,5 +66,5 @@ def fit(model: str | Path | Stage, data: RecordSource, out: str | Path | None = 
             factors.save(out, overwrite=True, discard=[checkpoint])
         group.barrier()
         if plan is not None and progress:
-            print(plan.report(), file=sys.stderr, flush=True)
+            note(plan.report())
     return factors

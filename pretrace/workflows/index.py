@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from pretrace.config import IN_MEMORY, require_instance, require_path
+from pretrace.progress import note
 from pretrace.scores.index import IndexSettings, build_index
 from pretrace.curvature.factors import Factors, check_factor_source
 from pretrace.errors import PretraceError
@@ -46,7 +46,7 @@ def index(model: str | Path | Stage, train: RecordSource, out: str | Path, optio
                                                                           exact_width(shapes, settings.sketch_dim)),
                                  model=model.model if isinstance(model, Stage) else None)
         if plan is not None and progress:
-            print(plan.describe(), file=sys.stderr, flush=True)
+            note(plan.describe())
         stage = model if isinstance(model, Stage) else load_stage(model, options)
         used = stage.options  # as used: the default --max-length resolved against the model
         # the keys `score --index` compares (pretrace.workflows.score._check_index), so it names the flag that differs
@@ -63,7 +63,7 @@ def index(model: str | Path | Stage, train: RecordSource, out: str | Path, optio
             meta = build_index(stage.model, stage.tracked, batches, work, settings, signature, num_batches=count, progress=progress)
         commit_folder(work, out, "index")
     if plan is not None and progress:
-        print(plan.report(), file=sys.stderr, flush=True)
+        note(plan.report())
     return meta
 
 

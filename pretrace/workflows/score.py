@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from pretrace.progress import note
 from pretrace.version import __version__
 from pretrace.curvature.placement import place_factors
 from pretrace.config import IN_MEMORY, changed, nested, option, require_instance, to_dict, validate, variants
@@ -227,7 +227,7 @@ def _plan(settings: ScoreSettings, options: ModelOptions, inputs: Inputs, querie
                                                                       settings.outputs.per_module),
                              model=None if given is None else given.model)
     if plan is not None and progress:
-        print(plan.describe(), file=sys.stderr, flush=True)
+        note(plan.describe())
     return options, plan
 
 
@@ -448,7 +448,7 @@ def _score(settings: ScoreSettings, options: ModelOptions, context: ScoringConte
             shutil.rmtree(spill, ignore_errors=True)  # the result's memory maps stay valid
     group.barrier()
     if context.extra.get("memory_plan") is not None and context.progress:
-        print(context.extra["memory_plan"].report(), file=sys.stderr, flush=True)
+        note(context.extra["memory_plan"].report())
     return result
 
 
