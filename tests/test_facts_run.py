@@ -31,6 +31,12 @@ FACTS = [  # (relation, subject, object, evidence sentence ids)
     ("P17", "rome", "italy", (2, 12)), ("P17", "madrid", "spain", (3, 13)),
 ]
 RELATIONS = {"P36": QuestionTemplate("P36", "what is the capital of [X] ?"), "P17": QuestionTemplate("P17", "in which country is [X] ?")}
+CLOZE = {"P36": "the capital of [X] is [Y] .", "P17": "[X] is in [Y] ."}  # LAMA's relations.jsonl form
+
+
+def write_cloze(path) -> str:
+    path.write_text("".join(json.dumps({"relation": r, "template": t}) + "\n" for r, t in CLOZE.items()))
+    return str(path)
 
 
 def tiny_benchmark() -> FactBenchmark:
@@ -51,7 +57,8 @@ def finished_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("facts-run")
     tiny_benchmark().write(root / "benchmark")
     model = save_tiny_model(root / "model", "llama", dtype=torch.float32)
-    settings = from_flags(FactTracingSettings, out=str(root / "out"), data="folder", benchmark=str(root / "benchmark"), model=str(model), **SETTINGS)
+    settings = from_flags(FactTracingSettings, out=str(root / "out"), data="folder", benchmark=str(root / "benchmark"), model=str(model),
+                          cloze_templates=write_cloze(root / "cloze.jsonl"), **SETTINGS)
     first = run_fact_tracing(settings)
     second = run_fact_tracing(settings)
     return root, settings, first, second
@@ -196,12 +203,13 @@ def test_cli_prints_the_table_of_a_cached_run(finished_run, capsys):
     from pretrace.cli import main
 
     root, settings, _, _ = finished_run
-    flags = ["--out", settings.out, "--data", "folder", "--benchmark", settings.source.benchmark, "--model", settings.model]
+    flags = ["--out", settings.out, "--data", "folder", "--benchmark", settings.source.benchmark, "--model", settings.model,
+             "--cloze-templates", settings.probing.cloze_templates]
     for name, value in SETTINGS.items():
         flags += [f"--{name.replace('_', '-')}", str(value)]
     assert main(["bench", "fact-tracing", *flags]) == 0
     printed = capsys.readouterr().out
-    assert "| multi-stage EK-FAC |" in printed and "| finetuned@0.1 |" in printed
+    assert "| multi-stage EK-FAC |" in printed and "| finetuned@0.1 | cloze |" in printed
 
 
 def test_scores_rankings_and_metrics_equal_a_computation_from_scratch(finished_run):
@@ -296,7 +304,7 @@ def test_full_corpus_mode_ranks_the_store_candidates_exactly(tmp_path):
     tiny_benchmark().write(tmp_path / "benchmark")
     model = save_tiny_model(tmp_path / "model", "llama", dtype=torch.float32)
     settings = from_flags(FactTracingSettings, out=str(tmp_path / "out"), data="folder", benchmark=str(tmp_path / "benchmark"), model=str(model),
-                          **{**SETTINGS, "alphas": "0.1"}, full_corpus=True, corpus_sentences=0, store_candidates=5, sketch_dim=48)
+                          **{**SETTINGS, "alphas": "0.1"}, probe_styles="evidence", full_corpus=True, corpus_sentences=0, store_candidates=5, sketch_dim=48)
     results = run_fact_tracing(settings)["full_corpus"]
     assert results["sentences"] == len(TEXTS)
     block = results["alphas"]["0.1"]

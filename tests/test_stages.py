@@ -12,7 +12,7 @@ from pretrace.config import from_flags, with_flags
 from pretrace.bench.facts.run import FactTracingSettings, _Run, run_fact_tracing
 from pretrace.errors import PretraceError
 from pretrace.stages import File, Folder, StageCache
-from test_facts_run import tiny_benchmark
+from test_facts_run import tiny_benchmark, write_cloze
 from test_facts_trex_lama import LAMA, TREX
 from tiny import save_tiny_model, write_jsonl
 
@@ -59,7 +59,7 @@ def run_settings(tmp_path_factory):
     tiny_benchmark().write(root / "benchmark")
     model = save_tiny_model(root / "model", "llama", dtype=torch.float32)
     return root, from_flags(FactTracingSettings, out=str(root / "out"), data="folder", benchmark=str(root / "benchmark"), model=str(model),
-                                     queries=3, candidates=3, random_candidates=4, sharing_candidates=2, top=10, query_rank=2,
+                                     cloze_templates=write_cloze(root / "cloze.jsonl"), queries=3, candidates=3, random_candidates=4, sharing_candidates=2, top=10, query_rank=2,
                                      finetune_facts=0, alphas="0.1", lr=1e-3, epochs=1, fit_sentences=6, preset="all", last_layers=1,
                                      batch_size=4, max_length=32, device="cpu", bootstrap=100)
 
@@ -73,8 +73,10 @@ def test_fact_tracing_recomputes_exactly_the_stages_a_change_affects(run_setting
     root, settings = run_settings
     first = run_fact_tracing(settings)
     scores = {"scores-finetuned@0.1/0000", "scores-pretrained/0000"}
-    finetuned = {"finetune@0.1", "factors-finetuned@0.1", *scores, "embedding@0.1", "probe-finetuned-0.1"}
-    everything = {"finetune-data", "fit-sentences", "factors-pretrained", "bm25", "probe-pretrained", *finetuned}
+    probes_pt = {"probe-pretrained", "probe-pretrained-evidence", "probe-pretrained-cloze"}
+    finetuned = {"finetune@0.1", "factors-finetuned@0.1", *scores, "embedding@0.1", "probe-finetuned-0.1", "probe-finetuned-0.1-evidence",
+                 "probe-finetuned-0.1-cloze"}
+    everything = {"finetune-data", "fit-sentences", "factors-pretrained", "bm25", "coverage", *probes_pt, *finetuned}
     assert _computed(first) == everything
     assert _computed(run_fact_tracing(settings)) == set()
 
@@ -96,7 +98,7 @@ def test_fact_tracing_recomputes_exactly_the_stages_a_change_affects(run_setting
     shutil.rmtree(root / "benchmark")
     benchmark.write(root / "benchmark")
     rerun = run_fact_tracing(with_flags(settings, lr=2e-3, damping_factor=0.5, query_rank=3))
-    assert _computed(rerun) == everything - {"probe-pretrained"}  # the pre-trained model and the questions are unchanged
+    assert _computed(rerun) == everything - probes_pt  # the pre-trained model, questions, templates and evidence sentences unchanged
     assert rerun["stages"]["benchmark"] == "read"
 
 

@@ -10,7 +10,7 @@ from pretrace.bench.facts.candidates import CandidatePool, candidate_pools
 from pretrace.bench.facts.metrics import mean_recall_at_k, mean_reciprocal_rank, recall_at_k, reciprocal_rank
 from pretrace.bench.facts.split import split_by_subject
 from pretrace.bench.facts.templates import QuestionTemplate, format_prompt, read_question_templates
-from pretrace.bench.facts.trex_lama import build_trex_lama_benchmark, read_lama_facts, read_lama_relations
+from pretrace.bench.facts.trex_lama import build_trex_lama_benchmark, read_lama_evidences, read_lama_facts, read_lama_relations
 
 __all__ = [
     "CandidatePool",
@@ -29,6 +29,7 @@ __all__ = [
     "mean_recall_at_k",
     "mean_reciprocal_rank",
     "read_benchmark",
+    "read_lama_evidences",
     "read_lama_facts",
     "read_lama_relations",
     "read_question_templates",

