@@ -144,7 +144,7 @@ def stage_of(model: torch.nn.Module, tokenizer, options: ModelOptions) -> Stage:
     model) and used where it is; the options' --device, --dtype and --device-map concern loading and must stay unset."""
     loading = [flag for flag in changed(options) if flag in ("--device", "--dtype", "--device-map", "--adapter")]
     if loading:
-        raise PretraceError(f"{', '.join(loading)} concern loading a model folder, and this model is already loaded; "
+        raise PretraceError(f"{', '.join(loading)} {'concerns' if len(loading) == 1 else 'concern'} loading a model folder, and this model is already loaded; "
                             "move or cast it yourself (model.to(...)), or pass its folder instead.")
     check_loaded(model, tokenizer)
     parameter = next(model.parameters())

@@ -106,7 +106,7 @@ def _starting_model(settings: FinetuneSettings, given: Mapping[str, Any]) -> tup
         return load_model(settings.model, settings.dtype, settings.torch_device()), load_tokenizer(settings.model)
     loading = [flag for flag in changed(settings) if flag in ("--dtype", "--device")]
     if loading:
-        raise PretraceError(f"{', '.join(loading)} concern loading --model, and this model is already loaded; move or cast it yourself, or pass its folder.")
+        raise PretraceError(f"{', '.join(loading)} {'concerns' if len(loading) == 1 else 'concern'} loading --model, and this model is already loaded; move or cast it yourself, or pass its folder.")
     model, tokenizer = given["model"]
     return copy.deepcopy(model), tokenizer
 
