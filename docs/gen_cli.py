@@ -9,29 +9,12 @@ reference cannot drift from the code. Nested sub-commands (`pretrace bench BENCH
 from __future__ import annotations
 
 import argparse
-import os
-from contextlib import contextmanager
-from typing import Iterator
 
 MARKER = "<!-- cli-reference -->"
 PAGE = "cli.md"
 # argparse wraps help to $COLUMNS (fixed, so the page is the same on every machine) and, from Python 3.14, may colour
 # it on a terminal (NO_COLOR turns that off)
 HELP_ENVIRONMENT = {"COLUMNS": "100", "NO_COLOR": "1"}
-
-
-@contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -52,9 +35,9 @@ def _sections(parser: argparse.ArgumentParser, path: list[str], level: int) -> l
 
 def render() -> str:
     """The generated part of the page: `pretrace --help`, then every command's help."""
-    from pretrace.cli import build_parser
+    from pretrace.cli import build_parser, environment
 
-    with _environment(HELP_ENVIRONMENT):
+    with environment(HELP_ENVIRONMENT):
         parser = build_parser()  # None: every command with its full set of flags
         lines = ["## `pretrace`", "", "```text", parser.format_help().rstrip(), "```", ""]
         for name, command in _subcommands(parser).items():

@@ -65,7 +65,7 @@ def test_micro_preset_runs_end_to_end_and_resumes(tmp_path, capsys):
     rows = run_quality_vs_cost(settings)
     algs = [row["alg"] for row in rows]
     for expected in ("ground-truth-all", "ekfac-all", "ekfac-mlp", "ekfac-all-default-damping", "cg-all-iters=2", "lissa-mlp-iters=4", "arnoldi-all",
-                     "gdp-all", "cka-mlp", "trak-all", "cg-mlp", "ekfac-cg-all-iters=2"):
+                     "gdp-all", "cka-mlp", "trak-all", "cg-mlp", "ekfac-cg-all-iters=2", "ekfac-cg-shared-all-iters=2"):
         assert expected in algs
     _check_correlations_from_saved_scores(tmp_path / "run", rows[algs.index("ekfac-all")])
     written = json.loads((tmp_path / "run" / "results.json").read_text())

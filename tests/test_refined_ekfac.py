@@ -201,3 +201,52 @@ def test_refuses_multi_stage_without_finetuning_data_and_single_stage_with_it(st
     with pytest.raises(PretraceError, match="--finetuned-fit-data has no effect"):
         from_flags(ScoreSettings, queries=str(root / "queries.jsonl"), train=str(root / "docs.jsonl"), out=None, model=str(root / "pt"),
                    factors=str(root / "f_pt"), method="ekfac-cg", finetuned_fit_data=str(root / "pairs.jsonl"))
+
+
+class _DenseProducts:
+    """A curvature-product stand-in over a given dense matrix C (ConjugateGradient reads only these members)."""
+
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix, self.device, self.dtype, self.kind, self.num_documents, self.document_products = matrix, matrix.device, matrix.dtype, "ggn", 1, 0
+        self.layout = type("Layout", (), {"num_parameters": len(matrix)})()
+        self.num_parameters = len(matrix)
+
+    def __call__(self, vectors: torch.Tensor) -> torch.Tensor:
+        return vectors @ self.matrix
+
+
+def _ill_conditioned(size: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(size, size, dtype=torch.float64, generator=generator))[0]
+    return basis @ torch.diag(torch.logspace(-2, 1, size, dtype=torch.float64)) @ basis.T
+
+
+def test_shared_subspace_is_never_worse_and_exact_once_the_queries_span_the_space():
+    matrix, damping = _ill_conditioned(12, 0), 1e-2
+    vectors = torch.randn(3, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    exact = torch.linalg.solve(matrix + damping * torch.eye(12, dtype=torch.float64), vectors.T).T
+
+    def energy(solution):
+        error = solution - exact
+        return ((error @ matrix) * error).sum(1) + damping * error.square().sum(1)
+
+    for iterations in (1, 2, 3):
+        own = ConjugateGradient(_DenseProducts(matrix), iterations, 1e-14, damping=damping).solve(vectors)
+        solver = ConjugateGradient(_DenseProducts(matrix), iterations, 1e-14, damping=damping, shared_subspace=True)
+        shared = solver.solve(vectors)
+        assert (energy(shared) <= energy(own) * (1 + 1e-9)).all()
+        assert 0 < solver.last_solve["shared_subspace_dimensions"] <= 3 * iterations  # nearly dependent directions are dropped
+        residual = (vectors - shared @ matrix - damping * shared).norm(dim=1) / vectors.norm(dim=1)
+        assert torch.allclose(torch.tensor(solver.last_solve["relative_residual"], dtype=torch.float64), residual, rtol=1e-6)
+    assert float(energy(own).max()) > 1e-6  # 3 iterations alone are far from converged on this spectrum ...
+    spanning = ConjugateGradient(_DenseProducts(matrix), 4, 1e-14, damping=damping, shared_subspace=True).solve(vectors)
+    assert torch.allclose(spanning, exact, rtol=1e-7, atol=1e-9)  # ... 3 queries x 4 directions span all 12 dimensions
+
+
+def test_shared_subspace_refines_the_library_ekfac_preconditioned_solve(problem):
+    products, factors, gn, _, vectors, exact = problem
+    own = _refined(products, factors, 2).solve(vectors)
+    shared = ConjugateGradient(products, max_iterations=2, tolerance=1e-12, damping=DAMPING, shared_subspace=True,
+                               preconditioner=lambda damping: EKFAC(factors, damping=damping)).solve(vectors)
+    assert (_energy_error(shared, exact, gn) <= _energy_error(own, exact, gn) * (1 + 1e-9)).all()
+    assert float(_energy_error(shared, exact, gn).sum()) < float(_energy_error(own, exact, gn).sum())

@@ -10,6 +10,13 @@ Preconditioned (ASTRA's refinement of EK-FAC): with M ≈ A⁻¹ symmetric posit
 α = rᵀz / pᵀAp, β = r'ᵀz' / rᵀz and p ← z' + βp. With M the damped EK-FAC inverse, the first iterate is
 EK-FAC's own solution rescaled by its optimal step, and each further iteration corrects it with one exact
 curvature product, so a few iterations close most of EK-FAC's gap to the exact inverse.
+
+Shared subspace (`shared_subspace=True`): the queries solved together share one Krylov space. After the last
+iteration every query's solution is the Galerkin one over the span of all queries' search directions P,
+x = P (Pᵀ A P)⁺ Pᵀ v, from the products A P the iterations already made: no further product, and in the energy norm
+never worse than the query's own iterate (its own directions are in the span). Curvature directions the
+preconditioner gets wrong are largely common to all queries, so each query gains what the others explored; the
+price is holding 2 × queries × iterations vectors, and a query's solution then depends on the queries beside it.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ class ConjugateGradient(FlatInverse):
 
     def __init__(self, products: CurvatureProducts, max_iterations: int = 100, tolerance: float = 1e-4,
                  damping: float | None = None, damping_factor: float = 0.1, seed: int = 0, progress: bool = False,
-                 preconditioner: Callable[[float], Preconditioner] | None = None):
+                 preconditioner: Callable[[float], Preconditioner] | None = None, shared_subspace: bool = False):
         if max_iterations < 1:
             raise PretraceError(f"--iterations must be at least 1, got {max_iterations}.")
         if not tolerance > 0:
@@ -40,6 +47,7 @@ class ConjugateGradient(FlatInverse):
         super().__init__(products, damping_value(damping, damping_factor, lambda: products.mean_eigenvalue(seed)))
         self.max_iterations, self.tolerance, self.progress = max_iterations, tolerance, progress
         self.preconditioner = None if preconditioner is None else preconditioner(self.damping)
+        self.shared_subspace = shared_subspace
         self.last_solve: dict = {}
 
     def _precondition(self, residual: torch.Tensor) -> torch.Tensor:
@@ -60,6 +68,7 @@ class ConjugateGradient(FlatInverse):
         iterations = torch.zeros(len(vectors), dtype=torch.long, device=vectors.device)
         negative = torch.zeros(len(vectors), dtype=torch.bool, device=vectors.device)
         active = norms.sqrt() > target
+        explored: list[tuple[torch.Tensor, torch.Tensor]] = []  # (directions, their products): the shared subspace
         bar = progress_bar(total=self.max_iterations, desc="conjugate gradient", unit="step", enabled=self.progress)
         for step in range(self.max_iterations):
             rows = active.nonzero().flatten()
@@ -71,6 +80,8 @@ class ConjugateGradient(FlatInverse):
             bad = curvature <= 0
             negative[rows[bad]] = True
             rows, p, image, curvature = rows[~bad], p[~bad], image[~bad], curvature[~bad]
+            if self.shared_subspace:
+                explored.append((p, image))
             alpha = squared[rows] / curvature
             x[rows] += alpha[:, None] * p
             residual[rows] -= alpha[:, None] * image
@@ -84,10 +95,15 @@ class ConjugateGradient(FlatInverse):
             active = (norms.sqrt() > target) & ~negative
             bar.update()
         bar.close()
+        shared = {}
+        if self.shared_subspace and explored:
+            x, residual, dimensions = galerkin(vectors, torch.cat([p for p, _ in explored]), torch.cat([a for _, a in explored]))
+            norms = (residual * residual).sum(1)
+            shared = {"shared_subspace_dimensions": dimensions}
         relative = (norms.sqrt() / vectors.norm(dim=1).clamp(min=torch.finfo(vectors.dtype).tiny)).cpu()
         converged = (relative <= self.tolerance).tolist()
         self.last_solve = {"iterations": iterations.tolist(), "relative_residual": relative.tolist(), "converged": converged,
-                           "negative_curvature": negative.tolist()}
+                           "negative_curvature": negative.tolist(), **shared}
         if not all(converged):
             warnings.warn(f"CG: {converged.count(False)} of {len(converged)} queries did not reach --tolerance {self.tolerance:g} "
                           f"within {self.max_iterations} iterations (or met non-positive curvature); see the hyperparameters' last_solve.",
@@ -98,3 +114,18 @@ class ConjugateGradient(FlatInverse):
         preconditioner = {} if self.preconditioner is None else {"preconditioner": self.preconditioner.describe()}
         return {**super().describe(), "max_iterations": self.max_iterations, "tolerance": self.tolerance, **preconditioner,
                 "last_solve": self.last_solve}
+
+
+def galerkin(vectors: torch.Tensor, directions: torch.Tensor, images: torch.Tensor, cutoff: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """`(x, v − A x, rank)` with x the energy-optimal solution of A x = v within the span of the rows of `directions`
+    (`images`: their products with A), for every row v of `vectors`. In float64 on an orthonormal basis of the span
+    (singular values below `cutoff` × the largest dropped: several queries' directions can be nearly dependent),
+    so the small system is no worse conditioned than A itself."""
+    p, ap = directions.double(), images.double()
+    left, singular, _ = torch.linalg.svd(p, full_matrices=False)
+    kept = singular > cutoff * singular.max()
+    transform = left[:, kept].T / singular[kept, None]
+    basis, basis_images = transform @ p, transform @ ap  # orthonormal rows spanning P, and A times them
+    gram = basis @ basis_images.T
+    weights = torch.linalg.solve((gram + gram.T) / 2, basis @ vectors.double().T).T
+    return (weights @ basis).to(vectors.dtype), (vectors.double() - weights @ basis_images).to(vectors.dtype), int(kept.sum())

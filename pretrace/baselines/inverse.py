@@ -76,7 +76,8 @@ def refined_method(method, damping, factors: FactorSource | None, pretrained_fac
         ekfac = load_checked_factors(source, stage, where)
         return ConjugateGradient(fitting_products(context, method.curvature, fit_data, stage), method.iterations, method.tolerance,
                                  seed=method.solver_seed, progress=True, damping=absolute, damping_factor=damping.relative,
-                                 preconditioner=lambda damped: EKFAC(ekfac, damping=method.preconditioner_scale * damped))
+                                 preconditioner=lambda damped: EKFAC(ekfac, damping=method.preconditioner_scale * damped),
+                                 shared_subspace=method.shared_subspace)
 
     def make(context: ScoringContext):
         require_linear_modules(context.document_stage.tracked, f"--method {method.name}")

@@ -69,14 +69,21 @@ def output_options(args: argparse.Namespace) -> Iterator[None]:
         settings[DISABLE_PROGRESS_ENV] = "1"
     if not getattr(args, "verbose", False):  # a local model's weight-loading bar and the hub's notes are noise here
         settings.update({name: os.environ.get(name, value) for name, value in QUIET_LIBRARIES.items()})
-    saved = {name: os.environ.get(name) for name in settings}
-    os.environ.update(settings)
-    try:
+    with environment(settings):
         if quiet and args.command != "inspect":  # inspect's output is what was asked for
             with open(os.devnull, "w") as sink, redirect_stdout(sink):
                 yield
         else:
             yield
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """These environment variables set for the block and restored after it."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
     finally:
         for name, value in saved.items():
             if value is None:

@@ -181,6 +181,7 @@ class RefinedEKFAC(CG):
     iterations: int = option(4, flag="--refine-iterations", at_least=1, at_most=1_000_000, help="Most preconditioned CG iterations per query and inverse (1: EK-FAC's solution rescaled by its optimal step); each costs one curvature product over the fitting data.")
     finetuned_fit_data: str | None = option(None, help="Multi-stage: JSONL prompt/completion pairs (completion tokens only) H_ft is averaged over: the fine-tuning data.")
     preconditioner_scale: float = option(1.0, flag="--preconditioner-damping-scale", above=0, help="The EK-FAC preconditioner of a system damped by λ is damped by this × λ: the solution is the same, a better-conditioned preconditioner gets there in fewer iterations (choose it on held-out data).")
+    shared_subspace: bool = option(False, help="Solve each query within the span of every query's search directions (a Galerkin step after the last iteration, no further curvature product): never worse in the energy norm, better when the preconditioner's errors are common to the queries; holds 2 × queries × iterations vectors, and a query's scores then depend on the queries scored with it.")
 
     def check_stages(self, multi_stage: bool) -> None:
         if multi_stage and self.finetuned_fit_data is None:
