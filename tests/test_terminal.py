@@ -101,3 +101,19 @@ def test_plain_lines_are_rate_limited_even_when_a_loop_refreshes_every_step():
     bar.close()
     lines = stream.getvalue().splitlines()
     assert len(lines) <= 3 and "1000/1000" in lines[-1]
+
+
+def test_every_flag_with_a_default_shows_it_exactly_once():
+    """`--help` of every command (and every benchmark): each option with a default says it once, booleans included."""
+    parser = build_parser()
+    commands = dict(parser._subparsers._group_actions[0].choices)
+    bench = commands.pop("bench")
+    commands.update({f"bench {name}": sub for name, sub in bench._subparsers._group_actions[0].choices.items()})
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if not action.option_strings or action.help is None or action.dest == "help":
+                continue
+            shown = action.help.count("(default:") + action.help.count("%(default)")
+            if action.default not in (None, False) or (isinstance(action.default, bool) and "BooleanOptional" in type(action).__name__):
+                assert shown == 1, (name, action.option_strings, action.help)
+            assert shown <= 1, (name, action.option_strings, action.help)

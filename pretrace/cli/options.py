@@ -24,6 +24,10 @@ T = TypeVar("T")
 NEGATIVE_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|infinity|nan)$", re.IGNORECASE)
 
 
+# Python 3.10's BooleanOptionalAction appends "(default: ...)" to the help itself, later versions do not: shown once either way
+_ARGPARSE_SHOWS_BOOL_DEFAULTS = argparse.BooleanOptionalAction(["--probe"], "probe", default=False, help="").help != ""
+
+
 def _scalar(annotation) -> type:
     """The scalar type of `int`, `float | None`, `str`, ..."""
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
@@ -45,6 +49,8 @@ def _add_flag(container, field: dataclasses.Field, annotation) -> None:
     help_text = field.metadata.get("help", "")
     if not required and default is not None and scalar is not bool:
         help_text += f" (default: {default})"
+    elif scalar is bool and default is not None and not _ARGPARSE_SHOWS_BOOL_DEFAULTS:
+        help_text += f" (default: {flag_of(field) if default else '--no-' + flag_of(field)[2:]})"
     kwargs: dict[str, Any] = {"dest": key_of(field), "help": help_text, "default": None if required else default}
     if scalar is bool:
         kwargs["action"] = argparse.BooleanOptionalAction

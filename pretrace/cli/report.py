@@ -14,7 +14,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("report", help=COMMANDS["report"], description=__doc__)
     parser.add_argument("scores", help="A folder written by `pretrace score` (uses its top_k.jsonl and scores.json).")
     parser.add_argument("--out", default=None, help="Folder for report.html and the PNG plots (default: the score folder).")
-    parser.add_argument("--title", default="pretrace: influential training documents", help="Page title.")
+    parser.add_argument("--title", default="pretrace: influential training documents", help="Page title. (default: %(default)s)")
     parser.add_argument("--max-documents", type=int, default=None, help="Show at most this many documents per query.")
     parser.set_defaults(handler=run, check=check)
 
