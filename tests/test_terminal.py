@@ -113,7 +113,7 @@ def test_every_flag_with_a_default_shows_it_exactly_once():
         for action in sub._actions:
             if not action.option_strings or action.help is None or action.dest == "help":
                 continue
-            shown = action.help.count("(default:") + action.help.count("%(default)")
+            shown = action.help.count("(default:")
             if action.default not in (None, False) or (isinstance(action.default, bool) and "BooleanOptional" in type(action).__name__):
                 assert shown == 1, (name, action.option_strings, action.help)
             assert shown <= 1, (name, action.option_strings, action.help)
