@@ -140,6 +140,8 @@ def _explain(batch: TokenBatch, captured: CapturedBatch, entering: dict[int, lis
     entering = {q: sorted(chosen) for q, chosen in entering.items()}
     rows = sorted({row for chosen in entering.values() for row in chosen})
     keep = batch.attention_mask[rows].bool()
+    kept_rows, kept_positions = keep.nonzero(as_tuple=True)  # the entering rows' real tokens, row by row
+    kept_rows = torch.tensor(rows, device=keep.device)[kept_rows]  # one gather per module instead of two copies
     lengths = keep.sum(1).tolist()
     starts = [sum(lengths[:i]) for i in range(len(rows))]
     place = {row: i for i, row in enumerate(rows)}
@@ -149,7 +151,7 @@ def _explain(batch: TokenBatch, captured: CapturedBatch, entering: dict[int, lis
     tokens = {q: 0 for q in entering}
     for name, w in weights.items():
         # [tokens, d] of the entering rows only, rotated once if the weights are kept in an eigenbasis
-        w, g, a = w.in_own_basis(captured.output_gradients[name][rows][keep], captured.activations[name][rows][keep])
+        w, g, a = w.in_own_basis(captured.output_gradients[name][kept_rows, kept_positions], captured.activations[name][kept_rows, kept_positions])
         if every:
             for q, values in zip(every, w.token_scores(g, a, every)):
                 tokens[q] = tokens[q] + values.double()
