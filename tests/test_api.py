@@ -65,3 +65,26 @@ def test_pretrace_help_lists_every_command_without_importing_torch():
 
     assert result.stdout.splitlines()[-1] == "False"
     assert all(f"{name}  " in result.stdout or f"{name}\n" in result.stdout for name in COMMANDS)
+
+
+BENCHMARKS = ("quality-vs-cost", "fact-tracing", "multistage-lds")
+HEAVY_HELP = {("bench",), *(("bench", name) for name in BENCHMARKS)}  # bench registers fact-tracing, whose settings still sit beside its torch code
+
+
+def _help_argvs() -> list:
+    from pretrace.cli import COMMANDS
+
+    argvs = [(name,) for name in COMMANDS] + [("bench", name) for name in BENCHMARKS]
+    return [pytest.param(argv, marks=pytest.mark.xfail(strict=True, reason="not torch-free yet")) if argv in HEAVY_HELP else argv
+            for argv in argvs]
+
+
+@pytest.mark.parametrize("argv", _help_argvs(), ids=" ".join)
+def test_every_command_help_answers_without_importing_torch(argv):
+    """`pretrace COMMAND --help` builds the command's flags from its settings dataclasses: they live in torch-free
+    modules, so help answers in a fraction of a second."""
+    code = (f"import sys\nfrom pretrace.cli import main\ntry:\n    main({[*argv, '--help']!r})\nexcept SystemExit as exit:\n"
+            "    assert exit.code == 0, exit.code\nprint(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.startswith("usage: pretrace")
+    assert result.stdout.splitlines()[-1] == "[]"

@@ -14,6 +14,7 @@ LAYERS = [
     ["config.py"],
     ["storage.py"],
     ["parallel"],
+    ["settings"],
     ["data"],
     ["retrieval"],
     ["stages.py"],

@@ -19,7 +19,7 @@ def register(subparsers) -> None:
 
 
 def _register_quality_vs_cost(benchmarks) -> None:
-    from pretrace.bench.quality_vs_cost import QualityVsCostSettings
+    from pretrace.bench.settings import QualityVsCostSettings
 
     parser = benchmarks.add_parser("quality-vs-cost", help="correlation with converged CG against per-query time, every method",
                                    description="The paper's scalability study on a toy GPT-NeoX trained on Penn Treebank; every stage is cached in --out.")
@@ -71,7 +71,7 @@ def _show_results(folder: Path) -> int:
 
 
 def _register_multistage_lds(benchmarks) -> None:
-    from pretrace.bench.multistage_lds import MultiStageLDSSettings
+    from pretrace.bench.settings import MultiStageLDSSettings
 
     parser = benchmarks.add_parser("multistage-lds", help="multi-stage LDS: retrain both stages of a toy GPT-NeoX on random halves",
                                    description="Does multi-stage influence predict retraining both stages on a non-convex network? "

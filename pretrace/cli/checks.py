@@ -5,9 +5,9 @@ when that step has written it, not here."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
-from pretrace.data.records import Fields, check_source, read_queries, scan_records, validate_documents
+from pretrace.settings.records import Fields
 
 
 def produced_by_earlier(path: str | Path | None, produced: Iterable[Path]) -> bool:
@@ -34,17 +34,17 @@ def check_factor_folders(produced: Iterable[Path], *folders: str | None) -> None
             factors_metadata(folder)
 
 
-READERS: dict[str, Callable[[str, Fields], object]] = {
-    "documents": lambda path, fields: validate_documents(path, fields),
-    "queries": lambda path, fields: read_queries(path, fields=fields),
-    "fine-tuning examples": lambda path, fields: read_queries(path, "fine-tuning example", fields),
-    "fitting data": lambda path, fields: scan_records(path, fields),
-}
-
-
 def check_records(produced: Iterable[Path], fields: Fields, **sources: str | None) -> None:
-    """Read every record of each source (`kind=path`, kinds as in READERS, '_' for ' ') so a bad one fails now."""
+    """Read every record of each source (`kind=path`, kinds: documents, queries, fine_tuning_examples, fitting_data; '_' for ' ') so a bad one fails now."""
+    from pretrace.data.records import check_source, read_queries, scan_records, validate_documents  # torch: not for --help
+
+    readers = {
+        "documents": lambda path: validate_documents(path, fields),
+        "queries": lambda path: read_queries(path, fields=fields),
+        "fine-tuning examples": lambda path: read_queries(path, "fine-tuning example", fields),
+        "fitting data": lambda path: scan_records(path, fields),
+    }
     for kind, path in sources.items():
         if not produced_by_earlier(path, produced):
             check_source(path, kind.replace("_", " "))
-            READERS[kind.replace("_", " ")](path, fields)
+            readers[kind.replace("_", " ")](path)

@@ -8,7 +8,7 @@ from pretrace.cli.options import add_arguments, from_arguments
 
 
 def register(subparsers) -> None:
-    from pretrace.bench.demo import DemoSettings
+    from pretrace.bench.settings import DemoSettings
 
     parser = subparsers.add_parser("demo", help=COMMANDS["demo"], description=__doc__)
     add_arguments(parser, DemoSettings)

@@ -9,7 +9,7 @@ from pretrace.cli import COMMANDS
 
 from pretrace.cli.checks import check_models, check_records
 from pretrace.cli.options import add_arguments, from_arguments
-from pretrace.training.finetune import FinetuneSettings
+from pretrace.settings.training import FinetuneSettings
 
 
 def register(subparsers) -> None:

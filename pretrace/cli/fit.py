@@ -9,8 +9,8 @@ from dataclasses import dataclass
 from pretrace.cli.checks import check_models, check_records
 from pretrace.cli.options import add_arguments, from_arguments
 from pretrace.config import option
-from pretrace.curvature.fit import FitSettings
-from pretrace.modeling.stage import ModelOptions
+from pretrace.settings.curvature import FitSettings
+from pretrace.settings.model import ModelOptions
 
 
 @dataclass

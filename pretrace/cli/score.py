@@ -6,8 +6,8 @@ from pretrace.cli import COMMANDS
 from pretrace.cli.checks import check_factor_folders, check_models, check_records
 from pretrace.cli.options import add_arguments, from_arguments
 from pretrace.errors import PretraceError
-from pretrace.modeling.stage import ModelOptions
-from pretrace.workflows.score import ScoreSettings
+from pretrace.settings.model import ModelOptions
+from pretrace.workflows.settings import ScoreSettings
 
 
 def register(subparsers) -> None:

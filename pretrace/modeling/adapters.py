@@ -16,9 +16,8 @@ import torch
 from pretrace.errors import PretraceError
 from pretrace.extras import require
 from pretrace.modeling.folders import ADAPTER_CONFIG, check_model_dir, is_adapter_folder
+from pretrace.settings.model import ADAPTER_MODES, ADAPTER_PARAMETERS, MERGED
 
-MERGED, ADAPTER_PARAMETERS = "merged", "adapter"
-ADAPTER_MODES = (MERGED, ADAPTER_PARAMETERS)
 ADAPTER_MODULES = r"\.lora_(A|B)\."  # the LoRA matrices inside PEFT's wrapped linear modules
 
 

@@ -10,8 +10,9 @@ import torch
 from pretrace.errors import PretraceError
 from pretrace.modeling.adapters import adapter_base, is_adapter_folder, load_adapter_model
 from pretrace.modeling.folders import check_model_dir, model_config, verify_written_model
+from pretrace.settings.model import DEFAULT_MAX_LENGTH, DTYPE_NAMES
 
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -97,8 +98,6 @@ def position_limit(model: torch.nn.Module) -> int | None:
             return value
     return None
 
-
-DEFAULT_MAX_LENGTH = 512
 
 
 def check_model_tokenizer(path: str | Path, model: torch.nn.Module, tokenizer, max_length: int | None) -> int:

@@ -20,10 +20,8 @@ import torch
 from torch import nn
 
 from pretrace.errors import PretraceError
+from pretrace.settings.model import ALL_PARAMETERS, ATTENTION_BLOCKS, PRESETS
 
-ALL_PARAMETERS = "all-parameters"
-PRESETS = ("all", "mlp", "attention", ALL_PARAMETERS)
-ATTENTION_BLOCKS = ("layer", "head")
 
 _ATTENTION_WORDS = ("attn", "attention")
 _MLP_WORDS = ("mlp", "feed_forward", "ffn")

@@ -14,45 +14,14 @@ import torch
 from pretrace.parallel import group
 from pretrace.config import IN_MEMORY, changed, option, validate
 from pretrace.data.batching import TokenBatch, encode_documents, encode_queries, iter_batches, pad_token_id
-from pretrace.data.records import DEFAULT_FIELDS, Document, FieldOptions, Fields, RecordSource, iter_documents, iter_queries, scan_records
+from pretrace.data.records import DEFAULT_FIELDS, Document, Fields, RecordSource, iter_documents, iter_queries, scan_records
 from pretrace.errors import PretraceError
 from pretrace.modeling.folders import check_model_dir
 from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint
 from pretrace.modeling.adapters import ADAPTER_MODES, ADAPTER_MODULES, ADAPTER_PARAMETERS, MERGED, is_adapter_folder
 from pretrace.modeling.memory import MemoryPlan, one_pass, plan_run
 from pretrace.modeling.modules import ATTENTION_BLOCKS, PRESETS, TrackedModule, select_modules
-
-
-@dataclass
-class ModelOptions(FieldOptions):
-    """How a model is loaded, which of its modules are tracked, and how records become batches."""
-
-    preset: str = option("all", choices=PRESETS, help="What gradients are taken over: the linear modules inside the transformer blocks (all, mlp or attention), or all-parameters: every parameter (embeddings, norms, LM head, biases; a tied weight once), for the methods without Kronecker factors (identity, gradient-dot, gradient-cosine, cka, trak, exact, cg, lissa, arnoldi); per-example embedding gradients cost vocabulary x hidden numbers each.")
-    modules: str | None = option(None, help="Regular expression on module names, applied after --preset (e.g. 'layers\\.(10|11)\\.').")
-    attention_blocks: str = option("layer", choices=ATTENTION_BLOCKS, help="Output-gradient blocks of fused QKV projections: one per module ('layer') or one per head and q/k/v ('head').")
-    dtype: str = option("float32", choices=tuple(DTYPES), help="Model precision.")
-    device: str = option("auto", help="'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available).")
-    device_map: str | None = option(None, help="Spread a model too large for one device over all of them (Hugging Face device_map, e.g. 'auto'; needs accelerate); --device is then ignored. Not with torchrun.")
-    max_length: int | None = option(None, at_least=2, help=f"Longer sequences are truncated (with a warning that counts them); at most the model's positions. Default: the model's positions, at most {DEFAULT_MAX_LENGTH}.")
-    batch_size: int | str = option(8, at_least=1, help="Sequences per forward/backward pass, or 'auto': the largest that the memory plan fits in the budget (--memory-gb).")
-    memory_gb: float | None = option(None, above=0, help="Memory budget of the plan made before any model work (default: the memory available on the machine, or free on the GPU): a run predicted over it is refused, naming what would fit.")
-    padding_side: str = option("right", choices=("right", "left"), help="Padding side of batches (scores do not depend on it).")
-    adapter: str = option(MERGED, choices=ADAPTER_MODES, help="A PEFT adapter folder given as a model: 'merged' into its base (influence over the full weights, as the merged model; what multi-stage needs) or 'adapter' (track only the adapter's own matrices, e.g. LoRA A and B).")
-
-    def __post_init__(self):
-        validate(self)
-        if isinstance(self.batch_size, str) and self.batch_size != "auto":
-            raise PretraceError(f"--batch-size {self.batch_size!r}: pass a number of sequences, or 'auto'.")
-        if self.device_map is not None and not self.device_map.strip():
-            raise PretraceError("--device-map '' names no placement; pass e.g. auto, balanced or sequential, or drop it.")
-        if self.device_map is not None and self.device != "auto":
-            raise PretraceError(f"--device {self.device} has no effect with --device-map (the map places the layers); drop one.")
-        if self.device_map is not None and group.requested_world_size() > 1:
-            raise PretraceError("--device-map spreads one model over the devices of one process; under torchrun use one device per process instead.")
-        group.check_device(self.device)
-
-    def torch_device(self) -> torch.device:
-        return group.resolve_device(self.device)
+from pretrace.settings.model import ModelOptions
 
 
 DocumentSource = RecordSource  # a path, a dataset name, or records in memory (a list of Documents: already read)

