@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from pretrace.bench.facts.metrics import mean_reciprocal_rank, mean_recall_at_k
-from pretrace.config import MAX_SEED, option, validate
 from pretrace.data.records import read_documents, read_queries
-from pretrace.errors import PretraceError
 from pretrace.extras import require
 from pretrace.stages import File, Folder, StageCache
 from pretrace.bench.settings import DemoSettings

@@ -31,9 +31,7 @@ from pathlib import Path
 
 import torch
 
-from pretrace.config import MAX_SEED, option, validate
 from pretrace.data.records import Query
-from pretrace.errors import PretraceError
 from pretrace.stages import StageCache, content_digest
 from pretrace.bench.settings import MultiStageLDSSettings
 from pretrace.storage import output_folder, read_json, write_json, write_jsonl

@@ -20,7 +20,7 @@ from typing import Callable, Iterable
 import torch
 
 from pretrace.parallel import collectives, group
-from pretrace.config import MAX_SEED, option, to_dict, validate
+from pretrace.config import to_dict
 from pretrace.curvature.factors import Factors, ModuleFactors
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError

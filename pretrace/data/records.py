@@ -16,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from pretrace.config import option
 from pretrace.errors import PretraceError
 from pretrace.extras import require
-from pretrace.settings.records import CANONICAL_FIELDS, DEFAULT_FIELDS, FIELD_FLAGS, FieldOptions, Fields
+from pretrace.settings.records import DEFAULT_FIELDS, Fields
 from pretrace.storage import file_sha256
 
 

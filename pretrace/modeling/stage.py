@@ -11,16 +11,15 @@ from typing import Callable, Iterator
 
 import torch
 
-from pretrace.parallel import group
-from pretrace.config import IN_MEMORY, changed, option, validate
+from pretrace.config import IN_MEMORY, changed
 from pretrace.data.batching import TokenBatch, encode_documents, encode_queries, iter_batches, pad_token_id
 from pretrace.data.records import DEFAULT_FIELDS, Document, Fields, RecordSource, iter_documents, iter_queries, scan_records
 from pretrace.errors import PretraceError
 from pretrace.modeling.folders import check_model_dir
-from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint
-from pretrace.modeling.adapters import ADAPTER_MODES, ADAPTER_MODULES, ADAPTER_PARAMETERS, MERGED, is_adapter_folder
+from pretrace.modeling.loading import DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint
+from pretrace.modeling.adapters import ADAPTER_MODULES, ADAPTER_PARAMETERS, is_adapter_folder
 from pretrace.modeling.memory import MemoryPlan, one_pass, plan_run
-from pretrace.modeling.modules import ATTENTION_BLOCKS, PRESETS, TrackedModule, select_modules
+from pretrace.modeling.modules import TrackedModule, select_modules
 from pretrace.settings.model import ModelOptions
 
 

@@ -14,13 +14,12 @@ command.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
 import torch
 
-from pretrace.config import MAX_SEED, changed, option, to_dict, validate
+from pretrace.config import to_dict
 from pretrace.data.batching import TokenBatch
 from pretrace.data.records import source_sha256
 from pretrace.errors import PretraceError
@@ -31,7 +30,7 @@ from pretrace.modeling.modules import TrackedModule
 from pretrace.progress import progress_bar
 from pretrace.scores.result import ScoreResult
 from pretrace.scores.weights import DenseWeights, ModuleWeights, as_module_weights
-from pretrace.settings.scores import SEARCHES, SKETCH_ONLY, STORAGES, IndexSettings
+from pretrace.settings.scores import IndexSettings
 from pretrace.storage import SignedParts, read_record, read_sealed, write_record
 
 INDEX_FILE = "index.json"

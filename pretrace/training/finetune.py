@@ -19,23 +19,22 @@ from __future__ import annotations
 import copy
 import dataclasses
 from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from pretrace.parallel import group
-from pretrace.config import IN_MEMORY, changed, option, require_instance, to_dict
+from pretrace.config import IN_MEMORY, changed, require_instance, to_dict
 from pretrace.data.batching import encode_queries, pad_token_id
 from pretrace.errors import PretraceError
-from pretrace.data.records import FieldOptions, Query, RecordSource, in_memory, read_queries, source_sha256
+from pretrace.data.records import Query, RecordSource, in_memory, read_queries, source_sha256
 from pretrace.modeling.adapters import model_folders
-from pretrace.modeling.loading import DEFAULT_MAX_LENGTH, DTYPES, check_model_tokenizer, load_model, load_tokenizer, model_fingerprint
+from pretrace.modeling.loading import check_model_tokenizer, load_model, load_tokenizer, model_fingerprint
 from pretrace.storage import output_folder, read_json_object
 from pretrace.training.loop import TrainHistory, TrainSettings, train
 from pretrace.training.output import save_model_folder
-from pretrace.settings.training import FinetuneSettings, _FinetuneInputs
+from pretrace.settings.training import FinetuneSettings
 
 FINETUNE_RECORD = "pretrace_finetune.json"
 LOSS_NORMALISATION = "sequence"

@@ -27,7 +27,6 @@ from typing import Callable, Mapping, Sequence
 import torch
 
 from pretrace.parallel import collectives, group
-from pretrace.config import MAX_SEED, option, validate
 from pretrace.data.batching import Encoded, TokenBatch, collate
 from pretrace.errors import PretraceError
 from pretrace.gradients.task import LanguageModelingTask

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 from pretrace.progress import note
 from pretrace.version import __version__
 from pretrace.curvature.placement import place_factors
-from pretrace.config import IN_MEMORY, changed, nested, option, require_instance, to_dict, validate, variants
+from pretrace.config import IN_MEMORY, changed, require_instance, to_dict
 from pretrace.data.batching import encode_queries, short_document_ids
 from pretrace.data.records import check_source, read_queries, validate_documents
 from pretrace.errors import PretraceError
@@ -23,12 +23,11 @@ from pretrace.modeling.adapters import MERGED, model_folders
 from pretrace.baselines.trak import ensemble_folder
 from pretrace.baselines.trak_ensemble import ENSEMBLE_COMMAND
 from pretrace.methods.base import Attributor, ScoringContext
-from pretrace.methods.config import METHODS, Damping, MethodConfig
+from pretrace.methods.config import METHODS
 from pretrace.workflows.registry import make_attributor
 from pretrace.curvature.factors import check_factor_source
 from pretrace.methods.explain import explain_top, explanation_counts, top_rows
-from pretrace.data.records import FIELD_FLAGS
-from pretrace.parallel.group import requested_world_size
+from pretrace.settings.records import FIELD_FLAGS
 from pretrace.modeling.modules import ALL_PARAMETERS, only_linear_modules
 from pretrace.parallel import group
 from pretrace.scores.io import save_scores
@@ -37,14 +36,14 @@ from pretrace.scores.result import ScoreResult
 from pretrace.scores.self_influence import self_influence
 from pretrace.scores.index import check_index, read_index, score_index
 from pretrace.store import CorpusStore
-from pretrace.scores.plan import SPLITS, ScoringPlan
+from pretrace.scores.plan import ScoringPlan
 from pretrace.scores.checkpoint import ScoringCheckpoint
 from pretrace.stages import Folder, Source, digest
 from pretrace.storage import atomic_directory, check_cache, checkpoint_folder, output_folder
 from pretrace.training.finetune import FINETUNE_RECORD, read_finetune_record
 from pretrace.modeling.memory import plan_run, score_plan
 from pretrace.modeling.stage import ModelOptions, Stage, iter_source, load_stage, match_stages
-from pretrace.workflows.settings import Outputs, Placement, ScoreSettings
+from pretrace.workflows.settings import Outputs, ScoreSettings
 
 
 

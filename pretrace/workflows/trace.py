@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from pretrace.config import MAX_SEED, nested, option, require_instance, to_dict, validate, variants
+from pretrace.config import require_instance, to_dict
 from pretrace.curvature import FitSettings
 from pretrace.data.records import DEFAULT_FIELDS, Document, Fields, Query, UniqueIds, encodable, iter_documents, iter_records
 from pretrace.errors import PretraceError
@@ -37,13 +37,12 @@ from pretrace.training.finetune import read_finetune_record
 from pretrace.modeling.stage import ModelOptions
 from pretrace.scores.explanations import Explain
 from pretrace.workflows.fit import fit
-from pretrace.methods.config import EKFAC, KFAC, Damping, MethodConfig
 from pretrace.methods.explain import explain_pairs, explanation_counts, explanation_fields, top_pairs
 from pretrace.scores.index import check_index
 from pretrace.store import CorpusStore
 from pretrace.workflows.recall import build_corpus_store, store_candidates
-from pretrace.workflows.score import Outputs, ScoreSettings, build_context, score
-from pretrace.workflows.settings import RETRIEVERS, Retrieval, TraceSettings
+from pretrace.workflows.score import ScoreSettings, build_context, score
+from pretrace.workflows.settings import Retrieval, TraceSettings
 
 RESULTS_FILE = "results.jsonl"
 REPORT_FILE = "report.html"
