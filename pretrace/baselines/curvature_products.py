@@ -144,7 +144,6 @@ class CurvatureProducts:
             chunk = [t[start : start + per_pass] for t in tangents]
             if self.kind == "ggn":
                 jv = torch.autograd.grad(transposed, dual, chunk, retain_graph=True, is_grads_batched=True)[0].to(self.dtype)
-                # (diag p − p pᵀ) J v in place, fused: the [Q, B, T, V] logit tangents are the largest tensors here
                 # (diag p − p pᵀ) J v = p ⊙ (J v − pᵀ J v), in place: the [Q, B, T, V] logit tangents are the largest tensors here
                 jv.sub_((probs * jv).sum(-1, keepdim=True)).mul_(probs)
                 result = torch.autograd.grad(logits, params, jv.to(logits.dtype), retain_graph=True, is_grads_batched=True)

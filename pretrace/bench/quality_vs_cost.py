@@ -46,11 +46,11 @@ from typing import Any, Callable
 import torch
 
 from pretrace.bench.lds import linear_datamodeling_scores
+from pretrace.bench.settings import PRESETS, Preset, QualityVsCostSettings
 from pretrace.errors import PretraceError
 from pretrace.extras import require
 from pretrace.metrics import pearson, spearman
 from pretrace.stages import StageCache, StageKey
-from pretrace.bench.settings import PRESETS, Preset, QualityVsCostSettings
 from pretrace.storage import output_folder, read_json, write_json, write_jsonl
 
 SCOPES = ("all", "mlp")

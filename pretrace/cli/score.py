@@ -47,11 +47,11 @@ def run(args) -> int:
     settings = from_arguments(ScoreSettings, args)
     result = score(settings, from_arguments(ModelOptions, args))
     print(f"scores [{result.scores.shape[0]} queries x {result.scores.shape[1]} documents] -> {settings.out}")
-    rows = read_jsonl_rows(f"{settings.out}/top_k.jsonl")
     if args.show_top == 0:
         print(f"each query's top {settings.outputs.top_k} documents: {settings.out}/top_k.jsonl (print them with --show-top K, "
               f"view them with `pretrace report {settings.out}`, load them with pretrace.load_scores)")
-    for row in rows if args.show_top else ():
+        return 0
+    for row in read_jsonl_rows(f"{settings.out}/top_k.jsonl"):
         print(f"\nquery {row['query_id']}: {row['prompt']!r} -> {row['completion']!r}")
         for doc in row["documents"][: args.show_top]:
             print(f"  {doc['rank']:>3}. {doc['score']:+.4g}  {doc['text'][:100]!r}")

@@ -99,7 +99,6 @@ def position_limit(model: torch.nn.Module) -> int | None:
     return None
 
 
-
 def check_model_tokenizer(path: str | Path, model: torch.nn.Module, tokenizer, max_length: int | None) -> int:
     """Refuse a tokenizer that emits ids the model has no embedding for, or a --max-length beyond the model's
     positions (absolute position tables fail with an IndexError, rotary ones silently extrapolate); return the

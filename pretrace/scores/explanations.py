@@ -158,7 +158,7 @@ def _explain(batch: TokenBatch, captured: CapturedBatch, entering: dict[int, lis
         for q, span in spans.items():
             if span is not None:
                 tokens[q] = tokens[q] + w.token_scores(g[span.to(g.device)], a[span.to(a.device)], [q])[0].double()
-    token_ids = batch.input_ids[rows][keep].cpu().split(lengths)
+    token_ids = batch.input_ids[kept_rows, kept_positions].cpu().split(lengths)
     explained = {}
     for q, chosen in entering.items():
         parts = tokens[q].cpu().split([lengths[place[r]] for r in chosen])
