@@ -68,15 +68,12 @@ def test_pretrace_help_lists_every_command_without_importing_torch():
 
 
 BENCHMARKS = ("quality-vs-cost", "fact-tracing", "multistage-lds")
-HEAVY_HELP = {("bench",), *(("bench", name) for name in BENCHMARKS)}  # bench registers fact-tracing, whose settings still sit beside its torch code
 
 
 def _help_argvs() -> list:
     from pretrace.cli import COMMANDS
 
-    argvs = [(name,) for name in COMMANDS] + [("bench", name) for name in BENCHMARKS]
-    return [pytest.param(argv, marks=pytest.mark.xfail(strict=True, reason="not torch-free yet")) if argv in HEAVY_HELP else argv
-            for argv in argvs]
+    return [(name,) for name in COMMANDS] + [("bench", name) for name in BENCHMARKS]
 
 
 @pytest.mark.parametrize("argv", _help_argvs(), ids=" ".join)

@@ -15,9 +15,10 @@ import torch
 from pretrace.bench.facts.benchmark import Fact, Sentence
 from pretrace.bench.facts.bundled_facts import CLOZE_TEMPLATES, RELATIONS
 from pretrace.bench.facts.lama_probe import (StyleQueries, cloze_prompts, lama_evidence_prompts, masked_prefix, named_prefix, one_token_answers,
-                                             parse_styles, probe_results, sentence_evidence_prompts, style_queries)
+                                             probe_results, sentence_evidence_prompts, style_queries)
 from pretrace.bench.facts.probe import answer_ranks
 from pretrace.bench.facts.run import FactTracingSettings, run_fact_tracing
+from pretrace.bench.settings.fact_tracing import parse_styles
 from pretrace.bench.facts.templates import cloze_prompt
 from pretrace.bench.facts.trex_lama import read_lama_evidences
 from pretrace.config import from_flags

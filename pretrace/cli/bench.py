@@ -46,7 +46,7 @@ def run_quality_vs_cost(args) -> int:
 
 
 def _register_fact_tracing(benchmarks) -> None:
-    from pretrace.bench.facts.run import FactTracingSettings
+    from pretrace.bench.settings import FactTracingSettings
 
     parser = benchmarks.add_parser("fact-tracing", help="multi-stage fact tracing on a real LLM: MRR and recall@10 of every method",
                                    description="The paper's T-REx/LAMA experiment (bundled offline instance by default); every stage is cached in --out.")
@@ -55,7 +55,8 @@ def _register_fact_tracing(benchmarks) -> None:
 
 
 def run_fact_tracing(args) -> int:
-    from pretrace.bench.facts.run import FactTracingSettings, run_fact_tracing as run_benchmark
+    from pretrace.bench.facts.run import run_fact_tracing as run_benchmark
+    from pretrace.bench.settings import FactTracingSettings
 
     settings = from_arguments(FactTracingSettings, args)
     run_benchmark(settings)

