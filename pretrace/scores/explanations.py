@@ -1,10 +1,13 @@
 """Per-token and per-module contributions of each query's top documents, taken during the scoring pass.
 
 Explaining the top documents after scoring means capturing their gradients a second time. Instead the scoring
-loop offers every batch to `TopExplanations`: it keeps each query's running top k, and only for a pair
-(query, document) that enters it computes the per-token contributions, from the batch already captured (the
-per-module scores are the loop's own). A pair later pushed out is dropped. Ranking matches `top_indices`:
-higher score first, ties to the earlier document (or to the earlier place in the query's own candidate list).
+loop offers every batch to `TopExplanations`: it keeps each query's running top k, and for a pair (query,
+document) that enters it keeps the document's token factors, from the batch already captured (the per-module
+scores are the loop's own). A pair later pushed out is dropped with them. Most pairs that ever enter a top k
+are pushed out again (about k·ln(N/k) enter for N documents, k stay), so the per-token products wait: they are
+computed when the pass ends, when a checkpoint saves the state, or when the held factors outgrow
+`HELD_BYTES`. Ranking matches `top_indices`: higher score first, ties to the earlier document (or to the
+earlier place in the query's own candidate list).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pretrace.parallel.collectives import all_gather_objects
 from pretrace.scores.weights import ModuleWeights
 
 NOT_CANDIDATE = torch.iinfo(torch.int64).max
+HELD_BYTES = 64 << 20  # token factors held for explanations not yet computed; beyond it they are computed at once
 
 
 @dataclass(frozen=True)
@@ -64,6 +68,9 @@ class TopExplanations:
             triples = triples[triples[:, 0].argsort(stable=True)]
             self.candidates = (triples[:, 0].contiguous(), triples[:, 1].contiguous(), triples[:, 2].contiguous())
         self.kept: dict[tuple[int, int], Explanation] = {}
+        self.waiting: dict[tuple[int, int], dict[str, float]] = {}  # pairs not yet explained: their per-module scores
+        self.held: dict[int, _Held] = {}  # the token factors of the documents of waiting pairs
+        self.held_bytes, self.weights = 0, {}
         self.seconds = self.cpu_seconds = 0.0  # spent here: what explaining adds to the pass (wall, CPU)
 
     def offer(self, offset: int, batch: TokenBatch, captured: CapturedBatch, scores: torch.Tensor,
@@ -84,19 +91,55 @@ class TopExplanations:
         self.values, self.keys, self.documents = _best(
             torch.cat([self.values, values], 1), torch.cat([self.keys, keys], 1),
             torch.cat([self.documents, columns.expand(len(self.positions), width)], 1), self.k)
-        entering: dict[int, list[int]] = {}  # query row -> the batch rows entering its top k
-        for query_row, column in zip(*torch.nonzero((self.documents >= offset) & (self.keys != NOT_CANDIDATE), as_tuple=True)):
-            entering.setdefault(int(query_row), []).append(int(self.documents[query_row, column]) - offset)
-        if entering:  # (nothing entering: nothing pushed out either)
-            for (query_row, row), explanation in _explain(batch, captured, entering, module_scores, weights).items():
-                self.kept[(self.positions[query_row], offset + row)] = explanation
+        entering = torch.nonzero((self.documents >= offset) & (self.keys != NOT_CANDIDATE), as_tuple=True)
+        if len(entering[0]):  # (nothing entering: nothing pushed out either)
+            self.weights = {name: w.own_basis() for name, w in weights.items()}
+            for query_row, column in zip(*entering):
+                document = int(self.documents[query_row, column])
+                self.waiting[(self.positions[int(query_row)], document)] = {name: float(s[query_row, document - offset]) for name, s in module_scores.items()}
+                if document not in self.held:
+                    self.held[document] = _Held.of(batch, captured, document - offset, weights)
+                    self.held_bytes += self.held[document].bytes
             held = set(zip((self.positions[r] for r in range(len(self.positions)) for _ in range(self.k)), self.documents.flatten().tolist()))
             self.kept = {pair: e for pair, e in self.kept.items() if pair in held}
+            self.waiting = {pair: m for pair, m in self.waiting.items() if pair in held}
+            still = {document for _, document in self.waiting}
+            self.held_bytes -= sum(h.bytes for d, h in self.held.items() if d not in still)
+            self.held = {d: h for d, h in self.held.items() if d in still}
+            if self.held_bytes > HELD_BYTES:
+                self._explain_waiting()
         self.seconds += time.perf_counter() - start
         self.cpu_seconds += time.process_time() - cpu
 
+    def _explain_now(self) -> None:
+        start, cpu = time.perf_counter(), time.process_time()
+        self._explain_waiting()
+        self.seconds += time.perf_counter() - start
+        self.cpu_seconds += time.process_time() - cpu
+
+    def _explain_waiting(self) -> None:
+        """Compute every waiting pair's explanation, query by query (one product per module over the tokens of all its
+        waiting documents), and let go of the held factors."""
+        by_query: dict[int, list[int]] = {}
+        for query, document in self.waiting:
+            by_query.setdefault(query, []).append(document)
+        rows = {q: row for row, q in enumerate(self.positions)}
+        for query, documents in sorted(by_query.items()):
+            held = [self.held[d] for d in sorted(documents)]
+            total = 0
+            for name, w in self.weights.items():
+                g = torch.cat([h.factors[name][0] for h in held])
+                a = torch.cat([h.factors[name][1] for h in held])
+                total = total + w.token_scores(g, a, [rows[query]])[0].double()
+            parts = total.cpu().split([len(h.token_ids) for h in held])
+            for document, h, part in zip(sorted(documents), held, parts):  # clones: a view would carry (and gather) every part
+                self.kept[(query, document)] = Explanation(h.token_ids, part.clone(), self.waiting[(query, document)])
+        self.waiting, self.held, self.held_bytes = {}, {}, 0
+
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """Everything needed to carry on after a restart (tensors, and JSON metadata), for a checkpoint."""
+        """Everything needed to carry on after a restart (tensors, and JSON metadata), for a checkpoint. Waiting pairs
+        are explained first, at the same batch whether or not the run is later resumed: the same values either way."""
+        self._explain_now()
         pairs = list(self.kept)
         kept = [self.kept[pair] for pair in pairs]
         modules = list(kept[0].module_scores) if kept else []
@@ -118,6 +161,7 @@ class TopExplanations:
 
     def finish(self) -> dict[tuple[int, int], Explanation]:
         """Every rank's kept explanations, by (query position, document index): a superset of the final top k."""
+        self._explain_now()
         merged: dict[tuple[int, int], Explanation] = {}
         for part in all_gather_objects(self.kept):
             merged.update(part)
@@ -132,36 +176,21 @@ def _best(values: torch.Tensor, keys: torch.Tensor, documents: torch.Tensor, k: 
     return values.gather(1, chosen), keys.gather(1, chosen), documents.gather(1, chosen)
 
 
-def _explain(batch: TokenBatch, captured: CapturedBatch, entering: dict[int, list[int]], module_scores: dict[str, torch.Tensor],
-             weights: dict[str, ModuleWeights]) -> dict[tuple[int, int], Explanation]:
-    """Explanations of the pairs (query row, batch row) entering: each document's kept (non-padding) tokens only, and
-    per module one `[tokens, d_out] × [d_out, d_in']` product per query over the tokens of its entering documents
-    (no other pair is computed)."""
-    entering = {q: sorted(chosen) for q, chosen in entering.items()}
-    rows = sorted({row for chosen in entering.values() for row in chosen})
-    keep = batch.attention_mask[rows].bool()
-    kept_rows, kept_positions = keep.nonzero(as_tuple=True)  # the entering rows' real tokens, row by row
-    kept_rows = torch.tensor(rows, device=keep.device)[kept_rows]  # one gather per module instead of two copies
-    lengths = keep.sum(1).tolist()
-    starts = [sum(lengths[:i]) for i in range(len(rows))]
-    place = {row: i for i, row in enumerate(rows)}
-    spans = {q: None if len(chosen) == len(rows) else torch.cat([torch.arange(starts[place[r]], starts[place[r]] + lengths[place[r]]) for r in chosen])
-             for q, chosen in entering.items()}
-    every = [q for q, span in spans.items() if span is None]  # queries for which every entering row enters: one product
-    tokens = {q: 0 for q in entering}
-    for name, w in weights.items():
-        # [tokens, d] of the entering rows only, rotated once if the weights are kept in an eigenbasis
-        w, g, a = w.in_own_basis(captured.output_gradients[name][kept_rows, kept_positions], captured.activations[name][kept_rows, kept_positions])
-        if every:
-            for q, values in zip(every, w.token_scores(g, a, every)):
-                tokens[q] = tokens[q] + values.double()
-        for q, span in spans.items():
-            if span is not None:
-                tokens[q] = tokens[q] + w.token_scores(g[span.to(g.device)], a[span.to(a.device)], [q])[0].double()
-    token_ids = batch.input_ids[kept_rows, kept_positions].cpu().split(lengths)
-    explained = {}
-    for q, chosen in entering.items():
-        parts = tokens[q].cpu().split([lengths[place[r]] for r in chosen])
-        for row, part in zip(chosen, parts):  # clones: a view would keep (and gather across ranks) the whole buffer
-            explained[(q, row)] = Explanation(token_ids[place[row]].tolist(), part.clone(), {name: float(s[q, row]) for name, s in module_scores.items()})
-    return explained
+@dataclass
+class _Held:
+    """One document's real tokens and, per module, their token factors (output gradients, inputs) in the basis its
+    query weights are kept in, rotated once however many queries hold it."""
+
+    token_ids: list[int]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    bytes: int
+
+    @classmethod
+    def of(cls, batch: TokenBatch, captured: CapturedBatch, row: int, weights: dict[str, ModuleWeights]) -> "_Held":
+        """Copies, not views: a view would keep the whole batch's captured tensors alive."""
+        keep = batch.attention_mask[row].bool()
+        factors = {name: w.in_own_basis(captured.output_gradients[name][row, keep], captured.activations[name][row, keep])[1:]
+                   for name, w in weights.items()}
+        size = sum(g.numel() * g.element_size() + a.numel() * a.element_size() for g, a in factors.values())
+        return cls(batch.input_ids[row, keep].tolist(), factors, size)
+

@@ -35,7 +35,11 @@ class ModuleWeights:
 
     def in_own_basis(self, output_gradients: torch.Tensor, activations: torch.Tensor) -> tuple["ModuleWeights", torch.Tensor, torch.Tensor]:
         """The weights and these token factors in the basis the weights are kept in (tokens rotated once serve every query)."""
-        return self, output_gradients, activations
+        return self.own_basis(), output_gradients, activations
+
+    def own_basis(self) -> "ModuleWeights":
+        """The weights in the basis they are kept in: what token factors from `in_own_basis` meet."""
+        return self
 
     def to(self, device: torch.device, dtype: torch.dtype) -> "ModuleWeights":
         raise NotImplementedError
@@ -159,6 +163,9 @@ class EigenbasisWeights(ModuleWeights):
         if document_tokens is not None and document_tokens * per_token < self.inner.rotation_cost(self.qa, self.qg):
             return self
         return self.inner.rotated_back(self.qa, self.qg)
+
+    def own_basis(self):
+        return self.inner
 
     def in_own_basis(self, output_gradients, activations):
         return self.inner, *rotate_factors(output_gradients.to(self.qa.dtype), activations.to(self.qa.dtype), self.qa, self.qg)
