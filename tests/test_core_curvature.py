@@ -166,3 +166,30 @@ def test_sampled_labels_follow_the_model_distribution():
     drawn = sample_labels(logits, torch.Generator().manual_seed(0))
     frequencies = torch.bincount(drawn, minlength=4) / len(drawn)
     torch.testing.assert_close(frequencies, torch.softmax(logits[0], -1), atol=5e-3, rtol=0)
+
+
+@pytest.mark.parametrize("keep_bytes", [1 << 30, 60_000])  # every batch kept; the budget runs out on the way
+def test_kept_captures_give_the_factors_of_a_second_pass_over_the_model(tokenizer, sentences, keep_bytes):
+    """With the empirical Fisher the eigenvalue correction reads the covariance pass's captures when they fit in
+    `keep_bytes` (one pass over the batches instead of two), and the factors equal those of two passes bit for bit;
+    over the budget, or with sampled labels, it makes its second pass."""
+    model = build_tiny_model("gpt_neox", tokenizer)
+    tracked = select_modules(model)
+    docs = _docs(sentences)
+    passes = {"n": 0}
+
+    def counted():
+        passes["n"] += 1
+        return _source(tokenizer, docs)()
+
+    def fit(keep, fisher="empirical"):
+        passes["n"] = 0
+        factors = fit_factors(model, tracked, counted, FitSettings(fisher=fisher, factor_dtype="float64"), progress=False, keep_bytes=keep)
+        return factors, passes["n"]
+
+    (two, two_passes), (one, one_pass) = fit(0), fit(keep_bytes)
+    assert two_passes == 2 and one_pass == (1 if keep_bytes > 1 << 20 else 2)
+    for name, mf in two.modules.items():
+        for field in ("activation_covariance", "gradient_covariance", "activation_eigenvectors", "gradient_eigenvectors", "lambda_"):
+            assert torch.equal(getattr(one.modules[name], field), getattr(mf, field)), (name, field)
+    assert fit(keep_bytes, fisher="true")[1] == 2

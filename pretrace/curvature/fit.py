@@ -4,6 +4,8 @@ Pass 1 accumulates the Kronecker covariances A = E[a aᵀ] and G = E[g gᵀ] ove
 their float64 eigendecompositions give the eigenbases Q_A, Q_G. Pass 2 accumulates the corrected
 eigenvalues Λ = mean over documents of (Q_Gᵀ ∇W Q_A)², ∇W being the gradient of a document's summed
 loss. Labels are sampled from the model (true Fisher) or taken from the data (empirical Fisher).
+With the empirical Fisher both passes capture the same gradients, so when pass 1's captures fit in
+`keep_bytes` they are kept and pass 2 reads them instead of running the model again (the same values).
 Each pass checkpoints its running sums, so an interrupted fit resumes where it stopped. Under torchrun
 each rank takes every world-th batch and checkpoints its own sums; they are summed over ranks after each pass,
 and each rank eigendecomposes only the modules it owns (every world-th) and broadcasts their eigenbases.
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -25,11 +27,11 @@ from pretrace.curvature.factors import Factors, ModuleFactors
 from pretrace.data.batching import TokenBatch
 from pretrace.errors import PretraceError
 from pretrace.gradients.capture import compute_dtype
-from pretrace.gradients.source import LiveGradients, sampled_document_loss
+from pretrace.gradients.source import Gradients, LiveGradients, sampled_document_loss
 from pretrace.gradients.task import LanguageModelingTask, Task, dtype_hint
 from pretrace.modeling.loading import parse_dtype
 from pretrace.modeling.modules import TrackedModule
-from pretrace.progress import progress_bar
+from pretrace.progress import note, progress_bar
 from pretrace.settings.curvature import FitSettings
 from pretrace.storage import SignedParts, fault_point
 
@@ -74,21 +76,31 @@ class _Pass:
     init_sums: Callable[[], dict[str, torch.Tensor]]
     accumulate: Callable[[dict, object, TokenBatch], None]
     seed_offset: int
+    keep_bytes: int = 0  # keep the batches' captures while they fit in this many bytes (`kept` then holds them all)
+    kept: list[Gradients] | None = None
 
 
 def _run_pass(model, tracked: list[TrackedModule], task: Task, batches: BatchSource, settings: FitSettings, stream: _Pass,
-              total: int | None, progress: bool) -> tuple[dict[str, torch.Tensor], dict]:
-    """Sums over this rank's batches (resumed from the pass's checkpoint), then summed over ranks with their counts."""
+              total: int | None, progress: bool, source: Iterable[Gradients] | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """Sums over this rank's batches (resumed from the pass's checkpoint), then summed over ranks with their counts.
+    `source`: gradients kept from the first pass, instead of capturing them again."""
     restored = stream.checkpoint.load()
     sums, counts = restored if restored is not None else (stream.init_sums(), {"batches": 0, "documents": 0, "tokens": 0})
-    loss = sampled_document_loss(task, settings.seed, stream.seed_offset, sample=settings.fisher == "true")
-    source = LiveGradients(model, tracked, batches(), loss, select=collectives.shard)
+    if source is None:
+        loss = sampled_document_loss(task, settings.seed, stream.seed_offset, sample=settings.fisher == "true")
+        source = LiveGradients(model, tracked, batches(), loss, select=collectives.shard)
+    kept, kept_bytes = ([], 0) if stream.keep_bytes and restored is None else (None, 0)  # a resumed pass never saw its first batches
     bar = progress_bar(total=collectives.shard_size(total), desc=stream.name, unit="batch", enabled=progress and group.is_main(), initial=counts["batches"])
     for position, gradients in enumerate(source):
         if position < counts["batches"]:
             continue
         stream.accumulate(sums, gradients.captured, gradients.batch)
-        gradients.release()  # before the next batch is captured: never two batches' activations at once
+        kept_bytes += 0 if kept is None else _captured_bytes(gradients.captured)
+        if kept is not None and kept_bytes <= stream.keep_bytes:
+            kept.append(gradients)
+        else:
+            kept = None  # over the budget: none kept, every kept batch freed
+            gradients.release()  # before the next batch is captured: never two batches' activations at once
         counts["batches"] += 1
         counts["documents"] += len(gradients.batch)
         counts["tokens"] += int(gradients.batch.predict_mask.sum())
@@ -100,7 +112,18 @@ def _run_pass(model, tracked: list[TrackedModule], task: Task, batches: BatchSou
     if total["documents"] == 0:  # checked before the save: a refused fit leaves no checkpoint of nothing behind
         raise PretraceError("no documents to fit on (each needs at least 2 tokens); pass a file with longer documents.")
     stream.checkpoint.save(sums, counts)
+    stream.kept = kept
     return collectives.all_reduce_sums(sums), total
+
+
+def _captured_bytes(captured) -> int:
+    return sum(x.numel() * x.element_size() for part in (captured.activations, captured.output_gradients) for x in part.values())
+
+
+def _replay(kept: list[Gradients]) -> Iterator[Gradients]:
+    """The kept gradients once more, each let go as soon as it has been read."""
+    while kept:
+        yield kept.pop(0)
 
 
 def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,8 +153,10 @@ def fit_factors(
     checkpoint_dir: str | Path | None = None,
     signature: dict | None = None,
     progress: bool = True,
+    keep_bytes: int = 0,
 ) -> Factors:
-    """Stream `batches()` twice and return EK-FAC factors for `tracked` (metadata: counts and settings)."""
+    """Stream `batches()` twice and return EK-FAC factors for `tracked` (metadata: counts and settings). With the
+    empirical Fisher, the first pass's captures are kept for the second when they fit in `keep_bytes`."""
     settings = settings or FitSettings()
     task = task or LanguageModelingTask()
     folder = Path(checkpoint_dir) if checkpoint_dir is not None else None  # created by the first save: a fit refused earlier leaves none
@@ -142,7 +167,8 @@ def fit_factors(
     compute = compute_dtype(model)
     parts = None if folder is None else SignedParts(folder, signature, "fit (other model, data or settings)")
     covariances = _Pass("covariances", _Checkpoint(parts, group.per_rank_name("covariances")),
-                        lambda: _zero_covariances(tracked), lambda sums, captured, batch: _add_covariances(tracked, compute, sums, captured, batch), 0)
+                        lambda: _zero_covariances(tracked), lambda sums, captured, batch: _add_covariances(tracked, compute, sums, captured, batch), 0,
+                        keep_bytes if settings.fisher == "empirical" else 0)
     cov_sums, cov_counts = _run_pass(model, tracked, task, batches, settings, covariances, num_batches, progress)
     if cov_counts["tokens"] == 0:
         raise PretraceError("the fitting data has no predicted tokens; documents need at least two tokens.")
@@ -150,7 +176,10 @@ def fit_factors(
     correction = _Pass("eigenvalue correction", _Checkpoint(parts, group.per_rank_name("lambda")),
                        lambda: _zero_lambda(tracked, settings.diagonal),
                        lambda sums, captured, batch: _add_lambda(tracked, compute, rotations, settings.diagonal, sums, captured), 500_009)
-    lam_sums, lam_counts = _run_pass(model, tracked, task, batches, settings, correction, num_batches, progress)
+    kept = covariances.kept
+    if kept is not None and progress and group.is_main():
+        note(f"eigenvalue correction from the covariance pass's kept captures ({sum(map(_captured_bytes, (g.captured for g in kept))) / 2 ** 30:.2f} GB): no second pass over the model")
+    lam_sums, lam_counts = _run_pass(model, tracked, task, batches, settings, correction, num_batches, progress, None if kept is None else _replay(kept))
     if lam_counts["documents"] != cov_counts["documents"]:
         raise PretraceError("the data changed between the two fitting passes; make sure the data source is deterministic.")
     modules = _module_factors(model, tracked, eigen, lam_sums, lam_counts["documents"], settings)

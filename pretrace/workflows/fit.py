@@ -15,7 +15,7 @@ from pretrace.modeling.modules import require_linear_modules
 from pretrace.data.records import RecordSource, check_source, in_memory, source_sha256
 from pretrace.progress import note
 from pretrace.storage import checkpoint_folder, output_folder
-from pretrace.modeling.memory import fit_plan, plan_run
+from pretrace.modeling.memory import budget_bytes, fit_plan, plan_run
 from pretrace.modeling.stage import ModelOptions, Stage, load_stage
 
 
@@ -52,6 +52,7 @@ def fit(model: str | Path | Stage, data: RecordSource, out: str | Path | None = 
         factors = fit_factors(
             stage.model, stage.tracked, stage.fitting_batches(data), settings, task=task,
             num_batches=stage.document_batch_count(data), checkpoint_dir=checkpoint, signature=signature, progress=progress,
+            keep_bytes=0 if plan is None else max(0, budget_bytes(options) - plan.total) // 2,
         )
         factors.metadata.update({
             "model": model_name if model_name == IN_MEMORY else str(Path(model_name).resolve()),
