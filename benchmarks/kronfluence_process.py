@@ -66,7 +66,8 @@ def collate(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
 
 
 def summed_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.flatten(0, 1).float()
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.flatten(0, 1)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     losses = F.cross_entropy(logits, batch["next_tokens"].flatten(), reduction="none")
     return (losses * batch["predict_mask"].flatten()).sum()
 
