@@ -121,9 +121,10 @@ def _captured_bytes(captured) -> int:
 
 
 def _replay(kept: list[Gradients]) -> Iterator[Gradients]:
-    """The kept gradients once more, each let go as soon as it has been read."""
+    """The kept gradients once more, in order, each let go as soon as it has been read."""
+    kept.reverse()
     while kept:
-        yield kept.pop(0)
+        yield kept.pop()
 
 
 def _eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
