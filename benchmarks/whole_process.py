@@ -28,6 +28,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -137,14 +138,15 @@ def floor_process(work: Path) -> None:
 
 def run_process(argv: list[str], env: dict[str, str]) -> tuple[float, int]:
     """Wall seconds and peak resident bytes of one process, from the kernel's accounting of the finished child."""
-    start = time.perf_counter()
-    child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(child.pid, 0)
-    seconds = time.perf_counter() - start
-    child.returncode = os.waitstatus_to_exitcode(status)
-    if child.returncode:
-        raise SystemExit(f"{' '.join(argv)} exited {child.returncode}:\n{child.stderr.read().decode(errors='replace')[-4000:]}")
-    child.stderr.close()
+    with tempfile.TemporaryFile() as stderr:  # a file, not a pipe: a chatty child never blocks on a full pipe
+        start = time.perf_counter()
+        child = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(child.pid, 0)
+        seconds = time.perf_counter() - start
+        child.returncode = os.waitstatus_to_exitcode(status)
+        if child.returncode:
+            stderr.seek(0)
+            raise SystemExit(f"{' '.join(argv)} exited {child.returncode}:\n{stderr.read().decode(errors='replace')[-4000:]}")
     return seconds, usage.ru_maxrss * 1024
 
 

@@ -100,6 +100,44 @@ def test_explanations_equal_the_full_per_token_and_per_module_output(setup, toke
         torch.testing.assert_close(explanation.token_scores.sum(), result.scores[q, d], rtol=1e-9, atol=1e-12)
 
 
+def test_explanations_held_to_the_end_equal_those_computed_at_once(setup, tokenizer, monkeypatch):
+    """With no room to hold token factors (every document explained as soon as it is held) the explanations are
+    those computed at the end of the pass."""
+    import pretrace.scores.explanations as explanations
+
+    model, tracked, docs, batches, factors = setup
+    query_batches = iter_batches(encode_queries(tokenizer, QUERIES, 64), 3, tokenizer.pad_token_id)
+    queries = precondition_queries(model, tracked, query_batches, EKFAC(factors))
+    held = score_documents(model, tracked, queries.weights, batches(), queries.ids, explain=Explain(3)).explanations
+    monkeypatch.setattr(explanations, "HELD_BYTES", 0)
+    at_once = score_documents(model, tracked, queries.weights, batches(), queries.ids, explain=Explain(3)).explanations
+    assert set(held) == set(at_once)
+    for pair, explanation in held.items():
+        assert explanation.token_ids == at_once[pair].token_ids and explanation.module_scores == at_once[pair].module_scores
+        torch.testing.assert_close(explanation.token_scores, at_once[pair].token_scores, rtol=1e-6, atol=1e-9)
+
+
+def test_explanations_left_for_the_end_of_the_pass_count_as_explanation_time(setup, tokenizer, monkeypatch):
+    """The per-token products that wait for the end of the pass run in `finish`: their time is the explanations',
+    not the documents' (a slowed product shows where it is counted)."""
+    import time
+
+    model, tracked, docs, batches, factors = setup
+    explain_waiting = TopExplanations._explain_waiting
+
+    def slowed(self):
+        if self.waiting:
+            time.sleep(0.3)
+        explain_waiting(self)
+
+    monkeypatch.setattr(TopExplanations, "_explain_waiting", slowed)
+    query_batches = iter_batches(encode_queries(tokenizer, QUERIES, 64), 3, tokenizer.pad_token_id)
+    queries = precondition_queries(model, tracked, query_batches, EKFAC(factors))
+    result = score_documents(model, tracked, queries.weights, batches(), queries.ids, explain=Explain(2))
+    assert result.explanations and result.timings["explanation_seconds"] >= 0.3
+    assert result.timings["documents_seconds"] < result.timings["explanation_seconds"] + 0.3
+
+
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("explained")

@@ -4,8 +4,9 @@ Pass 1 accumulates the Kronecker covariances A = E[a aᵀ] and G = E[g gᵀ] ove
 their float64 eigendecompositions give the eigenbases Q_A, Q_G. Pass 2 accumulates the corrected
 eigenvalues Λ = mean over documents of (Q_Gᵀ ∇W Q_A)², ∇W being the gradient of a document's summed
 loss. Labels are sampled from the model (true Fisher) or taken from the data (empirical Fisher).
-With the empirical Fisher both passes capture the same gradients, so when pass 1's captures fit in
-`keep_bytes` they are kept and pass 2 reads them instead of running the model again (the same values).
+With the empirical Fisher (the built-in loss, a model in eval mode) both passes capture the same gradients, so
+when pass 1's captures fit in `keep_bytes` they are kept and pass 2 reads them instead of running the model
+again (the same values).
 Each pass checkpoints its running sums, so an interrupted fit resumes where it stopped. Under torchrun
 each rank takes every world-th batch and checkpoints its own sums; they are summed over ranks after each pass,
 and each rank eigendecomposes only the modules it owns (every world-th) and broadcasts their eigenbases.
@@ -116,6 +117,12 @@ def _run_pass(model, tracked: list[TrackedModule], task: Task, batches: BatchSou
     return collectives.all_reduce_sums(sums), total
 
 
+def _same_gradients_twice(model: torch.nn.Module, task: Task, settings: FitSettings) -> bool:
+    """Whether both passes capture the same gradients: labels from the data, the built-in loss (a task of one's own
+    may draw on the pass's generator) and no dropout."""
+    return settings.fisher == "empirical" and type(task) is LanguageModelingTask and not model.training
+
+
 def _captured_bytes(captured) -> int:
     return sum(x.numel() * x.element_size() for part in (captured.activations, captured.output_gradients) for x in part.values())
 
@@ -169,7 +176,7 @@ def fit_factors(
     parts = None if folder is None else SignedParts(folder, signature, "fit (other model, data or settings)")
     covariances = _Pass("covariances", _Checkpoint(parts, group.per_rank_name("covariances")),
                         lambda: _zero_covariances(tracked), lambda sums, captured, batch: _add_covariances(tracked, compute, sums, captured, batch), 0,
-                        keep_bytes if settings.fisher == "empirical" else 0)
+                        keep_bytes if _same_gradients_twice(model, task, settings) else 0)
     cov_sums, cov_counts = _run_pass(model, tracked, task, batches, settings, covariances, num_batches, progress)
     if cov_counts["tokens"] == 0:
         raise PretraceError("the fitting data has no predicted tokens; documents need at least two tokens.")

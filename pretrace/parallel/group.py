@@ -26,6 +26,11 @@ def requested_world_size() -> int:
     return _env_int("WORLD_SIZE", 1)
 
 
+def local_world_size() -> int:
+    """Processes on this machine, which share its memory (torchrun sets LOCAL_WORLD_SIZE); 1 when launched plainly."""
+    return _env_int("LOCAL_WORLD_SIZE", 1)
+
+
 def is_active() -> bool:
     """Whether this process has joined a process group (never in a plain single-process run)."""
     return dist.is_available() and dist.is_initialized()

@@ -93,23 +93,29 @@ class TopExplanations:
             torch.cat([self.documents, columns.expand(len(self.positions), width)], 1), self.k)
         entering = torch.nonzero((self.documents >= offset) & (self.keys != NOT_CANDIDATE), as_tuple=True)
         if len(entering[0]):  # (nothing entering: nothing pushed out either)
+            self._drop_pushed_out()
             self.weights = {name: w.own_basis() for name, w in weights.items()}
             for query_row, column in zip(*entering):
                 document = int(self.documents[query_row, column])
-                self.waiting[(self.positions[int(query_row)], document)] = {name: float(s[query_row, document - offset]) for name, s in module_scores.items()}
                 if document not in self.held:
-                    self.held[document] = _Held.of(batch, captured, document - offset, weights)
-                    self.held_bytes += self.held[document].bytes
-            held = set(zip((self.positions[r] for r in range(len(self.positions)) for _ in range(self.k)), self.documents.flatten().tolist()))
-            self.kept = {pair: e for pair, e in self.kept.items() if pair in held}
-            self.waiting = {pair: m for pair, m in self.waiting.items() if pair in held}
-            still = {document for _, document in self.waiting}
-            self.held_bytes -= sum(h.bytes for d, h in self.held.items() if d not in still)
-            self.held = {d: h for d, h in self.held.items() if d in still}
-            if self.held_bytes > HELD_BYTES:
+                    held = _Held.of(batch, captured, document - offset, weights)
+                    if self.held and self.held_bytes + held.bytes > HELD_BYTES:
+                        self._explain_waiting()  # before holding more: at most HELD_BYTES and one document at a time
+                    self.held[document], self.held_bytes = held, self.held_bytes + held.bytes
+                self.waiting[(self.positions[int(query_row)], document)] = {name: float(s[query_row, document - offset]) for name, s in module_scores.items()}
+            if self.held_bytes > HELD_BYTES:  # one document larger than the bound alone
                 self._explain_waiting()
         self.seconds += time.perf_counter() - start
         self.cpu_seconds += time.process_time() - cpu
+
+    def _drop_pushed_out(self) -> None:
+        """Forget the explanations, waiting pairs and held documents of pairs no longer in any top k."""
+        held = set(zip((self.positions[r] for r in range(len(self.positions)) for _ in range(self.k)), self.documents.flatten().tolist()))
+        self.kept = {pair: e for pair, e in self.kept.items() if pair in held}
+        self.waiting = {pair: m for pair, m in self.waiting.items() if pair in held}
+        still = {document for _, document in self.waiting}
+        self.held_bytes -= sum(h.bytes for d, h in self.held.items() if d not in still)
+        self.held = {d: h for d, h in self.held.items() if d in still}
 
     def _explain_now(self) -> None:
         start, cpu = time.perf_counter(), time.process_time()

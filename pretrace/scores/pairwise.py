@@ -156,13 +156,16 @@ class _Pass:
         results = {}
         for position, (label, (ids, _)) in enumerate(self.sets.items()):
             rows = _token_rows(records, position, plan) if self.per_token else []
+            top = self.tops.get(label)
+            in_pass = top.seconds if top else 0.0  # of `seconds`; the explanations left for the end run in `finish`, after it
+            explanations = top.finish() if top else None  # before the timings read `top.seconds`
             results[label] = ScoreResult(
                 scores=self.totals[label].finish(), query_ids=plan.gather_queries(ids), document_ids=document_ids,
                 module_names=self.names[label], per_module=self.modules[label].finish() if self.per_module else None,
                 per_token=[contributions for contributions, _ in rows] if self.per_token else None,
                 document_token_ids=[token_ids for _, token_ids in rows] if self.per_token else None,
-                timings=_timings(seconds, self.resumed, self.tops.get(label)),
-                explanations=self.tops[label].finish() if self.tops else None,
+                timings=_timings(seconds - in_pass, self.resumed, top),
+                explanations=explanations,
             )
         return results
 
@@ -176,10 +179,11 @@ def _token_rows(records: list[BatchScores], position: int, plan: ScoringPlan) ->
     return rows
 
 
-def _timings(seconds: float, resumed: int, top: TopExplanations | None) -> dict:
-    """The pass's seconds without the explanations' (given apart), and how many batches a resumed run did not redo."""
+def _timings(documents_seconds: float, resumed: int, top: TopExplanations | None) -> dict:
+    """The pass's seconds without the explanations', the explanations' (all of them, at the end of the pass too),
+    and how many batches a resumed run did not redo."""
     spent = {} if top is None else {"explanation_seconds": top.seconds, "explanation_cpu_seconds": top.cpu_seconds}
-    return {"documents_seconds": seconds - spent.get("explanation_seconds", 0.0), "resumed_batches": resumed, **spent}
+    return {"documents_seconds": documents_seconds, "resumed_batches": resumed, **spent}
 
 
 def _settle(sets: dict, weight_sets: Mapping, expected: int | None) -> None:

@@ -43,6 +43,8 @@ def fit(model: str | Path | Stage, data: RecordSource, out: str | Path | None = 
                                  model=model.model if isinstance(model, Stage) else None)
         if plan is not None and progress:
             note(plan.describe())
+        # half of what the plan leaves of the budget (taken before the weights load; shared by this machine's ranks)
+        keep_bytes = 0 if plan is None else max(0, budget_bytes(options) - plan.total) // (2 * group.local_world_size())
         stage = model if isinstance(model, Stage) else load_stage(model, options)
         require_linear_modules(stage.tracked, "pretrace fit")
         data_hash = source_sha256(data)
@@ -52,7 +54,7 @@ def fit(model: str | Path | Stage, data: RecordSource, out: str | Path | None = 
         factors = fit_factors(
             stage.model, stage.tracked, stage.fitting_batches(data), settings, task=task,
             num_batches=stage.document_batch_count(data), checkpoint_dir=checkpoint, signature=signature, progress=progress,
-            keep_bytes=0 if plan is None else max(0, budget_bytes(options) - plan.total) // 2,
+            keep_bytes=keep_bytes,
         )
         factors.metadata.update({
             "model": model_name if model_name == IN_MEMORY else str(Path(model_name).resolve()),
