@@ -288,3 +288,16 @@ def require_number(flag: str, value: float | None, above: float | None = None, a
               f"<= {at_most:g}" if at_most is not None else "", f"< {below:g}" if below is not None else ""]
     condition = " and ".join(b for b in bounds if b)
     raise PretraceError(f"{flag} must be a finite number{' ' + condition if condition else ''}, got {value}.")
+
+
+def positive_numbers(flag: str, text: str, example: str) -> list[float]:
+    """A comma-separated option of distinct, finite, positive numbers (e.g. the proximity strengths α, which
+    multi-stage influence divides by), told apart by their 6 significant digits, as their labels are."""
+    try:
+        values = [float(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise PretraceError(f"{flag} {text!r}: pass comma-separated numbers, e.g. {example}.") from None
+    if not values or not all(math.isfinite(v) and v > 0 for v in values) or len({f"{v:g}" for v in values}) != len(values):
+        raise PretraceError(f"{flag} {text!r}: pass one or more distinct, finite, positive numbers (told apart by their 6 significant "
+                            f"digits), e.g. {example}.")
+    return values

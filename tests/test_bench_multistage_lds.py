@@ -43,7 +43,7 @@ def test_summary_pairs_rows_with_the_reference_and_counts_the_spectrum():
 
 
 def test_refuses_bad_alphas():
-    for alphas in ("", "0.1,x", "0.1,-1", "0.1,0.1"):
+    for alphas in ("", "0.1,x", "0.1,-1", "0.1,0.1", "nan", "0.1,inf"):
         with pytest.raises(PretraceError, match="--alphas"):
             MultiStageLDSSettings(alphas=alphas)
 

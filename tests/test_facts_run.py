@@ -193,7 +193,7 @@ def test_query_samples_and_settings_are_checked():
     assert len(sample) == 3 and sample == sample_queries(facts, 3, seed=0) and all(f in facts for f in sample)
     with pytest.raises(PretraceError, match="--data folder needs --benchmark"):
         from_flags(FactTracingSettings, data="folder")
-    for alphas in ("0", "1e-3,1e-3", "x", ""):
+    for alphas in ("0", "1e-3,1e-3", "x", "", "nan", "inf"):
         with pytest.raises(PretraceError, match="--alphas"):
             from_flags(FactTracingSettings, alphas=alphas)
     assert from_flags(FactTracingSettings, paper_sizes=True).sizes().pool.candidates == 100

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from pretrace.config import MAX_SEED, nested, option, to_flags, validate, with_flags
+from pretrace.config import MAX_SEED, nested, option, positive_numbers, to_flags, validate, with_flags
 from pretrace.errors import PretraceError
 from pretrace.settings.model import cache_root
 
@@ -136,14 +136,7 @@ class FactTracingSettings:
                                 f"{', '.join(f'--{k.replace(chr(95), chr(45))} {v}' for k, v in PAPER_SIZES.items())}; drop one or the other.")
 
     def alpha_values(self) -> list[float]:
-        try:
-            values = [float(part) for part in str(self.tuning.alphas).split(",") if part.strip()]
-        except ValueError:
-            raise PretraceError(f"--alphas {self.tuning.alphas!r}: pass comma-separated numbers, e.g. 1e-3,1e-5.") from None
-        if not values or min(values) <= 0 or len({alpha_label(v) for v in values}) != len(values):
-            raise PretraceError(f"--alphas {self.tuning.alphas!r}: pass one or more distinct positive values (multi-stage influence divides by α; "
-                                "values are told apart by their 6 significant digits).")
-        return values
+        return positive_numbers("--alphas", self.tuning.alphas, "1e-3,1e-5")
 
     def results_folder(self) -> Path:
         """Where results.json/results.md go: --out for the query facts, --out/dev for the dev facts."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pretrace.config import MAX_SEED, option, validate
+from pretrace.config import MAX_SEED, option, positive_numbers, validate
 from pretrace.errors import PretraceError
 
 
@@ -36,10 +36,4 @@ class MultiStageLDSSettings:
 
     @property
     def alpha_values(self) -> list[float]:
-        try:
-            values = [float(part) for part in self.alphas.split(",") if part.strip()]
-        except ValueError:
-            raise PretraceError(f"--alphas {self.alphas!r}: pass comma-separated numbers, e.g. 1e-1,1e-3.") from None
-        if not values or any(not v > 0 for v in values) or len({f"{v:g}" for v in values}) != len(values):
-            raise PretraceError(f"--alphas {self.alphas!r}: pass one or more distinct positive proximity strengths.")
-        return values
+        return positive_numbers("--alphas", self.alphas, "1e-1,1e-3")
