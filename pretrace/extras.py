@@ -23,9 +23,13 @@ def missing_modules(*modules: str) -> list[str]:
     return [module for module in modules if importlib.util.find_spec(module) is None]
 
 
+def install_line(modules: list[str]) -> str:
+    """The `pip install` line that adds these optional modules."""
+    return f"pip install 'pretrace[{','.join(sorted({EXTRA_OF[module] for module in modules}))}]'"
+
+
 def require(*modules: str, purpose: str, alternative: str = "") -> None:
     """Refuse `purpose` when any of `modules` is missing, naming the `pip install` line that adds them."""
     missing = missing_modules(*modules)
     if missing:
-        extras = ",".join(sorted({EXTRA_OF[module] for module in missing}))
-        raise PretraceError(f"{purpose} needs {', '.join(missing)}, not installed here: pip install 'pretrace[{extras}]'{alternative}.")
+        raise PretraceError(f"{purpose} needs {', '.join(missing)}, not installed here: {install_line(missing)}{alternative}.")

@@ -92,10 +92,9 @@ class GradientProjector:
             else:
                 block[offset].random_(0, 2, generator=generator).mul_(2).sub_(1)
         block = (block / self.dim**0.5).to(dtype).reshape(len(rows) * d_in, self.dim)
-        size = block.numel() * block.element_size()
-        if self._cached_bytes + size <= self.cache_bytes:
+        if self._cached_bytes + block.nbytes <= self.cache_bytes:
             self._cache[key] = block
-            self._cached_bytes += size
+            self._cached_bytes += block.nbytes
         return block
 
     def project_module(self, name: str, grads: torch.Tensor) -> torch.Tensor:

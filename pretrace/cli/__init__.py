@@ -124,12 +124,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _missing_extra(exc: Exception) -> str | None:
     """An optional dependency a command imported without the check that would have named it: the extra to install."""
-    from pretrace.extras import EXTRA_OF
+    from pretrace.extras import EXTRA_OF, install_line
 
     module = (getattr(exc, "name", None) or "").split(".")[0] if isinstance(exc, ModuleNotFoundError) else ""
     if module not in EXTRA_OF:
         return None
-    return f"{module} is not installed here, and this command needs it: pip install 'pretrace[{EXTRA_OF[module]}]'."
+    return f"{module} is not installed here, and this command needs it: {install_line([module])}."
 
 
 def _quiet_other_ranks() -> None:

@@ -124,7 +124,7 @@ def _same_gradients_twice(model: torch.nn.Module, task: Task, settings: FitSetti
 
 
 def _captured_bytes(captured) -> int:
-    return sum(x.numel() * x.element_size() for part in (captured.activations, captured.output_gradients) for x in part.values())
+    return sum(x.nbytes for part in (captured.activations, captured.output_gradients) for x in part.values())
 
 
 def _replay(kept: list[Gradients]) -> Iterator[Gradients]:

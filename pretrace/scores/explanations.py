@@ -13,7 +13,9 @@ earlier place in the query's own candidate list).
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -70,14 +72,21 @@ class TopExplanations:
         self.kept: dict[tuple[int, int], Explanation] = {}
         self.waiting: dict[tuple[int, int], dict[str, float]] = {}  # pairs not yet explained: their per-module scores
         self.held: dict[int, _Held] = {}  # the token factors of the documents of waiting pairs
-        self.held_bytes, self.weights = 0, {}
+        self.weights: dict[str, ModuleWeights] = {}  # the weights in the basis the held factors are in
         self.seconds = self.cpu_seconds = 0.0  # spent here: what explaining adds to the pass (wall, CPU)
 
     def offer(self, offset: int, batch: TokenBatch, captured: CapturedBatch, scores: torch.Tensor,
               module_scores: dict[str, torch.Tensor], weights: dict[str, ModuleWeights]) -> None:
         """Documents `offset ...` of `batch`, with their `[Q, B]` scores (and per module): pairs entering the top k
-        get their explanation from `captured`; pairs pushed out are dropped."""
-        start, cpu = time.perf_counter(), time.process_time()
+        keep what their explanation needs from `captured`; pairs pushed out are dropped."""
+        with self._timed():
+            entering = self._rank(offset, scores)
+            if len(entering[0]):  # (nothing entering: nothing pushed out either)
+                self._drop_pushed_out()
+                self._hold(offset, batch, captured, entering, module_scores, weights)
+
+    def _rank(self, offset: int, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each query's top k with the batch's documents `offset ...` merged in; (query rows, places) of the pairs entering it."""
         width = scores.shape[1]
         columns = torch.arange(offset, offset + width)
         if self.candidates is None:
@@ -91,22 +100,26 @@ class TopExplanations:
         self.values, self.keys, self.documents = _best(
             torch.cat([self.values, values], 1), torch.cat([self.keys, keys], 1),
             torch.cat([self.documents, columns.expand(len(self.positions), width)], 1), self.k)
-        entering = torch.nonzero((self.documents >= offset) & (self.keys != NOT_CANDIDATE), as_tuple=True)
-        if len(entering[0]):  # (nothing entering: nothing pushed out either)
-            self._drop_pushed_out()
-            self.weights = {name: w.own_basis() for name, w in weights.items()}
-            for query_row, column in zip(*entering):
-                document = int(self.documents[query_row, column])
-                if document not in self.held:
-                    held = _Held.of(batch, captured, document - offset, weights)
-                    if self.held and self.held_bytes + held.bytes > HELD_BYTES:
-                        self._explain_waiting()  # before holding more: at most HELD_BYTES and one document at a time
-                    self.held[document], self.held_bytes = held, self.held_bytes + held.bytes
-                self.waiting[(self.positions[int(query_row)], document)] = {name: float(s[query_row, document - offset]) for name, s in module_scores.items()}
-            if self.held_bytes > HELD_BYTES:  # one document larger than the bound alone
-                self._explain_waiting()
-        self.seconds += time.perf_counter() - start
-        self.cpu_seconds += time.process_time() - cpu
+        return torch.nonzero((self.documents >= offset) & (self.keys != NOT_CANDIDATE), as_tuple=True)
+
+    def _hold(self, offset: int, batch: TokenBatch, captured: CapturedBatch, entering: tuple[torch.Tensor, torch.Tensor],
+              module_scores: dict[str, torch.Tensor], weights: dict[str, ModuleWeights]) -> None:
+        """The entering pairs wait, with their per-module scores and their documents' token factors, to be explained."""
+        self.weights = {name: w.own_basis() for name, w in weights.items()}
+        for query_row, column in zip(*entering):
+            document = int(self.documents[query_row, column])
+            if document not in self.held:
+                held = _Held.of(batch, captured, document - offset, weights)
+                if self.held and self.held_bytes + held.bytes > HELD_BYTES:
+                    self._explain_waiting()  # before holding more: at most HELD_BYTES and one document at a time
+                self.held[document] = held
+            self.waiting[(self.positions[int(query_row)], document)] = {name: float(s[query_row, document - offset]) for name, s in module_scores.items()}
+        if self.held_bytes > HELD_BYTES:  # one document larger than the bound alone
+            self._explain_waiting()
+
+    @property
+    def held_bytes(self) -> int:
+        return sum(h.bytes for h in self.held.values())
 
     def _drop_pushed_out(self) -> None:
         """Forget the explanations, waiting pairs and held documents of pairs no longer in any top k."""
@@ -114,14 +127,21 @@ class TopExplanations:
         self.kept = {pair: e for pair, e in self.kept.items() if pair in held}
         self.waiting = {pair: m for pair, m in self.waiting.items() if pair in held}
         still = {document for _, document in self.waiting}
-        self.held_bytes -= sum(h.bytes for d, h in self.held.items() if d not in still)
         self.held = {d: h for d, h in self.held.items() if d in still}
 
-    def _explain_now(self) -> None:
+    @contextmanager
+    def _timed(self) -> Iterator[None]:
+        """Count the block's wall and CPU seconds as explaining's."""
         start, cpu = time.perf_counter(), time.process_time()
-        self._explain_waiting()
-        self.seconds += time.perf_counter() - start
-        self.cpu_seconds += time.process_time() - cpu
+        try:
+            yield
+        finally:
+            self.seconds += time.perf_counter() - start
+            self.cpu_seconds += time.process_time() - cpu
+
+    def _explain_now(self) -> None:
+        with self._timed():
+            self._explain_waiting()
 
     def _explain_waiting(self) -> None:
         """Compute every waiting pair's explanation, query by query (one product per module over the tokens of all its
@@ -131,16 +151,17 @@ class TopExplanations:
             by_query.setdefault(query, []).append(document)
         rows = {q: row for row, q in enumerate(self.positions)}
         for query, documents in sorted(by_query.items()):
-            held = [self.held[d] for d in sorted(documents)]
+            documents.sort()
+            held = [self.held[d] for d in documents]
             total = 0
             for name, w in self.weights.items():
                 g = torch.cat([h.factors[name][0] for h in held])
                 a = torch.cat([h.factors[name][1] for h in held])
                 total = total + w.token_scores(g, a, [rows[query]])[0].double()
             parts = total.cpu().split([len(h.token_ids) for h in held])
-            for document, h, part in zip(sorted(documents), held, parts):  # clones: a view would carry (and gather) every part
+            for document, h, part in zip(documents, held, parts):  # clones: a view would carry (and gather) every part
                 self.kept[(query, document)] = Explanation(h.token_ids, part.clone(), self.waiting[(query, document)])
-        self.waiting, self.held, self.held_bytes = {}, {}, 0
+        self.waiting, self.held = {}, {}
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """Everything needed to carry on after a restart (tensors, and JSON metadata), for a checkpoint. Waiting pairs
@@ -197,6 +218,6 @@ class _Held:
         keep = batch.attention_mask[row].bool()
         factors = {name: w.in_own_basis(captured.output_gradients[name][row, keep], captured.activations[name][row, keep])[1:]
                    for name, w in weights.items()}
-        size = sum(g.numel() * g.element_size() + a.numel() * a.element_size() for g, a in factors.values())
+        size = sum(g.nbytes + a.nbytes for g, a in factors.values())
         return cls(batch.input_ids[row, keep].tolist(), factors, size)
 
